@@ -1,0 +1,148 @@
+"""ONE stateless attention processor: K/V row writes + attention-map recording.
+
+Installed once per attention module at load time. Everything a request needs travels in a
+`CallState` passed as `cross_attention_kwargs={"alignit": state}`; with no state the processor
+is plain scaled-dot-product attention, so two requests can share the UNet without seeing each
+other. Per step the processor does two `index_put_` on its layer's keys and values (rows
+precomputed once per request in kv.py) and, only on the layers that record, an fp32 softmax whose
+head-mean is added into a running sum (memory does not grow with steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LayerWrites:
+    """Rows to overwrite in one cross-attention layer's keys and values, (batch, token) indexed."""
+
+    batch: torch.Tensor  # (n,) long
+    token: torch.Tensor  # (n,) long
+    key: torch.Tensor  # (n, inner_dim)
+    value: torch.Tensor  # (n, inner_dim)
+
+
+@dataclass
+class MapStore:
+    """Running sums of head-mean cross-attention probabilities at one resolution."""
+
+    rows: torch.Tensor  # (r,) batch indices to record (the conditional half)
+    side: int  # maps are side x side
+    tokens: int  # keep the first `tokens` key positions
+    total: torch.Tensor  # (r, side*side, tokens) fp32
+    layers_added: int = 0
+
+    @classmethod
+    def create(cls, rows: list[int], side: int, tokens: int, device) -> MapStore:
+        return cls(torch.tensor(rows, device=device), side, tokens,
+                   torch.zeros(len(rows), side * side, tokens, device=device, dtype=torch.float32))
+
+    def add(self, probs: torch.Tensor) -> None:
+        # probs: (batch, heads, pixels, keys) fp32
+        self.total += probs.index_select(0, self.rows).mean(1)[..., : self.tokens]
+        self.layers_added += 1
+
+    def maps(self) -> torch.Tensor:
+        """(r, tokens, side, side), averaged over layers and steps."""
+        m = self.total / max(self.layers_added, 1)
+        return m.permute(0, 2, 1).reshape(len(self.rows), self.tokens, self.side, self.side)
+
+
+@dataclass
+class CallState:
+    """Everything one request asks of the attention layers."""
+
+    writes: dict[str, LayerWrites] = field(default_factory=dict)  # attn2 module name -> writes
+    swap_steps: tuple[int, int] = (0, 10**9)  # swap during steps [start, end)
+    maps: MapStore | None = None
+    step: int = 0  # set by the denoising loop
+    on_kv: object = None  # optional callable(layer, step, key, value) to inspect K/V (tests)
+
+    @property
+    def swapping(self) -> bool:
+        return self.swap_steps[0] <= self.step < self.swap_steps[1]
+
+
+class AlignITProcessor:
+    """Attention processor for diffusers' `Attention` modules (self- and cross-attention)."""
+
+    def __init__(self, name: str):
+        self.name = name  # the module's name in the UNet; the only thing a processor holds
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 alignit: CallState | None = None):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, _, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            seq = (encoder_hidden_states if encoder_hidden_states is not None else hidden_states).shape[1]
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        cross = encoder_hidden_states is not None
+        context = hidden_states if not cross else (
+            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
+        key = attn.to_k(context)  # (batch, keys, inner)
+        value = attn.to_v(context)
+        state = alignit if cross else None
+        if state is not None:
+            writes = state.writes.get(self.name)
+            if writes is not None and state.swapping:
+                key.index_put_((writes.batch, writes.token), writes.key)
+                value.index_put_((writes.batch, writes.token), writes.value)
+            if state.on_kv is not None:
+                state.on_kv(self.name, state.step, key, value)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (batch, heads, pixels, head_dim)
+        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (batch, heads, keys, head_dim)
+        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+
+        store = state.maps if state is not None else None
+        if store is not None and q.shape[2] == store.side * store.side:
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+            if attention_mask is not None:
+                scores = scores + attention_mask.float()
+            probs = scores.softmax(dim=-1)  # (batch, heads, pixels, keys) fp32
+            store.add(probs)
+            out = torch.matmul(probs, v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def install(unet) -> dict:
+    """Put an AlignITProcessor on every attention module; return the cross-attention modules."""
+    from diffusers.models.attention_processor import Attention
+
+    processors, cross = {}, {}
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            processors[f"{name}.processor"] = AlignITProcessor(name)
+            if name.endswith("attn2"):
+                cross[name] = module
+    unet.set_attn_processor(processors)
+    return cross

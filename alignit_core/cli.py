@@ -1,0 +1,141 @@
+"""`python -m alignit_core ...`: scripted token swaps and AlignIT comparisons.
+
+    python -m alignit_core tokens --model embedded --prompt "a red circle on a blue background"
+    python -m alignit_core generate --model embedded --prompt "a red circle" --swap red=yellow --out out/
+    python -m alignit_core generate --model embedded --concept striped-ball-ti \
+        --prompt "a <striped-ball> on a green background" --out out/
+
+Bad input exits with status 2 and one line on stderr; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import AlignITError, ConceptError
+from .generate import Generation, Settings, scheduler_names
+
+CONCEPTS = Path(__file__).resolve().parents[1] / "assets" / "concepts"
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m alignit_core", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in ("generate", "tokens"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="auto", help="auto | embedded | a diffusers folder | a hub id")
+        p.add_argument("--prompt", required=True)
+        p.add_argument("--concept", help="a concept folder name under assets/concepts, a folder or a manifest")
+        p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+        if name == "generate":
+            p.add_argument("--swap", action="append", default=[], metavar="WORD=SOURCE|POS=SOURCE",
+                           help="token swap: the rows of WORD (or position POS) come from SOURCE in p'")
+            p.add_argument("--positions", type=str, nargs="+",
+                           help="concept mode: swap these positions of p instead of the class word's")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--steps", type=int)
+            p.add_argument("--guidance", type=float)
+            p.add_argument("--size", type=int)
+            p.add_argument("--scheduler", choices=scheduler_names())
+            p.add_argument("--base", action="store_true", help="concept mode: add the base model on p")
+            p.add_argument("--swap-uncond", action="store_true", help="swap in both CFG halves")
+            p.add_argument("--swap-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+                           help="fractions of the steps in which to swap")
+            p.add_argument("--map-resolution", type=int, help="side of the attention maps to record")
+            p.add_argument("--out", required=True, type=Path)
+    return ap
+
+
+def _concept(arg: str, model):
+    from .concepts import load_concept
+
+    path = Path(arg)
+    if not path.exists() and (CONCEPTS / arg).is_dir():
+        path = CONCEPTS / arg
+    if not path.exists():
+        known = sorted(p.name for p in CONCEPTS.glob("*/manifest.json") for p in [p.parent])
+        raise ConceptError(f"unknown concept {arg!r}; available: {', '.join(known) or 'none'}")
+    return load_concept(path, model)
+
+
+def _write(gen: Generation, out: Path) -> list[Path]:
+    from visualize import comparison_grid, heatmap_row
+
+    out.mkdir(parents=True, exist_ok=True)
+    meta = PngInfo()
+    meta.add_text("alignit", json.dumps(gen.settings, ensure_ascii=False))
+    written = []
+    for name, image in gen.images.items():
+        image.save(out / f"{name}.png", pnginfo=meta)
+        written.append(out / f"{name}.png")
+    columns = []
+    for name, image in gen.images.items():
+        row = None
+        if name in gen.maps:
+            labels = [t.text for t in gen.tokens[name]]
+            row = heatmap_row(image, gen.maps[name], labels, marked=set(gen.swapped.get(name, ())))
+        columns.append((name, image, row))
+    s = gen.settings
+    footer = (f"model {s['model']} · seed {s['seed']} · steps {s['steps']} · guidance {s['guidance']} · "
+              f"size {s['size']} · {s['scheduler']}\np: {s['p']}\np': {s['p_dummy']} · positions {s['positions']}")
+    comparison_grid(columns, s["prompt"], footer).save(out / "heatmaps.png", pnginfo=meta)
+    (out / "settings.json").write_text(gen.settings_json() + "\n")
+    return written + [out / "heatmaps.png", out / "settings.json"]
+
+
+def _tokens(model, prompt: str, concept) -> str:
+    from .generate import check_prompt
+    from .prompts import concept_plan, tokenize
+
+    prompt = check_prompt(prompt)
+    if concept is None:
+        table = [("p", tokenize(model.tokenizer, prompt))]
+    else:
+        cp = concept_plan(model.tokenizer, prompt, concept.token, concept.class_word, concept.phrase, concept.n_vectors)
+        table = [("customized", cp.customized), ("p", cp.plan.target), ("p'", cp.plan.source)]
+    lines = []
+    for label, p in table:
+        lines.append(f"{label}: {p.text}")
+        lines.append(f"{'pos':>4}  {'token':<20} word")
+        lines += [f"{t.position:>4}  {t.text:<20} {t.word}" for t in p.tokens]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        from .generate import generate_concept, generate_swap
+        from .models import load_model
+        from .prompts import parse_swap
+
+        swaps = [parse_swap(s) for s in getattr(args, "swap", [])]
+        model = load_model(args.model, args.device)
+        print(f"model: {model.name} ({model.chosen_because})", file=sys.stderr)
+        concept = _concept(args.concept, model) if args.concept else None
+        if args.command == "tokens":
+            print(_tokens(model, args.prompt, concept))
+            return 0
+        settings = Settings(seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size,
+                            scheduler=args.scheduler, swap_uncond=args.swap_uncond,
+                            swap_start=args.swap_steps[0], swap_end=args.swap_steps[1],
+                            map_resolution=args.map_resolution)
+        if concept is not None:
+            if swaps:
+                raise AlignITError("--swap is for token-swap mode; with --concept use --positions")
+            gen = generate_concept(model, args.prompt, concept, settings, positions=args.positions,
+                                   include_base=args.base)
+        else:
+            if args.positions or args.base:
+                raise AlignITError("--positions and --base need --concept")
+            gen = generate_swap(model, args.prompt, swaps, settings)
+        for path in _write(gen, args.out):
+            print(path)
+        return 0
+    except AlignITError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,247 @@
+"""Concept registry: textual inversion, Custom Diffusion and text-encoder fine-tune files -> Concept.
+
+Formats read (each written by the tests in that exact layout first):
+
+* textual inversion: diffusers / sd-concepts-library `learned_embeds.safetensors` or `.bin`
+  (`{token: (n, dim) or (dim,)}`), SDXL's `{"clip_l": ..., "clip_g": ...}`, and A1111 `.pt`
+  (`{"string_to_param": {"*": (n, dim)}, "name": ...}`);
+* Custom Diffusion: Adobe's `delta.bin` (`{"unet": {"<layer>.to_k.weight": W, ...},
+  "modifier_token": {token: vec}}`) and diffusers' `pytorch_custom_diffusion_weights.{bin,safetensors}`
+  (`{"<layer>.processor.to_k_custom_diffusion.weight": W, ...}`) with the token in a TI file;
+* text-encoder fine-tune (CatVersion-style): text-encoder weights in safetensors, used only to
+  encode the customized prompt and p'.
+
+A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
+only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
+never uploads). Nothing here mutates the model: a concept's tensors live beside it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .errors import ConceptError
+
+KINDS = ("textual_inversion", "custom_diffusion", "text_encoder")
+KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Custom Diffusion",
+               "text_encoder": "text-encoder fine-tune"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+MAX_FILE_BYTES = 200 * 2**20
+
+
+@dataclass(frozen=True, eq=False)
+class Concept:
+    """A customized concept, validated against one model and placed on its device."""
+
+    name: str
+    token: str  # as written in prompts, e.g. "<striped-ball>"
+    class_word: str  # e.g. "circle"
+    kind: str  # one of KINDS
+    phrase: str = "{token}"  # how the customization method reads it in prompts
+    vectors: tuple[torch.Tensor, ...] = ()  # per text encoder: (n_vectors, dim)
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # attn2 name -> (W_k, W_v)
+    text_encoders: tuple = ()  # fine-tuned copies, same order as the model's
+    references: tuple[Path, ...] = ()
+    example_prompt: str = ""
+
+    @property
+    def n_vectors(self) -> int:
+        return self.vectors[0].shape[0] if self.vectors else 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} — {KIND_LABELS[self.kind]}, class '{self.class_word}'"
+
+
+def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> dict:
+    if not path.is_file():
+        raise ConceptError(f"concept file {path.name} not found")
+    if path.stat().st_size > max_bytes:
+        raise ConceptError(f"concept file {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
+                           f"the limit is {max_bytes / 2**20:.0f} MiB")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ConceptError(f"{path.name} is not a valid safetensors file ({e})") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ConceptError(f"{path.name} is a pickle file; only .safetensors can be uploaded")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses anything that is not plain tensors/containers
+            raise ConceptError(f"{path.name} could not be loaded safely: it holds more than tensors "
+                               f"({type(e).__name__})") from None
+    raise ConceptError(f"{path.name}: unknown concept file type {path.suffix!r}")
+
+
+def _tensor(x, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ConceptError(f"{what} is a {type(x).__name__}, not a tensor")
+    if not x.is_floating_point() or not torch.isfinite(x).all():
+        raise ConceptError(f"{what} must hold finite floating-point numbers")
+    return x
+
+
+def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tensor]]:
+    """(token, per-encoder (n, dim) vectors) from any supported textual-inversion layout."""
+    if "string_to_param" in data:  # A1111
+        params = data["string_to_param"]
+        if not isinstance(params, dict) or len(params) != 1:
+            raise ConceptError("A1111 embedding must hold exactly one entry in string_to_param")
+        vec = _tensor(next(iter(params.values())), "the A1111 embedding")
+        name = data.get("name")
+        return (token or (f"<{name}>" if isinstance(name, str) else "<concept>")), [vec]
+    if "clip_l" in data and "clip_g" in data:  # SDXL
+        return token or "<concept>", [_tensor(data["clip_l"], "clip_l"), _tensor(data["clip_g"], "clip_g")]
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if len(tensors) != 1 or len(data) != 1:
+        raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys {sorted(data)[:5]}")
+    key, vec = next(iter(tensors.items()))
+    return token or key, [_tensor(vec, f"the embedding of {key}")]
+
+
+def read_custom_diffusion(data: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """({attn2 layer: (W_k, W_v)}, modifier tokens) from Adobe delta.bin or diffusers' layout."""
+    tokens = {}
+    if "unet" in data:  # Adobe custom-diffusion delta.bin
+        weights, tokens = data["unet"], data.get("modifier_token", {})
+        suffix_k, suffix_v = ".to_k.weight", ".to_v.weight"
+    else:
+        weights = data
+        suffix_k, suffix_v = ".processor.to_k_custom_diffusion.weight", ".processor.to_v_custom_diffusion.weight"
+    if not isinstance(weights, dict):
+        raise ConceptError("Custom Diffusion weights must be a dictionary of tensors")
+    kv = {}
+    for key in weights:
+        if key.endswith(suffix_k):
+            layer = key[: -len(suffix_k)]
+            vkey = layer + suffix_v
+            if vkey not in weights:
+                raise ConceptError(f"Custom Diffusion weights have {key} but no {vkey}")
+            kv[layer] = (_tensor(weights[key], key), _tensor(weights[vkey], vkey))
+    if not kv:
+        raise ConceptError("no Custom Diffusion to_k/to_v weights found in the file")
+    return kv, tokens
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    p = (folder / rel).resolve()
+    if folder.resolve() not in p.parents and p != folder.resolve():
+        raise ConceptError(f"manifest path {rel!r} points outside the concept folder")
+    return p
+
+
+def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes: int = MAX_FILE_BYTES,
+                 token: str | None = None, class_word: str | None = None) -> Concept:
+    """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion
+    file (then `token`/`class_word` name it), and validate it against `model`. Raises ConceptError."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if path.suffix != ".json":
+        if not class_word:
+            raise ConceptError("a bare embedding file needs a class word (e.g. 'cat')")
+        tok, vectors = read_embeddings(_read(path, allow_pickle, max_bytes), token)
+        return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors)), model)
+    if not path.is_file():
+        raise ConceptError(f"no concept manifest at {path}")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConceptError(f"{path.name} is not valid JSON ({e})") from None
+    folder = path.parent
+    for key in ("token", "class_word", "kind"):
+        if not isinstance(m.get(key), str) or not m[key].strip():
+            raise ConceptError(f"the manifest {path} needs a {key!r} string")
+    kind = m["kind"]
+    if kind not in KINDS:
+        raise ConceptError(f"unknown concept kind {kind!r}; expected one of {', '.join(KINDS)}")
+    vectors, kv, encoders, tok = (), {}, (), m["token"]
+    if m.get("weights"):
+        tok, vecs = read_embeddings(_read(_inside(folder, m["weights"]), allow_pickle, max_bytes), m["token"])
+        vectors = tuple(vecs)
+    if kind == "custom_diffusion":
+        if not m.get("custom_diffusion"):
+            raise ConceptError("a Custom Diffusion manifest needs a 'custom_diffusion' weights file")
+        kv, modifier = read_custom_diffusion(_read(_inside(folder, m["custom_diffusion"]), allow_pickle, max_bytes))
+        if not vectors and modifier:
+            if tok not in modifier:
+                raise ConceptError(f"the Custom Diffusion file has no embedding for {tok}")
+            vectors = (_tensor(modifier[tok], f"the embedding of {tok}"),)
+        if not vectors:
+            raise ConceptError(f"the Custom Diffusion concept has no embedding for its token {tok}")
+    elif kind == "textual_inversion" and not vectors:
+        raise ConceptError("a textual-inversion manifest needs a 'weights' file")
+    if kind == "text_encoder":
+        if not m.get("text_encoder"):
+            raise ConceptError("a text-encoder concept needs a 'text_encoder' weights file")
+        encoders = (_read(_inside(folder, m["text_encoder"]), allow_pickle, max_bytes),)
+    refs = tuple(_inside(folder, r) for r in m.get("references", []))
+    phrase = m.get("phrase", "{token} {class_word}" if kind == "custom_diffusion" else "{token}")
+    concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase, vectors, kv,
+                      encoders, refs, m.get("example_prompt", ""))
+    return _bind(concept, model)
+
+
+def _bind(c: Concept, model) -> Concept:
+    """Check shapes against `model`, move tensors to its device/dtype, build fine-tuned encoders."""
+    if not c.token.strip() or any(ch.isspace() for ch in c.token):
+        raise ConceptError(f"concept token {c.token!r} must be one word without spaces")
+    widths = [te.config.hidden_size for te in model.text_encoders]
+    vectors = []
+    for i, v in enumerate(c.vectors):
+        v = v.reshape(1, -1) if v.ndim == 1 else v
+        if v.ndim != 2 or v.shape[0] < 1 or v.shape[0] > 16:
+            raise ConceptError(f"the embedding of {c.token} must be (vectors, width), got {tuple(v.shape)}")
+        vectors.append(v)
+    if vectors and len(vectors) != len(widths):
+        raise ConceptError(f"{c.token} has embeddings for {len(vectors)} text encoder(s); "
+                           f"{model.name} has {len(widths)}")
+    for v, w in zip(vectors, widths):
+        if v.shape[1] != w:
+            raise ConceptError(f"the embedding of {c.token} is {v.shape[1]} wide but {model.name}'s "
+                               f"text encoder is {w} wide: the concept is for another model")
+    if len({v.shape[0] for v in vectors}) > 1:
+        raise ConceptError(f"{c.token} has different vector counts per text encoder")
+    kv = {}
+    layers = model.cross_attention_layers
+    for layer, (wk, wv) in c.kv.items():
+        if layer not in layers:
+            raise ConceptError(f"Custom Diffusion layer {layer} does not exist in {model.name}")
+        attn = layers[layer]
+        if wk.shape != attn.to_k.weight.shape or wv.shape != attn.to_v.weight.shape:
+            raise ConceptError(f"Custom Diffusion weights for {layer} are {tuple(wk.shape)}; "
+                               f"{model.name} needs {tuple(attn.to_k.weight.shape)}: the concept is for another model")
+        kv[layer] = (wk.to(model.device, model.dtype), wv.to(model.device, model.dtype))
+    encoders = []
+    for state in c.text_encoders:
+        te = copy.deepcopy(model.text_encoders[0])
+        own = te.state_dict()
+        bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise ConceptError(f"text-encoder weights do not fit {model.name}: {bad[:3]}")
+        te.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+        encoders.append(te.eval().requires_grad_(False))
+    if encoders and len(model.text_encoders) > 1:
+        encoders += list(model.text_encoders[1:])
+    return Concept(c.name, c.token, c.class_word, c.kind, c.phrase,
+                   tuple(v.to(model.device, model.dtype) for v in vectors), kv, tuple(encoders),
+                   c.references, c.example_prompt)
+
+
+def find_concepts(folder: str | Path, model) -> list[Concept]:
+    """Every concept folder under `folder` made for `model` (manifest 'model' field, or any)."""
+    out = []
+    for manifest in sorted(Path(folder).glob("*/manifest.json")):
+        m = json.loads(manifest.read_text())
+        if m.get("model") in (None, model.name):
+            out.append(load_concept(manifest, model))
+    return out
+

@@ -1,0 +1,307 @@
+"""Baseline, AlignIT and base rows as ONE batched denoising call.
+
+    gen = generate_concept(model, "a <striped-ball> on a green background", concept, Settings(seed=3))
+    gen.images["customized"], gen.images["alignit"], gen.maps["alignit"]  # (tokens, 16, 16)
+
+Each row of the batch has its own text conditioning and its own K/V writes; all rows start from
+the seed's one initial latent. The loop is written out here (not `pipe(...)`) because a diffusers
+pipeline object and its scheduler keep per-call state, and a demo serves several people at once.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .attention import CallState, MapStore
+from .concepts import Concept
+from .encoding import encode
+from .errors import PromptError, SettingsError
+from .kv import RowWrite, layer_writes
+from .prompts import Prompt, SwapPlan, concept_plan, padded, positions_plan, tokenize, word_swap_plan
+
+SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+              "dpm++": "DPMSolverMultistepScheduler"}
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample. None means the model's default."""
+
+    seed: int = 0
+    steps: int | None = None
+    guidance: float | None = None
+    size: int | None = None
+    scheduler: str | None = None
+    swap_uncond: bool = False  # also write K'/V' into the unconditional CFG half
+    swap_start: float = 0.0  # fraction of the steps in which the swap is applied
+    swap_end: float = 1.0
+    map_resolution: int | None = None
+    record_maps: bool = True
+
+
+@dataclass
+class Row:
+    """One image of the batch."""
+
+    name: str
+    prompt: Prompt  # the tokens the row generates from
+    concept: Concept | None = None  # customization applied to this whole row (the baseline)
+    swap: SwapPlan | None = None  # rows of `prompt` replaced by rows of swap.source
+    swap_concept: Concept | None = None  # the customized stack that encodes/projects swap.source
+
+
+@dataclass
+class Generation:
+    """What one request produced, and everything needed to reproduce it."""
+
+    images: dict[str, Image.Image]
+    maps: dict[str, np.ndarray]  # row -> (tokens, side, side), each token's map scaled to max 1
+    tokens: dict[str, tuple]  # row -> its Token table
+    swapped: dict[str, tuple[int, ...]]  # row -> swapped positions
+    settings: dict = field(default_factory=dict)
+    map_store_bytes: int = 0  # size of the running attention sums (constant in the number of steps)
+
+    @property
+    def rows(self) -> list[str]:
+        return list(self.images)
+
+    def settings_json(self) -> str:
+        return json.dumps(self.settings, indent=2, ensure_ascii=False)
+
+
+def scheduler_names() -> list[str]:
+    return list(SCHEDULERS)
+
+
+def resolve(model, s: Settings) -> Settings:
+    """Fill defaults from the model and validate. Raises SettingsError."""
+    embedded = model.is_embedded
+    steps = 20 if s.steps is None and embedded else (30 if s.steps is None else s.steps)
+    guidance = (5.0 if embedded else 7.5) if s.guidance is None else s.guidance
+    size = model.native_size if s.size is None else s.size
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
+        raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise SettingsError(f"steps must be a whole number from 1 to {MAX_STEPS}")
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise SettingsError(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g}")
+    cap = 2 * model.native_size
+    if isinstance(size, bool) or not isinstance(size, int) or size % 8 or not 64 <= size <= cap:
+        raise SettingsError(f"size must be a multiple of 8 from 64 to {cap} pixels")
+    if size // model.vae_scale % 2 ** (len(model.unet.config.block_out_channels) - 1):
+        raise SettingsError(f"size must be a multiple of "
+                            f"{model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)} for this model")
+    scheduler = s.scheduler or next((k for k, v in SCHEDULERS.items() if v == model.scheduler_name), "ddim")
+    if scheduler not in SCHEDULERS:
+        raise SettingsError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if not (0 <= s.swap_start < s.swap_end <= 1):
+        raise SettingsError("the swap step range must satisfy 0 <= start < end <= 1")
+    res = s.map_resolution or model.default_map_resolution(size)
+    if res not in model.attention_resolutions(size):
+        raise SettingsError(f"no cross-attention layer works at {res}x{res}; "
+                            f"available: {', '.join(map(str, model.attention_resolutions(size)))}")
+    return Settings(s.seed, steps, float(guidance), size, scheduler, s.swap_uncond, s.swap_start, s.swap_end,
+                    res, s.record_maps)
+
+
+# ------------------------------------------------------------------------------ text conditioning
+
+def _stack(model, concept: Concept | None):
+    """The text encoders a row's prompt goes through: a fine-tune's own copies, else the model's."""
+    return list(concept.text_encoders) if concept is not None and concept.text_encoders else model.text_encoders
+
+
+@torch.no_grad()
+def encode_prompt(model, prompt: Prompt, concept: Concept | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tokens, dim) encoder states and, for SDXL, the pooled (dim,) embedding of one prompt."""
+    hidden, pooled = [], None
+    for i, (tok, te) in enumerate(zip(model.tokenizers, _stack(model, concept))):
+        ids = torch.tensor([padded(prompt, tok)], device=model.device)
+        vectors = mask = None
+        if prompt.vectors:
+            if concept is None or not concept.vectors:
+                raise PromptError("the prompt holds concept vectors but no concept was given")
+            vec = concept.vectors[i]
+            vectors = torch.zeros(1, ids.shape[1], vec.shape[1], device=model.device, dtype=vec.dtype)
+            mask = torch.zeros(ids.shape, dtype=torch.bool, device=model.device)
+            for pos, k in prompt.vectors.items():
+                vectors[0, pos] = vec[k]
+                mask[0, pos] = True
+        out = encode(te, ids, vectors, mask, penultimate=model.is_xl)
+        hidden.append(out.hidden[0])
+        if model.is_xl and i == 1:
+            pooled = te.text_projection(out.pooled)[0]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def _uncond(model, concept: Concept | None):
+    empty = tokenize(model.tokenizer, "")
+    hidden, pooled = encode_prompt(model, empty, concept)
+    if model.is_xl and model.force_zeros_for_empty_prompt:
+        return torch.zeros_like(hidden), torch.zeros_like(pooled)
+    return hidden, pooled
+
+
+# ------------------------------------------------------------------------------ the batched call
+
+def _scheduler(model, name: str):
+    import diffusers
+
+    return getattr(diffusers, SCHEDULERS[name]).from_config(model.scheduler_config)
+
+
+@torch.no_grad()
+def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
+    """Denoise all rows in one batch. Returns (PIL images, {row: (tokens, side, side) maps},
+    bytes held by the map store)."""
+    r = len(rows)
+    cache: dict = {}
+
+    def enc(prompt, concept):  # identical prompts through identical stacks share one encoding
+        key = (prompt.ids, tuple(sorted(prompt.vectors.items())), id(concept) if concept else None)
+        if key not in cache:
+            cache[key] = encode_prompt(model, prompt, concept)
+        return cache[key]
+
+    conds = [enc(row.prompt, row.concept) for row in rows]
+    unconds = [_uncond(model, row.concept if row.concept and row.concept.text_encoders else None) for row in rows]
+    hidden = torch.stack([u[0] for u in unconds] + [c[0] for c in conds])  # (2r, tokens, dim)
+    writes = []
+    for i, row in enumerate(rows):
+        if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row
+            everything = tuple(range(hidden.shape[1]))
+            writes.append(RowWrite((i,), everything, hidden[i], row.concept.kv))
+            writes.append(RowWrite((r + i,), everything, hidden[r + i], row.concept.kv))
+        if row.swap is not None:
+            src, _ = enc(row.swap.source, row.swap_concept)
+            kv = row.swap_concept.kv if row.swap_concept is not None and row.swap_concept.kv else None
+            batch = (r + i, i) if settings.swap_uncond else (r + i,)
+            writes.append(RowWrite(batch, row.swap.positions, src, kv))
+    steps = settings.steps
+    state = CallState(writes=layer_writes(model.cross_attention_layers, writes),
+                      swap_steps=(round(settings.swap_start * steps), round(settings.swap_end * steps)),
+                      on_kv=on_kv)
+    if settings.record_maps:
+        n_tok = max(len(row.prompt.ids) for row in rows)
+        state.maps = MapStore.create(list(range(r, 2 * r)), settings.map_resolution, n_tok, model.device)
+    added = None
+    if model.is_xl:
+        pooled = torch.stack([u[1] for u in unconds] + [c[1] for c in conds])
+        size = settings.size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=model.device, dtype=hidden.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * r, 1)}
+
+    sched = _scheduler(model, settings.scheduler)
+    sched.set_timesteps(steps, device=model.device)
+    side = settings.size // model.vae_scale
+    g = torch.Generator("cpu").manual_seed(settings.seed)
+    latent = torch.randn((1, model.unet.config.in_channels, side, side), generator=g)
+    latents = latent.to(model.device, model.dtype).repeat(r, 1, 1, 1) * sched.init_noise_sigma
+    for i, t in enumerate(sched.timesteps):
+        state.step = i
+        x = sched.scale_model_input(torch.cat([latents, latents]), t)
+        eps = model.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added,
+                         cross_attention_kwargs={"alignit": state}).sample
+        uncond, cond = eps.chunk(2)
+        latents = sched.step(uncond + settings.guidance * (cond - uncond), t, latents).prev_sample
+        if progress is not None:
+            progress(i + 1, steps)
+    images = _decode(model, latents)
+    maps = {}
+    if state.maps is not None:
+        all_maps = state.maps.maps().cpu().numpy()  # (r, tokens, side, side)
+        for k, row in enumerate(rows):
+            m = all_maps[k, : len(row.prompt.ids)]
+            peak = m.reshape(m.shape[0], -1).max(1).reshape(-1, 1, 1)
+            maps[row.name] = (m / np.maximum(peak, 1e-12)).astype(np.float32)
+    store_bytes = state.maps.total.nbytes if state.maps is not None else 0
+    return images, maps, store_bytes
+
+
+def _decode(model, latents) -> list[Image.Image]:
+    vae = model.vae
+    z = latents.to(vae.dtype) / vae.config.scaling_factor
+    x = vae.decode(z).sample.float()
+    x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+# ------------------------------------------------------------------------------ the two modes
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"alignit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def _table(prompt: Prompt) -> list[dict]:
+    return [asdict(t) for t in prompt.tokens]
+
+
+def _finish(model, rows, settings, result, extra) -> Generation:
+    images, maps, store_bytes = result
+    s = {"model": model.name, "mode": extra.pop("mode"), **extra, "seed": settings.seed,
+         "steps": settings.steps, "guidance": settings.guidance, "size": settings.size,
+         "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond,
+         "swap_steps": [settings.swap_start, settings.swap_end], "map_resolution": settings.map_resolution,
+         "rows": [row.name for row in rows],
+         "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
+    return Generation(dict(zip([row.name for row in rows], images)), maps,
+                      {row.name: row.prompt.tokens for row in rows},
+                      {row.name: row.swap.positions if row.swap else () for row in rows}, s, store_bytes)
+
+
+def check_prompt(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise PromptError("the prompt is empty; type what the image should show")
+    return " ".join(text.split())
+
+
+def generate_concept(model, text: str, concept: Concept, settings: Settings = Settings(),
+                     positions: list[int] | None = None, include_base: bool = False,
+                     include_customized: bool = True, progress=None, on_kv=None) -> Generation:
+    """Customized baseline | AlignIT (| base model on p), one batch. `positions` overrides the
+    swapped positions of p (default: the class word's positions the concept covers)."""
+    text = check_prompt(text)
+    settings = resolve(model, settings)
+    cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
+                      concept.n_vectors if concept.vectors else 0)
+    plan = cp.plan
+    if positions is not None:
+        plan = positions_plan(plan.target, plan.source, positions)
+    rows = ([Row("customized", cp.customized, concept=concept)] if include_customized else [])
+    rows.append(Row("alignit", plan.target, swap=plan, swap_concept=concept))
+    if include_base:
+        rows.append(Row("base", plan.target))
+    result = run_rows(model, rows, settings, progress, on_kv)
+    return _finish(model, rows, settings, result, {
+        "mode": "alignit", "prompt": text, "customized_prompt": cp.customized.text, "p": plan.target.text,
+        "p_dummy": plan.source.text, "positions": list(plan.positions),
+        "concept": {"name": concept.name, "token": concept.token, "class_word": concept.class_word,
+                    "kind": concept.kind}})
+
+
+def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = None,
+                  settings: Settings = Settings(), plan: SwapPlan | None = None,
+                  include_baseline: bool = True, progress=None, on_kv=None) -> Generation:
+    """Token swap: baseline | swapped, one batch. `swaps` are (word or position, source word);
+    or give a ready `plan` (e.g. `positions_plan(p, p, [3])` for an identity swap)."""
+    text = check_prompt(text)
+    settings = resolve(model, settings)
+    plan = plan or word_swap_plan(model.tokenizer, text, swaps or [])
+    rows = ([Row("baseline", plan.target)] if include_baseline else []) + [Row("swapped", plan.target, swap=plan)]
+    result = run_rows(model, rows, settings, progress, on_kv)
+    return _finish(model, rows, settings, result, {
+        "mode": "swap", "prompt": text, "p": plan.target.text, "p_dummy": plan.source.text,
+        "positions": list(plan.positions), "swaps": [[t, s] for t, s in (swaps or [])]})
