@@ -224,6 +224,8 @@ def _bind(c: Concept, model) -> Concept:
     for state in c.text_encoders:
         te = copy.deepcopy(model.text_encoders[0])
         own = te.state_dict()
+        # transformers 4.x saved CLIPTextModel weights as text_model.*; 5.x names them without it
+        state = {(k if k in own else k.removeprefix("text_model.")): v for k, v in state.items()}
         bad = [k for k, v in state.items() if k not in own or own[k].shape != v.shape]
         if bad:
             raise ConceptError(f"text-encoder weights do not fit {model.name}: {bad[:3]}")

@@ -91,7 +91,10 @@ def _from_pipeline(pipe, name: str, source: str, device: torch.device, dtype: to
     for m in encoders + [pipe.unet, pipe.vae]:
         m.to(device).eval().requires_grad_(False)
     layers = install(pipe.unet)
-    return Model(name, source, tokenizers, encoders, pipe.unet, pipe.vae, dict(pipe.scheduler.config),
+    # `_use_default_values` would make from_config() drop values a pipeline fixed after loading
+    # (e.g. SD's steps_offset=1), so the scheduler we build per request would differ from pipe's.
+    scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+    return Model(name, source, tokenizers, encoders, pipe.unet, pipe.vae, scheduler_config,
                  type(pipe.scheduler).__name__, is_xl, device, dtype,
                  bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)), because, layers)
 
@@ -138,7 +141,7 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
         raise ModelError(f"model {name!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}") from None
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
         raise ModelError(f"{name!r} is not a Stable Diffusion pipeline (it has no UNet and text encoder)")
-    label = EMBEDDED.name if path == EMBEDDED else str(name)
+    label = path.name if isinstance(path, Path) else name  # a folder is named by its last part
     return _from_pipeline(pipe, label, str(path), dev, dtype, because)
 
 

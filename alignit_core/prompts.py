@@ -218,13 +218,15 @@ def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,
     expanded = phrase.format(token=token, class_word=class_word)
     already = phrase != "{token}" and expanded in text
     customized_text = text if already else text.replace(token, expanded)
-    customized = tokenize(tokenizer, customized_text, token, n_vectors)
+    # a concept without vectors (a text-encoder fine-tune) reads its token as ordinary text
+    vtok = token if n_vectors else None
+    customized = tokenize(tokenizer, customized_text, vtok, n_vectors)
     p_text = customized_text.replace(expanded, class_word)
     p = tokenize(tokenizer, p_text)
     # the concept phrase's positions in the customized prompt
     before = tokenize(tokenizer, customized_text.split(expanded)[0].strip(), limit=False)
     c_start = len(before.ids) - 1
-    c_len = len(tokenize(tokenizer, expanded, token, n_vectors, limit=False).ids) - 2
+    c_len = len(tokenize(tokenizer, expanded, vtok, n_vectors, limit=False).ids) - 2
     w_len = len(tokenize(tokenizer, class_word, limit=False).ids) - 2
     w_last = c_start + w_len - 1  # class word sits where the phrase starts in p
     start = w_last - c_len + 1
@@ -232,7 +234,7 @@ def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,
         raise PromptError(f"{token} needs {1 - start} more token(s) before it in the prompt to align "
                           f"with {class_word!r}; add a word before it (e.g. 'a {token}')")
     source = _dummy_prompt(tokenizer, len(p.ids), [(start, customized, tuple(range(c_start, c_start + c_len)))],
-                           token, n_vectors)
+                           vtok, n_vectors)
     positions = tuple(range(max(start, c_start), w_last + 1))
     return ConceptPrompts(customized, SwapPlan(p, source, positions))
 

@@ -1,0 +1,253 @@
+"""The CLI contract: `python -m alignit_core generate|tokens ...` writes reproducible images and
+settings, and bad input exits 2 with one `error:` line and writes nothing."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from alignit_core.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SETTINGS_KEYS = {"model", "prompt", "p", "p_dummy", "positions", "token_tables", "seed", "steps", "guidance", "size",
+                 "scheduler", "versions"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "alignit_core", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def png_settings(path: Path) -> dict:
+    with Image.open(path) as im:
+        return json.loads(im.text["alignit"])
+
+
+@pytest.fixture(scope="module")
+def toy_concept(tmp_path_factory) -> Path:
+    """A textual-inversion concept `<toy>` (class word 'dog') for the tiny SD's 32-wide encoder."""
+    folder = tmp_path_factory.mktemp("concepts") / "toy"
+    folder.mkdir()
+    save_file({"<toy>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))},
+              str(folder / "learned_embeds.safetensors"))
+    (folder / "manifest.json").write_text(json.dumps({"token": "<toy>", "class_word": "dog",
+                                                      "kind": "textual_inversion",
+                                                      "weights": "learned_embeds.safetensors"}))
+    return folder
+
+
+# ------------------------------------------------------------------------------ token swap
+
+
+@pytest.fixture(scope="module")
+def swap_run(tiny_sd_dir, tmp_path_factory):
+    """`generate ... --swap dog=zebra` run as a real process: (completed process, out dir)."""
+    out = tmp_path_factory.mktemp("swap") / "out"
+    proc = run_cli("generate", "--model", str(tiny_sd_dir), "--prompt", "a jumping dog", "--swap", "dog=zebra",
+                   "--steps", "2", "--out", str(out))
+    return proc, out
+
+
+def test_generate_swap_as_a_process_exits_zero_and_writes_the_four_files(swap_run):
+    proc, out = swap_run
+    assert proc.returncode == 0, proc.stderr
+    names = ["baseline.png", "swapped.png", "heatmaps.png", "settings.json"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert [Path(line).name for line in proc.stdout.split()] == names  # each written path printed
+    assert not error_lines(proc.stderr)
+
+
+def test_settings_json_records_the_dog_to_zebra_swap(swap_run, tiny_sd_dir):
+    _, out = swap_run
+    s = json.loads((out / "settings.json").read_text())
+    assert SETTINGS_KEYS <= set(s)
+    assert s["model"] == str(tiny_sd_dir) and s["mode"] == "swap"
+    assert (s["prompt"], s["p"], s["p_dummy"], s["positions"]) == ("a jumping dog", "a jumping dog", "* * zebra", [3])
+    assert (s["seed"], s["steps"], s["size"], s["scheduler"]) == (0, 2, 64, "ddim")
+    assert s["guidance"] == 7.5
+    assert {"alignit", "torch", "diffusers", "transformers"} <= set(s["versions"])
+    table = s["token_tables"]["swapped"]
+    assert [(t["position"], t["text"]) for t in table[1:-1]] == [(1, "a"), (2, "jumping"), (3, "dog")]
+    assert set(s["token_tables"]) == {"baseline", "swapped"}
+
+
+def test_every_png_carries_the_settings_in_its_alignit_metadata(swap_run):
+    _, out = swap_run
+    s = json.loads((out / "settings.json").read_text())
+    for name in ("baseline.png", "swapped.png", "heatmaps.png"):
+        assert png_settings(out / name) == s
+
+
+def test_swap_changes_the_image_and_the_same_command_reproduces_it(swap_run, tiny_sd_dir, tmp_path, capsys):
+    _, first = swap_run
+    again = tmp_path / "again"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompt", "a jumping dog", "--swap", "dog=zebra",
+                 "--steps", "2", "--out", str(again)]) == 0
+    for name in ("baseline.png", "swapped.png"):
+        with Image.open(first / name) as a, Image.open(again / name) as b:
+            assert a.tobytes() == b.tobytes()
+    with Image.open(first / "baseline.png") as a, Image.open(first / "swapped.png") as b:
+        assert a.tobytes() != b.tobytes()
+
+
+def test_settings_given_on_the_command_line_are_the_ones_recorded(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompt", "banana in a white plate", "--swap",
+                 "4=black", "--steps", "3", "--seed", "7", "--guidance", "4", "--size", "128", "--scheduler",
+                 "euler", "--out", str(out)]) == 0
+    s = json.loads((out / "settings.json").read_text())
+    assert (s["p_dummy"], s["positions"]) == ("* * * black *", [4])  # 'white' from 'black' 
+    assert (s["seed"], s["steps"], s["guidance"], s["size"], s["scheduler"]) == (7, 3, 4.0, 128, "euler")
+    with Image.open(out / "swapped.png") as im:
+        assert im.size == (128, 128)
+
+
+# ------------------------------------------------------------------------------ concept mode
+
+
+def test_concept_mode_on_the_embedded_model_writes_customized_alignit_and_base(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", "embedded", "--concept", "striped-ball-ti", "--prompt",
+                 "a <striped-ball> on a green background", "--steps", "2", "--base", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["customized.png", "alignit.png", "base.png", "heatmaps.png", "settings.json"])
+    s = json.loads((out / "settings.json").read_text())
+    assert s["mode"] == "alignit" and s["rows"] == ["customized", "alignit", "base"]
+    assert s["concept"] == {"name": "striped-ball-ti", "token": "<striped-ball>", "class_word": "circle",
+                            "kind": "textual_inversion"}
+    assert (s["p"], s["p_dummy"], s["positions"]) == ("a circle on a green background", "* <striped-ball> * * * *", [2])
+    assert png_settings(out / "alignit.png") == s
+    with Image.open(out / "customized.png") as a, Image.open(out / "alignit.png") as b:
+        assert a.tobytes() != b.tobytes()
+
+
+def test_concept_mode_positions_override_the_class_word(tiny_sd_dir, toy_concept, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--concept", str(toy_concept), "--prompt",
+                 "a photo of a <toy>", "--positions", "4", "5", "--steps", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "settings.json").read_text())
+    assert (s["p"], s["positions"]) == ("a photo of a dog", [4, 5])
+
+
+# ------------------------------------------------------------------------------ tokens
+
+
+def table_rows(text: str, label: str) -> list[tuple[int, str]]:
+    """(position, token) rows of the table headed `label: ...` in the `tokens` output."""
+    rows, inside = [], False
+    for line in text.splitlines():
+        if re.match(r"^\S+: ", line):
+            inside = line.startswith(f"{label}: ")
+            continue
+        m = re.match(r"^\s*(\d+)\s+(\S+)", line)
+        if inside and m:
+            rows.append((int(m.group(1)), m.group(2)))
+    return rows
+
+
+def test_tokens_prints_positions_with_the_start_token_at_zero(capsys):
+    assert main(["tokens", "--model", "embedded", "--prompt", "a photo of a cat"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "p: a photo of a cat"
+    rows = table_rows(out, "p")
+    assert [pos for pos, _ in rows] == list(range(7))
+    assert [tok for _, tok in rows][1:6] == ["a", "photo", "of", "a", "cat"]
+    assert rows[0][1] == "<|startoftext|>" and rows[-1][1] == "<|endoftext|>"
+
+
+def test_tokens_with_a_concept_shows_customized_p_and_dummy_tables(capsys):
+    assert main(["tokens", "--model", "embedded", "--concept", "striped-ball-cd", "--prompt",
+                 "a <striped-ball> on a green background"]) == 0
+    out = capsys.readouterr().out
+    assert [tok for _, tok in table_rows(out, "customized")][1:4] == ["a", "<striped-ball>", "circle"]
+    assert [tok for _, tok in table_rows(out, "p")][1:3] == ["a", "circle"]
+    assert [tok for _, tok in table_rows(out, "p'")][1:3] == ["<striped-ball>", "circle"]
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+LONG = " ".join(["red circle"] * 40)  # 80 tokens
+BAD = {
+    "empty prompt": (["--prompt", ""], "the prompt is empty"),
+    "whitespace prompt": (["--prompt", "   "], "the prompt is empty"),
+    "concept token absent": (["--concept", "{toy}", "--prompt", "a photo of a cat"], "<toy> is not in the prompt"),
+    "unknown concept": (["--concept", "no-such-concept"], "unknown concept 'no-such-concept'"),
+    "unknown model id": (["--model", "nobody/no-such-model"], "not available offline"),
+    "position 0": (["--concept", "{toy}", "--positions", "0"], "position 0 is the start token"),
+    "position 99": (["--concept", "{toy}", "--positions", "99"], "position 99 is outside the prompt"),
+    "position -1": (["--concept", "{toy}", "--positions", "-1"], "position -1 is outside the prompt"),
+    "position twice": (["--concept", "{toy}", "--positions", "3", "3"], "position 3 is given twice"),
+    "position not a number": (["--concept", "{toy}", "--positions", "x"], "position 'x' is not a whole number"),
+    "swap word absent": (["--swap", "cat=zebra"], "the word 'cat' is not in the prompt"),
+    "swap source too long": (["--swap", "dog=hippopotamus"], "'hippopotamus' is 3 tokens but 'dog' has only 1"),
+    "steps 0": (["--steps", "0"], "steps must be a whole number from 1 to 150"),
+    "steps 10000": (["--steps", "10000"], "steps must be a whole number from 1 to 150"),
+    "guidance nan": (["--guidance", "nan"], "guidance must be a finite number"),
+    "guidance inf": (["--guidance", "inf"], "guidance must be a finite number"),
+    "size 100": (["--size", "100"], "size must be a multiple of 8"),
+    "size 10000": (["--size", "10000"], "size must be a multiple of 8"),
+    "seed -1": (["--seed", "-1"], "seed must be a whole number from 0"),
+    "seed 2**40": (["--seed", str(2**40)], "seed must be a whole number from 0"),
+    "prompt over 75 tokens": (["--prompt", LONG], "this model reads at most 75"),
+}
+
+
+def bad_argv(tiny_sd_dir, toy_concept, out: Path, extra: list[str]) -> list[str]:
+    """`generate` on the tiny SD ('a jumping dog', dog=zebra; concept cases 'a photo of a <toy>'),
+    with `extra` overriding or adding options."""
+    extra = [str(toy_concept) if a == "{toy}" else a for a in extra]
+    concept = "--concept" in extra
+    argv = ["generate", "--model", str(tiny_sd_dir), "--steps", "2", "--out", str(out)]
+    if "--prompt" not in extra:
+        argv += ["--prompt", "a photo of a <toy>" if concept else "a jumping dog"]
+    if not concept and "--swap" not in extra:
+        argv += ["--swap", "dog=zebra"]
+    return argv + extra
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(case, tiny_sd_dir, toy_concept, tmp_path, capsys):
+    extra, phrase = BAD[case]
+    out = tmp_path / "out"
+    assert main(bad_argv(tiny_sd_dir, toy_concept, out, extra)) == 2
+    err = capsys.readouterr().err
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert phrase in lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_scheduler_is_an_argparse_error_with_status_2(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main(bad_argv(tiny_sd_dir, None, out, ["--scheduler", "lms"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'lms'" in err and "ddim" in err
+    assert not out.exists()
+
+
+def test_bad_input_as_a_process_exits_2_with_one_error_line(tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli("generate", "--model", str(tiny_sd_dir), "--prompt", "a jumping dog", "--swap", "cat=zebra",
+                   "--steps", "2", "--out", str(out))
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert lines == ["error: the word 'cat' is not in the prompt"]
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert not out.exists()

@@ -1,0 +1,85 @@
+"""The shipped embedded model: offline loading, prompt following and K/V swap semantics,
+judged by the shapes world's deterministic pixel classifier.
+
+The floors below are what model v1 reaches (README, "The embedded model"), slightly lowered for
+the smaller samples here; they guard against regressions. The project's target is 90 % (80 % for
+shape swaps); v1 does not reach it on every attribute, and README says so.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from alignit_core import Settings, generate_concept, generate_swap, tokenize
+from alignit_core.evaluate import fidelity, held_out_quality, swap_semantics
+from alignit_core.models import EMBEDDED
+from alignit_core.shapes import Scene, classify
+
+COLOUR_SWAPS = [(("red", "circle", "blue"), "red", "yellow"), (("green", "square", "white"), "green", "purple"),
+                (("blue", "triangle", "orange"), "blue", "white"), (("yellow", "star", "black"), "yellow", "red"),
+                (("white", "circle", "green"), "white", "orange"), (("purple", "triangle", "yellow"), "purple", "black"),
+                (("orange", "square", "purple"), "orange", "green"), (("black", "star", "white"), "black", "blue")]
+SHAPE_SWAPS = [(("red", "circle", "blue"), "circle", "square"), (("green", "square", "white"), "square", "star"),
+               (("blue", "triangle", "orange"), "triangle", "circle"), (("yellow", "star", "black"), "star", "triangle"),
+               (("white", "circle", "green"), "circle", "triangle"), (("purple", "triangle", "yellow"), "triangle", "square"),
+               (("orange", "square", "purple"), "square", "circle"), (("black", "star", "white"), "star", "square")]
+
+
+def test_shipped_model_is_stable_diffusion_shaped_and_small(embedded):
+    assert tokenize(embedded.tokenizer, "a photo of a cat").ids == (49406, 320, 1125, 539, 320, 2368, 49407)
+    assert len(embedded.tokenizer) == 49408
+    assert embedded.vae_scale == 8 and embedded.unet.config.in_channels == 4
+    assert embedded.native_size == 128
+    assert set(embedded.attention_resolutions(128)) >= {8, 16}
+    weights = sum(p.stat().st_size for p in EMBEDDED.rglob("*.safetensors"))
+    assert weights <= 25 * 2**20
+
+
+def test_embedded_generation_is_deterministic(embedded):
+    a = generate_swap(embedded, "a red circle on a blue background", [("red", "yellow")], Settings(seed=3, steps=6))
+    b = generate_swap(embedded, "a red circle on a blue background", [("red", "yellow")], Settings(seed=3, steps=6))
+    assert np.array_equal(np.asarray(a.images["swapped"]), np.asarray(b.images["swapped"]))
+
+
+@pytest.mark.slow
+def test_held_out_prompts_are_drawn_as_asked(embedded):
+    rates = held_out_quality(embedded, range(4))
+    print(f"held-out: {rates}")
+    assert rates.colour >= 0.75 and rates.shape >= 0.75 and rates.background >= 0.4
+
+
+@pytest.mark.slow
+def test_colour_swap_draws_the_source_colour(embedded):
+    swapped, baseline = swap_semantics(embedded, COLOUR_SWAPS, range(2))
+    print(f"colour swap: swapped {swapped}, baseline {baseline}")
+    assert baseline.colour >= 0.9
+    assert swapped.colour >= 0.45  # the drawn colour is the source colour
+    assert swapped.shape >= 0.85  # and the shape stays
+
+
+@pytest.mark.slow
+def test_shape_swap_draws_the_source_shape(embedded):
+    swapped, baseline = swap_semantics(embedded, SHAPE_SWAPS, range(2))
+    print(f"shape swap: swapped {swapped}, baseline {baseline}")
+    assert baseline.shape >= 0.9
+    assert swapped.shape >= 0.7
+    assert swapped.colour >= 0.8
+
+
+def test_a_single_colour_swap_changes_what_is_drawn(embedded):
+    gen = generate_swap(embedded, "a red circle on a blue background", [("red", "yellow")], Settings(seed=1))
+    base, swap = (classify(np.asarray(gen.images[k])) for k in ("baseline", "swapped"))
+    assert (base.colour, base.shape, base.background) == ("red", "circle", "blue")
+    assert (swap.colour, swap.shape, swap.background) == ("yellow", "circle", "blue")
+
+
+@pytest.mark.parametrize("name", ["striped-ball-ti", "striped-ball-cd", "holed-star-ti", "holed-star-cd"])
+def test_each_shipped_concept_loads_and_draws_its_class(embedded, name):
+    from alignit_core import load_concept
+
+    concept = load_concept(Path("assets/concepts") / name, embedded)
+    gen = generate_concept(embedded, f"a photo of a {concept.token}", concept, Settings(seed=0))
+    j = classify(np.asarray(gen.images["customized"]))
+    assert j.shape == concept.class_word

@@ -1,0 +1,155 @@
+"""The engine on real diffusers pipelines: swaps touch exactly the rows they should."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from alignit_core import Settings, generate_swap, positions_plan, tokenize
+
+FAST = Settings(seed=0, steps=4)
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_sdxl", "embedded"])
+def test_identity_swap_is_bit_exact(fixture, request):
+    model = request.getfixturevalue(fixture)
+    p = tokenize(model.tokenizer, "a red circle on a blue background")
+    gen = generate_swap(model, p.text, plan=positions_plan(p, p, [2, 3]), settings=FAST)
+    assert np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
+    assert np.array_equal(gen.maps["baseline"], gen.maps["swapped"])
+
+
+def _capture(model, text, swaps, settings):
+    seen = {}
+
+    def on_kv(layer, step, key, value):
+        seen[(layer, step)] = (key.clone(), value.clone())
+
+    gen = generate_swap(model, text, swaps, settings, on_kv=on_kv)
+    return gen, seen
+
+
+@pytest.mark.parametrize("swap_uncond", [False, True])
+def test_swapping_dog_for_zebra_changes_only_that_token(tiny_sd, swap_uncond):
+    settings = Settings(seed=0, steps=3, swap_uncond=swap_uncond)
+    gen, seen = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], settings)
+    assert gen.swapped["swapped"] == (3,)
+    layers = set(tiny_sd.cross_attention_layers)
+    assert {layer for layer, _ in seen} == layers
+    # batch layout: [uncond baseline, uncond swapped, cond baseline, cond swapped]
+    for (layer, step), (key, value) in seen.items():
+        for t in (key, value):
+            cond_diff = (t[3] != t[2]).any(dim=-1)  # (tokens,)
+            assert cond_diff.nonzero().flatten().tolist() == [3], (layer, step)
+            uncond_diff = (t[1] != t[0]).any(dim=-1)
+            assert uncond_diff.nonzero().flatten().tolist() == ([3] if swap_uncond else [])
+    assert not np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
+
+
+def test_swap_step_range_limits_the_swap_to_those_steps(tiny_sd):
+    _, seen = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4, swap_start=0.5))
+    for (layer, step), (key, _) in seen.items():
+        assert torch.equal(key[3, 3], key[2, 3]) == (step < 2)
+
+
+def test_swap_rows_are_the_dummy_prompts_rows(tiny_sd):
+    from alignit_core.generate import encode_prompt
+
+    _, seen = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=1))
+    src, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, "* * zebra"), None)
+    for name, attn in tiny_sd.cross_attention_layers.items():
+        key, value = seen[(name, 0)]
+        assert torch.allclose(key[3, 3], attn.to_k(src)[3], atol=1e-6)
+        assert torch.allclose(value[3, 3], attn.to_v(src)[3], atol=1e-6)
+
+
+def test_sdxl_runs_a_swap_end_to_end(tiny_sdxl):
+    gen, seen = _capture(tiny_sdxl, "a jumping dog", [("dog", "zebra")], FAST)
+    assert seen, "no cross-attention layer ran"
+    for key, _ in seen.values():
+        assert (key[3] != key[2]).any(dim=-1).nonzero().flatten().tolist() == [3]
+    assert not np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
+    assert gen.images["swapped"].size == (64, 64)
+
+
+def test_baseline_row_matches_plain_diffusers(tiny_sd):
+    from conftest import build_tiny_sd
+
+    gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=5, steps=4, guidance=6.0))
+    pipe = build_tiny_sd()  # same seed -> same weights, diffusers' own processors
+    latent = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(5))
+    ref = pipe("a jumping dog", num_inference_steps=4, guidance_scale=6.0, height=64, width=64, latents=latent,
+               output_type="np").images[0]
+    ours = _pixels(gen.images["baseline"]) / 255.0
+    assert np.abs(ours - ref).max() < 2 / 255
+
+
+def test_two_threads_get_what_they_get_alone(tiny_sd):
+    jobs = [("a jumping dog", [("dog", "zebra")], Settings(seed=1, steps=3)),
+            ("banana in a white plate", [(4, "black")], Settings(seed=2, steps=3))]
+    alone = [generate_swap(tiny_sd, t, s, st) for t, s, st in jobs]
+    together = [None, None]
+    barrier = threading.Barrier(2)
+
+    def run(i):
+        barrier.wait()
+        together[i] = generate_swap(tiny_sd, *jobs[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        for row in a.images:
+            assert np.array_equal(_pixels(a.images[row]), _pixels(b.images[row]))
+            assert np.array_equal(a.maps[row], b.maps[row])
+
+
+def test_maps_are_per_token_finite_and_non_negative(tiny_sd):
+    gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], FAST)
+    for row, maps in gen.maps.items():
+        assert maps.shape == (len(gen.tokens[row]), 8, 8)
+        assert np.isfinite(maps).all() and (maps >= 0).all()
+        assert np.allclose(maps.reshape(len(maps), -1).max(1), 1.0)
+
+
+def test_map_memory_does_not_grow_with_steps(tiny_sd):
+    few = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=5))
+    many = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=50))
+    assert few.map_store_bytes == many.map_store_bytes > 0
+
+
+def test_maps_can_be_switched_off_and_images_stay_the_same(tiny_sd):
+    with_maps = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], FAST)
+    without = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4, record_maps=False))
+    assert without.maps == {} and without.map_store_bytes == 0
+    for row in with_maps.images:
+        diff = np.abs(_pixels(with_maps.images[row]) - _pixels(without.images[row])).max()
+        assert diff <= 2  # fp32 softmax on recording layers vs fused attention: rounding only
+
+
+def test_settings_are_recorded_for_reproduction(tiny_sd):
+    gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=7, steps=2, guidance=3.0))
+    s = gen.settings
+    assert (s["seed"], s["steps"], s["guidance"], s["size"], s["scheduler"]) == (7, 2, 3.0, 64, "ddim")
+    assert s["p"] == "a jumping dog" and s["p_dummy"] == "* * zebra" and s["positions"] == [3]
+    assert [t["text"] for t in s["token_tables"]["swapped"]][1:4] == ["a", "jumping", "dog"]
+    assert set(s["versions"]) >= {"torch", "diffusers", "transformers"}
+
+
+def test_a_failing_run_leaves_the_model_usable(tiny_sd):
+    def boom(layer, step, key, value):
+        raise RuntimeError("forced failure inside the denoising loop")
+
+    with pytest.raises(RuntimeError, match="forced failure"):
+        generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], FAST, on_kv=boom)
+    again = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], FAST)
+    first = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], FAST)
+    assert np.array_equal(_pixels(again.images["swapped"]), _pixels(first.images["swapped"]))
