@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--model", default="auto", help="auto | embedded | a diffusers folder | a hub id")
         p.add_argument("--prompt", required=True)
-        p.add_argument("--concept", help="a concept folder name under assets/concepts, a folder or a manifest")
+        p.add_argument("--concept", help="a concept folder name under assets/concepts, a folder, a manifest, "
+                                         "or a bare textual-inversion file (then give --class-word)")
+        p.add_argument("--token", help="bare embedding file: the token as written in prompts")
+        p.add_argument("--class-word", help="bare embedding file: the concept's class word, e.g. cat")
         p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         if name == "generate":
             p.add_argument("--swap", action="append", default=[], metavar="WORD=SOURCE|POS=SOURCE",
@@ -51,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _concept(arg: str, model):
+def _concept(arg: str, model, token: str | None = None, class_word: str | None = None):
     from .concepts import load_concept
 
     path = Path(arg)
@@ -60,10 +63,11 @@ def _concept(arg: str, model):
     if not path.exists():
         known = sorted(p.name for p in CONCEPTS.glob("*/manifest.json") for p in [p.parent])
         raise ConceptError(f"unknown concept {arg!r}; available: {', '.join(known) or 'none'}")
-    return load_concept(path, model)
+    return load_concept(path, model, token=token, class_word=class_word)
 
 
-def _write(gen: Generation, out: Path) -> list[Path]:
+def write_outputs(gen: Generation, out: Path) -> list[Path]:
+    """Write the row PNGs, heatmaps.png and settings.json into `out`; return their paths."""
     from visualize import comparison_grid, heatmap_row
 
     out.mkdir(parents=True, exist_ok=True)
@@ -78,7 +82,9 @@ def _write(gen: Generation, out: Path) -> list[Path]:
         row = None
         if name in gen.maps:
             labels = [t.text for t in gen.tokens[name]]
-            row = heatmap_row(image, gen.maps[name], labels, marked=set(gen.swapped.get(name, ())))
+            lines = -(-len(labels) // 8)  # as few lines as 8 tiles a line need, filled evenly
+            row = heatmap_row(image, gen.maps[name], labels, marked=set(gen.swapped.get(name, ())),
+                              per_line=-(-len(labels) // lines))
         columns.append((name, image, row))
     s = gen.settings
     footer = (f"model {s['model']} · seed {s['seed']} · steps {s['steps']} · guidance {s['guidance']} · "
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         swaps = [parse_swap(s) for s in getattr(args, "swap", [])]
         model = load_model(args.model, args.device)
         print(f"model: {model.name} ({model.chosen_because})", file=sys.stderr)
-        concept = _concept(args.concept, model) if args.concept else None
+        concept = _concept(args.concept, model, args.token, args.class_word) if args.concept else None
         if args.command == "tokens":
             print(_tokens(model, args.prompt, concept))
             return 0
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.positions or args.base:
                 raise AlignITError("--positions and --base need --concept")
             gen = generate_swap(model, args.prompt, swaps, settings)
-        for path in _write(gen, args.out):
+        for path in write_outputs(gen, args.out):
             print(path)
         return 0
     except AlignITError as e:

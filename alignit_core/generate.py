@@ -86,7 +86,7 @@ def resolve(model, s: Settings) -> Settings:
     """Fill defaults from the model and validate. Raises SettingsError."""
     embedded = model.is_embedded
     steps = 20 if s.steps is None and embedded else (30 if s.steps is None else s.steps)
-    guidance = (5.0 if embedded else 7.5) if s.guidance is None else s.guidance
+    guidance = (10.0 if embedded else 7.5) if s.guidance is None else s.guidance  # README: measured best
     size = model.native_size if s.size is None else s.size
     if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
         raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}")
@@ -97,9 +97,8 @@ def resolve(model, s: Settings) -> Settings:
     cap = 2 * model.native_size
     if isinstance(size, bool) or not isinstance(size, int) or size % 8 or not 64 <= size <= cap:
         raise SettingsError(f"size must be a multiple of 8 from 64 to {cap} pixels")
-    if size // model.vae_scale % 2 ** (len(model.unet.config.block_out_channels) - 1):
-        raise SettingsError(f"size must be a multiple of "
-                            f"{model.vae_scale * 2 ** (len(model.unet.config.block_out_channels) - 1)} for this model")
+    if size % model.size_step:
+        raise SettingsError(f"size must be a multiple of {model.size_step} for this model")
     scheduler = s.scheduler or next((k for k, v in SCHEDULERS.items() if v == model.scheduler_name), "ddim")
     if scheduler not in SCHEDULERS:
         raise SettingsError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
@@ -251,7 +250,7 @@ def _table(prompt: Prompt) -> list[dict]:
 
 def _finish(model, rows, settings, result, extra) -> Generation:
     images, maps, store_bytes = result
-    s = {"model": model.name, "mode": extra.pop("mode"), **extra, "seed": settings.seed,
+    s = {"model": model.source, "model_name": model.name, "mode": extra.pop("mode"), **extra, "seed": settings.seed,
          "steps": settings.steps, "guidance": settings.guidance, "size": settings.size,
          "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond,
          "swap_steps": [settings.swap_start, settings.swap_end], "map_resolution": settings.map_resolution,

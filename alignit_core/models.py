@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 class Model:
     """The parts of a Stable Diffusion pipeline the engine uses, read-only after loading."""
 
-    name: str
-    source: str
+    name: str  # shown to people; concept manifests name their model by it
+    source: str  # what load_model() takes to load it again ("embedded", a folder, a hub id)
     tokenizers: list
     text_encoders: list
     unet: torch.nn.Module
@@ -48,6 +48,11 @@ class Model:
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_step(self) -> int:
+        """Image sizes must be multiples of this (the VAE and every UNet downsampling halve them)."""
+        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
     def native_size(self) -> int:
@@ -142,7 +147,7 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
     if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
         raise ModelError(f"{name!r} is not a Stable Diffusion pipeline (it has no UNet and text encoder)")
     label = path.name if isinstance(path, Path) else name  # a folder is named by its last part
-    return _from_pipeline(pipe, label, str(path), dev, dtype, because)
+    return _from_pipeline(pipe, label, "embedded" if path == EMBEDDED else str(name), dev, dtype, because)
 
 
 def from_components(pipe, name: str = "custom") -> Model:

@@ -1,0 +1,553 @@
+"""AlignIT Studio: the browser demo. Layout and event wiring only.
+
+    python app.py [--model auto|embedded|FOLDER|HUB_ID] [--port 7860] [--host 127.0.0.1] [--share]
+
+All tensor work goes through `alignit_core`, all drawing through `visualize`. The only state
+shared between visitors is the model and the concept registry, loaded once in `main`; concepts a
+visitor uploads and the last generation live in that visitor's `gr.State`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shlex
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from alignit_core import (AlignITError, Concept, Generation, Prompt, PromptError, Settings, concept_plan,  # noqa: E402
+                          find_concepts, generate_concept, generate_swap, load_concept, load_model, parse_swap,
+                          scheduler_names, tokenize, word_swap_plan)
+from alignit_core.cli import write_outputs  # noqa: E402
+from alignit_core.concepts import KIND_LABELS  # noqa: E402
+from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
+from alignit_core.models import ASSETS, SD15  # noqa: E402
+from visualize import heatmap_row, token_chips  # noqa: E402
+
+PAPER = "https://arxiv.org/abs/2406.18893"
+CONCEPTS_DIR = ASSETS / "concepts"
+ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
+MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_COLUMNS = 3  # customized baseline | AlignIT | base
+ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
+CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
+            "baseline": "baseline", "swapped": "swapped"}
+TABLE_COLUMNS = ["position", "token of p", "word", "token of p′"]
+# Small generations (128 px on the embedded model) are shown enlarged; the files keep their size.
+CSS = ".generated img { width: 100%; height: 100%; object-fit: contain; }"
+# System fonts: the page asks no font server, so it looks the same offline.
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "Consolas", "monospace"])
+TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, so that a row fits its column
+
+
+# ------------------------------------------------------------------------------ engine -> UI values
+
+def header_markdown(model) -> str:
+    about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars on "
+             "coloured backgrounds, 128 px. Try a colour, shape or background swap below." if model.is_embedded else "")
+    return (
+        "# AlignIT Studio\n"
+        "AlignIT makes a customized text-to-image model follow the rest of the prompt: it generates with "
+        "the **base** model on *p* (the concept token replaced by its class word) and, in every "
+        "cross-attention layer, overwrites only the concept's key/value rows with those the **customized** "
+        "model computes for a dummy prompt *p′* (all other tokens `*`). "
+        "The same mechanism swaps any word for free: `a jumping dog` with dog's K/V from `* * zebra` "
+        f"draws a jumping zebra. Paper: [Agarwal et al., arXiv 2406.18893]({PAPER}).\n\n"
+        f"**Model:** `{model.name}` ({model.chosen_because}){about}"
+    )
+
+
+def parse_swaps(text: str) -> list[tuple[str | int, str]]:
+    """The swaps box: one `word=source` or `pos=source` per line (or comma-separated)."""
+    return [parse_swap(line) for line in _swap_lines(text)]
+
+
+def _swap_lines(text: str) -> list[str]:
+    return [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+
+
+def _line_positions(tokenizer, prompt: str, line: str) -> tuple[int, ...]:
+    """Positions of p that one swap line writes to; a half-typed `pos=` line counts as `pos`;
+    a line that names nothing in the prompt writes to none."""
+    target = line.split("=", 1)[0].strip()
+    try:
+        return word_swap_plan(tokenizer, prompt, [parse_swap(line)]).positions
+    except AlignITError:
+        return (int(target),) if target.isdigit() else ()
+
+
+def swap_positions(tokenizer, prompt: str, swaps: str) -> list[int]:
+    """Every position the swaps box currently writes to, sorted."""
+    return sorted({p for line in _swap_lines(swaps) for p in _line_positions(tokenizer, prompt, line)})
+
+
+def sync_swaps(tokenizer, prompt: str, swaps: str, selected: list[int]) -> str:
+    """The swaps box after the position checkboxes changed to `selected`: lines whose positions
+    were all unchecked go, a `pos=` template comes for each newly checked position."""
+    chosen = set(selected)
+    kept, covered = [], set()
+    for line in _swap_lines(swaps):
+        positions = set(_line_positions(tokenizer, prompt, line))
+        if positions and not positions & chosen:
+            continue  # the user unchecked it
+        kept.append(line)
+        covered |= positions
+    kept += [f"{pos}=" for pos in sorted(chosen - covered)]
+    return "\n".join(kept)
+
+
+@dataclass(frozen=True)
+class TokenView:
+    """What the token table shows for the current inputs."""
+
+    p: Prompt | None  # the prompt the base model reads
+    source: Prompt | None = None  # p′, when it can be built
+    customized: Prompt | None = None  # AlignIT mode: the prompt as the customization reads it
+    selected: tuple[int, ...] = ()  # positions pre-selected (concept's, or those the swaps write)
+    problem: str = ""  # why no p′ could be built, in the engine's words
+
+
+def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: str) -> TokenView:
+    """Tokenize the current prompt for the table; never raises (the problem is shown instead)."""
+    try:
+        text = check_prompt(prompt)
+    except AlignITError:
+        return TokenView(None)
+    try:
+        if mode == ALIGNIT:
+            if concept is None:
+                return TokenView(tokenize(model.tokenizer, text), problem="choose or upload a concept")
+            cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
+                              concept.n_vectors if concept.vectors else 0)
+            return TokenView(cp.plan.target, cp.plan.source, cp.customized, cp.plan.positions)
+        p = tokenize(model.tokenizer, text)
+    except AlignITError as e:
+        try:
+            return TokenView(tokenize(model.tokenizer, text), problem=str(e))
+        except AlignITError:
+            return TokenView(None, problem=str(e))
+    selected = tuple(swap_positions(model.tokenizer, text, swaps))
+    try:
+        return TokenView(p, word_swap_plan(model.tokenizer, text, parse_swaps(swaps)).source, selected=selected)
+    except AlignITError as e:
+        return TokenView(p, selected=selected, problem=str(e) if _swap_lines(swaps) else "")
+
+
+def token_table(view: TokenView) -> pd.DataFrame:
+    if view.p is None:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    source = view.source.tokens if view.source is not None else [None] * len(view.p.tokens)
+    return pd.DataFrame([(t.position, t.text, t.word, s.text if s is not None else "")
+                         for t, s in zip(view.p.tokens, source)], columns=TABLE_COLUMNS)
+
+
+def position_choices(view: TokenView) -> list[tuple[str, int]]:
+    """("pos: token", pos) for every position that can be swapped (not start or end)."""
+    return [] if view.p is None else [(f"{view.p.tokens[i].position}: {view.p.tokens[i].text}", i)
+                                      for i in view.p.content]
+
+
+def prompts_markdown(view: TokenView) -> str:
+    lines = []
+    if view.customized is not None:
+        lines.append(f"**customized prompt** (baseline): `{view.customized.text}`")
+    if view.p is not None:
+        lines.append(f"**p** (base model): `{view.p.text}`")
+    if view.source is not None:
+        lines.append(f"**p′** (K/V source): `{view.source.text}`")
+    if view.problem:
+        lines.append(f"⚠️ {view.problem}")
+    return "  \n".join(lines)
+
+
+def chips_html(view: TokenView, selected) -> str:
+    if view.p is None:
+        return ""
+    return token_chips([(t.position, t.text) for t in view.p.tokens], set(selected or ()))
+
+
+def heatmap_rows(gen: Generation, mode: str) -> list:
+    per_line = TILES_PER_LINE[len(gen.rows)]
+    return [heatmap_row(gen.images[row], gen.maps[row], labels=[t.text for t in gen.tokens[row]],
+                        marked=set(gen.swapped[row]), mode=mode, per_line=per_line) for row in gen.rows]
+
+
+def cli_command(gen: Generation, concept: Concept | None, uploaded: bool) -> str:
+    """The `python -m alignit_core generate` line that reproduces `gen`."""
+    s = gen.settings
+    args = ["python", "-m", "alignit_core", "generate", "--model", s["model"], "--prompt", s["prompt"]]
+    if s["mode"] == "alignit":
+        args += ["--concept", f"{concept.name}.safetensors" if uploaded else concept.name]
+        if uploaded:
+            args += ["--token", concept.token, "--class-word", concept.class_word]
+        args += ["--positions", *map(str, s["positions"])]
+        if "base" in gen.rows:
+            args.append("--base")
+    else:
+        args += [a for target, source in s["swaps"] for a in ("--swap", f"{target}={source}")]
+    args += ["--seed", str(s["seed"]), "--steps", str(s["steps"]), "--guidance", f"{s['guidance']:g}",
+             "--size", str(s["size"]), "--scheduler", s["scheduler"], "--swap-steps",
+             f"{s['swap_steps'][0]:g}", f"{s['swap_steps'][1]:g}", "--map-resolution", str(s["map_resolution"])]
+    if s["swap_uncond"]:
+        args.append("--swap-uncond")
+    return shlex.join(args + ["--out", "out/"])
+
+
+def map_resolutions(model, size) -> dict:
+    """Choices and default of the heat-map resolution dropdown for images of `size` px."""
+    size = int(size)
+    return {"choices": [(f"{r}×{r}", r) for r in model.attention_resolutions(size)],
+            "value": model.default_map_resolution(size)}
+
+
+def ui_error(e: AlignITError) -> gr.Error:
+    """The engine's message, shown as an error toast."""
+    return gr.Error(str(e), title=type(e).__name__.removesuffix("Error") + " error", print_exception=False)
+
+
+def _whole(x):
+    """A float from a number box as int when it is whole; anything else as is, for the engine to refuse."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+# ------------------------------------------------------------------------------ callbacks
+
+def _concept(concepts: dict, uploaded: dict, key) -> Concept | None:
+    return uploaded.get(key) or concepts.get(key)
+
+
+def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps):
+    """Token table, position choices, chips and the p / p′ texts for the current inputs."""
+    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps)
+    label = ("Swapped positions of p (the concept's are pre-selected)" if mode == ALIGNIT
+             else "Positions to swap (checking one adds a `pos=` line to the swaps)")
+    return (token_table(view), gr.update(choices=position_choices(view), value=list(view.selected), label=label),
+            chips_html(view, view.selected), prompts_markdown(view))
+
+
+def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected):
+    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps)
+    return chips_html(view, selected)
+
+
+def positions_picked(model, mode, prompt, swaps, selected):
+    """A position box ticked or unticked by hand: in swap mode, keep the swaps box in step."""
+    if mode != SWAP:
+        return gr.update()
+    try:
+        text = check_prompt(prompt)
+    except AlignITError:
+        return gr.update()
+    return sync_swaps(model.tokenizer, text, swaps, selected or [])
+
+
+def concept_card(concepts, uploaded, concept_key):
+    c = _concept(concepts, uploaded or {}, concept_key)
+    if c is None:
+        return "No concept for this model yet: upload one below.", []
+    phrase = c.phrase.format(token=c.token, class_word=c.class_word)
+    info = (f"`{c.token}` · {KIND_LABELS[c.kind]} · class word `{c.class_word}` · "
+            f"the customized model reads it as `{phrase}`")
+    return info, [str(p) for p in c.references]
+
+
+def concept_prompt(concepts, uploaded, concept_key):
+    c = _concept(concepts, uploaded or {}, concept_key)
+    return gr.update() if c is None else (c.example_prompt or f"a photo of a {c.token}")
+
+
+def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, swap_example):
+    """The mode changed by hand: a prompt that does not fit the new mode makes way for one that does."""
+    c = _concept(concepts, uploaded or {}, concept_key)
+    tokens = [k.token for k in list(concepts.values()) + list((uploaded or {}).values())]
+    if mode == SWAP and (not prompt or any(t in prompt for t in tokens)):
+        return swap_example
+    if mode == ALIGNIT and c is not None and c.token not in (prompt or ""):
+        return c.example_prompt or f"a photo of a {c.token}", swaps
+    return prompt, swaps
+
+
+def mode_controls(mode, gen: Generation | None):
+    """Concept picker and base-model box for AlignIT, the swaps box for token swaps; until the first
+    generation, the empty image boxes are named for the mode's rows."""
+    alignit = mode == ALIGNIT
+    labels = [gr.update() if gen is not None else gr.update(label=CAPTIONS[r]) for r in ROWS[mode]]
+    labels += [gr.update()] * (MAX_COLUMNS - len(labels))
+    return (gr.update(visible=alignit), gr.update(visible=not alignit), gr.update(visible=alignit), *labels)
+
+
+def add_concept(model, concepts, uploaded, path, token, class_word):
+    """Load an uploaded .safetensors concept for this session only."""
+    if not path:
+        raise gr.Error("choose a .safetensors file first", title="Concept error")
+    try:
+        c = load_concept(path, model, allow_pickle=False, max_bytes=MAX_UPLOAD_BYTES,
+                         token=(token or "").strip() or None, class_word=(class_word or "").strip() or None)
+    except AlignITError as e:
+        raise ui_error(e) from None
+    if c.token in {k.token for k in concepts.values()}:
+        raise gr.Error(f"the token {c.token} is taken by a shipped concept; choose another token",
+                       title="Concept error")
+    key = f"uploaded:{c.token}"
+    uploaded = {**(uploaded or {}), key: c}
+    prompt = c.example_prompt or f"a photo of a {c.token}"
+    return uploaded, gr.update(choices=concept_choices(concepts, uploaded), value=key), prompt
+
+
+def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
+    return ([(c.label, key) for key, c in concepts.items()] +
+            [(f"{c.token} (uploaded) — {KIND_LABELS[c.kind]}, class '{c.class_word}'", key)
+             for key, c in (uploaded or {}).items()])
+
+
+def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
+             scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
+             progress=gr.Progress()):
+    """Generate the comparison: images, heat-map rows, the two downloads, the CLI line and the Generation
+    (kept for redrawing maps). On bad input raise gr.Error, so the previous outputs stay as they were."""
+    settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
+                        scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
+                        swap_end=swap_end, map_resolution=_whole(map_resolution))
+
+    def tick(i, n):
+        progress((i, n), desc="denoising", unit="steps")
+
+    concept = _concept(concepts, uploaded or {}, concept_key)
+    try:
+        if mode == ALIGNIT:
+            if concept is None:
+                raise PromptError("choose or upload a concept first")
+            gen = generate_concept(model, prompt, concept, settings, positions=list(positions or []),
+                                   include_base=bool(include_base), progress=tick)
+        else:
+            gen = generate_swap(model, prompt, parse_swaps(swaps), settings, progress=tick)
+    except AlignITError as e:
+        raise ui_error(e) from None
+    out = Path(gr.utils.get_upload_folder()) / "alignit" / uuid.uuid4().hex
+    files = {p.name: p for p in write_outputs(gen, out)}
+    command = cli_command(gen, concept, mode == ALIGNIT and concept_key in (uploaded or {}))
+    return (*_pad([gen.images[r] for r in gen.rows]), *_pad(heatmap_rows(gen, map_mode)),
+            str(files["heatmaps.png"]), str(files["settings.json"]),
+            command, gen)
+
+
+def _pad(values: list) -> list:
+    return values + [None] * (MAX_COLUMNS - len(values))
+
+
+def label_columns(gen: Generation | None):
+    """Name the image boxes for the rows of `gen` and show only as many columns as it has rows."""
+    if gen is None:
+        return [gr.update()] * (2 * MAX_COLUMNS)
+    names = _pad([CAPTIONS[r] for r in gen.rows])
+    return [gr.update(label=n) if n else gr.update() for n in names] + [gr.update(visible=bool(n)) for n in names]
+
+
+def redraw_maps(gen: Generation | None, map_mode: str):
+    """Overlay <-> raw maps from the kept generation, without generating again."""
+    if gen is None:
+        return [gr.update()] * MAX_COLUMNS
+    return _pad(heatmap_rows(gen, map_mode))
+
+
+def random_seed() -> int:
+    return random.randint(0, MAX_SEED)
+
+
+# ------------------------------------------------------------------------------ examples
+
+def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
+    """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed] rows and labels."""
+    if not model.is_embedded:  # Stable Diffusion and kin: the paper's own prompts
+        swaps = [("a jumping dog", "dog=zebra", "a jumping dog · dog ← zebra"),
+                 ("banana in a white plate", "4=black", "banana in a white plate · position 4 (white) ← black")]
+    else:
+        swaps = [("a red circle on a blue background", "red=yellow", "colour swap · red ← yellow"),
+                 ("a green square on a white background", "square=circle", "shape swap · square ← circle"),
+                 ("a blue star on a yellow background", "yellow=white", "background swap · yellow ← white")]
+    concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
+    rows = [[SWAP, concept_key, prompt, swap, 0] for prompt, swap, _ in swaps]
+    labels = [label for _, _, label in swaps]
+    for key, c in concepts.items():
+        if c.example_prompt:
+            rows.append([ALIGNIT, key, c.example_prompt, "", 0])
+            labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}")
+    return rows, labels
+
+
+# ------------------------------------------------------------------------------ layout and wiring
+
+def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
+    """The whole app for `model` and the shipped `concepts` (validated against it)."""
+    registry = {c.name: c for c in concepts}
+    defaults = resolve(model, Settings())
+    size_step = model.size_step
+    example_rows, example_labels = examples_for(model, registry)
+    swap_example = (example_rows[0][2], example_rows[0][3])
+    first = next(iter(registry.values()), None)
+    start = ALIGNIT if first else SWAP  # no concept for this model: start where there is something to do
+
+    with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        uploaded = gr.State({})
+        last = gr.State(None)
+        gr.Markdown(header_markdown(model), elem_id="header")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                mode = gr.Radio([ALIGNIT, SWAP], value=start, label="Mode", elem_id="mode")
+                with gr.Column(variant="panel", visible=start == ALIGNIT) as concept_box:
+                    concept = gr.Dropdown(concept_choices(registry, {}), value=first and first.name,
+                                          label="Customized concept", elem_id="concept")
+                    card = gr.Markdown(elem_id="concept-card")
+                    references = gr.Gallery(label="reference images the concept was learned from", columns=6,
+                                            rows=1, height=150, object_fit="contain", allow_preview=True)
+                    with gr.Accordion("Upload a concept (.safetensors, at most 50 MB)", open=False):
+                        with gr.Row():
+                            upload = gr.File(label="textual-inversion embedding", file_types=[".safetensors"],
+                                             height=100, scale=2, elem_id="upload")
+                            with gr.Column(scale=2):
+                                up_token = gr.Textbox(label="token", placeholder="<my-cat> (default: the file's key)")
+                                up_class = gr.Textbox(label="class word", placeholder="cat", elem_id="upload-class")
+                        add = gr.Button("Add concept for this session", size="sm", elem_id="add-concept")
+                prompt = gr.Textbox(label="Prompt", value=first.example_prompt if first else swap_example[0],
+                                    lines=1, elem_id="prompt")
+                swaps = gr.Textbox(label="Swaps: one `word=source` or `position=source` per line",
+                                   value="" if first else swap_example[1], placeholder="red=yellow\n4=black",
+                                   lines=2, visible=start == SWAP, elem_id="swaps")
+                positions = gr.CheckboxGroup(label="Swapped positions", elem_id="positions")
+                chips = gr.HTML(elem_id="chips")
+                texts = gr.Markdown(elem_id="prompt-texts", padding=True)
+                with gr.Accordion("Token table", open=True):
+                    table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
+            with gr.Column(scale=2):
+                with gr.Row(equal_height=False):
+                    seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
+                    dice = gr.Button("🎲 random seed", size="sm", scale=1, elem_id="dice")
+                steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
+                guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
+                with gr.Row():
+                    size = gr.Slider(64, 2 * model.native_size, value=defaults.size, step=size_step,
+                                     label="Image size (px)")
+                    scheduler = gr.Dropdown(scheduler_names(), value=defaults.scheduler, label="Scheduler")
+                with gr.Accordion("Advanced", open=False):
+                    swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)")
+                    with gr.Row():
+                        swap_start = gr.Slider(0, 1, value=0, step=0.05, label="Swap from (fraction of steps)")
+                        swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
+                    map_res = gr.Dropdown(**map_resolutions(model, defaults.size),
+                                          label="Heat maps from the cross-attention layers at")
+                include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
+                                           elem_id="include-base")
+                run = gr.Button("Generate", variant="primary", elem_id="generate")
+        examples = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed], label="Examples (click to run)",
+                               example_labels=example_labels, cache_examples=False, examples_per_page=12)
+        gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each token's "
+                    "cross-attention lands (tokens as tiles, swapped positions framed in orange).")
+        with gr.Row(equal_height=False):
+            images, maps, columns = [], [], []
+            for i in range(MAX_COLUMNS):
+                with gr.Column(visible=i < 2, min_width=240) as col:
+                    images.append(gr.Image(label=_pad([CAPTIONS[r] for r in ROWS[start]])[i], type="pil",
+                                           format="png", height=256, interactive=False, elem_classes="generated",
+                                           elem_id=f"image-{i}", buttons=["download", "fullscreen"]))
+                    maps.append(gr.Image(label="cross-attention per token", show_label=False, type="pil",
+                                         format="png", interactive=False, elem_id=f"heatmap-{i}",
+                                         buttons=["fullscreen"]))
+                columns.append(col)
+        with gr.Row(equal_height=False):
+            map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, elem_id="map-mode")
+            grid_file = gr.File(label="comparison grid (PNG, settings in its metadata)", scale=2)
+            settings_file = gr.File(label="settings.json", scale=2)
+        command = gr.Textbox(label="Reproduce from the command line", interactive=False, lines=2,
+                             buttons=["copy"], elem_id="command")
+
+        # ---- wiring
+        ctx = (model, registry)
+        view_inputs = [uploaded, mode, concept, prompt, swaps]
+        view_outputs = [table, positions, chips, texts]
+        show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs, outputs=view_outputs,
+                         concurrency_limit=None, show_progress="hidden")
+        prompt.change(**show_view, trigger_mode="always_last", api_name="tokens")
+        swaps.change(**show_view, trigger_mode="always_last", api_visibility="private")
+        mode.change(**show_view, api_visibility="private")
+        concept.change(**show_view, api_visibility="private")
+        concept.change(partial(concept_card, registry), [uploaded, concept], [card, references],
+                       api_visibility="private", show_progress="hidden")
+        concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, api_visibility="private")
+        mode.input(partial(mode_switched, registry, swap_example=swap_example),
+                   [uploaded, mode, concept, prompt, swaps], [prompt, swaps], api_visibility="private")
+        mode.change(mode_controls, [mode, last], [concept_box, swaps, include_base, *images],
+                    api_visibility="private", show_progress="hidden")
+        positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions], swaps,
+                        api_visibility="private", show_progress="hidden")
+        positions.change(partial(show_chips, *ctx), view_inputs + [positions], chips, api_visibility="private",
+                         show_progress="hidden", concurrency_limit=None)
+        add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class],
+                  [uploaded, concept, prompt], api_visibility="private")
+        dice.click(random_seed, None, seed, api_visibility="private", show_progress="hidden")
+        size.change(lambda px: gr.update(**map_resolutions(model, px)), size, map_res, api_visibility="private",
+                    show_progress="hidden")
+        map_mode.change(redraw_maps, [last, map_mode], maps, api_visibility="private")
+
+        gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
+                      swap_uncond, swap_start, swap_end, map_res, include_base, map_mode]
+        gen_outputs = images + maps + [grid_file, settings_file, command, last]
+
+        def generate_after(event, **api):
+            """Generate after `event` with the button greyed out; it comes back even after an error
+            (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it again)."""
+            done = event.then(partial(generate, *ctx), gen_inputs, gen_outputs, show_progress_on=images, **api)
+            done.success(label_columns, last, images + columns, **quick)
+            for after in (done.then, done.failure):
+                after(lambda: gr.update(interactive=True), None, run, **quick)
+
+        def grey_out():
+            return gr.update(interactive=False)
+
+        quick = dict(queue=False, show_progress="hidden", api_visibility="private")
+        generate_after(run.click(grey_out, None, run, **quick), api_name="generate")
+        # an example runs once its values, and the positions they imply, are in place
+        generate_after(examples.load_input_event.then(**show_view, api_visibility="private")
+                       .then(grey_out, None, run, **quick), api_visibility="private")
+        demo.load(**show_view, api_visibility="private")
+        demo.load(partial(concept_card, registry), [uploaded, concept], [card, references], api_visibility="private")
+    return demo
+
+
+def _args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="AlignIT Studio: the browser demo")
+    ap.add_argument("--model", default=os.environ.get("ALIGNIT_MODEL", "auto"),
+                    help=f"auto (= {SD15} if available, else the embedded model) | embedded | a folder | a hub id")
+    ap.add_argument("--port", type=int,
+                    default=int(os.environ.get("ALIGNIT_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
+    ap.add_argument("--host", default=os.environ.get("ALIGNIT_HOST") or os.environ.get("GRADIO_SERVER_NAME")
+                    or "127.0.0.1", help="0.0.0.0 to serve on every interface (a Space sets GRADIO_SERVER_NAME)")
+    ap.add_argument("--share", action="store_true", help="open a public gradio.live link")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _args(argv)
+    try:
+        model = load_model(args.model)
+        concepts = find_concepts(CONCEPTS_DIR, model)
+    except AlignITError as e:
+        print(f"error: {e}")
+        return 2
+    print(f"model: {model.name} ({model.chosen_because}); {len(concepts)} concept(s)", flush=True)
+    demo = build_demo(model, concepts)
+    demo.queue(max_size=16, default_concurrency_limit=2)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
+                allowed_paths=[str(CONCEPTS_DIR)], css=CSS, theme=THEME)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

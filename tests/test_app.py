@@ -1,0 +1,237 @@
+"""The app's helpers: the swaps box, the token view, the CLI line, error toasts; the callbacks on a tiny model."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import pytest
+import torch
+from PIL import Image
+
+import app
+from alignit_core import Concept, PromptError
+from alignit_core.cli import _parser as cli_parser
+from tests.conftest import TOKENIZER
+
+PROMPT = "a red circle on a blue background"
+
+
+@pytest.fixture(scope="module")
+def clip():
+    """Just the tokenizer: what the token view needs of a model."""
+    from transformers import CLIPTokenizer
+
+    return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
+
+
+def _concept(kind="textual_inversion", phrase="{token}") -> Concept:
+    return Concept("striped-ball-ti", "<striped-ball>", "circle", kind, phrase, vectors=(torch.zeros(1, 32),),
+                   example_prompt="a <striped-ball> on a green background")
+
+
+# ------------------------------------------------------------------------------ the swaps box
+
+def test_swaps_box_reads_word_and_position_lines():
+    assert app.parse_swaps("dog=zebra\n4=black, cat = tiger\n\n") == [("dog", "zebra"), (4, "black"), ("cat", "tiger")]
+    assert app.parse_swaps("") == []
+
+
+def test_a_half_typed_swap_is_refused_in_the_engines_words():
+    with pytest.raises(PromptError, match="needs both a target and a source"):
+        app.parse_swaps("4=")
+
+
+def test_swap_positions_follow_words_positions_and_half_typed_lines(clip):
+    assert app.swap_positions(clip.tokenizer, PROMPT, "red=yellow\n6=black") == [2, 6]
+    assert app.swap_positions(clip.tokenizer, PROMPT, "3=") == [3]
+    assert app.swap_positions(clip.tokenizer, PROMPT, "cat=zebra") == []
+
+
+def test_ticking_a_position_adds_a_template_and_unticking_removes_its_line(clip):
+    assert app.sync_swaps(clip.tokenizer, PROMPT, "red=yellow", [2, 6]) == "red=yellow\n6="
+    assert app.sync_swaps(clip.tokenizer, PROMPT, "red=yellow\n6=black", [6]) == "6=black"
+    # a line that names nothing in the prompt is the user's to fix, not ours to delete
+    assert app.sync_swaps(clip.tokenizer, PROMPT, "cat=zebra", []) == "cat=zebra"
+
+
+# ------------------------------------------------------------------------------ the token view
+
+def test_swap_view_shows_p_and_the_dummy_prompt_with_the_swapped_position(clip):
+    view = app.token_view(clip, app.SWAP, PROMPT, None, "red=yellow")
+    assert view.selected == (2,) and not view.problem
+    assert view.source.text == "* yellow * * * * *"
+    table = app.token_table(view)
+    assert list(table.columns) == app.TABLE_COLUMNS
+    assert table.iloc[2].tolist() == [2, "red", "red", "yellow"]
+    assert app.position_choices(view)[0] == ("1: a", 1) and app.position_choices(view)[-1] == ("7: background", 7)
+    assert "2 · red" in app.chips_html(view, view.selected)
+
+
+def test_alignit_view_preselects_the_class_word_under_the_concept(clip):
+    view = app.token_view(clip, app.ALIGNIT, "a <striped-ball> on a green background", _concept(), "")
+    assert view.p.text == "a circle on a green background"
+    assert view.source.text == "* <striped-ball> * * * *"
+    assert view.selected == (2,)
+    md = app.prompts_markdown(view)
+    assert "customized prompt" in md and "`a circle on a green background`" in md
+
+
+def test_custom_diffusion_concepts_read_token_and_class_word_together(clip):
+    view = app.token_view(clip, app.ALIGNIT, "a <striped-ball> on a green background",
+                          _concept("custom_diffusion", "{token} {class_word}"), "")
+    assert view.customized.text == "a <striped-ball> circle on a green background"
+    assert view.source.text == "<striped-ball> circle * * * *"
+
+
+@pytest.mark.parametrize("mode, prompt, swaps, problem", [
+    (app.ALIGNIT, "a circle on a green background", "", "the concept token <striped-ball> is not in the prompt"),
+    (app.SWAP, PROMPT, "cat=zebra", "the word 'cat' is not in the prompt"),
+    (app.SWAP, "a dog " * 40, "", "this model reads at most 75"),
+])
+def test_the_token_view_states_a_problem_instead_of_raising(clip, mode, prompt, swaps, problem):
+    view = app.token_view(clip, mode, prompt, _concept(), swaps)
+    assert problem in view.problem
+    assert problem in app.prompts_markdown(view)
+
+
+def test_an_empty_prompt_gives_an_empty_table(clip):
+    view = app.token_view(clip, app.SWAP, "  ", None, "")
+    assert view.p is None and app.token_table(view).empty and app.position_choices(view) == []
+
+
+# ------------------------------------------------------------------------------ engine -> UI
+
+def test_engine_errors_become_toasts_with_the_engines_message():
+    err = app.ui_error(PromptError("the word 'cat' is not in the prompt"))
+    assert isinstance(err, gr.Error)
+    assert err.message == "the word 'cat' is not in the prompt" and err.title == "Prompt error"
+
+
+def _generation(mode="swap", rows=("baseline", "swapped")) -> SimpleNamespace:
+    settings = {"model": "embedded-shapes", "mode": mode, "prompt": PROMPT, "seed": 7, "steps": 20,
+                "guidance": 5.0, "size": 128, "scheduler": "ddim", "swap_uncond": True, "swap_steps": [0.0, 0.5],
+                "map_resolution": 16, "positions": [2], "swaps": [["red", "yellow"], [6, "black"]]}
+    return SimpleNamespace(settings=settings, rows=list(rows))
+
+
+def test_the_cli_line_reproduces_a_token_swap():
+    line = app.cli_command(_generation(), None, uploaded=False)
+    args = cli_parser().parse_args(shlex.split(line)[3:])
+    assert args.prompt == PROMPT and args.swap == ["red=yellow", "6=black"]
+    assert (args.seed, args.steps, args.guidance, args.size, args.scheduler) == (7, 20, 5.0, 128, "ddim")
+    assert args.swap_uncond and args.swap_steps == [0.0, 0.5] and args.map_resolution == 16
+
+
+def test_the_cli_line_reproduces_an_alignit_comparison_with_the_base_model():
+    gen = _generation("alignit", ("customized", "alignit", "base"))
+    args = cli_parser().parse_args(shlex.split(app.cli_command(gen, _concept(), uploaded=False))[3:])
+    assert args.concept == "striped-ball-ti" and args.positions == ["2"] and args.base and args.swap == []
+
+
+def test_heat_maps_redraw_raw_without_generating_again():
+    image = Image.new("RGB", (32, 32), (200, 40, 40))
+    maps = torch.rand(3, 4, 4).numpy()
+    tokens = tuple(SimpleNamespace(text=t) for t in ("<|startoftext|>", "red", "<|endoftext|>"))
+    gen = SimpleNamespace(rows=["baseline", "swapped"], images={"baseline": image, "swapped": image},
+                          maps={"baseline": maps, "swapped": maps}, tokens={"baseline": tokens, "swapped": tokens},
+                          swapped={"baseline": (), "swapped": (1,)})
+    overlay, raw = app.redraw_maps(gen, "overlay"), app.redraw_maps(gen, "raw")
+    assert len(overlay) == app.MAX_COLUMNS and overlay[2] is None
+    assert overlay[0].tobytes() != raw[0].tobytes()
+
+
+def test_examples_are_the_papers_on_stable_diffusion_and_shapes_on_the_embedded_model():
+    sd = SimpleNamespace(name="stable-diffusion-v1-5/stable-diffusion-v1-5", is_embedded=False)
+    rows, labels = app.examples_for(sd, {})
+    assert [(r[2], r[3]) for r in rows] == [("a jumping dog", "dog=zebra"), ("banana in a white plate", "4=black")]
+    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True)
+    rows, labels = app.examples_for(shapes, {"striped-ball-ti": _concept()})
+    assert ("a red circle on a blue background", "red=yellow") in [(r[2], r[3]) for r in rows]
+    assert rows[-1][:3] == [app.ALIGNIT, "striped-ball-ti", "a <striped-ball> on a green background"]
+    assert len(labels) == len(rows)
+
+
+def test_the_header_names_the_model_and_links_the_paper():
+    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True, chosen_because="embedded offline model")
+    md = app.header_markdown(shapes)
+    assert "embedded-shapes" in md and "shapes world" in md and app.PAPER in md
+    sd = SimpleNamespace(name="stable-diffusion-v1-5/stable-diffusion-v1-5", is_embedded=False,
+                         chosen_because="auto: found in the local cache")
+    md = app.header_markdown(sd)
+    assert md.count("found in the local cache") == 1 and "shapes" not in md
+
+
+# ------------------------------------------------------------------------------ callbacks on a tiny model
+
+def _run(model, **kw):
+    values = dict(uploaded={}, mode=app.SWAP, concept_key=None, prompt=PROMPT, positions=[], swaps="red=yellow",
+                  seed=3, steps=2, guidance=5.0, size=model.native_size, scheduler="ddim", swap_uncond=False,
+                  swap_start=0.0, swap_end=1.0, map_resolution=None, include_base=False, map_mode="overlay")
+    values.update(kw)
+    return app.generate(model, {}, **values, progress=lambda *a, **k: None)
+
+
+def test_generate_returns_two_columns_and_reproducible_downloads(tiny_sd):
+    *shown, grid, settings, command, gen = _run(tiny_sd)
+    images, maps = shown[:app.MAX_COLUMNS], shown[app.MAX_COLUMNS:]
+    assert images[0].size == images[1].size and images[2] is None and maps[2] is None
+    assert json.loads(Path(settings).read_text())["swaps"] == [["red", "yellow"]]
+    assert Image.open(grid).text["alignit"] == json.dumps(gen.settings, ensure_ascii=False)
+    assert "--swap red=yellow" in command and "--model tiny-sd" in command
+
+
+def test_alignit_with_the_base_model_fills_three_labelled_columns(tiny_sd):
+    concept = {"striped-ball-ti": _concept()}
+    *shown, grid, settings, command, gen = app.generate(
+        tiny_sd, concept, {}, app.ALIGNIT, "striped-ball-ti", "a <striped-ball> on a green background", [2], "",
+        1, 2, 5.0, tiny_sd.native_size, "ddim", False, 0.0, 1.0, None, True, "raw", progress=lambda *a, **k: None)
+    assert gen.rows == ["customized", "alignit", "base"] and all(v is not None for v in shown)
+    assert "--concept striped-ball-ti --positions 2 --base" in command
+    labels = app.label_columns(gen)
+    assert [u["label"] for u in labels[:3]] == ["customized baseline", "AlignIT", "base model on p"]
+    assert [u["visible"] for u in labels[3:]] == [True, True, True]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"swaps": "cat=zebra"}, "the word 'cat' is not in the prompt"),
+    ({"swaps": "12=zebra"}, "position 12 is outside the prompt"),
+    ({"steps": 0}, "steps must be a whole number"),
+    ({"mode": app.ALIGNIT}, "choose or upload a concept first"),
+])
+def test_bad_input_raises_the_engines_message_as_a_toast(tiny_sd, kw, message):
+    with pytest.raises(gr.Error, match=message):
+        _run(tiny_sd, **kw)
+
+
+def test_an_uploaded_pickle_is_refused(tiny_sd, tmp_path):
+    path = tmp_path / "learned_embeds.bin"
+    torch.save({"<x>": torch.zeros(32)}, path)
+    with pytest.raises(gr.Error, match="only .safetensors can be uploaded"):
+        app.add_concept(tiny_sd, {}, {}, str(path), "<x>", "cat")
+
+
+def test_an_uploaded_embedding_joins_this_session_only(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<x>": torch.randn(32)}, str(path))
+    uploaded, choices, prompt = app.add_concept(tiny_sd, {}, {}, str(path), "", "cat")
+    assert list(uploaded) == ["uploaded:<x>"] and prompt == "a photo of a <x>"
+    assert choices["value"] == "uploaded:<x>"
+
+
+def test_the_demo_exposes_named_generate_and_tokens_endpoints(tiny_sd):
+    demo = app.build_demo(tiny_sd, [])
+    names = {fn.api_name for fn in demo.fns.values()}
+    assert {"generate", "tokens"} <= names
+
+
+def test_without_concepts_the_demo_starts_with_the_papers_token_swap(tiny_sd):
+    demo = app.build_demo(tiny_sd, [])
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert by_id["mode"].value == app.SWAP
+    assert (by_id["prompt"].value, by_id["swaps"].value) == ("a jumping dog", "dog=zebra")
+    assert by_id["swaps"].visible and not by_id["include-base"].visible
