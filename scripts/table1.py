@@ -26,11 +26,14 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--only", nargs="+", help="concept folder names to evaluate (default: all)")
     args = ap.parse_args(argv)
     model = load_model("embedded")
     print("| concept | kind | method | text alignment | concept fidelity | n |")
     print("|---|---|---|---|---|---|")
     for concept in find_concepts(ROOT / "assets" / "concepts", model):
+        if args.only and concept.name not in args.only:
+            continue
         instance = INSTANCES[concept.token.strip("<>")]["scene"]
         result = table1(model, concept, instance, range(args.seeds), args.steps)
         for method, (text, fid, n) in result.items():
