@@ -172,7 +172,12 @@ def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
         return cache[key]
 
     conds = [enc(row.prompt, row.concept) for row in rows]
-    unconds = [_uncond(model, row.concept if row.concept and row.concept.text_encoders else None) for row in rows]
+    by_stack: dict = {}  # the empty prompt, once per text stack (rows mostly share the model's own)
+    for row in rows:
+        stack = row.concept if row.concept and row.concept.text_encoders else None
+        if id(stack) not in by_stack:
+            by_stack[id(stack)] = _uncond(model, stack)
+    unconds = [by_stack[id(row.concept if row.concept and row.concept.text_encoders else None)] for row in rows]
     hidden = torch.stack([u[0] for u in unconds] + [c[0] for c in conds])  # (2r, tokens, dim)
     writes = []
     for i, row in enumerate(rows):
