@@ -36,7 +36,7 @@ def held_out_quality(model, seeds: range, steps: int = 20) -> Rates:
         settings = resolve(model, Settings(seed=seed, steps=steps, record_maps=False))
         rows = [Row(str(i), tokenize(model.tokenizer, f"a {c} {s} on a {b} background"))
                 for i, (c, s, b) in enumerate(HELD_OUT)]
-        images, _, _ = run_rows(model, rows, settings)
+        images = run_rows(model, rows, settings)[0]
         judged += [(classify(np.asarray(im)), t) for im, t in zip(images, HELD_OUT)]
     return _rates(judged)
 
@@ -54,7 +54,7 @@ def swap_semantics(model, cases: list[tuple[tuple[str, str, str], str, str]], se
             plan = word_swap_plan(model.tokenizer, f"a {c} {s} on a {b} background", [(target, source)])
             rows += [Row(f"b{i}", plan.target), Row(f"s{i}", plan.target, swap=plan)]
             expected.append(((c, s, b), tuple(source if v == target else v for v in (c, s, b))))
-        images, _, _ = run_rows(model, rows, settings)
+        images = run_rows(model, rows, settings)[0]
         for k, (asked, want) in enumerate(expected):
             baseline.append((classify(np.asarray(images[2 * k])), asked))
             swapped.append((classify(np.asarray(images[2 * k + 1])), want))

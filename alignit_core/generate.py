@@ -69,6 +69,8 @@ class Generation:
     swapped: dict[str, tuple[int, ...]]  # row -> swapped positions
     settings: dict = field(default_factory=dict)
     map_store_bytes: int = 0  # size of the running attention sums (constant in the number of steps)
+    latents: dict[str, torch.Tensor] = field(default_factory=dict)  # row -> final latent z0 (C, h, w), CPU
+    warnings: list[str] = field(default_factory=list)  # e.g. tokens dropped by truncation
 
     @property
     def rows(self) -> list[str]:
@@ -161,7 +163,7 @@ def _scheduler(model, name: str):
 @torch.no_grad()
 def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
     """Denoise all rows in one batch. Returns (PIL images, {row: (tokens, side, side) maps},
-    bytes held by the map store)."""
+    bytes held by the map store, final latents (rows, C, h, w) on the CPU)."""
     r = len(rows)
     cache: dict = {}
 
@@ -228,7 +230,7 @@ def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
             peak = m.reshape(m.shape[0], -1).max(1).reshape(-1, 1, 1)
             maps[row.name] = (m / np.maximum(peak, 1e-12)).astype(np.float32)
     store_bytes = state.maps.total.nbytes if state.maps is not None else 0
-    return images, maps, store_bytes
+    return images, maps, store_bytes, latents.float().cpu()
 
 
 def _decode(model, latents) -> list[Image.Image]:
@@ -254,7 +256,7 @@ def _table(prompt: Prompt) -> list[dict]:
 
 
 def _finish(model, rows, settings, result, extra) -> Generation:
-    images, maps, store_bytes = result
+    images, maps, store_bytes, latents = result
     s = {"model": model.source, "model_name": model.name, "mode": extra.pop("mode"), **extra, "seed": settings.seed,
          "steps": settings.steps, "guidance": settings.guidance, "size": settings.size,
          "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond,
@@ -263,7 +265,8 @@ def _finish(model, rows, settings, result, extra) -> Generation:
          "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
     return Generation(dict(zip([row.name for row in rows], images)), maps,
                       {row.name: row.prompt.tokens for row in rows},
-                      {row.name: row.swap.positions if row.swap else () for row in rows}, s, store_bytes)
+                      {row.name: row.swap.positions if row.swap else () for row in rows}, s, store_bytes,
+                      {row.name: z for row, z in zip(rows, latents)})
 
 
 def check_prompt(text: str) -> str:
