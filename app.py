@@ -18,28 +18,34 @@ from functools import partial
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
+# Two generations share the CPU cores: idle OpenMP threads must sleep, not spin (spinning made CPU
+# requests 10-100x slower under contention). Read when torch loads, so before it is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from alignit_core import (AlignITError, Concept, Generation, Prompt, PromptError, Settings, concept_plan,  # noqa: E402
-                          find_concepts, generate_concept, generate_swap, load_concept, load_model, parse_swap,
-                          scheduler_names, tokenize, word_swap_plan)
+from alignit_core import (AlignITError, Concept, ConceptError, Generation, Prompt, PromptError, Settings,  # noqa: E402
+                          concept_plan, find_concepts, generate_concept, generate_swap, load_concept, load_model,
+                          parse_swap, read_prompt, scheduler_names, tokenize, word_swap_plan)
 from alignit_core.cli import write_outputs  # noqa: E402
 from alignit_core.concepts import KIND_LABELS  # noqa: E402
 from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
-from alignit_core.models import ASSETS, SD15  # noqa: E402
+from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
+from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
 from visualize import heatmap_row, token_chips  # noqa: E402
 
 PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
 ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
 MAX_UPLOAD_BYTES = 50 * 2**20
+QUEUE = dict(max_size=16, default_concurrency_limit=2)  # two generations at once, sixteen waiting
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
 CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
             "baseline": "baseline", "swapped": "swapped"}
-TABLE_COLUMNS = ["position", "token of p", "word", "token of p′"]
+TABLE_COLUMNS = ["position", "segment", "local", "token of p", "word", "token of p′"]
+LONG_CHOICES = [("segments (LongAlign): every word kept", "segments"), ("truncate at 75 tokens", "truncate")]
 # Small generations (128 px on the embedded model) are shown enlarged; the files keep their size.
 CSS = ".generated img { width: 100%; height: 100%; object-fit: contain; }"
 # System fonts: the page asks no font server, so it looks the same offline.
@@ -74,28 +80,28 @@ def _swap_lines(text: str) -> list[str]:
     return [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
 
 
-def _line_positions(tokenizer, prompt: str, line: str) -> tuple[int, ...]:
+def _line_positions(tokenizer, prompt: str, line: str, long: str = "segments") -> tuple[int, ...]:
     """Positions of p that one swap line writes to; a half-typed `pos=` line counts as `pos`;
     a line that names nothing in the prompt writes to none."""
     target = line.split("=", 1)[0].strip()
     try:
-        return word_swap_plan(tokenizer, prompt, [parse_swap(line)]).positions
+        return word_swap_plan(tokenizer, prompt, [parse_swap(line)], long).positions
     except AlignITError:
         return (int(target),) if target.isdigit() else ()
 
 
-def swap_positions(tokenizer, prompt: str, swaps: str) -> list[int]:
+def swap_positions(tokenizer, prompt: str, swaps: str, long: str = "segments") -> list[int]:
     """Every position the swaps box currently writes to, sorted."""
-    return sorted({p for line in _swap_lines(swaps) for p in _line_positions(tokenizer, prompt, line)})
+    return sorted({p for line in _swap_lines(swaps) for p in _line_positions(tokenizer, prompt, line, long)})
 
 
-def sync_swaps(tokenizer, prompt: str, swaps: str, selected: list[int]) -> str:
+def sync_swaps(tokenizer, prompt: str, swaps: str, selected: list[int], long: str = "segments") -> str:
     """The swaps box after the position checkboxes changed to `selected`: lines whose positions
     were all unchecked go, a `pos=` template comes for each newly checked position."""
     chosen = set(selected)
     kept, covered = [], set()
     for line in _swap_lines(swaps):
-        positions = set(_line_positions(tokenizer, prompt, line))
+        positions = set(_line_positions(tokenizer, prompt, line, long))
         if positions and not positions & chosen:
             continue  # the user unchecked it
         kept.append(line)
@@ -115,8 +121,10 @@ class TokenView:
     problem: str = ""  # why no p′ could be built, in the engine's words
 
 
-def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: str) -> TokenView:
-    """Tokenize the current prompt for the table; never raises (the problem is shown instead)."""
+def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: str,
+               long: str = "segments") -> TokenView:
+    """Tokenize the current prompt for the table; never raises (the problem is shown instead).
+    `long`: how a prompt over 75 tokens is read (segments or truncate)."""
     try:
         text = check_prompt(prompt)
     except AlignITError:
@@ -124,19 +132,20 @@ def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: st
     try:
         if mode == ALIGNIT:
             if concept is None:
-                return TokenView(tokenize(model.tokenizer, text), problem="choose or upload a concept")
+                return TokenView(read_prompt(model.tokenizer, text, long), problem="choose or upload a concept")
             cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
-                              concept.n_vectors if concept.vectors else 0)
+                              concept.n_vectors if concept.vectors else 0, long)
             return TokenView(cp.plan.target, cp.plan.source, cp.customized, cp.plan.positions)
-        p = tokenize(model.tokenizer, text)
+        p = read_prompt(model.tokenizer, text, long)
     except AlignITError as e:
         try:
-            return TokenView(tokenize(model.tokenizer, text), problem=str(e))
+            return TokenView(read_prompt(model.tokenizer, text, long), problem=str(e))
         except AlignITError:
             return TokenView(None, problem=str(e))
-    selected = tuple(swap_positions(model.tokenizer, text, swaps))
+    selected = tuple(swap_positions(model.tokenizer, text, swaps, long))
     try:
-        return TokenView(p, word_swap_plan(model.tokenizer, text, parse_swaps(swaps)).source, selected=selected)
+        return TokenView(p, word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source,
+                         selected=selected)
     except AlignITError as e:
         return TokenView(p, selected=selected, problem=str(e) if _swap_lines(swaps) else "")
 
@@ -145,8 +154,9 @@ def token_table(view: TokenView) -> pd.DataFrame:
     if view.p is None:
         return pd.DataFrame(columns=TABLE_COLUMNS)
     source = view.source.tokens if view.source is not None else [None] * len(view.p.tokens)
-    return pd.DataFrame([(t.position, t.text, t.word, s.text if s is not None else "")
-                         for t, s in zip(view.p.tokens, source)], columns=TABLE_COLUMNS)
+    return pd.DataFrame([(t.position, view.p.locate(t.position)[0] + 1, view.p.locate(t.position)[1], t.text, t.word,
+                          s.text if s is not None else "") for t, s in zip(view.p.tokens, source)],
+                        columns=TABLE_COLUMNS)
 
 
 def position_choices(view: TokenView) -> list[tuple[str, int]]:
@@ -161,6 +171,12 @@ def prompts_markdown(view: TokenView) -> str:
         lines.append(f"**customized prompt** (baseline): `{view.customized.text}`")
     if view.p is not None:
         lines.append(f"**p** (base model): `{view.p.text}`")
+        if view.p.parts:
+            lines.append(f"long prompt: {len(view.p.parts)} segments, each encoded on its own (LongAlign); "
+                         f"positions count through all of them")
+        if view.p.dropped:
+            lines.append(f"⚠️ over 75 tokens: the model will not read `{view.p.dropped}` "
+                         f"(choose segments under Advanced to keep it)")
     if view.source is not None:
         lines.append(f"**p′** (K/V source): `{view.source.text}`")
     if view.problem:
@@ -178,6 +194,36 @@ def heatmap_rows(gen: Generation, mode: str) -> list:
     per_line = TILES_PER_LINE[len(gen.rows)]
     return [heatmap_row(gen.images[row], gen.maps[row], labels=[t.text for t in gen.tokens[row]],
                         marked=set(gen.swapped[row]), mode=mode, per_line=per_line) for row in gen.rows]
+
+
+def mi_rows(gen: Generation, report: AlignmentReport, mode: str) -> list:
+    """Per image, a heat-map row of its per-token MI maps (tokens of the scored text, start and end left out)."""
+    per_line = TILES_PER_LINE[len(gen.rows)]
+    marked = {pos - 1 for pos in report.positions}
+    return [heatmap_row(gen.images[row], report.mi[row].token_maps, labels=list(report.mi[row].tokens),
+                        marked=marked, mode=mode, per_line=per_line) for row in gen.rows]
+
+
+def scores_markdown(report: AlignmentReport) -> str:
+    """The scores as a table: one column per image, the difference to the first image, per-token MI."""
+    rows = list(report.mi)
+    head = "| | " + " | ".join(CAPTIONS[r] for r in rows) + " |\n|---|" + "---|" * len(rows)
+    lines = [f"Every image scored against **`{report.text}`** with the base model's own denoiser; "
+             f"all images share the same {len(report.mi[rows[0]].samples)} noise samples.", "", head]
+    lines.append("| MI score (nats) | " + " | ".join(f"{report.mi[r].value:.2f} ± {report.mi[r].stderr:.2f}"
+                                                    for r in rows) + " |")
+    lines.append(f"| vs {CAPTIONS[report.reference]} | | " + " | ".join(
+        f"**{d:+.2f}** ± {se:.2f}" for d, se in (report.differences[r] for r in rows[1:])) + " |")
+    for label, values in (("CLIP text alignment", report.clip_text), ("CLIP image alignment", report.clip_image)):
+        if values:
+            lines.append(f"| {label} | " + " | ".join(f"{values[r]:.3f}" for r in rows) + " |")
+    for k, token in enumerate(report.mi[rows[0]].tokens):
+        lines.append(f"| MI of *{token}* | " + " | ".join(f"{report.mi[r].token_values[k]:.2f}" for r in rows) + " |")
+    if report.clip_note:
+        lines += ["", f"{report.clip_note}; showing the MI score only."]
+    lines += ["", "Under each image: where each word of the text helps the denoiser predict the noise "
+                  "(per-token MI; where a word contradicts the image the map is negative and shows as 0)."]
+    return "\n".join(lines)
 
 
 def cli_command(gen: Generation, concept: Concept | None, uploaded: bool) -> str:
@@ -198,6 +244,8 @@ def cli_command(gen: Generation, concept: Concept | None, uploaded: bool) -> str
              f"{s['swap_steps'][0]:g}", f"{s['swap_steps'][1]:g}", "--map-resolution", str(s["map_resolution"])]
     if s["swap_uncond"]:
         args.append("--swap-uncond")
+    if s.get("long_prompt", "segments") != "segments":
+        args += ["--long-prompt", s["long_prompt"]]
     return shlex.join(args + ["--out", "out/"])
 
 
@@ -218,27 +266,52 @@ def _whole(x):
     return int(x) if isinstance(x, float) and x.is_integer() else x
 
 
+class VisitorLeft(Exception):
+    """The visitor who asked for this run closed the page or cancelled it."""
+
+
+def visitor_watch():
+    """For the queued run on this thread: a check that turns True once its visitor has gone (page
+    closed, client disconnected) or cancelled it, so the run can stop instead of computing for no one
+    beside the runs the queue has let in. Gradio 6.31 frees a cancelled run's queue slot at once but
+    leaves its thread running, so the check reads the queue's record of the run: it is dropped on
+    cancel and marked on disconnect (tests/test_reliability.py checks both). Outside a queued run
+    (a test, a script) the check is always False."""
+    from gradio.context import LocalContext
+
+    blocks, event_id = LocalContext.blocks.get(None), LocalContext.event_id.get(None)
+    events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
+    if events is None or event_id not in events:
+        return lambda: False
+
+    def left() -> bool:
+        event = events.get(event_id)
+        return event is None or not event.alive or event.closed
+
+    return left
+
+
 # ------------------------------------------------------------------------------ callbacks
 
 def _concept(concepts: dict, uploaded: dict, key) -> Concept | None:
     return uploaded.get(key) or concepts.get(key)
 
 
-def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps):
+def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="segments"):
     """Token table, position choices, chips and the p / p′ texts for the current inputs."""
-    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps)
+    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps, long)
     label = ("Swapped positions of p (the concept's are pre-selected)" if mode == ALIGNIT
              else "Positions to swap (checking one adds a `pos=` line to the swaps)")
     return (token_table(view), gr.update(choices=position_choices(view), value=list(view.selected), label=label),
             chips_html(view, view.selected), prompts_markdown(view))
 
 
-def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected):
-    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps)
+def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments"):
+    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps, long)
     return chips_html(view, selected)
 
 
-def positions_picked(model, mode, prompt, swaps, selected):
+def positions_picked(model, mode, prompt, swaps, selected, long="segments"):
     """A position box ticked or unticked by hand: in swap mode, keep the swaps box in step."""
     if mode != SWAP:
         return gr.update()
@@ -246,7 +319,7 @@ def positions_picked(model, mode, prompt, swaps, selected):
         text = check_prompt(prompt)
     except AlignITError:
         return gr.update()
-    return sync_swaps(model.tokenizer, text, swaps, selected or [])
+    return sync_swaps(model.tokenizer, text, swaps, selected or [], long)
 
 
 def concept_card(concepts, uploaded, concept_key):
@@ -310,30 +383,46 @@ def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
 
 def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
              scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
-             progress=gr.Progress()):
+             long_prompt="segments", progress=gr.Progress()):
     """Generate the comparison: images, heat-map rows, the two downloads, the CLI line and the Generation
-    (kept for redrawing maps). On bad input raise gr.Error, so the previous outputs stay as they were."""
+    (kept for redrawing maps). With no position ticked (always so through the API, whose position choices
+    are empty) AlignIT swaps the concept's own positions. On bad input or a failed run raise gr.Error,
+    so the previous outputs stay as they were; a run whose visitor left stops at the next step."""
     settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
                         scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
-                        swap_end=swap_end, map_resolution=_whole(map_resolution))
+                        swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt)
+
+    left = visitor_watch()
 
     def tick(i, n):
+        if left():
+            raise VisitorLeft
         progress((i, n), desc="denoising", unit="steps")
 
     concept = _concept(concepts, uploaded or {}, concept_key)
     try:
         if mode == ALIGNIT:
+            if concept is None and concept_key:
+                raise ConceptError(f"unknown concept {concept_key!r}; available: "
+                                   f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
             if concept is None:
                 raise PromptError("choose or upload a concept first")
-            gen = generate_concept(model, prompt, concept, settings, positions=list(positions or []),
+            gen = generate_concept(model, prompt, concept, settings, positions=list(positions or []) or None,
                                    include_base=bool(include_base), progress=tick)
         else:
             gen = generate_swap(model, prompt, parse_swaps(swaps), settings, progress=tick)
     except AlignITError as e:
         raise ui_error(e) from None
+    except VisitorLeft:
+        raise gr.Error("the request was cancelled", print_exception=False) from None
+    except Exception as e:  # a bug or a broken concept: this visitor is told, the server log gets the trace
+        raise gr.Error(f"the generation failed ({type(e).__name__}); the model is unchanged, try again",
+                       title="Generation error") from e
     out = Path(gr.utils.get_upload_folder()) / "alignit" / uuid.uuid4().hex
     files = {p.name: p for p in write_outputs(gen, out)}
     command = cli_command(gen, concept, mode == ALIGNIT and concept_key in (uploaded or {}))
+    for warning in gen.warnings:
+        gr.Warning(warning)
     return (*_pad([gen.images[r] for r in gen.rows]), *_pad(heatmap_rows(gen, map_mode)),
             str(files["heatmaps.png"]), str(files["settings.json"]),
             command, gen)
@@ -356,6 +445,34 @@ def redraw_maps(gen: Generation | None, map_mode: str):
     if gen is None:
         return [gr.update()] * MAX_COLUMNS
     return _pad(heatmap_rows(gen, map_mode))
+
+
+def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, progress=gr.Progress()):
+    """Score the kept generation: the table, one MI heat-map row per image, and the report (kept for redrawing)."""
+    if gen is None:
+        raise gr.Error("generate images first, then score them", title="Score error", print_exception=False)
+    concept = concepts.get(gen.settings.get("concept", {}).get("name"))
+    refs = open_images(concept.references) if concept is not None and clip is not None else []
+
+    def tick(i, n):
+        progress((i, n), desc="scoring", unit="samples")
+
+    try:
+        report = score_generation(model, gen, clip, refs, clip_note=clip_note, progress=tick)
+    except AlignITError as e:
+        raise ui_error(e) from None
+    return (scores_markdown(report), *_shown(_pad(mi_rows(gen, report, map_mode))), report)
+
+
+def _shown(pictures: list) -> list:
+    """Image updates that show each picture and hide the boxes without one."""
+    return [gr.update(value=p, visible=p is not None) for p in pictures]
+
+
+def redraw_mi(gen: Generation | None, report: AlignmentReport | None, map_mode: str):
+    if gen is None or report is None or list(report.mi) != gen.rows:
+        return [gr.update()] * MAX_COLUMNS
+    return _shown(_pad(mi_rows(gen, report, map_mode)))
 
 
 def random_seed() -> int:
@@ -385,8 +502,9 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
 
 # ------------------------------------------------------------------------------ layout and wiring
 
-def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
-    """The whole app for `model` and the shipped `concepts` (validated against it)."""
+def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -> gr.Blocks:
+    """The whole app for `model` and the shipped `concepts` (validated against it); `clip` scores
+    with CLIP too (else `clip_note` says why not)."""
     registry = {c.name: c for c in concepts}
     defaults = resolve(model, Settings())
     size_step = model.size_step
@@ -443,6 +561,8 @@ def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
                         swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
                     map_res = gr.Dropdown(**map_resolutions(model, defaults.size),
                                           label="Heat maps from the cross-attention layers at")
+                    long_mode = gr.Radio(LONG_CHOICES, value="segments", elem_id="long-mode",
+                                         label="Prompts over 75 tokens (CLIP's limit)")
                 include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
                                            elem_id="include-base")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -451,7 +571,7 @@ def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
         gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each token's "
                     "cross-attention lands (tokens as tiles, swapped positions framed in orange).")
         with gr.Row(equal_height=False):
-            images, maps, columns = [], [], []
+            images, maps, columns, mi_maps = [], [], [], []
             for i in range(MAX_COLUMNS):
                 with gr.Column(visible=i < 2, min_width=240) as col:
                     images.append(gr.Image(label=_pad([CAPTIONS[r] for r in ROWS[start]])[i], type="pil",
@@ -460,7 +580,14 @@ def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
                     maps.append(gr.Image(label="cross-attention per token", show_label=False, type="pil",
                                          format="png", interactive=False, elem_id=f"heatmap-{i}",
                                          buttons=["fullscreen"]))
+                    mi_maps.append(gr.Image(label="MI per token", type="pil", format="png", interactive=False,
+                                            visible=False, elem_id=f"mi-{i}", buttons=["fullscreen"]))
                 columns.append(col)
+        with gr.Row(equal_height=False):
+            score_button = gr.Button("Score alignment", size="sm", scale=1, elem_id="score")
+            score_text = gr.Markdown("*Score alignment* measures how much each image follows the text (MI from "
+                                     "the model's own denoiser" + (", CLIP" if clip is not None else "") + ").",
+                                     elem_id="scores")
         with gr.Row(equal_height=False):
             map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, elem_id="map-mode")
             grid_file = gr.File(label="comparison grid (PNG, settings in its metadata)", scale=2)
@@ -472,12 +599,13 @@ def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
         ctx = (model, registry)
         view_inputs = [uploaded, mode, concept, prompt, swaps]
         view_outputs = [table, positions, chips, texts]
-        show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs, outputs=view_outputs,
+        show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs + [long_mode], outputs=view_outputs,
                          concurrency_limit=None, show_progress="hidden")
         prompt.change(**show_view, trigger_mode="always_last", api_name="tokens")
         swaps.change(**show_view, trigger_mode="always_last", api_visibility="private")
         mode.change(**show_view, api_visibility="private")
         concept.change(**show_view, api_visibility="private")
+        long_mode.change(**show_view, api_visibility="private")
         concept.change(partial(concept_card, registry), [uploaded, concept], [card, references],
                        api_visibility="private", show_progress="hidden")
         concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, api_visibility="private")
@@ -485,9 +613,9 @@ def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
                    [uploaded, mode, concept, prompt, swaps], [prompt, swaps], api_visibility="private")
         mode.change(mode_controls, [mode, last], [concept_box, swaps, include_base, *images],
                     api_visibility="private", show_progress="hidden")
-        positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions], swaps,
+        positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
                         api_visibility="private", show_progress="hidden")
-        positions.change(partial(show_chips, *ctx), view_inputs + [positions], chips, api_visibility="private",
+        positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode], chips, api_visibility="private",
                          show_progress="hidden", concurrency_limit=None)
         add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class],
                   [uploaded, concept, prompt], api_visibility="private")
@@ -495,9 +623,15 @@ def build_demo(model, concepts: list[Concept]) -> gr.Blocks:
         size.change(lambda px: gr.update(**map_resolutions(model, px)), size, map_res, api_visibility="private",
                     show_progress="hidden")
         map_mode.change(redraw_maps, [last, map_mode], maps, api_visibility="private")
+        scored = gr.State(None)
+        score_button.click(partial(score, model, clip, clip_note, registry), [last, map_mode],
+                           [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score")
+        map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, api_visibility="private")
+        last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
+                    api_visibility="private", show_progress="hidden")  # a new generation: old scores go
 
         gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
-                      swap_uncond, swap_start, swap_end, map_res, include_base, map_mode]
+                      swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode]
         gen_outputs = images + maps + [grid_file, settings_file, command, last]
 
         def generate_after(event, **api):
@@ -530,20 +664,29 @@ def _args(argv=None) -> argparse.Namespace:
     ap.add_argument("--host", default=os.environ.get("ALIGNIT_HOST") or os.environ.get("GRADIO_SERVER_NAME")
                     or "127.0.0.1", help="0.0.0.0 to serve on every interface (a Space sets GRADIO_SERVER_NAME)")
     ap.add_argument("--share", action="store_true", help="open a public gradio.live link")
+    ap.add_argument("--compile", action="store_true", default=os.environ.get("ALIGNIT_COMPILE") == "1",
+                    help="torch.compile the UNet (the first generation compiles; worth it on a GPU Space)")
+    ap.add_argument("--channels-last", action="store_true", default=os.environ.get("ALIGNIT_CHANNELS_LAST") == "1",
+                    help="channels-last memory layout for the UNet")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = _args(argv)
     try:
-        model = load_model(args.model)
+        model = accelerate(load_model(args.model), compile=args.compile, channels_last=args.channels_last)
         concepts = find_concepts(CONCEPTS_DIR, model)
     except AlignITError as e:
         print(f"error: {e}")
         return 2
     print(f"model: {model.name} ({model.chosen_because}); {len(concepts)} concept(s)", flush=True)
-    demo = build_demo(model, concepts)
-    demo.queue(max_size=16, default_concurrency_limit=2)
+    try:
+        clip, clip_note = load_clip(device=model.device), ""
+    except AlignITError as e:
+        clip, clip_note = None, str(e)
+        print(f"{clip_note}; Score alignment shows the MI score only", flush=True)
+    demo = build_demo(model, concepts, clip, clip_note)
+    demo.queue(**QUEUE)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
                 allowed_paths=[str(CONCEPTS_DIR)], css=CSS, theme=THEME)
     return 0

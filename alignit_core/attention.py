@@ -96,35 +96,12 @@ class AlignITProcessor:
         key = attn.to_k(context)  # (batch, keys, inner)
         value = attn.to_v(context)
         state = alignit if cross else None
-        if state is not None:
-            writes = state.writes.get(self.name)
-            if writes is not None and state.swapping:
-                key.index_put_((writes.batch, writes.token), writes.key)
-                value.index_put_((writes.batch, writes.token), writes.value)
-            if state.on_kv is not None:
-                state.on_kv(self.name, state.step, key, value)
-
-        heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        q = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (batch, heads, pixels, head_dim)
-        k = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (batch, heads, keys, head_dim)
-        v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-
-        store = state.maps if state is not None else None
-        if store is not None and q.shape[2] == store.side * store.side:
-            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            probs = scores.softmax(dim=-1)  # (batch, heads, pixels, keys) fp32
-            store.add(probs)
-            out = torch.matmul(probs, v.float()).to(q.dtype)
+        if state is not None:  # the request's part runs eagerly even inside a compiled UNet
+            out = _alignit_attention(self.name, state, attn, query, key, value, attention_mask, batch)
         else:
+            q, k, v = _heads(attn, query, key, value, batch)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(q.dtype)
+        out = out.transpose(1, 2).reshape(batch, -1, key.shape[-1]).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if input_ndim == 4:
@@ -132,6 +109,43 @@ class AlignITProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _heads(attn, query, key, value, batch):
+    """(batch, heads, tokens, head_dim) views, with the module's q/k norms."""
+    heads = attn.heads
+    head_dim = key.shape[-1] // heads
+    q = query.view(batch, -1, heads, head_dim).transpose(1, 2)
+    k = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+    v = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
+@torch.compiler.disable
+def _alignit_attention(name: str, state: CallState, attn, query, key, value, attention_mask, batch):
+    """Cross-attention of one request: K/V row writes, then SDPA, or on a recording layer an fp32
+    softmax whose head-mean goes into the running sums. Kept out of `torch.compile` graphs: what it
+    reads (step, writes, maps) changes every call, and compiled code would specialise on it."""
+    writes = state.writes.get(name)
+    if writes is not None and state.swapping:
+        key.index_put_((writes.batch, writes.token), writes.key)
+        value.index_put_((writes.batch, writes.token), writes.value)
+    if state.on_kv is not None:
+        state.on_kv(name, state.step, key, value)
+    q, k, v = _heads(attn, query, key, value, batch)
+    store = state.maps
+    if store is not None and q.shape[2] == store.side * store.side:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
+        if attention_mask is not None:
+            scores = scores + attention_mask.float()
+        probs = scores.softmax(dim=-1)  # (batch, heads, pixels, keys) fp32
+        store.add(probs)
+        return torch.matmul(probs, v.float()).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
 
 
 def install(unet) -> dict:

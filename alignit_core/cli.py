@@ -4,6 +4,7 @@
     python -m alignit_core generate --model embedded --prompt "a red circle" --swap red=yellow --out out/
     python -m alignit_core generate --model embedded --concept striped-ball-ti \
         --prompt "a <striped-ball> on a green background" --out out/
+    python -m alignit_core eval --model embedded --dataset assets/eval/embedded.json --out out/eval
 
 Bad input exits with status 2 and one line on stderr; nothing is written.
 """
@@ -18,6 +19,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from .errors import AlignITError, ConceptError
 from .generate import Generation, Settings, scheduler_names
+from .prompts import LONG_MODES
+from .sweep import add_arguments as add_eval_arguments
 
 CONCEPTS = Path(__file__).resolve().parents[1] / "assets" / "concepts"
 
@@ -35,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--token", help="bare embedding file: the token as written in prompts")
         p.add_argument("--class-word", help="bare embedding file: the concept's class word, e.g. cat")
         p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+        p.add_argument("--long-prompt", choices=LONG_MODES, default="segments",
+                       help="prompts over 75 tokens: segments (LongAlign, every word kept), truncate, refuse")
         if name == "generate":
             p.add_argument("--swap", action="append", default=[], metavar="WORD=SOURCE|POS=SOURCE",
                            help="token swap: the rows of WORD (or position POS) come from SOURCE in p'")
@@ -50,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--swap-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
                            help="fractions of the steps in which to swap")
             p.add_argument("--map-resolution", type=int, help="side of the attention maps to record")
+            p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
+            p.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet")
             p.add_argument("--out", required=True, type=Path)
+    add_eval_arguments(sub.add_parser("eval", help="baseline vs AlignIT over a dataset (Table 1); "
+                                                   "runs under `accelerate launch`"))
     return ap
 
 
@@ -94,26 +103,34 @@ def write_outputs(gen: Generation, out: Path) -> list[Path]:
     return written + [out / "heatmaps.png", out / "settings.json"]
 
 
-def _tokens(model, prompt: str, concept) -> str:
+def _tokens(model, prompt: str, concept, long: str = "segments") -> str:
     from .generate import check_prompt
-    from .prompts import concept_plan, tokenize
+    from .prompts import concept_plan, read_prompt
 
     prompt = check_prompt(prompt)
     if concept is None:
-        table = [("p", tokenize(model.tokenizer, prompt))]
+        table = [("p", read_prompt(model.tokenizer, prompt, long))]
     else:
-        cp = concept_plan(model.tokenizer, prompt, concept.token, concept.class_word, concept.phrase, concept.n_vectors)
+        cp = concept_plan(model.tokenizer, prompt, concept.token, concept.class_word, concept.phrase,
+                          concept.n_vectors, long)
         table = [("customized", cp.customized), ("p", cp.plan.target), ("p'", cp.plan.source)]
     lines = []
     for label, p in table:
         lines.append(f"{label}: {p.text}")
-        lines.append(f"{'pos':>4}  {'token':<20} word")
-        lines += [f"{t.position:>4}  {t.text:<20} {t.word}" for t in p.tokens]
+        if p.dropped:
+            lines.append(f"(over 75 tokens; not read: {p.dropped})")
+        lines.append(f"{'pos':>4}  {'seg':>3}  {'local':>5}  {'token':<20} word")
+        lines += [f"{t.position:>4}  {p.locate(t.position)[0] + 1:>3}  {p.locate(t.position)[1]:>5}  {t.text:<20} {t.word}"
+                  for t in p.tokens]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "eval":
+        from .sweep import run_command
+
+        return run_command(args)
     try:
         from .generate import generate_concept, generate_swap
         from .models import load_model
@@ -121,15 +138,19 @@ def main(argv: list[str] | None = None) -> int:
 
         swaps = [parse_swap(s) for s in getattr(args, "swap", [])]
         model = load_model(args.model, args.device)
+        if getattr(args, "compile", False) or getattr(args, "channels_last", False):
+            from .models import accelerate
+
+            accelerate(model, compile=args.compile, channels_last=args.channels_last)
         print(f"model: {model.name} ({model.chosen_because})", file=sys.stderr)
         concept = _concept(args.concept, model, args.token, args.class_word) if args.concept else None
         if args.command == "tokens":
-            print(_tokens(model, args.prompt, concept))
+            print(_tokens(model, args.prompt, concept, args.long_prompt))
             return 0
         settings = Settings(seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size,
                             scheduler=args.scheduler, swap_uncond=args.swap_uncond,
                             swap_start=args.swap_steps[0], swap_end=args.swap_steps[1],
-                            map_resolution=args.map_resolution)
+                            map_resolution=args.map_resolution, long_prompt=args.long_prompt)
         if concept is not None:
             if swaps:
                 raise AlignITError("--swap is for token-swap mode; with --concept use --positions")
@@ -139,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.positions or args.base:
                 raise AlignITError("--positions and --base need --concept")
             gen = generate_swap(model, args.prompt, swaps, settings)
+        for warning in gen.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         for path in write_outputs(gen, args.out):
             print(path)
         return 0

@@ -143,6 +143,8 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion
     file (then `token`/`class_word` name it), and validate it against `model`. Raises ConceptError."""
     path = Path(source)
+    if not path.exists():
+        raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
     if path.is_dir():
         path = path / "manifest.json"
     if path.suffix != ".json":

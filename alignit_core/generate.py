@@ -21,9 +21,10 @@ from . import __version__
 from .attention import CallState, MapStore
 from .concepts import Concept
 from .encoding import encode
-from .errors import PromptError, SettingsError
+from .errors import ModelError, PromptError, SettingsError
 from .kv import RowWrite, layer_writes
-from .prompts import Prompt, SwapPlan, concept_plan, padded, positions_plan, tokenize, word_swap_plan
+from .prompts import (LONG_MODES, Prompt, SwapPlan, concept_plan, max_tokens, padded, positions_plan, tokenize,
+                      word_swap_plan)
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler"}
@@ -46,6 +47,7 @@ class Settings:
     swap_end: float = 1.0
     map_resolution: int | None = None
     record_maps: bool = True
+    long_prompt: str = "segments"  # over 75 tokens: segments (LongAlign) | truncate | refuse
 
 
 @dataclass
@@ -110,8 +112,10 @@ def resolve(model, s: Settings) -> Settings:
     if res not in model.attention_resolutions(size):
         raise SettingsError(f"no cross-attention layer works at {res}x{res}; "
                             f"available: {', '.join(map(str, model.attention_resolutions(size)))}")
+    if s.long_prompt not in LONG_MODES:
+        raise SettingsError(f"unknown long-prompt mode {s.long_prompt!r}; choose one of {', '.join(LONG_MODES)}")
     return Settings(s.seed, steps, float(guidance), size, scheduler, s.swap_uncond, s.swap_start, s.swap_end,
-                    res, s.record_maps)
+                    res, s.record_maps, s.long_prompt)
 
 
 # ------------------------------------------------------------------------------ text conditioning
@@ -123,7 +127,13 @@ def _stack(model, concept: Concept | None):
 
 @torch.no_grad()
 def encode_prompt(model, prompt: Prompt, concept: Concept | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tokens, dim) encoder states and, for SDXL, the pooled (dim,) embedding of one prompt."""
+    """(tokens, dim) encoder states and, for SDXL, the pooled (dim,) embedding of one prompt.
+    A segmented prompt gives each segment's start and content rows, in order (no padding); its
+    pooled embedding is the first segment's."""
+    if prompt.parts:
+        encoded = [encode_prompt(model, part, concept) for part in prompt.parts]
+        rows = [h[: len(part.ids) - 1] for (h, _), part in zip(encoded, prompt.parts)]
+        return torch.cat(rows), encoded[0][1]
     hidden, pooled = [], None
     for i, (tok, te) in enumerate(zip(model.tokenizers, _stack(model, concept))):
         ids = torch.tensor([padded(prompt, tok)], device=model.device)
@@ -145,11 +155,25 @@ def encode_prompt(model, prompt: Prompt, concept: Concept | None) -> tuple[torch
 
 
 def _uncond(model, concept: Concept | None):
+    """(hidden, pooled) of the unconditional branch."""
+    return _uncond_and_pad(model, concept)[:2]
+
+
+def _uncond_and_pad(model, concept: Concept | None):
+    """(hidden, pooled) of the unconditional branch, and the shared padding vector of long prompts:
+    the mean of the empty prompt's padding states."""
     empty = tokenize(model.tokenizer, "")
     hidden, pooled = encode_prompt(model, empty, concept)
+    pad = hidden[len(empty.ids):].mean(0)
     if model.is_xl and model.force_zeros_for_empty_prompt:
-        return torch.zeros_like(hidden), torch.zeros_like(pooled)
-    return hidden, pooled
+        return torch.zeros_like(hidden), torch.zeros_like(pooled), pad
+    return hidden, pooled, pad
+
+
+def _pad_to(hidden: torch.Tensor, length: int, pad: torch.Tensor) -> torch.Tensor:
+    if hidden.shape[0] == length:
+        return hidden
+    return torch.cat([hidden, pad.to(hidden.dtype).expand(length - hidden.shape[0], -1)])
 
 
 # ------------------------------------------------------------------------------ the batched call
@@ -160,10 +184,23 @@ def _scheduler(model, name: str):
     return getattr(diffusers, SCHEDULERS[name]).from_config(model.scheduler_config)
 
 
-@torch.no_grad()
 def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
     """Denoise all rows in one batch. Returns (PIL images, {row: (tokens, side, side) maps},
-    bytes held by the map store, final latents (rows, C, h, w) on the CPU)."""
+    bytes held by the map store, final latents (rows, C, h, w) on the CPU). A run that fails
+    (an exception in a callback, out of memory) hands its GPU memory back before raising, so the
+    model serves the next request; running out of GPU memory raises ModelError."""
+    try:
+        return _denoise(model, rows, settings, progress, on_kv)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise ModelError("out of GPU memory; try a smaller size or fewer steps") from None
+    except BaseException:
+        torch.cuda.empty_cache()  # a no-op unless CUDA is in use
+        raise
+
+
+@torch.no_grad()
+def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
     r = len(rows)
     cache: dict = {}
 
@@ -178,9 +215,15 @@ def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     for row in rows:
         stack = row.concept if row.concept and row.concept.text_encoders else None
         if id(stack) not in by_stack:
-            by_stack[id(stack)] = _uncond(model, stack)
+            by_stack[id(stack)] = _uncond_and_pad(model, stack)
     unconds = [by_stack[id(row.concept if row.concept and row.concept.text_encoders else None)] for row in rows]
-    hidden = torch.stack([u[0] for u in unconds] + [c[0] for c in conds])  # (2r, tokens, dim)
+    u_hidden, c_hidden = [u[0] for u in unconds], [c[0] for c in conds]
+    if any(row.prompt.parts for row in rows):  # segmented: every row and both halves to one length
+        width = model.tokenizer.model_max_length
+        length = width * -(-max(h.shape[0] for h in c_hidden + u_hidden) // width)
+        u_hidden = [_pad_to(h, length, u[2]) for h, u in zip(u_hidden, unconds)]
+        c_hidden = [_pad_to(h, length, u[2]) for h, u in zip(c_hidden, unconds)]
+    hidden = torch.stack(u_hidden + c_hidden)  # (2r, tokens, dim)
     writes = []
     for i, row in enumerate(rows):
         if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row
@@ -255,24 +298,36 @@ def _table(prompt: Prompt) -> list[dict]:
     return [asdict(t) for t in prompt.tokens]
 
 
-def _finish(model, rows, settings, result, extra) -> Generation:
+def _finish(model, rows, settings, result, warnings, extra) -> Generation:
     images, maps, store_bytes, latents = result
     s = {"model": model.source, "model_name": model.name, "mode": extra.pop("mode"), **extra, "seed": settings.seed,
          "steps": settings.steps, "guidance": settings.guidance, "size": settings.size,
-         "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond,
+         "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond, "long_prompt": settings.long_prompt,
+         "warnings": warnings,
          "swap_steps": [settings.swap_start, settings.swap_end], "map_resolution": settings.map_resolution,
-         "rows": [row.name for row in rows],
+         "rows": [row.name for row in rows], "accelerations": list(model.accelerations),
          "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
     return Generation(dict(zip([row.name for row in rows], images)), maps,
                       {row.name: row.prompt.tokens for row in rows},
                       {row.name: row.swap.positions if row.swap else () for row in rows}, s, store_bytes,
-                      {row.name: z for row, z in zip(rows, latents)})
+                      {row.name: z for row, z in zip(rows, latents)}, warnings)
 
 
 def check_prompt(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise PromptError("the prompt is empty; type what the image should show")
     return " ".join(text.split())
+
+
+def _long_notes(model, prompt: Prompt) -> tuple[dict, list[str]]:
+    """What settings record about a long prompt, and the warning for dropped words."""
+    if prompt.parts:
+        return {"segments": [part.text for part in prompt.parts]}, []
+    if prompt.dropped:
+        return {"dropped": prompt.dropped}, [
+            f"the prompt is longer than the {max_tokens(model.tokenizer)} tokens this model reads; these words "
+            f"were dropped: {prompt.dropped!r} (long-prompt mode 'segments' keeps them)"]
+    return {}, []
 
 
 def generate_concept(model, text: str, concept: Concept, settings: Settings = Settings(),
@@ -283,7 +338,7 @@ def generate_concept(model, text: str, concept: Concept, settings: Settings = Se
     text = check_prompt(text)
     settings = resolve(model, settings)
     cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
-                      concept.n_vectors if concept.vectors else 0)
+                      concept.n_vectors if concept.vectors else 0, settings.long_prompt)
     plan = cp.plan
     if positions is not None:
         plan = positions_plan(plan.target, plan.source, positions)
@@ -292,8 +347,9 @@ def generate_concept(model, text: str, concept: Concept, settings: Settings = Se
     if include_base:
         rows.append(Row("base", plan.target))
     result = run_rows(model, rows, settings, progress, on_kv)
-    return _finish(model, rows, settings, result, {
-        "mode": "alignit", "prompt": text, "customized_prompt": cp.customized.text, "p": plan.target.text,
+    notes, warnings = _long_notes(model, plan.target)
+    return _finish(model, rows, settings, result, warnings, {
+        "mode": "alignit", **notes, "prompt": text, "customized_prompt": cp.customized.text, "p": plan.target.text,
         "p_dummy": plan.source.text, "positions": list(plan.positions),
         "concept": {"name": concept.name, "token": concept.token, "class_word": concept.class_word,
                     "kind": concept.kind}})
@@ -306,9 +362,10 @@ def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = 
     or give a ready `plan` (e.g. `positions_plan(p, p, [3])` for an identity swap)."""
     text = check_prompt(text)
     settings = resolve(model, settings)
-    plan = plan or word_swap_plan(model.tokenizer, text, swaps or [])
+    plan = plan or word_swap_plan(model.tokenizer, text, swaps or [], settings.long_prompt)
     rows = ([Row("baseline", plan.target)] if include_baseline else []) + [Row("swapped", plan.target, swap=plan)]
     result = run_rows(model, rows, settings, progress, on_kv)
-    return _finish(model, rows, settings, result, {
-        "mode": "swap", "prompt": text, "p": plan.target.text, "p_dummy": plan.source.text,
+    notes, warnings = _long_notes(model, plan.target)
+    return _finish(model, rows, settings, result, warnings, {
+        "mode": "swap", **notes, "prompt": text, "p": plan.target.text, "p_dummy": plan.source.text,
         "positions": list(plan.positions), "swaps": [[t, s] for t, s in (swaps or [])]})

@@ -11,14 +11,26 @@ covers. A longer concept spills into the `*` positions before the class word (th
 swapped, but CLIP's causal encoder folds them into the rows that are); a shorter concept swaps
 only the class word's last token(s), the head of an English noun phrase. Every p' is checked by
 tokenizing its text again.
+
+Long prompts (more than the 75 tokens CLIP reads), LongAlign-style: the text is split into
+sentences (not at abbreviations, initials or decimals), sentences longer than 75 tokens at commas,
+then between words; consecutive pieces are packed into segments of at most 75 tokens. Each segment
+is encoded on its own; the conditioning keeps every segment's start token and content tokens
+(end and padding tokens are dropped) and `Prompt.parts` holds the segments. Positions are global:
+the rows of the concatenated conditioning, segment after segment. p' is built per segment, each
+segment all `*` except the swapped words.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 
 from .errors import PromptError
 
 STAR = "*"
+PUNCTUATION = ".,;:!?\"'()[]"
+LONG_MODES = ("segments", "truncate", "refuse")  # what to do with a prompt over 75 tokens
+MAX_SEGMENT_ROWS = 4 * 77  # conditioning rows a segmented prompt may have (start tokens included)
 
 
 @dataclass(frozen=True)
@@ -37,11 +49,29 @@ class Prompt:
     ids: tuple[int, ...]  # start .. end, no padding
     tokens: tuple[Token, ...]
     vectors: dict[int, int] = field(default_factory=dict)  # position -> concept vector index
+    parts: tuple[Prompt, ...] = ()  # a long prompt's segments, each a normal prompt; () = not segmented
+    dropped: str = ""  # words cut off by truncation
 
     @property
-    def content(self) -> range:
-        """Positions of the prompt's own tokens (neither start nor end)."""
-        return range(1, len(self.ids) - 1)
+    def content(self) -> list[int]:
+        """Positions of the prompt's own tokens (no start or end tokens)."""
+        if not self.parts:
+            return list(range(1, len(self.ids) - 1))
+        return [t.position for t in self.tokens if t.word_index >= 0]
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Global position of each segment's start token ((0,) for a normal prompt)."""
+        out, at = [], 0
+        for part in self.parts:
+            out.append(at)
+            at += len(part.ids) - 1
+        return tuple(out) or (0,)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(segment, position inside the segment) of a global position."""
+        k = max(i for i, s in enumerate(self.starts) if s <= position)
+        return k, position - self.starts[k]
 
 
 @dataclass(frozen=True)
@@ -92,20 +122,26 @@ def padded(prompt: Prompt, tokenizer) -> list[int]:
     return list(prompt.ids) + [tokenizer.pad_token_id] * (tokenizer.model_max_length - len(prompt.ids))
 
 
-def find_word(prompt: Prompt, tokenizer, word: str) -> tuple[int, ...]:
-    """Positions of `word`'s tokens in `prompt`; it must occur exactly once."""
-    want = tokenize(tokenizer, word).ids[1:-1]
+def _word_hits(prompt: Prompt, tokenizer, word: str) -> tuple[list[int], int]:
+    """Start positions of `word`'s tokens in `prompt`, and its token count."""
+    want = tokenize(tokenizer, word, limit=False).ids[1:-1]
     if not want:
         raise PromptError(f"{word!r} has no tokens")
-    ids = prompt.ids
-    hits = [i for i in prompt.content if ids[i:i + len(want)] == want and i + len(want) <= len(ids) - 1
+    ids, content = prompt.ids, set(prompt.content)
+    hits = [i for i in sorted(content) if ids[i:i + len(want)] == want and i + len(want) - 1 in content
             and not any(j in prompt.vectors for j in range(i, i + len(want)))]
+    return hits, len(want)
+
+
+def find_word(prompt: Prompt, tokenizer, word: str) -> tuple[int, ...]:
+    """Positions of `word`'s tokens in `prompt`; it must occur exactly once."""
+    hits, n = _word_hits(prompt, tokenizer, word)
     if not hits:
         raise PromptError(f"the word {word!r} is not in the prompt")
     if len(hits) > 1:
         raise PromptError(f"the word {word!r} occurs {len(hits)} times in the prompt; "
                           f"choose one by position (POS=SOURCE)")
-    return tuple(range(hits[0], hits[0] + len(want)))
+    return tuple(range(hits[0], hits[0] + n))
 
 
 def _dummy(tokenizer, length: int, pieces: list[tuple[int, Prompt, tuple[int, ...]]]) -> tuple:
@@ -136,12 +172,15 @@ def _dummy_prompt(tokenizer, length: int, pieces, vector_token: str | None, n_ve
     return again
 
 
-def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]]) -> SwapPlan:
-    """Token swaps: each (target word or position, source word). The source word's rows come from
-    one dummy prompt p' holding every source word at its target's positions, `*` elsewhere."""
+def _target_word(target: str) -> str:
+    """A swap target as typed, without the punctuation around it (`cat.` names the cat, not the full
+    stop that right alignment would otherwise pick)."""
+    return target.strip(PUNCTUATION) or target
+
+
+def _word_swap_one(tokenizer, text: str, swaps: list[tuple[str | int, str]]) -> SwapPlan:
+    """word_swap_plan for a prompt of at most 75 tokens (one segment)."""
     p = tokenize(tokenizer, text)
-    if not swaps:
-        raise PromptError("no swap given: name a word or position and a source, e.g. dog=zebra")
     pieces, positions = [], []
     for target, source in swaps:
         src = tokenize(tokenizer, source)
@@ -157,7 +196,7 @@ def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]]) -> 
             if tpos[0] < 1:
                 raise PromptError(f"{source!r} is {n_src} tokens and cannot end at position {target}")
         else:
-            tpos = find_word(p, tokenizer, target)
+            tpos = find_word(p, tokenizer, _target_word(target))
         if n_src > len(tpos) and not isinstance(target, int):
             raise PromptError(f"{source!r} is {n_src} tokens but {target!r} has only {len(tpos)}; "
                               f"choose a shorter source word")
@@ -180,7 +219,7 @@ def positions_plan(p: Prompt, source: Prompt, positions: list[int]) -> SwapPlan:
 
 def check_positions(p: Prompt, positions) -> tuple[int, ...]:
     """Validate user-chosen swap positions: integers, unique, inside the prompt's tokens."""
-    out = []
+    out, content = [], p.content
     for raw in positions:
         try:
             pos = int(raw)
@@ -188,10 +227,7 @@ def check_positions(p: Prompt, positions) -> tuple[int, ...]:
                 raise ValueError
         except (TypeError, ValueError):
             raise PromptError(f"position {raw!r} is not a whole number") from None
-        if pos == 0:
-            raise PromptError("position 0 is the start token; swap positions start at 1")
-        if pos < 0 or pos > len(p.ids) - 2:
-            raise PromptError(f"position {pos} is outside the prompt (positions 1..{len(p.ids) - 2})")
+        _check_position(p, pos, content)
         if pos in out:
             raise PromptError(f"position {pos} is given twice")
         out.append(pos)
@@ -200,21 +236,27 @@ def check_positions(p: Prompt, positions) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def _check_position(p: Prompt, pos: int, content: list[int]) -> None:
+    if pos == 0:
+        raise PromptError("position 0 is the start token; swap positions start at 1")
+    if not content:
+        raise PromptError("the prompt has no tokens to swap")
+    if pos < 0 or pos > content[-1]:
+        raise PromptError(f"position {pos} is outside the prompt (positions 1..{content[-1]})")
+    if pos in p.starts:
+        raise PromptError(f"position {pos} is the start token of segment {p.starts.index(pos) + 1}; "
+                          f"choose a word's position")
+
+
 @dataclass(frozen=True)
 class ConceptPrompts:
     customized: Prompt  # the prompt as the customization method reads it
     plan: SwapPlan  # p, p' and the swapped positions
 
 
-def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,
+def _concept_one(tokenizer, text: str, token: str, class_word: str, phrase: str,
                  n_vectors: int) -> ConceptPrompts:
-    """Build the customized prompt, p (concept phrase -> class word) and p' for a concept whose
-    prompt phrase is `phrase` (e.g. "{token}" or "{token} {class_word}")."""
-    count = text.count(token)
-    if count == 0:
-        raise PromptError(f"the concept token {token} is not in the prompt")
-    if count > 1:
-        raise PromptError(f"the concept token {token} appears {count} times; use it once")
+    """concept_plan for a prompt of at most 75 tokens (one segment)."""
     expanded = phrase.format(token=token, class_word=class_word)
     already = phrase != "{token}" and expanded in text
     customized_text = text if already else text.replace(token, expanded)
@@ -249,3 +291,219 @@ def parse_swap(spec: str) -> tuple[str | int, str]:
     if target.lstrip("-").isdigit():
         return int(target), source
     return target, source
+
+
+# ------------------------------------------------------------------------------ long prompts
+
+_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "fig", "figs", "no", "nos", "approx",
+                  "mt", "ft", "inc", "ltd", "co", "prof", "gen", "col", "lt", "sgt", "capt", "ca", "cf", "al",
+                  "vol", "ed", "rev", "ave", "blvd", "dept", "est", "jan", "feb", "mar", "apr", "jun", "jul",
+                  "aug", "sep", "sept", "oct", "nov", "dec", "mon", "tue", "wed", "thu", "fri", "sat", "sun"}
+_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of `text`. A full stop ends a sentence unless it closes an abbreviation
+    (`Dr.`, `e.g.`, `U.S.`) or an initial (`J.`); a decimal point (`3.5`) is never followed by a
+    space, so it never ends one."""
+    out, start = [], 0
+    for m in _END.finditer(text):
+        head = text[start:m.start()].split()
+        word = head[-1].lower() if head else ""
+        if m.group().startswith(".") and len(m.group().rstrip("\"'”’)]")) == 1:
+            if word in _ABBREVIATIONS or "." in word or (len(word) == 1 and word.isalpha()):
+                continue
+        sentence = text[start:m.end()].strip()
+        if sentence:
+            out.append(sentence)
+        start = m.end()
+    tail = text[start:].strip()
+    return out + ([tail] if tail else [])
+
+
+def _pieces(words: list[str], counts: list[int], limit: int) -> list[list[int]]:
+    """Word-index groups of at most `limit` tokens: sentences, then commas, then words."""
+    def pack(groups):  # consecutive groups merged while they fit
+        out = []
+        for g in groups:
+            if out and sum(counts[i] for i in out[-1] + g) <= limit:
+                out[-1] = out[-1] + g
+            else:
+                out.append(list(g))
+        return out
+
+    def split(group, ends):  # cut after words for which ends(word) is true
+        out, cur = [], []
+        for i in group:
+            cur.append(i)
+            if ends(words[i]):
+                out.append(cur)
+                cur = []
+        return out + ([cur] if cur else [])
+
+    sentences, at = [], 0
+    for sentence in split_sentences(" ".join(words)):
+        n = len(sentence.split())
+        sentences.append(list(range(at, at + n)))
+        at += n
+    result = []
+    for sentence in sentences:
+        if sum(counts[i] for i in sentence) <= limit:
+            result.append(sentence)
+            continue
+        for clause in split(sentence, lambda w: w.endswith((",", ";", ":"))):
+            if sum(counts[i] for i in clause) <= limit:
+                result.append(clause)
+                continue
+            for i in clause:
+                if counts[i] > limit:
+                    raise PromptError(f"the word {words[i][:40]!r} alone is {counts[i]} tokens; "
+                                      f"a segment holds at most {limit}")
+                result.append([i])
+    return pack(result)
+
+
+def fit(tokenizer, text: str, mode: str, count=None) -> tuple[list[str], str]:
+    """How an over-long prompt is read: ([text], "") when it fits; segment texts in `segments`
+    mode; ([kept text], dropped words) in `truncate` mode; a PromptError in `refuse` mode.
+    `count(word)` gives a word's token count (default: the tokenizer's)."""
+    if mode not in LONG_MODES:
+        raise PromptError(f"unknown long-prompt mode {mode!r}; choose one of {', '.join(LONG_MODES)}")
+    limit = max_tokens(tokenizer)
+    words = text.split()
+    count = count or (lambda w: len(tokenize(tokenizer, w, limit=False).ids) - 2)
+    counts = [count(w) for w in words]
+    total = sum(counts)
+    if total <= limit:
+        return [text], ""
+    if mode == "refuse":
+        raise PromptError(f"the prompt is {total} tokens long; this model reads at most {limit} "
+                          f"(long-prompt mode 'segments' reads longer prompts)")
+    if mode == "truncate":
+        kept, used = 0, 0
+        while kept < len(words) and used + counts[kept] <= limit:
+            used += counts[kept]
+            kept += 1
+        return [" ".join(words[:kept])], " ".join(words[kept:])
+    groups = _pieces(words, counts, limit)
+    rows = total + len(groups)
+    if rows > MAX_SEGMENT_ROWS:
+        raise PromptError(f"the prompt is {total} tokens long in {len(groups)} segments; segment mode reads at "
+                          f"most {MAX_SEGMENT_ROWS} positions (about {MAX_SEGMENT_ROWS - 4} tokens)")
+    return [" ".join(words[i] for i in g) for g in groups], ""
+
+
+def join(parts: list[Prompt], text: str) -> Prompt:
+    """One long prompt from its segments: each segment's start and content tokens, in order."""
+    ids, tokens, vectors, words = [], [], {}, 0
+    for part in parts:
+        at = len(ids)
+        for t in part.tokens[:-1]:
+            tokens.append(Token(at + t.position, t.text, t.word, t.word_index + words if t.word_index >= 0 else -1))
+        ids += part.ids[:-1]
+        vectors.update({at + pos: k for pos, k in part.vectors.items()})
+        words += max((t.word_index for t in part.tokens), default=-1) + 1
+    return Prompt(text, tuple(ids), tuple(tokens), vectors, tuple(parts))
+
+
+def read_prompt(tokenizer, text: str, long: str = "segments") -> Prompt:
+    """The prompt as the model reads it: one normal prompt when it fits, else per `long`."""
+    texts, dropped = fit(tokenizer, text, long)
+    if len(texts) == 1:
+        return replace(tokenize(tokenizer, texts[0]), dropped=dropped)
+    return join([tokenize(tokenizer, t) for t in texts], text)
+
+
+def _stars(tokenizer, like: Prompt) -> Prompt:
+    """A p' segment with nothing swapped: `*` at every content position of `like`."""
+    return _dummy_prompt(tokenizer, len(like.ids), [], None, 0)
+
+
+def _global(p: Prompt, segment: int, positions) -> tuple[int, ...]:
+    return tuple(p.starts[segment] + q for q in positions)
+
+
+def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], long: str = "segments") -> SwapPlan:
+    """Token swaps: each (target word or position, source word). The source word's rows come from
+    one dummy prompt p' holding every source word at its target's positions, `*` elsewhere.
+    Over 75 tokens, `long` decides: segments (p' per segment), truncate or refuse."""
+    if not swaps:
+        raise PromptError("no swap given: name a word or position and a source, e.g. dog=zebra")
+    texts, dropped = fit(tokenizer, text, long)
+    if len(texts) == 1:
+        plan = _word_swap_one(tokenizer, texts[0], swaps)
+        return replace(plan, target=replace(plan.target, dropped=dropped)) if dropped else plan
+    parts = [tokenize(tokenizer, t) for t in texts]
+    p = join(parts, text)
+    local: dict[int, list] = {}
+    for target, source in swaps:
+        if isinstance(target, int):
+            _check_position(p, target, p.content)
+            k, q = p.locate(target)
+        else:
+            hits = [(k, h) for k, part in enumerate(parts)
+                    for h in _word_hits(part, tokenizer, _target_word(target))[0]]
+            if not hits:
+                raise PromptError(f"the word {target!r} is not in the prompt")
+            if len(hits) > 1:
+                raise PromptError(f"the word {target!r} occurs {len(hits)} times in the prompt; "
+                                  f"choose one by position (POS=SOURCE)")
+            k, q = hits[0][0], target
+        local.setdefault(k, []).append((q, source))
+    sources, positions = [], []
+    for k, part in enumerate(parts):
+        if k in local:
+            plan = _word_swap_one(tokenizer, texts[k], local[k])
+            sources.append(plan.source)
+            positions += _global(p, k, plan.positions)
+        else:
+            sources.append(_stars(tokenizer, part))
+    return SwapPlan(p, join(sources, " ".join(s.text for s in sources)), tuple(positions))
+
+
+def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,
+                 n_vectors: int, long: str = "segments") -> ConceptPrompts:
+    """Build the customized prompt, p (concept phrase -> class word) and p' for a concept whose
+    prompt phrase is `phrase` (e.g. "{token}" or "{token} {class_word}"). Over 75 tokens, `long`
+    decides: segments (the concept's segment gets the concept's p', the others all `*`), truncate
+    (the concept token must survive) or refuse."""
+    count = text.count(token)
+    if count == 0:
+        raise PromptError(f"the concept token {token} is not in the prompt")
+    if count > 1:
+        raise PromptError(f"the concept token {token} appears {count} times; use it once")
+    expanded = phrase.format(token=token, class_word=class_word)
+    vtok = token if n_vectors else None
+
+    def tokens_of(word):  # the longer of the word as the customization and as p read it
+        if token not in word:
+            return len(tokenize(tokenizer, word, limit=False).ids) - 2
+        return max(len(tokenize(tokenizer, word.replace(token, expanded), vtok, n_vectors, limit=False).ids),
+                   len(tokenize(tokenizer, word.replace(token, class_word), limit=False).ids)) - 2
+
+    texts, dropped = fit(tokenizer, text, long, tokens_of)
+    if len(texts) == 1:
+        if token not in texts[0]:
+            raise PromptError(f"the concept token {token} lies beyond the {max_tokens(tokenizer)} tokens this "
+                              f"model reads; move it forward or use long-prompt mode 'segments'")
+        cp = _concept_one(tokenizer, texts[0], token, class_word, phrase, n_vectors)
+        if not dropped:
+            return cp
+        return ConceptPrompts(replace(cp.customized, dropped=dropped),
+                              replace(cp.plan, target=replace(cp.plan.target, dropped=dropped)))
+    custom, ps, sources, positions = [], [], [], ()
+    for k, t in enumerate(texts):
+        if token in t:
+            cp = _concept_one(tokenizer, t, token, class_word, phrase, n_vectors)
+            custom.append(cp.customized)
+            ps.append(cp.plan.target)
+            sources.append(cp.plan.source)
+            kk, local = k, cp.plan.positions
+        else:
+            part = tokenize(tokenizer, t)
+            custom.append(part)
+            ps.append(part)
+            sources.append(_stars(tokenizer, part))
+    p = join(ps, " ".join(x.text for x in ps))
+    return ConceptPrompts(join(custom, " ".join(x.text for x in custom)),
+                          SwapPlan(p, join(sources, " ".join(s.text for s in sources)), _global(p, kk, local)))

@@ -65,7 +65,7 @@ def test_swap_view_shows_p_and_the_dummy_prompt_with_the_swapped_position(clip):
     assert view.source.text == "* yellow * * * * *"
     table = app.token_table(view)
     assert list(table.columns) == app.TABLE_COLUMNS
-    assert table.iloc[2].tolist() == [2, "red", "red", "yellow"]
+    assert table.iloc[2].tolist() == [2, 1, 2, "red", "red", "yellow"]
     assert app.position_choices(view)[0] == ("1: a", 1) and app.position_choices(view)[-1] == ("7: background", 7)
     assert "2 · red" in app.chips_html(view, view.selected)
 
@@ -89,7 +89,7 @@ def test_custom_diffusion_concepts_read_token_and_class_word_together(clip):
 @pytest.mark.parametrize("mode, prompt, swaps, problem", [
     (app.ALIGNIT, "a circle on a green background", "", "the concept token <striped-ball> is not in the prompt"),
     (app.SWAP, PROMPT, "cat=zebra", "the word 'cat' is not in the prompt"),
-    (app.SWAP, "a dog " * 40, "", "this model reads at most 75"),
+    (app.SWAP, "a dog " * 200, "", "segment mode reads at most"),
 ])
 def test_the_token_view_states_a_problem_instead_of_raising(clip, mode, prompt, swaps, problem):
     view = app.token_view(clip, mode, prompt, _concept(), swaps)
@@ -172,6 +172,34 @@ def _run(model, **kw):
                   swap_start=0.0, swap_end=1.0, map_resolution=None, include_base=False, map_mode="overlay")
     values.update(kw)
     return app.generate(model, {}, **values, progress=lambda *a, **k: None)
+
+
+LONG = " ".join(f"Panel {i} shows a {c} square with thin stripes, a tiny dot and a wide frame around it."
+                for i, c in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "pink", "white"]))
+
+
+def test_token_view_of_a_long_prompt_counts_positions_through_its_segments(clip):
+    view = app.token_view(clip, app.SWAP, LONG, None, "pink=zebra")
+    table = app.token_table(view)
+    assert len(view.p.parts) >= 2 and len(table) == len(view.p.ids)
+    assert table["position"].tolist() == list(range(len(table)))  # global positions = conditioning rows
+    second = view.p.starts[1]
+    assert table.iloc[second][["segment", "local", "token of p"]].tolist() == [2, 0, "<|startoftext|>"]
+    pink = table.index[table["token of p"] == "pink"][0]
+    assert table.iloc[pink]["token of p′"] == "zebra" and view.selected == (pink,)
+    assert second not in [v for _, v in app.position_choices(view)]  # a segment's start is not offered
+    assert "segments" in app.prompts_markdown(view)
+
+
+def test_truncate_mode_shows_what_the_model_will_not_read(clip, tiny_sd):
+    view = app.token_view(clip, app.SWAP, LONG, None, "red=blue", long="truncate")
+    assert not view.p.parts and len(view.p.ids) <= 77 and view.p.dropped
+    assert f"will not read `{view.p.dropped}`" in app.prompts_markdown(view)
+    *_, command, gen = _run(tiny_sd, prompt=LONG, swaps="red=blue", long_prompt="truncate")
+    assert gen.warnings and gen.settings["dropped"] == view.p.dropped
+    assert "--long-prompt truncate" in command
+    args = cli_parser().parse_args(shlex.split(command)[3:])
+    assert args.long_prompt == "truncate"
 
 
 def test_generate_returns_two_columns_and_reproducible_downloads(tiny_sd):

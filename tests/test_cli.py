@@ -152,7 +152,7 @@ def table_rows(text: str, label: str) -> list[tuple[int, str]]:
         if re.match(r"^\S+: ", line):
             inside = line.startswith(f"{label}: ")
             continue
-        m = re.match(r"^\s*(\d+)\s+(\S+)", line)
+        m = re.match(r"^\s*(\d+)\s+\d+\s+\d+\s+(\S+)", line)
         if inside and m:
             rows.append((int(m.group(1)), m.group(2)))
     return rows
@@ -166,6 +166,19 @@ def test_tokens_prints_positions_with_the_start_token_at_zero(capsys):
     assert [pos for pos, _ in rows] == list(range(7))
     assert [tok for _, tok in rows][1:6] == ["a", "photo", "of", "a", "cat"]
     assert rows[0][1] == "<|startoftext|>" and rows[-1][1] == "<|endoftext|>"
+
+
+def test_tokens_of_a_long_prompt_number_positions_through_the_segments(capsys):
+    text = " ".join(f"The {c} circle sits on a plain background." for c in ["red", "green", "blue"] * 4)
+    assert main(["tokens", "--model", "embedded", "--prompt", text]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out, "p")
+    assert [pos for pos, _ in rows] == list(range(len(rows))) and len(rows) > 77
+    assert [tok for _, tok in rows].count("<|startoftext|>") >= 2  # one start token per segment
+    assert [tok for _, tok in rows].count("circle") == 12  # every word kept
+    assert main(["tokens", "--model", "embedded", "--prompt", text, "--long-prompt", "truncate"]) == 0
+    out = capsys.readouterr().out
+    assert "not read:" in out and len(table_rows(out, "p")) == 77
 
 
 def test_tokens_with_a_concept_shows_customized_p_and_dummy_tables(capsys):
@@ -202,7 +215,8 @@ BAD = {
     "size 10000": (["--size", "10000"], "size must be a multiple of 8"),
     "seed -1": (["--seed", "-1"], "seed must be a whole number from 0"),
     "seed 2**40": (["--seed", str(2**40)], "seed must be a whole number from 0"),
-    "prompt over 75 tokens": (["--prompt", LONG], "this model reads at most 75"),
+    "prompt over 75 tokens, segments refused": (["--prompt", LONG, "--long-prompt", "refuse"],
+                                                "this model reads at most 75"),
 }
 
 

@@ -139,3 +139,8 @@ def test_text_encoder_concept_reads_its_token_as_words(tok):
     assert cp.plan.target.text == "a photo of a dog"
     assert cp.plan.source.text == "* * * sks dog"
     assert cp.plan.positions == (5,)
+
+
+def test_a_swap_target_typed_with_punctuation_names_the_word(tok):
+    plan = word_swap_plan(tok, "a cat. a dog", [("cat.", "zebra")])
+    assert plan.positions == (2,) and plan.source.tokens[2].text == "zebra"
