@@ -44,9 +44,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import AlignITError, ModelError, PromptError
-from .generate import Generation, _uncond, encode_prompt
-from .prompts import Prompt, max_tokens, tokenize, word_swap_plan
+from .errors import AlignITError, ModelError
+from .generate import Generation, _pad_to, _uncond_and_pad, encode_prompt
+from .prompts import Prompt, read_prompt, word_swap_plan
 
 T_MIN = 51  # MITUNE's lower end: below it ε̂ barely depends on the prompt
 MI_SAMPLES = 32
@@ -173,7 +173,11 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
     k_all = noising.weight(t_all).float()
 
     cond, pooled = encode_prompt(model, prompt, None)
-    empty, pooled_empty = _uncond(model, None)
+    empty, pooled_empty, pad = _uncond_and_pad(model, None)
+    if prompt.parts:  # a long prompt's segment rows; ∅ and p padded alike, as in the generation
+        width = model.tokenizer.model_max_length
+        length = width * -(-cond.shape[0] // width)
+        cond, empty = _pad_to(cond, length, pad), _pad_to(empty, length, pad)
     positions = list(prompt.content) if per_token else []
     # conditions: [∅, p, p with token k from ∅ ...]; each compared with p
     hidden = torch.stack([empty, cond] + [_condition_with_token_removed(cond, empty, k) for k in positions])
@@ -330,7 +334,7 @@ def intended_text(tokenizer, p: str, swaps: list) -> str:
     """What a token swap means to draw: p with every swapped word replaced by its source word
     (`a jumping dog`, dog=zebra -> `a jumping zebra`; `banana in a white plate`, 4=black ->
     `banana in a black plate`). A swap that covers part of a word replaces the whole word."""
-    prompt = tokenize(tokenizer, p)
+    prompt = read_prompt(tokenizer, p)
     words = p.split()
     new: dict[int, str | None] = {}
     for target, source in swaps:
@@ -372,10 +376,7 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     if not gen.latents:
         raise AlignITError("this generation kept no latents to score; generate again")
     text = scoring_text(model, gen)
-    prompt = tokenize(model.tokenizer, text, limit=False)
-    if len(prompt.ids) - 2 > max_tokens(model.tokenizer):
-        raise PromptError(f"the MI score reads prompts of at most {max_tokens(model.tokenizer)} tokens; "
-                          f"this one has {len(prompt.ids) - 2}")
+    prompt = read_prompt(model.tokenizer, text, gen.settings.get("long_prompt", "segments"))
     mi = mi_scores(model, gen.latents, prompt, samples=samples, per_token=True, progress=progress)
     rows = list(gen.latents)
     reference = rows[0]

@@ -153,9 +153,9 @@ def read_dataset(path: Path, model, concepts: Path | None = None, only: list[str
 
 def plan(model, entries: list[Entry], prompts: int | None, seeds: int):
     """(jobs in key order, {(concept, prompt index): (prompt, p)}, [skipped (concept, index, reason)]).
-    A prompt AlignIT cannot align (e.g. a two-token Custom Diffusion phrase at the very start), or
-    one over 75 tokens, is skipped with the engine's reason."""
-    from .prompts import concept_plan, tokenize
+    A prompt AlignIT cannot align (e.g. a two-token Custom Diffusion phrase at the very start) is
+    skipped with the engine's reason; one over 75 tokens is read in segments."""
+    from .prompts import concept_plan
 
     jobs, texts, skipped = [], {}, []
     for e in entries:
@@ -165,7 +165,6 @@ def plan(model, entries: list[Entry], prompts: int | None, seeds: int):
             try:
                 cp = concept_plan(model.tokenizer, text, c.token, c.class_word, c.phrase,
                                   c.n_vectors if c.vectors else 0)
-                tokenize(model.tokenizer, cp.plan.target.text)  # the MI score reads p in one piece
             except PromptError as err:
                 skipped.append((e.name, i, str(err)))
                 continue

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from alignit_core import Concept, ModelError, Settings, generate_concept, generate_swap, tokenize
+from alignit_core import Concept, ModelError, Settings, generate_concept, generate_swap, read_prompt, tokenize
 from alignit_core.generate import Row, _uncond, encode_prompt, resolve, run_rows
 from alignit_core.scores import (MASK_FILL, T_MIN, Clip, Noising, difference, draw, image_alignment, intended_text,
                                  load_clip, masked, mi_scores, overall, score_generation, text_alignment)
@@ -109,6 +109,20 @@ def test_per_token_maps_are_on_the_latent_grid_and_sum_to_their_values(tiny_sd):
         np.testing.assert_allclose(s.token_maps.sum((1, 2)), s.token_values, rtol=1e-4, atol=1e-4)
         assert np.isfinite(s.token_maps).all()
     assert mi_scores(tiny_sd, {"a": _latent(3)}, prompt, samples=2)["a"].token_maps is None
+
+
+def test_a_long_prompt_is_scored_in_its_segments_with_a_value_per_token(tiny_sd):
+    text = " ".join(f"Panel {i} shows a {c} square with thin stripes and a frame around it."
+                    for i, c in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "pink"]))
+    gen = generate_swap(tiny_sd, text, [("pink", "zebra")], Settings(seed=0, steps=2))
+    assert len(gen.settings["segments"]) >= 2
+    report = score_generation(tiny_sd, gen, samples=2)
+    assert report.text == text.replace("pink", "zebra")
+    p = read_prompt(tiny_sd.tokenizer, report.text)
+    for s in report.mi.values():
+        assert len(s.tokens) == len(p.content) and np.isfinite(s.token_values).all()
+        assert s.tokens[-1] == "." and s.token_maps.shape[0] == len(p.content)
+    assert report.positions == gen.swapped["swapped"]
 
 
 def test_the_mi_score_runs_on_sdxl(tiny_sdxl):
