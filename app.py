@@ -23,6 +23,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from alignit_core import (AlignITError, Concept, ConceptError, Generation, Prompt, PromptError, Settings,  # noqa: E402
@@ -51,6 +52,7 @@ CSS = ".generated img { width: 100%; height: 100%; object-fit: contain; }"
 # System fonts: the page asks no font server, so it looks the same offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
+MAX_TOKEN_ROWS = 16  # per-token MI rows in the score table; a longer prompt shows those that differ most
 TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, so that a row fits its column
 
 
@@ -190,16 +192,21 @@ def chips_html(view: TokenView, selected) -> str:
     return token_chips([(t.position, t.text) for t in view.p.tokens], set(selected or ()))
 
 
+def tiles_per_line(gen: Generation, tokens: int) -> int:
+    """Heat-map tiles a line: as many as fit a column, more for a long prompt (at most 10 lines)."""
+    return max(TILES_PER_LINE[len(gen.rows)], -(-tokens // 10))
+
+
 def heatmap_rows(gen: Generation, mode: str) -> list:
-    per_line = TILES_PER_LINE[len(gen.rows)]
+    per_line = tiles_per_line(gen, max(len(t) for t in gen.tokens.values()))
     return [heatmap_row(gen.images[row], gen.maps[row], labels=[t.text for t in gen.tokens[row]],
                         marked=set(gen.swapped[row]), mode=mode, per_line=per_line) for row in gen.rows]
 
 
 def mi_rows(gen: Generation, report: AlignmentReport, mode: str) -> list:
     """Per image, a heat-map row of its per-token MI maps (tokens of the scored text, start and end left out)."""
-    per_line = TILES_PER_LINE[len(gen.rows)]
-    marked = {pos - 1 for pos in report.positions}
+    per_line = tiles_per_line(gen, len(report.token_positions))
+    marked = {i for i, pos in enumerate(report.token_positions) if pos in report.positions}
     return [heatmap_row(gen.images[row], report.mi[row].token_maps, labels=list(report.mi[row].tokens),
                         marked=marked, mode=mode, per_line=per_line) for row in gen.rows]
 
@@ -217,8 +224,21 @@ def scores_markdown(report: AlignmentReport) -> str:
     for label, values in (("CLIP text alignment", report.clip_text), ("CLIP image alignment", report.clip_image)):
         if values:
             lines.append(f"| {label} | " + " | ".join(f"{values[r]:.3f}" for r in rows) + " |")
-    for k, token in enumerate(report.mi[rows[0]].tokens):
-        lines.append(f"| MI of *{token}* | " + " | ".join(f"{report.mi[r].token_values[k]:.2f}" for r in rows) + " |")
+    tokens = report.mi[rows[0]].tokens
+    shown = range(len(tokens))
+    if len(tokens) > MAX_TOKEN_ROWS:  # a long prompt: the swapped tokens and those the images disagree on most
+        values = np.stack([report.mi[r].token_values for r in rows])
+        spread = values.max(0) - values.min(0) if len(rows) > 1 else np.abs(values[0])
+        swapped = [k for k, pos in enumerate(report.token_positions) if pos in report.positions]
+        rest = [k for k in np.argsort(-spread) if k not in swapped][:MAX_TOKEN_ROWS - len(swapped)]
+        shown = sorted(swapped + [int(k) for k in rest])
+    at = report.token_positions or tuple(range(1, len(tokens) + 1))
+    for k in shown:
+        lines.append(f"| MI of *{tokens[k]}* ({at[k]}) | " +
+                     " | ".join(f"{report.mi[r].token_values[k]:.2f}" for r in rows) + " |")
+    if len(shown) < len(tokens):
+        lines += ["", f"{len(tokens) - len(shown)} more tokens (those the images differ least on) are in the "
+                      f"heat-map rows."]
     if report.clip_note:
         lines += ["", f"{report.clip_note}; showing the MI score only."]
     lines += ["", "Under each image: where each word of the text helps the denoiser predict the noise "

@@ -357,6 +357,7 @@ class AlignmentReport:
     clip_image: dict[str, float] = field(default_factory=dict)  # row -> image alignment, with references
     clip_note: str = ""  # why there are no CLIP scores, if there are none
     positions: tuple[int, ...] = ()  # positions of `text` that were swapped, when they line up with p
+    token_positions: tuple[int, ...] = ()  # position of each per-token value and map in `text`
 
 
 def scoring_text(model, gen: Generation) -> str:
@@ -384,7 +385,7 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     positions = tuple(gen.settings.get("positions", ()))
     if len(prompt.ids) != len(gen.tokens[rows[-1]]):
         positions = ()
-    report = AlignmentReport(text, mi, reference, diffs, positions=positions,
+    report = AlignmentReport(text, mi, reference, diffs, positions=positions, token_positions=tuple(prompt.content),
                              clip_note="" if clip is not None else (clip_note or "CLIP is not available"))
     if clip is not None:
         images = [gen.images[r] for r in rows]

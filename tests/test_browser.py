@@ -4,7 +4,8 @@
 
 Screenshots, each also under the test's tmp_path: /tmp/app_initial.png (the page as a first visitor
 sees it), /tmp/app_screenshot.png (after a token swap), /tmp/app_error.png (the error toast) and
-/tmp/app_alignit.png (after clicking a concept example).
+/tmp/app_alignit.png (after clicking a concept example), /tmp/app_long_scored.png (a long prompt,
+generated and scored).
 """
 from __future__ import annotations
 
@@ -161,6 +162,41 @@ def test_token_swap_red_to_yellow_then_a_bad_swap_shows_the_engine_error(page, t
     assert _image_bytes(page, "#image-1") == swapped
     page.wait_for_timeout(1000)  # let the toast finish sliding in
     _screenshot(page, tmp_path, "app_error.png")
+
+
+LONG = PROMPT + ". " + " ".join(f"The frame number {i} is plain and quiet, with thin lines at the edge."
+                                for i in range(5))
+
+
+def test_a_long_prompt_is_read_in_segments_generated_and_scored(page, tmp_path):
+    expect = _expect()
+    page.locator("#mode label", has_text="Token swap").click()
+    expect(page.locator("#swaps textarea")).not_to_have_value("", timeout=30_000)
+    page.locator("#prompt textarea").fill(LONG)
+    page.locator("#swaps textarea").fill("red=yellow")
+    expect(page.locator("#prompt-texts")).to_contain_text("2 segments", timeout=30_000)
+    expect(page.locator("#positions label", has_text="2: red").locator("input")).to_be_checked(timeout=30_000)
+    # each segment keeps its start token, numbered among the others; it is not offered for swapping
+    starts = [int(n) for n in re.findall(r"(\d+) · <\|startoftext\|>", page.locator("#chips").inner_text())]
+    assert len(starts) == 2 and starts[0] == 0 and starts[1] > 10  # (the token before it is a full stop)
+    second = starts[1]
+    expect(page.locator("#positions label", has_text=f"{second - 1}: ")).to_have_count(1)
+    expect(page.locator("#positions label", has_text=f"{second}: ")).to_have_count(0)
+    page.locator("#generate").click()
+    expect(page.locator("#generate")).to_be_disabled()
+    expect(page.locator("#generate")).to_be_enabled(timeout=GENERATE_TIMEOUT_MS)
+    page.locator("#image-0").scroll_into_view_if_needed()  # far below the long list of positions
+    for i in (0, 1):
+        expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=30_000)
+        # a tall heat-map row (one tile per token) loads lazily: check it arrived
+        expect(page.locator(f"#heatmap-{i} img")).to_have_attribute("src", re.compile(r"\.png"), timeout=30_000)
+    assert _image_bytes(page, "#image-0") != _image_bytes(page, "#image-1")
+    assert len(_image_bytes(page, "#heatmap-1")) > 10_000
+    page.locator("#score").click()
+    expect(page.locator("#scores")).to_contain_text("MI score", timeout=GENERATE_TIMEOUT_MS)
+    expect(page.locator("#scores")).to_contain_text("CLIP is not available")
+    expect(page.locator("#mi-1 img")).to_have_attribute("src", re.compile(r"\.png"), timeout=30_000)
+    _screenshot(page, tmp_path, "app_long_scored.png")
 
 
 def test_clicking_a_concept_example_runs_alignit(page, tmp_path):

@@ -122,7 +122,15 @@ def test_a_long_prompt_is_scored_in_its_segments_with_a_value_per_token(tiny_sd)
     for s in report.mi.values():
         assert len(s.tokens) == len(p.content) and np.isfinite(s.token_values).all()
         assert s.tokens[-1] == "." and s.token_maps.shape[0] == len(p.content)
-    assert report.positions == gen.swapped["swapped"]
+    assert report.positions == gen.swapped["swapped"] and report.token_positions == tuple(p.content)
+    (pos,) = report.positions  # the swapped word's value and map, found through token_positions
+    assert report.mi["swapped"].tokens[report.token_positions.index(pos)] == "zebra"
+    import app  # the demo's table keeps the swapped token and the ones the images differ on most
+
+    table = app.scores_markdown(report)
+    rows = [line for line in table.splitlines() if line.startswith("| MI of")]
+    assert len(rows) == app.MAX_TOKEN_ROWS and any(f"*zebra* ({pos})" in line for line in rows)
+    assert f"{len(p.content) - app.MAX_TOKEN_ROWS} more tokens" in table
 
 
 def test_the_mi_score_runs_on_sdxl(tiny_sdxl):
@@ -271,7 +279,7 @@ def test_the_score_button_fills_the_table_and_one_mi_row_per_image(tiny_sd, swap
     md, *pictures, report = app.score(tiny_sd, None, "CLIP is not available (offline)", {}, swap_gen, "overlay",
                                       progress=lambda *a, **k: None)
     assert "`a jumping zebra`" in md and "| MI score (nats) |" in md and "| vs baseline |" in md
-    assert "| MI of *zebra* |" in md and "CLIP is not available (offline); showing the MI score only" in md
+    assert "| MI of *zebra* (3) |" in md and "CLIP is not available (offline); showing the MI score only" in md
     assert [p["visible"] for p in pictures] == [True, True, False]
     assert pictures[0]["value"].size == app.mi_rows(swap_gen, report, "overlay")[0].size
     assert app.redraw_mi(swap_gen, report, "raw")[0]["value"].tobytes() != pictures[0]["value"].tobytes()
