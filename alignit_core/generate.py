@@ -170,10 +170,12 @@ def _uncond_and_pad(model, concept: Concept | None):
     return hidden, pooled, pad
 
 
-def _pad_to(hidden: torch.Tensor, length: int, pad: torch.Tensor) -> torch.Tensor:
-    if hidden.shape[0] == length:
-        return hidden
-    return torch.cat([hidden, pad.to(hidden.dtype).expand(length - hidden.shape[0], -1)])
+def pad_segmented(model, hidden: list[torch.Tensor], pads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Encodings of one request to one length when a prompt is segmented: the next multiple of the
+    tokenizer's length (77) above the longest, filled with each one's padding vector."""
+    width = model.tokenizer.model_max_length
+    length = width * -(-max(h.shape[0] for h in hidden) // width)
+    return [torch.cat([h, pad.to(h.dtype).expand(length - h.shape[0], -1)]) for h, pad in zip(hidden, pads)]
 
 
 # ------------------------------------------------------------------------------ the batched call
@@ -211,19 +213,14 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
         return cache[key]
 
     conds = [enc(row.prompt, row.concept) for row in rows]
-    by_stack: dict = {}  # the empty prompt, once per text stack (rows mostly share the model's own)
-    for row in rows:
-        stack = row.concept if row.concept and row.concept.text_encoders else None
-        if id(stack) not in by_stack:
-            by_stack[id(stack)] = _uncond_and_pad(model, stack)
-    unconds = [by_stack[id(row.concept if row.concept and row.concept.text_encoders else None)] for row in rows]
-    u_hidden, c_hidden = [u[0] for u in unconds], [c[0] for c in conds]
+    # the empty prompt, once per text stack (rows mostly share the model's own)
+    stacks = [row.concept if row.concept and row.concept.text_encoders else None for row in rows]
+    by_stack = {id(s): _uncond_and_pad(model, s) for s in {id(s): s for s in stacks}.values()}
+    unconds = [by_stack[id(s)] for s in stacks]
+    hidden = [u[0] for u in unconds] + [c[0] for c in conds]
     if any(row.prompt.parts for row in rows):  # segmented: every row and both halves to one length
-        width = model.tokenizer.model_max_length
-        length = width * -(-max(h.shape[0] for h in c_hidden + u_hidden) // width)
-        u_hidden = [_pad_to(h, length, u[2]) for h, u in zip(u_hidden, unconds)]
-        c_hidden = [_pad_to(h, length, u[2]) for h, u in zip(c_hidden, unconds)]
-    hidden = torch.stack(u_hidden + c_hidden)  # (2r, tokens, dim)
+        hidden = pad_segmented(model, hidden, [u[2] for u in unconds] * 2)
+    hidden = torch.stack(hidden)  # (2r, tokens, dim)
     writes = []
     for i, row in enumerate(rows):
         if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row

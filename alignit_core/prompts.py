@@ -188,10 +188,7 @@ def _word_swap_one(tokenizer, text: str, swaps: list[tuple[str | int, str]]) -> 
         if n_src == 0:
             raise PromptError(f"the swap source for {target!r} is empty")
         if isinstance(target, int):
-            if target == 0:
-                raise PromptError("position 0 is the start token; swap positions start at 1")
-            if target < 0 or target >= len(p.ids) - 1:
-                raise PromptError(f"position {target} is outside the prompt (positions 1..{len(p.ids) - 2})")
+            _check_position(p, target, p.content)
             tpos = tuple(range(target - n_src + 1, target + 1))
             if tpos[0] < 1:
                 raise PromptError(f"{source!r} is {n_src} tokens and cannot end at position {target}")

@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from .errors import AlignITError, ModelError
-from .generate import Generation, _pad_to, _uncond_and_pad, encode_prompt
+from .generate import Generation, _uncond_and_pad, encode_prompt, pad_segmented
 from .prompts import Prompt, read_prompt, word_swap_plan
 
 T_MIN = 51  # MITUNE's lower end: below it ε̂ barely depends on the prompt
@@ -175,9 +175,7 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
     cond, pooled = encode_prompt(model, prompt, None)
     empty, pooled_empty, pad = _uncond_and_pad(model, None)
     if prompt.parts:  # a long prompt's segment rows; ∅ and p padded alike, as in the generation
-        width = model.tokenizer.model_max_length
-        length = width * -(-cond.shape[0] // width)
-        cond, empty = _pad_to(cond, length, pad), _pad_to(empty, length, pad)
+        cond, empty = pad_segmented(model, [cond, empty], [pad, pad])
     positions = list(prompt.content) if per_token else []
     # conditions: [∅, p, p with token k from ∅ ...]; each compared with p
     hidden = torch.stack([empty, cond] + [_condition_with_token_removed(cond, empty, k) for k in positions])

@@ -89,6 +89,22 @@ def test_a_prompt_alignit_cannot_align_is_skipped_with_the_reason(tiny_sd):
     assert skipped[0][:2] == ("cd", 0) and "before it" in skipped[0][2]
 
 
+def test_a_prompt_over_75_tokens_is_generated_and_scored_in_segments(tiny_sd, tmp_path):
+    from alignit_core.generate import Settings, resolve
+    from alignit_core.sweep import Scoring, run_job
+
+    toy = Concept("toy", "<toy>", "dog", "textual_inversion", vectors=(torch.randn(1, 32),))
+    long = "a {} in a garden. " + " ".join(f"Tree number {i} is tall and green, with leaves." for i in range(8))
+    entry = Entry("toy", toy, (long,), ())
+    jobs, texts, skipped = plan(tiny_sd, [entry], prompts=None, seeds=1)
+    assert jobs == [Job("toy", 0, 0)] and not skipped
+    settings = resolve(tiny_sd, Settings(steps=2))
+    rows, generated, scored = run_job(tiny_sd, entry, jobs[0], texts[("toy", 0)], tmp_path, settings,
+                                      Scoring(2, None, {}))
+    assert generated and scored and [r["method"] for r in rows] == ["customized", "alignit"]
+    assert rows[0]["p"].startswith("a dog in a garden.") and all(np.isfinite(r["mi"]) for r in rows)
+
+
 def _rows(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
