@@ -1,11 +1,13 @@
-"""ONE stateless attention processor: K/V row writes + attention-map recording.
+"""ONE stateless attention processor: the request's K/V + attention-map recording.
 
 Installed once per attention module at load time. Everything a request needs travels in a
 `CallState` passed as `cross_attention_kwargs={"alignit": state}`; with no state the processor
 is plain scaled-dot-product attention, so two requests can share the UNet without seeing each
-other. Per step the processor does two `index_put_` on its layer's keys and values (rows
-precomputed once per request in kv.py) and, only on the layers that record, an fp32 softmax whose
-head-mean is added into a running sum (memory does not grow with steps).
+other. Text conditioning is the same at every step, so each cross-attention layer projects a
+request's keys and values (swap rows included, kv.py) once and reuses them at every step:
+AlignIT adds no per-step work to the attention itself. Only the layers that record add an fp32
+softmax of the conditional rows, whose head-mean is added into a running sum (memory does not
+grow with steps); the layer's output is always the same SDPA, so recording changes no pixel.
 """
 from __future__ import annotations
 
@@ -14,35 +16,34 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class LayerWrites:
-    """Rows to overwrite in one cross-attention layer's keys and values, (batch, token) indexed."""
-
-    batch: torch.Tensor  # (n,) long
-    token: torch.Tensor  # (n,) long
-    key: torch.Tensor  # (n, inner_dim)
-    value: torch.Tensor  # (n, inner_dim)
+from .kv import RequestKV, project
 
 
 @dataclass
 class MapStore:
     """Running sums of head-mean cross-attention probabilities at one resolution."""
 
-    rows: torch.Tensor  # (r,) batch indices to record (the conditional half)
+    rows: range  # batch rows to record (the conditional half): a contiguous range
     side: int  # maps are side x side
     tokens: int  # keep the first `tokens` key positions
     total: torch.Tensor  # (r, side*side, tokens) fp32
     layers_added: int = 0
 
     @classmethod
-    def create(cls, rows: list[int], side: int, tokens: int, device) -> MapStore:
-        return cls(torch.tensor(rows, device=device), side, tokens,
-                   torch.zeros(len(rows), side * side, tokens, device=device, dtype=torch.float32))
+    def create(cls, rows: range, side: int, tokens: int, device) -> MapStore:
+        if not isinstance(rows, range) or rows.step != 1:
+            raise ValueError("recorded rows must be a contiguous range")
+        return cls(rows, side, tokens, torch.zeros(len(rows), side * side, tokens, device=device,
+                                                   dtype=torch.float32))
 
-    def add(self, probs: torch.Tensor) -> None:
-        # probs: (batch, heads, pixels, keys) fp32
-        self.total += probs.index_select(0, self.rows).mean(1)[..., : self.tokens]
+    def add(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
+        """Add one layer's head-mean probabilities; q (batch, heads, pixels, d), k (batch, heads, keys, d)."""
+        rows = slice(self.rows.start, self.rows.stop)
+        scores = torch.matmul(q[rows].float(), k[rows].float().transpose(-1, -2)).mul_(scale)
+        if mask is not None:
+            scores += mask[rows].float()
+        probs = scores.softmax(dim=-1)  # (r, heads, pixels, keys) fp32
+        self.total += probs[..., : self.tokens].mean(1)
         self.layers_added += 1
 
     def maps(self) -> torch.Tensor:
@@ -55,15 +56,29 @@ class MapStore:
 class CallState:
     """Everything one request asks of the attention layers."""
 
-    writes: dict[str, LayerWrites] = field(default_factory=dict)  # attn2 module name -> writes
+    kv: RequestKV | None = None  # the request's conditioning, swapped copy and Custom Diffusion cells
     swap_steps: tuple[int, int] = (0, 10**9)  # swap during steps [start, end)
     maps: MapStore | None = None
     step: int = 0  # set by the denoising loop
-    on_kv: object = None  # optional callable(layer, step, key, value) to inspect K/V (tests)
+    on_kv: object = None  # optional callable(layer, step, key, value) to inspect K/V (tests; read-only)
+    _projected: dict = field(default_factory=dict, repr=False)  # (layer, swapping) -> (key, value)
 
     @property
     def swapping(self) -> bool:
         return self.swap_steps[0] <= self.step < self.swap_steps[1]
+
+    def keys_values(self, name: str, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values at this step: projected on first use, then reused (two
+        versions when the swap covers only some steps)."""
+        plan = self.kv
+        if plan is None or context is not plan.context:  # not this request's conditioning: nothing to write
+            return project(attn, name, context, [], False)
+        swapping = self.swapping and (plan.swapped is not None or any(c.swap for c in plan.custom))
+        hit = self._projected.get((name, swapping))
+        if hit is None:
+            x = plan.swapped if swapping and plan.swapped is not None else plan.context
+            hit = self._projected[(name, swapping)] = project(attn, name, x, plan.custom, swapping)
+        return hit
 
 
 class AlignITProcessor:
@@ -91,17 +106,14 @@ class AlignITProcessor:
 
         query = attn.to_q(hidden_states)
         cross = encoder_hidden_states is not None
-        context = hidden_states if not cross else (
-            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
-        key = attn.to_k(context)  # (batch, keys, inner)
-        value = attn.to_v(context)
-        state = alignit if cross else None
-        if state is not None:  # the request's part runs eagerly even inside a compiled UNet
-            out = _alignit_attention(self.name, state, attn, query, key, value, attention_mask, batch)
+        if cross and alignit is not None:  # the request's part runs eagerly even inside a compiled UNet
+            out = _alignit_attention(self.name, alignit, attn, query, encoder_hidden_states, attention_mask, batch)
         else:
-            q, k, v = _heads(attn, query, key, value, batch)
+            context = hidden_states if not cross else (
+                attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
+            q, k, v = _heads(attn, query, attn.to_k(context), attn.to_v(context), batch)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch, -1, key.shape[-1]).to(query.dtype)
+        out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         if input_ndim == 4:
@@ -126,26 +138,20 @@ def _heads(attn, query, key, value, batch):
 
 
 @torch.compiler.disable
-def _alignit_attention(name: str, state: CallState, attn, query, key, value, attention_mask, batch):
-    """Cross-attention of one request: K/V row writes, then SDPA, or on a recording layer an fp32
-    softmax whose head-mean goes into the running sums. Kept out of `torch.compile` graphs: what it
-    reads (step, writes, maps) changes every call, and compiled code would specialise on it."""
-    writes = state.writes.get(name)
-    if writes is not None and state.swapping:
-        key.index_put_((writes.batch, writes.token), writes.key)
-        value.index_put_((writes.batch, writes.token), writes.value)
+def _alignit_attention(name: str, state: CallState, attn, query, context, attention_mask, batch):
+    """Cross-attention of one request: the request's keys and values (rows written, projected
+    once per request), SDPA, and on a recording layer the fp32 probabilities of the recorded rows
+    into the running sums. Kept out of `torch.compile` graphs: what it reads (step, writes, maps)
+    changes every call, and compiled code would specialise on it."""
+    key, value = state.keys_values(name, attn, context)
     if state.on_kv is not None:
         state.on_kv(name, state.step, key, value)
     q, k, v = _heads(attn, query, key, value, batch)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
     store = state.maps
     if store is not None and q.shape[2] == store.side * store.side:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * attn.scale
-        if attention_mask is not None:
-            scores = scores + attention_mask.float()
-        probs = scores.softmax(dim=-1)  # (batch, heads, pixels, keys) fp32
-        store.add(probs)
-        return torch.matmul(probs, v.float()).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        store.add(q, k, attention_mask, attn.scale)
+    return out
 
 
 def install(unet) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import weakref
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,7 +23,7 @@ from .attention import CallState, MapStore
 from .concepts import Concept
 from .encoding import encode
 from .errors import ModelError, PromptError, SettingsError
-from .kv import RowWrite, layer_writes
+from .kv import RowWrite, request_kv
 from .prompts import (LONG_MODES, Prompt, SwapPlan, concept_plan, max_tokens, padded, positions_plan, tokenize,
                       word_swap_plan)
 
@@ -126,32 +127,48 @@ def _stack(model, concept: Concept | None):
 
 
 @torch.no_grad()
+def encode_prompts(model, prompts: list[Prompt], concept: Concept | None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """`encode_prompt` of several prompts through one text stack, as one batch per text encoder
+    (a segmented prompt's segments are rows of the same batch). `concept` gives the stack and
+    the vectors of prompts that hold concept tokens."""
+    simple = [part for p in prompts for part in (p.parts or (p,))]
+    hidden, pooled = [], None
+    for i, (tok, te) in enumerate(zip(model.tokenizers, _stack(model, concept))):
+        ids = torch.tensor([padded(p, tok) for p in simple], device=model.device)
+        vectors = mask = None
+        if any(p.vectors for p in simple):
+            if concept is None or not concept.vectors:
+                raise PromptError("the prompt holds concept vectors but no concept was given")
+            vec = concept.vectors[i]
+            vectors = torch.zeros(*ids.shape, vec.shape[1], device=model.device, dtype=vec.dtype)
+            mask = torch.zeros(ids.shape, dtype=torch.bool, device=model.device)
+            for j, p in enumerate(simple):
+                for pos, k in p.vectors.items():
+                    vectors[j, pos] = vec[k]
+                    mask[j, pos] = True
+        out = encode(te, ids, vectors, mask, penultimate=model.is_xl)
+        hidden.append(out.hidden)
+        if model.is_xl and i == 1:
+            pooled = out.pooled
+    hidden = torch.cat(hidden, dim=-1)  # (segments, tokens, dim)
+    results, j = [], 0
+    for p in prompts:
+        # SDXL's pooled embedding, projected one prompt at a time (a batched matmul rounds differently)
+        first = _stack(model, concept)[1].text_projection(pooled[j: j + 1])[0] if pooled is not None else None
+        if p.parts:  # each segment's start + content rows, in order (no padding); pooled: the first's
+            results.append((torch.cat([hidden[j + k, : len(part.ids) - 1] for k, part in enumerate(p.parts)]), first))
+            j += len(p.parts)
+        else:
+            results.append((hidden[j], first))
+            j += 1
+    return results
+
+
 def encode_prompt(model, prompt: Prompt, concept: Concept | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(tokens, dim) encoder states and, for SDXL, the pooled (dim,) embedding of one prompt.
     A segmented prompt gives each segment's start and content rows, in order (no padding); its
     pooled embedding is the first segment's."""
-    if prompt.parts:
-        encoded = [encode_prompt(model, part, concept) for part in prompt.parts]
-        rows = [h[: len(part.ids) - 1] for (h, _), part in zip(encoded, prompt.parts)]
-        return torch.cat(rows), encoded[0][1]
-    hidden, pooled = [], None
-    for i, (tok, te) in enumerate(zip(model.tokenizers, _stack(model, concept))):
-        ids = torch.tensor([padded(prompt, tok)], device=model.device)
-        vectors = mask = None
-        if prompt.vectors:
-            if concept is None or not concept.vectors:
-                raise PromptError("the prompt holds concept vectors but no concept was given")
-            vec = concept.vectors[i]
-            vectors = torch.zeros(1, ids.shape[1], vec.shape[1], device=model.device, dtype=vec.dtype)
-            mask = torch.zeros(ids.shape, dtype=torch.bool, device=model.device)
-            for pos, k in prompt.vectors.items():
-                vectors[0, pos] = vec[k]
-                mask[0, pos] = True
-        out = encode(te, ids, vectors, mask, penultimate=model.is_xl)
-        hidden.append(out.hidden[0])
-        if model.is_xl and i == 1:
-            pooled = te.text_projection(out.pooled)[0]
-    return torch.cat(hidden, dim=-1), pooled
+    return encode_prompts(model, [prompt], concept)[0]
 
 
 def _uncond(model, concept: Concept | None):
@@ -161,12 +178,22 @@ def _uncond(model, concept: Concept | None):
 
 def _uncond_and_pad(model, concept: Concept | None):
     """(hidden, pooled) of the unconditional branch, and the shared padding vector of long prompts:
-    the mean of the empty prompt's padding states."""
+    the mean of the empty prompt's padding states. Encoded once per text stack, device and dtype,
+    then kept on the model (the encoders are read-only after loading)."""
+    stack = _stack(model, concept)
+    first = next(stack[0].parameters())
+    key = (tuple(map(id, stack)), first.device, first.dtype)
+    kept = model.empty_encodings.get(key)
+    if kept is not None and kept[0]() is stack[0]:  # the same encoder, not a new one at a reused id
+        return kept[1]
     empty = tokenize(model.tokenizer, "")
     hidden, pooled = encode_prompt(model, empty, concept)
     pad = hidden[len(empty.ids):].mean(0)
     if model.is_xl and model.force_zeros_for_empty_prompt:
-        return torch.zeros_like(hidden), torch.zeros_like(pooled), pad
+        hidden, pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+    for k in [k for k, v in model.empty_encodings.items() if v[0]() is None]:  # encoders gone with their concept
+        del model.empty_encodings[k]
+    model.empty_encodings[key] = (weakref.ref(stack[0]), (hidden, pooled, pad))
     return hidden, pooled, pad
 
 
@@ -201,16 +228,42 @@ def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
         raise
 
 
+def _encoding_key(prompt: Prompt, concept: Concept | None):
+    return prompt.ids, tuple(sorted(prompt.vectors.items())), id(concept) if concept else None
+
+
+def _encode_all(model, needed: list[tuple[Prompt, Concept | None]]) -> dict:
+    """Encode each distinct (prompt, concept) once, one batch per text stack: prompts without
+    concept vectors join any batch of their stack."""
+    groups: dict = {}  # (stack, vector concept or None) -> [concept, {key: prompt}]
+    seen = set()
+    for prompt, concept in sorted(needed, key=lambda pc: not pc[0].vectors):  # concept vectors first
+        key = _encoding_key(prompt, concept)
+        if key in seen:
+            continue
+        seen.add(key)
+        stack = tuple(map(id, _stack(model, concept)))
+        if prompt.vectors:
+            group = groups.setdefault((stack, id(concept)), [concept, {}])
+        else:
+            group = next((g for (s, _), g in groups.items() if s == stack), None) or \
+                groups.setdefault((stack, None), [concept, {}])
+        group[1][key] = prompt
+    out = {}
+    for concept, prompts in groups.values():
+        out.update(zip(prompts, encode_prompts(model, list(prompts.values()), concept)))
+    return out
+
+
 @torch.no_grad()
 def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
     r = len(rows)
-    cache: dict = {}
+    needed = [(row.prompt, row.concept) for row in rows] + [(row.swap.source, row.swap_concept)
+                                                             for row in rows if row.swap is not None]
+    encoded = _encode_all(model, needed)
 
-    def enc(prompt, concept):  # identical prompts through identical stacks share one encoding
-        key = (prompt.ids, tuple(sorted(prompt.vectors.items())), id(concept) if concept else None)
-        if key not in cache:
-            cache[key] = encode_prompt(model, prompt, concept)
-        return cache[key]
+    def enc(prompt, concept):
+        return encoded[_encoding_key(prompt, concept)]
 
     conds = [enc(row.prompt, row.concept) for row in rows]
     # the empty prompt, once per text stack (rows mostly share the model's own)
@@ -221,24 +274,22 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     if any(row.prompt.parts for row in rows):  # segmented: every row and both halves to one length
         hidden = pad_segmented(model, hidden, [u[2] for u in unconds] * 2)
     hidden = torch.stack(hidden)  # (2r, tokens, dim)
-    writes = []
+    fixed, swaps = [], []
     for i, row in enumerate(rows):
-        if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row
-            everything = tuple(range(hidden.shape[1]))
-            writes.append(RowWrite((i,), everything, hidden[i], row.concept.kv))
-            writes.append(RowWrite((r + i,), everything, hidden[r + i], row.concept.kv))
+        if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row, every step
+            fixed.append(RowWrite((i, r + i), tuple(range(hidden.shape[1])), hidden[i], row.concept.kv))
         if row.swap is not None:
             src, _ = enc(row.swap.source, row.swap_concept)
             kv = row.swap_concept.kv if row.swap_concept is not None and row.swap_concept.kv else None
             batch = (r + i, i) if settings.swap_uncond else (r + i,)
-            writes.append(RowWrite(batch, row.swap.positions, src, kv))
+            swaps.append(RowWrite(batch, row.swap.positions, src, kv))
     steps = settings.steps
-    state = CallState(writes=layer_writes(model.cross_attention_layers, writes),
+    state = CallState(kv=request_kv(hidden, fixed, swaps),
                       swap_steps=(round(settings.swap_start * steps), round(settings.swap_end * steps)),
                       on_kv=on_kv)
     if settings.record_maps:
         n_tok = max(len(row.prompt.ids) for row in rows)
-        state.maps = MapStore.create(list(range(r, 2 * r)), settings.map_resolution, n_tok, model.device)
+        state.maps = MapStore.create(range(r, 2 * r), settings.map_resolution, n_tok, model.device)
     added = None
     if model.is_xl:
         pooled = torch.stack([u[1] for u in unconds] + [c[1] for c in conds])

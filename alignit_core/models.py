@@ -41,6 +41,7 @@ class Model:
     chosen_because: str = ""
     cross_attention_layers: dict = field(default_factory=dict)  # attn2 module name -> Attention
     accelerations: tuple[str, ...] = ()  # what accelerate() turned on
+    empty_encodings: dict = field(default_factory=dict, repr=False)  # the empty prompt per text stack
 
     @property
     def tokenizer(self):

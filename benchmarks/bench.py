@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from alignit_core import Settings, generate_swap, load_model, word_swap_plan  # noqa: E402
-from alignit_core.generate import _uncond, encode_prompt  # noqa: E402
-from alignit_core.kv import RowWrite, layer_writes  # noqa: E402
+from alignit_core.generate import _encode_all, _encoding_key, _uncond_and_pad  # noqa: E402
+from alignit_core.kv import RowWrite, request_kv  # noqa: E402
 from alignit_core.models import EMBEDDED, accelerate, from_components  # noqa: E402
 
 TARGETS = {"R1": 1.03, "R2": 1.05, "R3": 1.10, "R4": 1.0, "R5": 0.01}
@@ -72,14 +72,15 @@ def peak(fn) -> int:
 
 
 def setup_time(model, prompt, swaps) -> float:
-    """Prompt handling + text encodings + K'/V' rows: everything before the first UNet step."""
+    """Everything an AlignIT request does before its first UNet step: the plan (tokenization, p'),
+    the text encodings of p and p' (one batch), the empty prompt (kept per model after the first
+    request), the conditioning with the swap rows written."""
     def run():
         plan = word_swap_plan(model.tokenizer, prompt, swaps)
-        cond, _ = encode_prompt(model, plan.target, None)
-        src, _ = encode_prompt(model, plan.source, None)
-        _uncond(model, None)
-        layer_writes(model.cross_attention_layers, [RowWrite((1,), plan.positions, src)])
-        return cond
+        encoded = _encode_all(model, [(plan.target, None), (plan.source, None)])
+        cond, src = (encoded[_encoding_key(p, None)][0] for p in (plan.target, plan.source))
+        hidden = torch.stack([_uncond_and_pad(model, None)[0], cond])
+        return request_kv(hidden, [], [RowWrite((1,), plan.positions, src)])
     with torch.no_grad():
         run()
         return statistics.median(timed(run) for _ in range(5))
@@ -169,6 +170,7 @@ def full_runs(args) -> list[dict]:
         size = args.size or size
         runs.append(bench(f"{label} ({size} px)", model, plain, "a photo of a jumping dog in a park",
                           [("dog", "zebra")], args.steps or 30, args.reps, size))
+        print(json.dumps(runs[-1]), flush=True)  # each model's figures as soon as they exist
         del model, plain
         if args.device == "cuda":
             torch.cuda.empty_cache()

@@ -4,8 +4,8 @@
     python benchmarks/profile_request.py --model tiny --steps 10 --rows 25
 
 Prints the top operators by self time and the share of the request spent in AlignIT's own work
-(text encodings, K'/V' rows) and in the cross-attention layers (where the row writes and the map
-recording happen) against the whole request.
+(text encodings, swap rows) and in the cross-attention layers (where the request's K/V are
+projected once and the maps recorded) against the whole request.
 """
 from __future__ import annotations
 
@@ -49,10 +49,10 @@ def main(argv=None) -> None:
     else:
         model, prompt, swaps = load_model(args.model, device="cpu"), "a red circle on a blue background", [
             ("red", "yellow")]
-    _labelled(generate, "encode_prompt", "alignit: text encodings")
-    _labelled(generate, "layer_writes", "alignit: K'/V' rows")
+    _labelled(generate, "encode_prompts", "alignit: text encodings")
+    _labelled(generate, "request_kv", "alignit: swap rows into the conditioning")
     _labelled(generate, "_decode", "vae decode")
-    _labelled(attention, "_alignit_attention", "cross-attention (row writes, SDPA or map recording)")
+    _labelled(attention, "_alignit_attention", "cross-attention (request K/V, SDPA, map recording)")
     settings = Settings(seed=0, steps=args.steps)
     generate_swap(model, prompt, swaps, settings)  # warm-up
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []),

@@ -156,6 +156,33 @@ def test_adobe_delta_bin_custom_diffusion_loads_kv_and_modifier_token(tiny_sd, t
     torch.testing.assert_close(c.vectors[0].cpu(), token_vec.reshape(1, WIDTH), rtol=0, atol=0)
 
 
+def test_custom_diffusion_rows_hold_at_every_step_when_the_swap_has_a_step_range(tiny_sd, tmp_path):
+    """The customized baseline is the Custom Diffusion model at every step; only AlignIT's swap
+    follows the swap step range."""
+    w = cd_weights(tiny_sd)
+    unet = {}
+    for layer, (wk, wv) in w.items():
+        unet[f"{layer}.to_k.weight"], unet[f"{layer}.to_v.weight"] = wk, wv
+    folder = write_concept(tmp_path / "cd", {"delta.bin": {"unet": unet, "modifier_token": {"<new1>": vec(WIDTH, seed=9)}}},
+                           token="<new1>", class_word="dog", kind="custom_diffusion", custom_diffusion="delta.bin")
+    c = load_concept(folder, tiny_sd)
+    seen = {}
+
+    def on_kv(layer, step, key, value):
+        seen[(layer, step)] = key.clone()
+
+    generate_concept(tiny_sd, "a photo of a <new1> dog", c, Settings(seed=0, steps=4, swap_start=0.5), on_kv=on_kv)
+    cp = concept_plan(tiny_sd.tokenizer, "a photo of a <new1> dog", c.token, c.class_word, c.phrase, c.n_vectors)
+    hidden, _ = encode_prompt(tiny_sd, cp.customized, c)
+    pos = cp.plan.positions[0]
+    for (layer, step), key in seen.items():  # batch: [uncond customized, uncond alignit, cond customized, cond alignit]
+        expected = F.linear(hidden, w[layer][0].to(hidden.dtype), tiny_sd.cross_attention_layers[layer].to_k.bias)
+        torch.testing.assert_close(key[2], expected, rtol=0, atol=1e-5)
+    for layer in tiny_sd.cross_attention_layers:  # AlignIT's row: base keys until the swap starts at step 2
+        k = [seen[(layer, step)][3, pos] for step in range(4)]
+        assert torch.equal(k[0], k[1]) and torch.equal(k[2], k[3]) and not torch.allclose(k[1], k[2])
+
+
 @pytest.mark.parametrize("fmt", ["bin", "safetensors"])
 def test_diffusers_custom_diffusion_weights_with_token_in_learned_embeds(tiny_sd, tmp_path, fmt):
     w = cd_weights(tiny_sd, seed=10)
