@@ -209,10 +209,22 @@ def condition(te, ids, dummy, swap_pos):
     return hidden
 
 
-def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab):
+def unet_lr(args, step: int, total: int) -> float:
+    """Linear warm-up over 300 steps, then constant or (--cosine) down to a tenth at `total`."""
+    lr = args.unet_lr * min(1.0, step / 300)
+    if args.cosine:
+        lr *= 0.1 + 0.45 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+    return lr
+
+
+def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
+    """Train the UNet and text encoder jointly, from scratch or (init) from an exported pair."""
     torch.manual_seed(args.seed)
-    te = CLIPTextModel(te_cfg).to(device)
-    unet = UNet2DConditionModel(**unet_cfg).to(device)
+    if init is None:
+        te = CLIPTextModel(te_cfg).to(device)
+        unet = UNet2DConditionModel(**unet_cfg).to(device)
+    else:
+        unet, te = (m.to(device).train().requires_grad_(True) for m in init)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
@@ -223,8 +235,16 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab):
     if ck:
         unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
-    t0, total = time.time(), args.unet_steps
-    for step in range(start + 1, total + 1):
+    total = ck.get("total", args.unet_steps) if ck else args.unet_steps
+    t0, step = time.time(), start
+    while step < total:
+        step += 1
+        if args.unet_fit_seconds and step == start + 5:
+            t_fit = time.time()
+        if args.unet_fit_seconds and step == start + 25:  # steps that fit the time given, fixed from here on
+            rate = 20 / max(time.time() - t_fit, 1e-6)
+            total = max(step, min(args.unet_steps, step + int(rate * (args.unet_fit_seconds - (time.time() - t0)))))
+            log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
         ids, dummy, swap_pos, scenes = sample_batch(rng, vocab, args.unet_batch, args.swap_mix)
         ids, dummy, swap_pos = ids.to(device), dummy.to(device), swap_pos.to(device)
@@ -236,7 +256,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab):
         eps = torch.randn(z0.shape, generator=g, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        lr = args.unet_lr * min(1.0, step / 300)
+        lr = unet_lr(args, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -253,7 +273,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab):
         over = time.time() - t0 > args.unet_seconds
         if step % args.ckpt_every == 0 or step == total or over:
             save_ckpt(args.work, "unet", dict(unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
-                                              ema=[e.cpu() for e in ema], step=step))
+                                              ema=[e.cpu() for e in ema], step=step, total=total))
             if over:
                 log(f"unet: stopped at step {step} by its time cap"); break
     with torch.no_grad():
@@ -424,7 +444,14 @@ def main(argv=None) -> None:
     ap.add_argument("--vae-seconds", type=float, default=float("inf"), help="time cap of the VAE stage")
     ap.add_argument("--unet-seconds", type=float, default=float("inf"), help="time cap of the UNet stage")
     ap.add_argument("--concept-seconds", type=float, default=float("inf"), help="time cap per concept")
+    ap.add_argument("--cosine", action="store_true", help="UNet learning rate decays (cosine) to a tenth")
+    ap.add_argument("--unet-fit-seconds", type=float, default=0.0,
+                    help="set the UNet's step count after 25 steps so that the stage fits this many seconds")
+    ap.add_argument("--unet-init", type=Path,
+                    help="an exported model folder: continue its UNet + text encoder (its VAE is kept)")
     ap.add_argument("--init-from", type=Path, help="an exported model folder: retrain only the concepts")
+    ap.add_argument("--concepts", nargs="+", metavar="NAME-KIND",
+                    help="train and export only these concepts (e.g. holed-star-cd); default: all four")
     ap.add_argument("--smoke", action="store_true", help="a few steps of each stage, tiny widths")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -445,16 +472,25 @@ def main(argv=None) -> None:
         for m in (vae, unet, te):
             m.eval().requires_grad_(False)
         scale = vae.config.scaling_factor
+    elif args.unet_init:  # continue an exported model's UNet + text encoder on its own VAE
+        vae = AutoencoderKL.from_pretrained(args.unet_init / "vae", torch_dtype=torch.float32).to(device)
+        vae.eval().requires_grad_(False)
+        scale = vae.config.scaling_factor
+        init = (UNet2DConditionModel.from_pretrained(args.unet_init / "unet", torch_dtype=torch.float32),
+                CLIPTextModel.from_pretrained(args.unet_init / "text_encoder", torch_dtype=torch.float32))
+        unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init)
     else:
         vae = train_vae(args, device, vae_cfg)
         scale = latent_scale(vae, device, args.seed)
         log(f"latent scale {scale:.4f}")
         unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab)
-    quick_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 128)
+    if not args.concepts:  # a concepts-only run leaves the model as it is
+        quick_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 128)
     concepts = {}
     for name in INSTANCES:
         for kind in ("ti", "cd"):
-            concepts[(name, kind)] = train_concept(args, device, name, kind, unet, te, vae, scale, vocab)
+            if args.concepts is None or f"{name}-{kind}" in args.concepts:
+                concepts[(name, kind)] = train_concept(args, device, name, kind, unet, te, vae, scale, vocab)
     export(args, vae.float(), unet.float(), te.float(), scale, concepts)
 
 

@@ -1,9 +1,9 @@
 """The shipped embedded model: offline loading, prompt following and K/V swap semantics,
 judged by the shapes world's deterministic pixel classifier.
 
-The floors below are what model v1 reaches (README, "The embedded model"), slightly lowered for
-the smaller samples here; they guard against regressions. The project's target is 90 % (80 % for
-shape swaps); v1 does not reach it on every attribute, and README says so.
+The thresholds are the project's targets (README, "The embedded model"): each attribute of the
+held-out prompts drawn as asked in >= 90 % of samples; a colour swap draws the source colour in
+>= 90 % while shape and background stay (>= 90 %); a shape swap draws the source shape in >= 80 %.
 """
 from __future__ import annotations
 
@@ -45,27 +45,27 @@ def test_embedded_generation_is_deterministic(embedded):
 
 @pytest.mark.slow
 def test_held_out_prompts_are_drawn_as_asked(embedded):
-    rates = held_out_quality(embedded, range(4))
+    rates = held_out_quality(embedded, range(4))  # 64 samples
     print(f"held-out: {rates}")
-    assert rates.colour >= 0.75 and rates.shape >= 0.75 and rates.background >= 0.4
+    assert rates.colour >= 0.9 and rates.shape >= 0.9 and rates.background >= 0.9
 
 
 @pytest.mark.slow
 def test_colour_swap_draws_the_source_colour(embedded):
-    swapped, baseline = swap_semantics(embedded, COLOUR_SWAPS, range(2))
+    swapped, baseline = swap_semantics(embedded, COLOUR_SWAPS, range(8))  # 64 samples
     print(f"colour swap: swapped {swapped}, baseline {baseline}")
-    assert baseline.colour >= 0.9
-    assert swapped.colour >= 0.45  # the drawn colour is the source colour
-    assert swapped.shape >= 0.85  # and the shape stays
+    assert min(baseline.colour, baseline.shape, baseline.background) >= 0.9
+    assert swapped.colour >= 0.9  # the drawn colour is the source colour
+    assert swapped.shape >= 0.9 and swapped.background >= 0.9  # and the rest stays
 
 
 @pytest.mark.slow
 def test_shape_swap_draws_the_source_shape(embedded):
-    swapped, baseline = swap_semantics(embedded, SHAPE_SWAPS, range(2))
+    swapped, baseline = swap_semantics(embedded, SHAPE_SWAPS, range(4))  # 32 samples
     print(f"shape swap: swapped {swapped}, baseline {baseline}")
-    assert baseline.shape >= 0.75
-    assert swapped.shape >= 0.7
-    assert swapped.colour >= 0.8
+    assert min(baseline.colour, baseline.shape, baseline.background) >= 0.9
+    assert swapped.shape >= 0.8  # the drawn shape is the source shape
+    assert swapped.colour >= 0.9 and swapped.background >= 0.9
 
 
 def test_a_single_colour_swap_changes_what_is_drawn(embedded):
