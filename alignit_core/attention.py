@@ -31,15 +31,17 @@ class MapStore:
 
     @classmethod
     def create(cls, rows: range, side: int, tokens: int, device) -> MapStore:
-        if not isinstance(rows, range) or rows.step != 1:
-            raise ValueError("recorded rows must be a contiguous range")
         return cls(rows, side, tokens, torch.zeros(len(rows), side * side, tokens, device=device,
                                                    dtype=torch.float32))
 
-    def add(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scale: float) -> None:
-        """Add one layer's head-mean probabilities; q (batch, heads, pixels, d), k (batch, heads, keys, d)."""
+    def keys(self, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """The recorded rows' keys as the scores need them: (r, heads, d, keys) fp32, scaled."""
+        return k[self.rows.start: self.rows.stop].float().transpose(-1, -2) * scale
+
+    def add(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add one layer's head-mean probabilities; q (batch, heads, pixels, d), keys from `keys()`."""
         rows = slice(self.rows.start, self.rows.stop)
-        scores = torch.matmul(q[rows].float(), k[rows].float().transpose(-1, -2)).mul_(scale)
+        scores = torch.matmul(q[rows].float(), keys)
         if mask is not None:
             scores += mask[rows].float()
         probs = scores.softmax(dim=-1)  # (r, heads, pixels, keys) fp32
@@ -62,23 +64,32 @@ class CallState:
     step: int = 0  # set by the denoising loop
     on_kv: object = None  # optional callable(layer, step, key, value) to inspect K/V (tests; read-only)
     _projected: dict = field(default_factory=dict, repr=False)  # (layer, swapping) -> (key, value)
+    _map_keys: dict = field(default_factory=dict, repr=False)  # (layer, swapping) -> MapStore.keys()
 
     @property
     def swapping(self) -> bool:
         return self.swap_steps[0] <= self.step < self.swap_steps[1]
 
-    def keys_values(self, name: str, attn, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's keys and values at this step: projected on first use, then reused (two
-        versions when the swap covers only some steps)."""
-        plan = self.kv
-        if plan is None or context is not plan.context:  # not this request's conditioning: nothing to write
-            return project(attn, name, context, [], False)
-        swapping = self.swapping and (plan.swapped is not None or any(c.swap for c in plan.custom))
-        hit = self._projected.get((name, swapping))
+    def keys_values(self, name: str, attn, context: torch.Tensor):
+        """(keys, values, version) of the layer at this step: projected on first use of a version,
+        then reused (two versions when the swap covers only some steps). version is None when
+        `context` is not this request's conditioning: then nothing is written or kept."""
+        if self.kv is None or context is not self.kv.context:
+            return (*project(attn, name, context, [], False), None)
+        version = (name, self.swapping and self.kv.swapped is not None)
+        hit = self._projected.get(version)
         if hit is None:
-            x = plan.swapped if swapping and plan.swapped is not None else plan.context
-            hit = self._projected[(name, swapping)] = project(attn, name, x, plan.custom, swapping)
-        return hit
+            x = self.kv.swapped if version[1] else self.kv.context
+            hit = self._projected[version] = project(attn, name, x, self.kv.custom, version[1])
+        return (*hit, version)
+
+    def map_keys(self, version, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """A recording layer's keys in the form MapStore.add takes, prepared once per K/V version."""
+        if version is None:
+            return self.maps.keys(k, scale)
+        if version not in self._map_keys:
+            self._map_keys[version] = self.maps.keys(k, scale)
+        return self._map_keys[version]
 
 
 class AlignITProcessor:
@@ -143,14 +154,14 @@ def _alignit_attention(name: str, state: CallState, attn, query, context, attent
     once per request), SDPA, and on a recording layer the fp32 probabilities of the recorded rows
     into the running sums. Kept out of `torch.compile` graphs: what it reads (step, writes, maps)
     changes every call, and compiled code would specialise on it."""
-    key, value = state.keys_values(name, attn, context)
+    key, value, version = state.keys_values(name, attn, context)
     if state.on_kv is not None:
         state.on_kv(name, state.step, key, value)
     q, k, v = _heads(attn, query, key, value, batch)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
     store = state.maps
     if store is not None and q.shape[2] == store.side * store.side:
-        store.add(q, k, attention_mask, attn.scale)
+        store.add(q, state.map_keys(version, k, attn.scale), attention_mask)
     return out
 
 

@@ -149,12 +149,12 @@ def encode_prompts(model, prompts: list[Prompt], concept: Concept | None) -> lis
         out = encode(te, ids, vectors, mask, penultimate=model.is_xl)
         hidden.append(out.hidden)
         if model.is_xl and i == 1:
-            pooled = out.pooled
+            pooled, projection = out.pooled, te.text_projection
     hidden = torch.cat(hidden, dim=-1)  # (segments, tokens, dim)
     results, j = [], 0
     for p in prompts:
         # SDXL's pooled embedding, projected one prompt at a time (a batched matmul rounds differently)
-        first = _stack(model, concept)[1].text_projection(pooled[j: j + 1])[0] if pooled is not None else None
+        first = projection(pooled[j: j + 1])[0] if pooled is not None else None
         if p.parts:  # each segment's start + content rows, in order (no padding); pooled: the first's
             results.append((torch.cat([hidden[j + k, : len(part.ids) - 1] for k, part in enumerate(p.parts)]), first))
             j += len(p.parts)
@@ -256,7 +256,9 @@ def _encode_all(model, needed: list[tuple[Prompt, Concept | None]]) -> dict:
 
 
 @torch.no_grad()
-def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
+def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
+    """Everything a request does before its first UNet step: the text encodings, the batch's
+    conditioning (2r, tokens, dim), SDXL's added conditions and the attention layers' CallState."""
     r = len(rows)
     needed = [(row.prompt, row.concept) for row in rows] + [(row.swap.source, row.swap_concept)
                                                              for row in rows if row.swap is not None]
@@ -274,17 +276,17 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     if any(row.prompt.parts for row in rows):  # segmented: every row and both halves to one length
         hidden = pad_segmented(model, hidden, [u[2] for u in unconds] * 2)
     hidden = torch.stack(hidden)  # (2r, tokens, dim)
-    fixed, swaps = [], []
+    custom, swaps = [], []
     for i, row in enumerate(rows):
         if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row, every step
-            fixed.append(RowWrite((i, r + i), tuple(range(hidden.shape[1])), hidden[i], row.concept.kv))
+            custom.append(((i, r + i), row.concept.kv))
         if row.swap is not None:
             src, _ = enc(row.swap.source, row.swap_concept)
             kv = row.swap_concept.kv if row.swap_concept is not None and row.swap_concept.kv else None
             batch = (r + i, i) if settings.swap_uncond else (r + i,)
             swaps.append(RowWrite(batch, row.swap.positions, src, kv))
     steps = settings.steps
-    state = CallState(kv=request_kv(hidden, fixed, swaps),
+    state = CallState(kv=request_kv(hidden, custom, swaps),
                       swap_steps=(round(settings.swap_start * steps), round(settings.swap_end * steps)),
                       on_kv=on_kv)
     if settings.record_maps:
@@ -296,7 +298,13 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
         size = settings.size
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=model.device, dtype=hidden.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * r, 1)}
+    return hidden, added, state
 
+
+@torch.no_grad()
+def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
+    r, steps = len(rows), settings.steps
+    hidden, added, state = _condition(model, rows, settings, on_kv)
     sched = _scheduler(model, settings.scheduler)
     sched.set_timesteps(steps, device=model.device)
     side = settings.size // model.vae_scale

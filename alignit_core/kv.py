@@ -54,12 +54,14 @@ def _cells(batch: tuple[int, ...], positions: tuple[int, ...], device) -> tuple[
 
 
 @torch.no_grad()
-def request_kv(context: torch.Tensor, fixed: list[RowWrite], swaps: list[RowWrite]) -> RequestKV:
-    """`fixed`: Custom Diffusion rows of every step (their own rows of `context`); `swaps`: rows
+def request_kv(context: torch.Tensor, custom_rows: list[tuple[tuple[int, ...], dict]],
+               swaps: list[RowWrite]) -> RequestKV:
+    """`custom_rows`: (batch rows, Custom Diffusion kv) projected whole at every step; `swaps`: rows
     written while the swap is on; later writes win."""
     plan = RequestKV(context)
-    for w in fixed:
-        plan.custom.append(CustomCells(*_cells(w.batch, w.positions, context.device), w.kv, swap=False))
+    everything = tuple(range(context.shape[1]))
+    for batch, kv in custom_rows:
+        plan.custom.append(CustomCells(*_cells(batch, everything, context.device), kv, swap=False))
     if swaps:
         plan.swapped = context.clone()
         for w in swaps:

@@ -34,8 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from alignit_core import Settings, generate_swap, load_model, word_swap_plan  # noqa: E402
-from alignit_core.generate import _encode_all, _encoding_key, _uncond_and_pad  # noqa: E402
-from alignit_core.kv import RowWrite, request_kv  # noqa: E402
+from alignit_core.generate import Row, _condition, resolve  # noqa: E402
 from alignit_core.models import EMBEDDED, accelerate, from_components  # noqa: E402
 
 TARGETS = {"R1": 1.03, "R2": 1.05, "R3": 1.10, "R4": 1.0, "R5": 0.01}
@@ -71,16 +70,15 @@ def peak(fn) -> int:
     return torch.cuda.max_memory_allocated()
 
 
-def setup_time(model, prompt, swaps) -> float:
-    """Everything an AlignIT request does before its first UNet step: the plan (tokenization, p'),
-    the text encodings of p and p' (one batch), the empty prompt (kept per model after the first
-    request), the conditioning with the swap rows written."""
+def setup_time(model, prompt, swaps, settings) -> float:
+    """Everything an AlignIT request does before its first UNet step (`generate._condition`: the
+    text encodings of p and p' in one batch, the empty prompt, the swap rows written into the
+    conditioning), plus the plan that tokenizes p and builds p'."""
+    settings = resolve(model, settings)
+
     def run():
         plan = word_swap_plan(model.tokenizer, prompt, swaps)
-        encoded = _encode_all(model, [(plan.target, None), (plan.source, None)])
-        cond, src = (encoded[_encoding_key(p, None)][0] for p in (plan.target, plan.source))
-        hidden = torch.stack([_uncond_and_pad(model, None)[0], cond])
-        return request_kv(hidden, [], [RowWrite((1,), plan.positions, src)])
+        return _condition(model, [Row("swapped", plan.target, swap=plan)], settings)
     with torch.no_grad():
         run()
         return statistics.median(timed(run) for _ in range(5))
@@ -112,7 +110,7 @@ def bench(name, model, pipe, prompt, swaps, steps, reps, size=None) -> dict:
     t_maps, t_nomaps = alternate(swap_maps, alignit_one, reps)
     few = generate_swap(model, prompt, swaps, Settings(seed=0, steps=5, size=size)).map_store_bytes
     many = generate_swap(model, prompt, swaps, Settings(seed=0, steps=50, size=size)).map_store_bytes
-    t_setup = setup_time(model, prompt, swaps)
+    t_setup = setup_time(model, prompt, swaps, s_nomaps)
     out = {"model": name, "size": size, "steps": steps,
            "seconds": {"plain": t_plain, "alignit": t_align, "comparison": t_cmp, "two_plain": t_two,
                        "swap_maps": t_maps, "swap_nomaps": t_nomaps, "setup": t_setup},

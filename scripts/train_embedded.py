@@ -424,6 +424,15 @@ def quick_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> None:
         f"shape {sum(j.shape == t[1] for j, t in zip(js, triples))}, bg {sum(j.background == t[2] for j, t in zip(js, triples))}")
 
 
+def load_exported(folder: Path, device):
+    """(vae, unet, text encoder, latent scale) of an exported model folder, fp32, in eval mode."""
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).to(device)
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).to(device)
+    vae.eval().requires_grad_(False)
+    return vae, unet.eval(), te.eval(), vae.config.scaling_factor
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "assets")
@@ -466,25 +475,18 @@ def main(argv=None) -> None:
     te_cfg, unet_cfg, vae_cfg = configs(args.smoke)
     vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=MAX_LEN))
     if args.init_from:  # continue from an exported model: concepts only
-        vae = AutoencoderKL.from_pretrained(args.init_from / "vae", torch_dtype=torch.float32).to(device)
-        unet = UNet2DConditionModel.from_pretrained(args.init_from / "unet", torch_dtype=torch.float32).to(device)
-        te = CLIPTextModel.from_pretrained(args.init_from / "text_encoder", torch_dtype=torch.float32).to(device)
-        for m in (vae, unet, te):
-            m.eval().requires_grad_(False)
-        scale = vae.config.scaling_factor
+        vae, unet, te, scale = load_exported(args.init_from, device)
+        unet.requires_grad_(False)
+        te.requires_grad_(False)
     elif args.unet_init:  # continue an exported model's UNet + text encoder on its own VAE
-        vae = AutoencoderKL.from_pretrained(args.unet_init / "vae", torch_dtype=torch.float32).to(device)
-        vae.eval().requires_grad_(False)
-        scale = vae.config.scaling_factor
-        init = (UNet2DConditionModel.from_pretrained(args.unet_init / "unet", torch_dtype=torch.float32),
-                CLIPTextModel.from_pretrained(args.unet_init / "text_encoder", torch_dtype=torch.float32))
-        unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init)
+        vae, unet, te, scale = load_exported(args.unet_init, device)
+        unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, (unet, te))
     else:
         vae = train_vae(args, device, vae_cfg)
         scale = latent_scale(vae, device, args.seed)
         log(f"latent scale {scale:.4f}")
         unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab)
-    if not args.concepts:  # a concepts-only run leaves the model as it is
+    if not args.init_from:  # a concepts-only run leaves the model as it is
         quick_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 128)
     concepts = {}
     for name in INSTANCES:

@@ -200,3 +200,17 @@ def test_a_swap_request_encodes_its_prompts_in_one_pass(tiny_sd):
     assert batches == [2]
     alone = generate_swap(tiny_sd, "a red circle", [("red", "blue")], FAST)
     assert np.array_equal(_pixels(again.images["swapped"]), _pixels(alone.images["swapped"]))
+
+
+def test_map_keys_prepared_once_match_keys_prepared_every_step(tiny_sd, monkeypatch):
+    """The recording layers' keys are prepared once per K/V version (before and after the swap
+    starts); maps equal those from keys prepared afresh at every step."""
+    from alignit_core.attention import CallState
+
+    settings = Settings(seed=0, steps=4, swap_start=0.5)
+    kept = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], settings)
+    monkeypatch.setattr(CallState, "map_keys", lambda self, version, k, scale: self.maps.keys(k, scale))
+    fresh = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], settings)
+    for row in fresh.maps:
+        assert np.array_equal(kept.maps[row], fresh.maps[row])
+    assert not np.array_equal(kept.maps["baseline"], kept.maps["swapped"])

@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from alignit_core.evaluate import fidelity
 from alignit_core.shapes import HELD_OUT, Scene, classify, random_scene, render, to_uint8, training_triples
@@ -54,3 +55,11 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     # resuming from the finished checkpoints trains nothing more and exports again
     main(["--smoke", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work")])
     assert (tmp_path / "again" / "embedded-shapes" / "unet").is_dir()
+    # continuing the exported UNet (--unet-init) trains it further and exports only the concepts asked for
+    exported = tmp_path / "assets" / "embedded-shapes"
+    main(["--smoke", "--unet-init", str(exported), "--cosine", "--concepts", "holed-star-cd",
+          "--out", str(tmp_path / "more"), "--work", str(tmp_path / "work-more")])
+    before, after = (load_model(str(d / "embedded-shapes"), device="cpu") for d in (tmp_path / "assets", tmp_path / "more"))
+    assert not torch.equal(before.unet.conv_in.weight, after.unet.conv_in.weight)
+    assert torch.equal(before.vae.decoder.conv_out.weight, after.vae.decoder.conv_out.weight)
+    assert sorted(p.name for p in (tmp_path / "more" / "concepts").iterdir()) == ["holed-star-cd"]
