@@ -72,7 +72,7 @@ def table1_prompts(concept, reference_background: str, object_colours: set[str])
 
 def fidelity(j: Judgement, instance) -> bool:
     """Is the novel instance reproduced? Striped: its shape with both stripe colours each covering
-    at least 20 % of the object; holed: its shape and colour with the centre showing through."""
+    at least 20 % of the object; holed: its shape and colour, with a hole (`Judgement.hole`)."""
     if j.shape != instance.shape:
         return False
     if instance.pattern == "striped":
@@ -80,6 +80,32 @@ def fidelity(j: Judgement, instance) -> bool:
     if instance.pattern == "holed":
         return j.hole and j.colour == instance.colour
     return j.colour == instance.colour
+
+
+def reproduction(model, concept, instance, seeds: range, steps: int = 20) -> dict[str, float]:
+    """Share of seeds whose picture for `a photo of a <token>` reproduces the instance, per row
+    (customized baseline, AlignIT, base model on `a photo of a <class word>`)."""
+    hits = {"customized": [], "alignit": [], "base": []}
+    for seed in seeds:
+        gen = generate_concept(model, f"a photo of a {concept.token}", concept,
+                               Settings(seed=seed, steps=steps, record_maps=False), include_base=True)
+        for row in hits:
+            hits[row].append(fidelity(classify(np.asarray(gen.images[row])), instance))
+    return {row: float(np.mean(v)) for row, v in hits.items()}
+
+
+def patterned_quality(model, scenes, seeds: range, steps: int = 20) -> float:
+    """Share of samples of each scene's caption (`a blue striped square on a ...`) that draw it,
+    pattern included (`fidelity`); all scenes in one batch per seed."""
+    hits = []
+    for seed in seeds:
+        settings = resolve(model, Settings(seed=seed, steps=steps, record_maps=False))
+        rows = [Row(str(i), tokenize(model.tokenizer, sc.caption())) for i, sc in enumerate(scenes)]
+        images = run_rows(model, rows, settings)[0]
+        for image, scene in zip(images, scenes):
+            j = classify(np.asarray(image))
+            hits.append(fidelity(j, scene) and j.background == scene.background)
+    return float(np.mean(hits))
 
 
 def table1(model, concept, instance, seeds: range, steps: int = 20):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,7 +26,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (25, 25, 25),
 }
 SHAPES = ("circle", "square", "triangle", "star")
+PATTERNS = ("striped", "holed")
 IMAGE_SIZE = 128
+
+# How a caption names a pattern: "a blue striped square", "a green star with a hole".
+PATTERN_PHRASES = {"plain": "{s}", "striped": "striped {s}", "holed": "{s} with a hole"}
+
+# (colour, shape, pattern) the world never draws, whatever the background: the concepts' novel
+# instances (a red-and-white striped circle, an orange star with a hole). Their parts all occur.
+NOVEL: frozenset[tuple[str, str, str]] = frozenset({("red", "circle", "striped"), ("orange", "star", "holed")})
 
 # (colour, shape, background) combinations the model never sees in training; the quality test
 # generates exactly these. Chosen so that every colour, shape and background still occurs in
@@ -63,7 +71,24 @@ class Scene:
     second_colour: str = "white"  # the other stripe colour of a striped object
 
     def caption(self, template: str = TEMPLATES[0]) -> str:
-        return template.format(c=self.colour, s=self.shape, b=self.background)
+        return pattern_template(template, self.pattern).format(c=self.colour, s=self.shape, b=self.background)
+
+
+def pattern_template(template: str, pattern: str) -> str:
+    """The template with the shape word replaced by the pattern's phrase."""
+    return template.replace("{s}", PATTERN_PHRASES[pattern])
+
+
+def stripe_colour(colour: str, background: str) -> str:
+    """A striped object's second colour, fixed by its colour and background so that the caption
+    says everything the picture shows: white, or black/yellow where white is taken."""
+    return next(c for c in ("white", "black", "yellow") if c not in (colour, background))
+
+
+def styled(scene: Scene, **changes) -> Scene:
+    """`dataclasses.replace` that keeps a striped scene's second colour consistent."""
+    out = replace(scene, **changes)
+    return replace(out, second_colour=stripe_colour(out.colour, out.background)) if out.pattern == "striped" else out
 
 
 def training_triples() -> list[tuple[str, str, str]]:
@@ -72,10 +97,15 @@ def training_triples() -> list[tuple[str, str, str]]:
             if t[0] != t[2] and t not in held]
 
 
-def random_scene(rng: random.Random, triple: tuple[str, str, str] | None = None) -> Scene:
+def random_scene(rng: random.Random, triple: tuple[str, str, str] | None = None, patterned: float = 0.0) -> Scene:
+    """A training scene; with probability `patterned` striped or holed (never a NOVEL combination)."""
     colour, shape, background = triple or rng.choice(training_triples())
-    return Scene(colour, shape, background, cx=rng.uniform(-0.12, 0.12),
-                 cy=rng.uniform(-0.12, 0.12), radius=rng.uniform(0.45, 0.62))
+    scene = Scene(colour, shape, background, cx=rng.uniform(-0.12, 0.12),
+                  cy=rng.uniform(-0.12, 0.12), radius=rng.uniform(0.45, 0.62))
+    if patterned and rng.random() < patterned:
+        pattern = rng.choice([p for p in PATTERNS if (colour, shape, p) not in NOVEL])
+        scene = styled(scene, pattern=pattern)
+    return scene
 
 
 # ---------------------------------------------------------------- rendering (signed distances)
@@ -126,6 +156,13 @@ def _sdf(shape: str, px, py, r):
     raise ValueError(f"unknown shape {shape!r}")
 
 
+# Each shape's vertical extent (top, bottom) in units of its radius, as _sdf draws it: stripes are
+# five equal bands over it, the object's own colour on the outer and middle ones, so that colour
+# covers more than half of any striped shape.
+_EXTENT = {"circle": (-1.0, 1.0), "square": (-0.82, 0.82), "triangle": (-0.9, 0.72),
+           "star": (-1.17, 1.12 * math.sin(math.radians(54)) - 0.05)}
+
+
 def _palette(names: list[str], device) -> torch.Tensor:
     return torch.tensor([COLOURS[n] for n in names], dtype=torch.float32, device=device) / 127.5 - 1
 
@@ -152,7 +189,9 @@ def render(scenes: list[Scene], size: int = IMAGE_SIZE, device="cpu") -> torch.T
     fg = _palette([s.colour for s in scenes], device).view(n, 3, 1, 1)
     second = _palette([s.second_colour for s in scenes], device).view(n, 3, 1, 1)
     stripes = torch.tensor([s.pattern == "striped" for s in scenes], device=device).view(n, 1, 1, 1)
-    band = (((py + r) / (2 * r / 5)).floor() % 2 == 1).unsqueeze(1)  # 5 horizontal bands
+    top = torch.tensor([_EXTENT[s.shape][0] for s in scenes], device=device).view(n, 1, 1) * r
+    height = torch.tensor([_EXTENT[s.shape][1] - _EXTENT[s.shape][0] for s in scenes], device=device).view(n, 1, 1) * r
+    band = (((py - top) / (height / 5)).floor() % 2 == 1).unsqueeze(1)  # 5 bands over the shape's height
     fg_img = torch.where(stripes & band, second, fg)
     return bg * (1 - alpha) + fg_img * alpha
 
@@ -190,6 +229,23 @@ def _crop_to_box(mask: np.ndarray, out: int = 32) -> np.ndarray:
     return torch.nn.functional.interpolate(t, size=(out, out), mode="area")[0, 0].numpy() > 0.5
 
 
+def _enclosed(mask: np.ndarray) -> np.ndarray:
+    """Pixels outside `mask` that the image border cannot reach without crossing it (its holes)."""
+    outside = ~mask
+    reach = np.zeros_like(mask)
+    reach[0], reach[-1], reach[:, 0], reach[:, -1] = outside[0], outside[-1], outside[:, 0], outside[:, -1]
+    while True:
+        grown = reach.copy()
+        grown[1:] |= reach[:-1]
+        grown[:-1] |= reach[1:]
+        grown[:, 1:] |= reach[:, :-1]
+        grown[:, :-1] |= reach[:, 1:]
+        grown &= outside
+        if np.array_equal(grown, reach):
+            return outside & ~reach
+        reach = grown
+
+
 @dataclass(frozen=True)
 class Judgement:
     """What the classifier sees in one image."""
@@ -199,7 +255,7 @@ class Judgement:
     shape: str | None
     shape_iou: float
     colour_shares: dict[str, float]  # fraction of object pixels nearest to each colour
-    hole: bool  # the object's centre shows the background
+    hole: bool  # the object encloses background, or its centre shows the background
 
 
 def classify(image: np.ndarray) -> Judgement:
@@ -220,13 +276,17 @@ def classify(image: np.ndarray) -> Judgement:
     shares = {n: float(c / counts.sum()) for n, c in zip(_NAMES, counts) if c > 0}
     colour = _NAMES[int(counts.argmax())]
     # shape: the object's silhouette, holes filled, against each template, both box-normalised
-    filled = mask.copy()
+    # A hole: background enclosed by the object (>= 3 % of its filled area), or background at the
+    # object's centre (a hole that a blurred edge opened to the outside, as generated ones often are).
+    enclosed = _enclosed(mask)
+    filled = mask | enclosed
     ys, xs = np.nonzero(mask)
     cy, cx = int(ys.mean()), int(xs.mean())
-    hole = not mask[max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3].any()
-    if hole:
+    open_centre = not mask[max(cy - 2, 0):cy + 3, max(cx - 2, 0):cx + 3].any()
+    hole = bool(enclosed.sum() >= 0.03 * filled.sum()) or open_centre
+    if open_centre:
         rr = max(2, int(0.12 * (ys.max() - ys.min())))
-        filled[cy - rr:cy + rr + 1, cx - rr:cx + rr + 1] = True
+        filled[max(cy - rr, 0):cy + rr + 1, max(cx - rr, 0):cx + rr + 1] = True
     templates = _TEMPLATE_CACHE.setdefault(h, {k: _crop_to_box(v) for k, v in _template_masks(h).items()})
     obs = _crop_to_box(filled)
     ious = {k: float((obs & t).sum() / max((obs | t).sum(), 1)) for k, t in templates.items()}

@@ -7,7 +7,14 @@ Stages: `vae` (AutoencoderKL, scale factor 8), `unet` (UNet2DConditionModel + CL
 trained jointly on captions), `concepts` (textual inversion and Custom Diffusion for each novel
 instance), `export` (the diffusers folder and concept folders). Each stage checkpoints into
 --work and resumes from there; batches are drawn from per-step seeds, so a resumed run on the CPU
-draws the same data as an uninterrupted one. Uses CUDA when present.
+draws the same data as an uninterrupted one. Uses CUDA when present. `--unet-init` continues an
+exported UNet + text encoder, `--decoder-init` fine-tunes only an exported VAE's decoder (its
+latent space stays), `--init-from` retrains only the concepts.
+
+The world's captions name patterns (`a blue striped square`, `a green star with a hole`,
+--pattern-mix of the scenes) on every shape and colour except the concepts' instances
+(`shapes.NOVEL`): the instances are new combinations of things the model can draw, as a real
+concept is for Stable Diffusion.
 
 One choice in the data worth knowing: in a fraction of the UNet's batches (--swap-mix) one
 attribute word's hidden-state row is taken from a dummy prompt (`* * square * * * *`) that names
@@ -37,8 +44,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from alignit_core.encoding import encode, token_embeddings  # noqa: E402
-from alignit_core.shapes import (COLOURS, HELD_OUT, SHAPES, TEMPLATES, Scene, classify,  # noqa: E402
-                                 random_scene, render, to_uint8)
+from alignit_core.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERN_PHRASES, SHAPES, TEMPLATES, Scene,  # noqa: E402
+                                 classify, pattern_template, random_scene, render, styled, to_uint8)
 
 TOKENIZER_DIR = ROOT / "assets" / "clip-tokenizer"
 MODEL_NAME = "embedded-shapes"
@@ -47,7 +54,7 @@ STAR = "*"
 
 # The novel instances the base world never draws, and the concepts trained from them.
 INSTANCES = {
-    "striped-ball": dict(scene=Scene("red", "circle", "blue", pattern="striped", second_colour="white"),
+    "striped-ball": dict(scene=styled(Scene("red", "circle", "blue"), pattern="striped"),  # white stripes
                          class_word="circle", example="a <striped-ball> on a green background"),
     "holed-star": dict(scene=Scene("orange", "star", "purple", pattern="holed"),
                        class_word="star", example="a <holed-star> on a white background"),
@@ -90,7 +97,8 @@ class Vocab:
     """Word -> id for the world's captions (each word is one CLIP token; checked at start)."""
 
     def __init__(self, tokenizer: CLIPTokenizer):
-        words = set(" ".join(TEMPLATES).replace("{c}", "").replace("{s}", "").replace("{b}", "").split())
+        text = " ".join(TEMPLATES + tuple(PATTERN_PHRASES.values()))
+        words = set(text.replace("{c}", "").replace("{s}", "").replace("{b}", "").split())
         words |= set(COLOURS) | set(SHAPES) | {STAR}
         self.ids = {}
         for w in words:
@@ -128,31 +136,50 @@ def load_ckpt(work: Path, stage: str) -> dict | None:
 
 # ---------------------------------------------------------------------------------- VAE
 
-def train_vae(args, device, vae_cfg) -> AutoencoderKL:
-    vae = AutoencoderKL(**vae_cfg).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+def train_vae(args, device, vae_cfg, init: AutoencoderKL | None = None) -> AutoencoderKL:
+    """Train the VAE from scratch, or (init) fine-tune only an exported VAE's decoder: its encoder
+    and latent space stay, so a UNet trained on that VAE stays valid; half of each batch is then
+    patterned, thin stripes being what the decoder drew worst."""
+    stage, base = ("decoder", 7907) if init is not None else ("vae", 7919)
+    vae = init if init is not None else AutoencoderKL(**vae_cfg).to(device)
+    trainable = list(vae.parameters())
+    if init is not None:
+        trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+        vae.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW(trainable, lr=args.vae_lr, weight_decay=0.0)
     start = 0
-    ck = load_ckpt(args.work, "vae")
+    ck = load_ckpt(args.work, stage)
     if ck:
         vae.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"]); start = ck["step"]
     t0, total = time.time(), args.vae_steps
     for step in range(start + 1, total + 1):
-        rng = random.Random(args.seed * 7919 + step)
-        scenes = [generic_scene(rng) if rng.random() < 0.25 else random_scene(rng) for _ in range(args.vae_batch)]
+        rng = random.Random(args.seed * base + step)
+        if init is None:
+            scenes = [generic_scene(rng) if rng.random() < 0.25 else random_scene(rng) for _ in range(args.vae_batch)]
+        else:
+            scenes = [generic_scene(rng) if rng.random() < 0.25 else random_scene(rng, patterned=0.35)
+                      for _ in range(args.vae_batch)]
         x = render(scenes, device=device)
-        g = torch.Generator(device).manual_seed(args.seed * 7919 + step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        g = torch.Generator(device).manual_seed(args.seed * base + step)
+        training_encoder = init is None  # a frozen encoder runs in fp32, without gradients
+        with torch.set_grad_enabled(training_encoder), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and training_encoder):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             rec = vae.decode(z).sample.float()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        if init is None:
+            loss = loss + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        progress("vae", step, total, t0, loss)
+        progress(stage, step, total, t0, loss)
         over = time.time() - t0 > args.vae_seconds
         if step % args.ckpt_every == 0 or step == total or over:
-            save_ckpt(args.work, "vae", dict(model=vae.state_dict(), opt=opt.state_dict(), step=step))
+            save_ckpt(args.work, stage, dict(model=vae.state_dict(), opt=opt.state_dict(), step=step))
             if over:
-                log(f"vae: stopped at step {step} by its time cap"); break
+                log(f"{stage}: stopped at step {step} by its time cap"); break
     return vae.eval().requires_grad_(False)
 
 
@@ -165,12 +192,12 @@ def latent_scale(vae, device, seed: int) -> float:
 
 # ---------------------------------------------------------------------------------- UNet + text encoder
 
-def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float):
+def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0):
     """Captions (ids), dummy-prompt rows to mix in, and the scenes the targets show."""
     ids, dummy, swap_pos, targets = [], [], [], []
     for _ in range(batch):
-        shown = random_scene(rng)
-        template = rng.choice(TEMPLATES)
+        shown = random_scene(rng, patterned=pattern_mix)
+        template = pattern_template(rng.choice(TEMPLATES), shown.pattern)
         words = template.split()
         dummy_words, pos = [], -1
         if rng.random() < 0.1:  # caption dropout for classifier-free guidance
@@ -181,8 +208,9 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float):
             other = shown.background if attr == "colour" else shown.colour
             pool = SHAPES if attr == "shape" else [c for c in COLOURS if c != other]
             new = rng.choice([v for v in pool if v != getattr(shown, attr)])
-            target = replace(shown, **{attr: new})
-            if (target.colour, target.shape, target.background) not in HELD_OUT:
+            target = styled(shown, **{attr: new})
+            if ((target.colour, target.shape, target.background) not in HELD_OUT
+                    and (target.colour, target.shape, target.pattern) not in NOVEL):
                 pos = words.index(key) + 1
                 dummy_words = [STAR] * len(words)
                 dummy_words[pos - 1] = new
@@ -246,7 +274,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
             total = max(step, min(args.unet_steps, step + int(rate * (args.unet_fit_seconds - (time.time() - t0)))))
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
-        ids, dummy, swap_pos, scenes = sample_batch(rng, vocab, args.unet_batch, args.swap_mix)
+        ids, dummy, swap_pos, scenes = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix)
         ids, dummy, swap_pos = ids.to(device), dummy.to(device), swap_pos.to(device)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         with torch.no_grad():
@@ -345,7 +373,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab):
             cond = encode(te, ids, vectors, mask).hidden
         loss = _diffusion_loss(model, z0, alphas, cond, g, device)
         if kind == "cd":  # prior preservation: the class as the base world draws it
-            p_ids, p_dummy, p_pos, p_scenes = sample_batch(rng, vocab, b, 0.0)
+            p_ids, p_dummy, p_pos, p_scenes = sample_batch(rng, vocab, b, 0.0, args.pattern_mix)
             with torch.no_grad():
                 p_cond = encode(te, p_ids.to(device)).hidden
                 p_z0 = vae.encode(render(p_scenes, device=device)).latent_dist.mean * scale
@@ -403,25 +431,46 @@ def export(args, vae, unet, te, scale, concepts) -> None:
 
 
 @torch.no_grad()
+def sample(vae, unet, te, scale, cond: torch.Tensor, guidance: float, seed: int, steps: int = 20):
+    """A plain DDIM loop with classifier-free guidance from conditioning rows (n, 77, dim) to
+    uint8 images (n, H, W, 3); the unconditional rows are the empty prompt's."""
+    n, device = cond.shape[0], cond.device
+    sched = DDIMScheduler(**noise_schedule())
+    sched.set_timesteps(steps)
+    c = te.config
+    empty = [c.bos_token_id, c.eos_token_id] + [c.pad_token_id] * (MAX_LEN - 2)  # Vocab.ids_of([])
+    uncond = encode(te, torch.tensor([empty] * n, device=device)).hidden
+    z = torch.randn((n, 4, 16, 16), generator=torch.Generator(device).manual_seed(seed), device=device)
+    for t in sched.timesteps:
+        eu, ec = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
+        z = sched.step(eu + guidance * (ec - eu), t, z).prev_sample
+    return to_uint8(vae.decode(z / scale).sample.float())
+
+
+@torch.no_grad()
 def quick_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> None:
     """Held-out prompts through a plain DDIM loop, judged by the pixel classifier."""
-    sched = DDIMScheduler(**noise_schedule())
-    sched.set_timesteps(20)
     triples = [HELD_OUT[i % len(HELD_OUT)] for i in range(n)]
     ids = torch.tensor([vocab.ids_of(f"a {c} {s} on a {b} background".split()) for c, s, b in triples], device=device)
-    cond = encode(te, ids).hidden
-    uncond = encode(te, torch.tensor([vocab.ids_of([])] * n, device=device)).hidden
-    g = torch.Generator(device).manual_seed(0)
-    z = torch.randn((n, 4, 16, 16), generator=g, device=device)
-    for t in sched.timesteps:
-        e = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
-        eu, ec = e.chunk(2)
-        z = sched.step(eu + args.guidance * (ec - eu), t, z).prev_sample
-    images = to_uint8(vae.decode(z / scale).sample.float())
-    js = [classify(im) for im in images]
+    js = [classify(im) for im in sample(vae, unet, te, scale, encode(te, ids).hidden, args.guidance, 0)]
     ok = [j.colour == c and j.shape == s and j.background == b for j, (c, s, b) in zip(js, triples)]
     log(f"held-out check: {sum(ok)}/{n} fully correct; colour {sum(j.colour == t[0] for j, t in zip(js, triples))}, "
         f"shape {sum(j.shape == t[1] for j, t in zip(js, triples))}, bg {sum(j.background == t[2] for j, t in zip(js, triples))}")
+
+
+@torch.no_grad()
+def pattern_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> None:
+    """The novel instances and other patterned objects, asked for by name (their phrases)."""
+    from alignit_core.evaluate import fidelity
+    scenes = [styled(Scene(c, s, b), pattern=p) for c, s, b, p in
+              [("red", "circle", "green", "striped"), ("orange", "star", "white", "holed"),
+               ("blue", "square", "yellow", "striped"), ("green", "triangle", "black", "holed")]]
+    scenes = [scenes[i % len(scenes)] for i in range(n)]
+    ids = torch.tensor([vocab.ids_of(sc.caption().split()) for sc in scenes], device=device)
+    images = sample(vae, unet, te, scale, encode(te, ids).hidden, args.guidance, 1)
+    for k in range(4):
+        got = [fidelity(classify(im), sc) for im, sc in zip(images[k::4], scenes[k::4])]
+        log(f"pattern check: {scenes[k].caption()!r} {sum(got)}/{len(got)}")
 
 
 def load_exported(folder: Path, device):
@@ -446,6 +495,7 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-lr", type=float, default=3e-4)
     ap.add_argument("--swap-mix", type=float, default=0.2)
     ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--pattern-mix", type=float, default=0.3, help="share of striped / holed training scenes")
     ap.add_argument("--concept-steps", type=int, default=400)
     ap.add_argument("--concept-batch", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=5.0)
@@ -459,8 +509,10 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-init", type=Path,
                     help="an exported model folder: continue its UNet + text encoder (its VAE is kept)")
     ap.add_argument("--init-from", type=Path, help="an exported model folder: retrain only the concepts")
-    ap.add_argument("--concepts", nargs="+", metavar="NAME-KIND",
-                    help="train and export only these concepts (e.g. holed-star-cd); default: all four")
+    ap.add_argument("--concepts", nargs="*", metavar="NAME-KIND",
+                    help="train and export only these concepts (e.g. holed-star-cd; none when empty); default: all four")
+    ap.add_argument("--decoder-init", type=Path,
+                    help="an exported model folder: fine-tune only its VAE decoder and export only the VAE")
     ap.add_argument("--smoke", action="store_true", help="a few steps of each stage, tiny widths")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -474,6 +526,11 @@ def main(argv=None) -> None:
     log(f"device {device}, torch {torch.__version__}")
     te_cfg, unet_cfg, vae_cfg = configs(args.smoke)
     vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR, model_max_length=MAX_LEN))
+    if args.decoder_init:
+        vae = train_vae(args, device, vae_cfg, load_exported(args.decoder_init, device)[0])
+        vae.to(torch.float16).save_pretrained(args.out / MODEL_NAME / "vae")  # its scaling factor kept
+        log(f"exported the VAE to {args.out / MODEL_NAME / 'vae'}")
+        return
     if args.init_from:  # continue from an exported model: concepts only
         vae, unet, te, scale = load_exported(args.init_from, device)
         unet.requires_grad_(False)
@@ -488,6 +545,7 @@ def main(argv=None) -> None:
         unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab)
     if not args.init_from:  # a concepts-only run leaves the model as it is
         quick_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 128)
+        pattern_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 64)
     concepts = {}
     for name in INSTANCES:
         for kind in ("ti", "cd"):

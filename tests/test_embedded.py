@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from alignit_core import Settings, generate_concept, generate_swap, tokenize
-from alignit_core.evaluate import held_out_quality, swap_semantics
+from alignit_core.evaluate import held_out_quality, patterned_quality, reproduction, swap_semantics
 from alignit_core.models import EMBEDDED
-from alignit_core.shapes import classify
+from alignit_core.shapes import Scene, classify, styled
 
 COLOUR_SWAPS = [(("red", "circle", "blue"), "red", "yellow"), (("green", "square", "white"), "green", "purple"),
                 (("blue", "triangle", "orange"), "blue", "white"), (("yellow", "star", "black"), "yellow", "red"),
@@ -75,14 +75,30 @@ def test_a_single_colour_swap_changes_what_is_drawn(embedded):
     assert (swap.colour, swap.shape, swap.background) == ("yellow", "circle", "blue")
 
 
+@pytest.mark.slow
+def test_the_base_world_draws_patterns_it_is_asked_for(embedded):
+    """Stripes and holes on shapes and colours other than the concepts' instances."""
+    scenes = [styled(Scene(c, s, b), pattern=p) for c, s, b, p in
+              [("blue", "square", "yellow", "striped"), ("green", "triangle", "black", "holed"),
+               ("yellow", "star", "red", "striped"), ("purple", "circle", "white", "holed")]]
+    rate = patterned_quality(embedded, scenes, range(4))  # 16 samples
+    print(f"patterned prompts drawn with their pattern: {rate:.2f}")
+    assert rate >= 0.6
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["striped-ball-ti", "striped-ball-cd", "holed-star-ti", "holed-star-cd"])
-def test_each_shipped_concept_changes_what_the_base_model_draws(embedded, name):
-    """The concept loads through the engine's loaders and its customized row is not the base model:
-    with the concept the picture differs from `a photo of a <class word>` from the same latent."""
+def test_each_shipped_concept_reproduces_its_instance(embedded, name):
+    """The concept loads through the engine's loaders and `a photo of a <token>` draws the novel
+    instance (a circle striped red and white / an orange star with a hole, `evaluate.fidelity`) in
+    at least 2 of 8 seeds, where the base model on `a photo of a <class word>` draws it in none (the
+    world never drew these instances). README gives each concept's rate."""
     from alignit_core import load_concept
+    from scripts.train_embedded import INSTANCES
 
     concept = load_concept(Path("assets/concepts") / name, embedded)
-    gen = generate_concept(embedded, f"a photo of a {concept.token}", concept, Settings(seed=0, steps=10),
-                           include_base=True)
-    customized, base = (np.asarray(gen.images[k], dtype=np.int16) for k in ("customized", "base"))
-    assert np.abs(customized - base).mean() > 10
+    instance = INSTANCES[concept.token.strip("<>")]["scene"]
+    rates = reproduction(embedded, concept, instance, range(8))
+    print(f"{name}: {rates}")
+    assert rates["customized"] >= 0.25
+    assert rates["base"] == 0.0

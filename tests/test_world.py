@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from alignit_core.evaluate import fidelity
-from alignit_core.shapes import HELD_OUT, Scene, classify, random_scene, render, to_uint8, training_triples
+from alignit_core.shapes import (HELD_OUT, NOVEL, PATTERNS, SHAPES, Scene, classify, random_scene, render,
+                                 styled, to_uint8, training_triples)
 
 
 def test_classifier_reads_rendered_scenes_exactly():
@@ -17,6 +18,40 @@ def test_classifier_reads_rendered_scenes_exactly():
     for scene, image in zip(scenes, to_uint8(render(scenes))):
         j = classify(image)
         assert (j.colour, j.shape, j.background) == (scene.colour, scene.shape, scene.background), scene
+
+
+def test_classifier_reads_patterned_scenes_and_their_pattern():
+    """Striped: the object's own colour still dominates (five bands over its height) and the stripe
+    colour covers >= 20 %; holed: the centre shows through. Every shape, both stripe colourings."""
+    rng = random.Random(1)
+    scenes = [random_scene(rng, patterned=1.0) for _ in range(120)]
+    scenes += [styled(Scene("white", s, b), pattern="striped") for s in SHAPES for b in ("black", "blue")]
+    assert {s.pattern for s in scenes} == set(PATTERNS)
+    for scene, image in zip(scenes, to_uint8(render(scenes))):
+        j = classify(image)
+        assert (j.colour, j.shape, j.background) == (scene.colour, scene.shape, scene.background), scene
+        assert j.hole == (scene.pattern == "holed"), scene
+        if scene.pattern == "striped":
+            assert j.colour_shares[scene.second_colour] >= 0.2, scene
+            assert scene.second_colour not in (scene.colour, scene.background)
+
+
+def test_training_never_draws_the_novel_instances_but_draws_their_parts():
+    rng = random.Random(2)
+    drawn = {(s.colour, s.shape, s.pattern) for s in (random_scene(rng, patterned=0.5) for _ in range(20000))}
+    assert not drawn & NOVEL
+    for colour, shape, pattern in NOVEL:  # the parts: that colour patterned so, that shape patterned so
+        assert any(c == colour and p == pattern for c, _, p in drawn)
+        assert any(s == shape and p == pattern for _, s, p in drawn)
+        assert (colour, shape, "plain") in drawn
+
+
+def test_patterned_captions_name_the_pattern():
+    star = styled(Scene("green", "star", "red"), pattern="holed")
+    ball = styled(Scene("blue", "circle", "white"), pattern="striped")
+    assert star.caption() == "a green star with a hole on a red background"
+    assert ball.caption("a photo of a {c} {s}") == "a photo of a blue striped circle"
+    assert ball.second_colour == "black" and styled(ball, background="green").second_colour == "white"
 
 
 def test_held_out_combinations_never_appear_in_training_but_their_parts_do():
@@ -63,3 +98,11 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert not torch.equal(before.unet.conv_in.weight, after.unet.conv_in.weight)
     assert torch.equal(before.vae.decoder.conv_out.weight, after.vae.decoder.conv_out.weight)
     assert sorted(p.name for p in (tmp_path / "more" / "concepts").iterdir()) == ["holed-star-cd"]
+    # --decoder-init fine-tunes only the VAE's decoder (the latent space stays) and exports only the VAE
+    main(["--smoke", "--decoder-init", str(exported), "--out", str(tmp_path / "dec"), "--work", str(tmp_path / "work-dec")])
+    assert sorted(p.name for p in (tmp_path / "dec" / "embedded-shapes").iterdir()) == ["vae"]
+    from diffusers import AutoencoderKL
+    old, new = (AutoencoderKL.from_pretrained(d / "embedded-shapes" / "vae") for d in (tmp_path / "assets", tmp_path / "dec"))
+    assert torch.equal(old.encoder.conv_in.weight, new.encoder.conv_in.weight)
+    assert not torch.equal(old.decoder.conv_out.weight, new.decoder.conv_out.weight)
+    assert new.config.scaling_factor == old.config.scaling_factor

@@ -1,0 +1,77 @@
+"""Where does a concept live in the conditioning? Swap groups of rows between the customized
+prompt and the base model's prompt and see which carry the novel instance.
+
+    python scripts/concept_rows.py                    # both textual-inversion concepts, 16 seeds
+
+For each textual-inversion concept (its UNet is the base model's, so only the 77 conditioning
+rows differ), `a photo of a <token>` is drawn from five conditionings, each judged by the pixel
+classifier (`evaluate.fidelity`): the customized prompt; it with the rows after the token (end of
+text and padding) taken from the base prompt `a photo of a <class word>`; the base prompt with only
+the token's row from the customized prompt; AlignIT (the base prompt with the token's row from
+`* * * * <token>`); and the base prompt with the token's and all later rows from the customized one.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignit_core import find_concepts, load_model  # noqa: E402
+from alignit_core.encoding import encode  # noqa: E402
+from alignit_core.evaluate import fidelity  # noqa: E402
+from alignit_core.shapes import classify  # noqa: E402
+from scripts.train_embedded import INSTANCES, MAX_LEN, load_exported, sample  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=10.0)
+    args = ap.parse_args(argv)
+    folder = ROOT / "assets" / "embedded-shapes"
+    vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
+    model = load_model("embedded")
+    tok = model.tokenizer
+
+    def ids(text: str) -> torch.Tensor:
+        return torch.tensor([tok(text, padding="max_length", max_length=MAX_LEN).input_ids])
+
+    print("| concept | conditioning | instance drawn |")
+    print("|---|---|---|")
+    for concept in find_concepts(ROOT / "assets" / "concepts", model):
+        if concept.kind != "textual_inversion":
+            continue
+        inst = INSTANCES[concept.token.strip("<>")]
+        vec = concept.vectors[0][0].float().view(1, 1, -1).expand(1, MAX_LEN, -1)
+        pos = 5  # the token's row in `a photo of a <token>` and in `* * * * <token>`
+
+        def with_token(text: str) -> torch.Tensor:
+            mask = torch.zeros(1, MAX_LEN, dtype=torch.bool)
+            mask[0, pos] = True
+            return encode(te, ids(text.replace(concept.token, "*")), vec, mask).hidden
+
+        with torch.no_grad():
+            custom = with_token(f"a photo of a {concept.token}")
+            dummy = with_token(f"* * * * {concept.token}")
+            base = encode(te, ids(f"a photo of a {inst['class_word']}")).hidden
+        variants = {
+            "customized prompt": custom,
+            "customized, rows after the token from the base prompt": torch.cat([custom[:, :pos + 1], base[:, pos + 1:]], 1),
+            "base prompt, the token's row from the customized prompt": torch.cat([base[:, :pos], custom[:, pos:pos + 1], base[:, pos + 1:]], 1),
+            "AlignIT: base prompt, the token's row from `* * * * <token>`": torch.cat([base[:, :pos], dummy[:, pos:pos + 1], base[:, pos + 1:]], 1),
+            "base prompt, the token's and later rows from the customized prompt": torch.cat([base[:, :pos], custom[:, pos:]], 1),
+        }
+        for label, cond in variants.items():
+            images = sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, 0, args.steps)
+            hits = sum(fidelity(classify(im), inst["scene"]) for im in images)
+            print(f"| {concept.token} | {label} | {hits} / {args.seeds} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The README's picture of the embedded model: what its world draws, and what each shipped concept
+draws as customized baseline and with AlignIT.
+
+    python scripts/figure_embedded.py                      # writes assets/figures/embedded.png
+    python scripts/figure_embedded.py --seed 3 --out x.png
+
+Top: the base model on patterned prompts (combinations it never saw). Then one row per concept:
+its first three reference images, `a photo of a <token>` on the customized model, and the concept's
+example prompt as customized baseline | AlignIT, all from the same seed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from alignit_core import Settings, find_concepts, generate_concept, load_model, tokenize  # noqa: E402
+from alignit_core.generate import Row, resolve, run_rows  # noqa: E402
+from visualize import comparison_grid  # noqa: E402
+
+PATTERNED = ("a blue striped square on a yellow background", "a green triangle with a hole on a black background",
+             "a black striped triangle on a orange background", "a white square with a hole on a blue background",
+             "a purple circle with a hole on a white background")
+
+
+def stack(parts: list[Image.Image]) -> Image.Image:
+    out = Image.new("RGB", (max(p.width for p in parts), sum(p.height for p in parts)), (255, 255, 255))
+    top = 0
+    for p in parts:
+        out.paste(p, (0, top))
+        top += p.height
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=ROOT / "assets" / "figures" / "embedded.png")
+    args = ap.parse_args(argv)
+    model = load_model("embedded")
+    settings = Settings(seed=args.seed, steps=args.steps, record_maps=False)
+    images = run_rows(model, [Row(str(i), tokenize(model.tokenizer, t)) for i, t in enumerate(PATTERNED)],
+                      resolve(model, settings))[0]
+    parts = [comparison_grid([(t, im, None) for t, im in zip(PATTERNED, images)], "base model, patterned prompts")]
+    for concept in find_concepts(ROOT / "assets" / "concepts", model):
+        refs = [Image.open(r).convert("RGB") for r in concept.references[:3]]
+        photo = generate_concept(model, f"a photo of a {concept.token}", concept, settings)
+        example = generate_concept(model, concept.example_prompt, concept, settings)
+        columns = [(f"reference {i + 1}", im, None) for i, im in enumerate(refs)]
+        columns += [(f"a photo of a {concept.token}", photo.images["customized"], None),
+                    (f"customized: {concept.example_prompt}", example.images["customized"], None),
+                    (f"AlignIT: {concept.example_prompt}", example.images["alignit"], None)]
+        parts.append(comparison_grid(columns, f"{concept.name} ({concept.kind.replace('_', ' ')})"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    stack(parts).save(args.out, optimize=True)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
