@@ -59,8 +59,9 @@ TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, s
 # ------------------------------------------------------------------------------ engine -> UI values
 
 def header_markdown(model) -> str:
-    about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars on "
-             "coloured backgrounds, 128 px. Try a colour, shape or background swap below." if model.is_embedded else "")
+    about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
+             "striped or with a hole, on coloured backgrounds, 128 px. Try a colour, shape or background swap below."
+             if model.is_embedded else "")
     return (
         "# AlignIT Studio\n"
         "AlignIT makes a customized text-to-image model follow the rest of the prompt: it generates with "
@@ -509,7 +510,9 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     else:
         swaps = [("a red circle on a blue background", "red=yellow", "colour swap · red ← yellow"),
                  ("a green square on a white background", "square=circle", "shape swap · square ← circle"),
-                 ("a blue star on a yellow background", "yellow=white", "background swap · yellow ← white")]
+                 ("a blue star on a yellow background", "yellow=white", "background swap · yellow ← white"),
+                 ("a green triangle with a hole on a black background", "triangle=circle",
+                  "shape swap, the hole kept · triangle ← circle")]
     concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
     rows = [[SWAP, concept_key, prompt, swap, 0] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
