@@ -140,10 +140,11 @@ def train_vae(args, device, vae_cfg, init: AutoencoderKL | None = None) -> Autoe
     """Train the VAE from scratch, or (init) fine-tune only an exported VAE's decoder: its encoder
     and latent space stay, so a UNet trained on that VAE stays valid; half of each batch is then
     patterned, thin stripes being what the decoder drew worst."""
-    stage, base = ("decoder", 7907) if init is not None else ("vae", 7919)
-    vae = init if init is not None else AutoencoderKL(**vae_cfg).to(device)
+    fine_tune = init is not None
+    stage, base, patterned = ("decoder", 7907, 0.35) if fine_tune else ("vae", 7919, 0.0)
+    vae = init if fine_tune else AutoencoderKL(**vae_cfg).to(device)
     trainable = list(vae.parameters())
-    if init is not None:
+    if fine_tune:
         trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
         vae.requires_grad_(False)
         for p in trainable:
@@ -156,22 +157,19 @@ def train_vae(args, device, vae_cfg, init: AutoencoderKL | None = None) -> Autoe
     t0, total = time.time(), args.vae_steps
     for step in range(start + 1, total + 1):
         rng = random.Random(args.seed * base + step)
-        if init is None:
-            scenes = [generic_scene(rng) if rng.random() < 0.25 else random_scene(rng) for _ in range(args.vae_batch)]
-        else:
-            scenes = [generic_scene(rng) if rng.random() < 0.25 else random_scene(rng, patterned=0.35)
-                      for _ in range(args.vae_batch)]
+        scenes = [generic_scene(rng) if rng.random() < 0.25 else random_scene(rng, patterned=patterned)
+                  for _ in range(args.vae_batch)]
         x = render(scenes, device=device)
         g = torch.Generator(device).manual_seed(args.seed * base + step)
-        training_encoder = init is None  # a frozen encoder runs in fp32, without gradients
-        with torch.set_grad_enabled(training_encoder), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and training_encoder):
+        # a frozen encoder runs in fp32, without gradients
+        with torch.set_grad_enabled(not fine_tune), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and not fine_tune):
             post = vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             rec = vae.decode(z).sample.float()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
-        if init is None:
+        if not fine_tune:
             loss = loss + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         progress(stage, step, total, t0, loss)

@@ -22,7 +22,8 @@ def test_classifier_reads_rendered_scenes_exactly():
 
 def test_classifier_reads_patterned_scenes_and_their_pattern():
     """Striped: the object's own colour still dominates (five bands over its height) and the stripe
-    colour covers >= 20 %; holed: the centre shows through. Every shape, both stripe colourings."""
+    colour covers >= 20 %; holed: the hole is found (and never on an unholed object). Every shape,
+    both stripe colourings."""
     rng = random.Random(1)
     scenes = [random_scene(rng, patterned=1.0) for _ in range(120)]
     scenes += [styled(Scene("white", s, b), pattern="striped") for s in SHAPES for b in ("black", "blue")]
