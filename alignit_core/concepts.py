@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import ConceptError
+from .weights import Edit, LowRank, Replace
 
 KINDS = ("textual_inversion", "custom_diffusion", "text_encoder")
 KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Custom Diffusion",
@@ -45,10 +47,11 @@ class Concept:
     kind: str  # one of KINDS
     phrase: str = "{token}"  # how the customization method reads it in prompts
     vectors: tuple[torch.Tensor, ...] = ()  # per text encoder: (n_vectors, dim)
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # attn2 name -> (W_k, W_v)
-    text_encoders: tuple = ()  # fine-tuned copies, same order as the model's
+    unet: dict[str, Edit] = field(default_factory=dict)  # UNet layer ('...attn2.to_k') -> its customized weights
+    text_encoders: tuple = ()  # the customized text stack, same order as the model's
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
+    warnings: tuple[str, ...] = ()  # what in its files was not used, said to the user with every generation
 
     @property
     def n_vectors(self) -> int:
@@ -57,6 +60,18 @@ class Concept:
     @property
     def label(self) -> str:
         return f"{self.name} — {KIND_LABELS[self.kind]}, class '{self.class_word}'"
+
+    @property
+    def kv(self) -> dict[str, tuple[Edit | None, Edit | None]]:
+        """Cross-attention layer -> the customized key and value projections (None: the base one):
+        what AlignIT projects the concept's rows of p' with."""
+        out: dict[str, tuple[Edit | None, Edit | None]] = {}
+        for name, edit in self.unet.items():
+            layer, _, proj = name.rpartition(".")
+            if layer.endswith("attn2") and proj in ("to_k", "to_v"):
+                k, v = out.get(layer, (None, None))
+                out[layer] = (edit, v) if proj == "to_k" else (k, edit)
+        return out
 
 
 def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> dict:
@@ -89,46 +104,73 @@ def _tensor(x, what: str) -> torch.Tensor:
     return x
 
 
-def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tensor]]:
-    """(token, per-encoder (n, dim) vectors) from any supported textual-inversion layout."""
+A1111_KEYS = {"string_to_param", "string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+
+
+def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tensor], list[str]]:
+    """(token, per-encoder (n, dim) vectors, warnings about keys not used) from any supported
+    textual-inversion layout."""
     if "string_to_param" in data:  # A1111
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
             raise ConceptError("A1111 embedding must hold exactly one entry in string_to_param")
         vec = _tensor(next(iter(params.values())), "the A1111 embedding")
         name = data.get("name")
-        return (token or (f"<{name}>" if isinstance(name, str) else "<concept>")), [vec]
+        return (token or (f"<{name}>" if isinstance(name, str) else "<concept>")), [vec], _unused(data, A1111_KEYS)
     if "clip_l" in data and "clip_g" in data:  # SDXL
-        return token or "<concept>", [_tensor(data["clip_l"], "clip_l"), _tensor(data["clip_g"], "clip_g")]
+        return (token or "<concept>", [_tensor(data["clip_l"], "clip_l"), _tensor(data["clip_g"], "clip_g")],
+                _unused(data, {"clip_l", "clip_g"}))
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != 1 or len(data) != 1:
         raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys {sorted(data)[:5]}")
     key, vec = next(iter(tensors.items()))
-    return token or key, [_tensor(vec, f"the embedding of {key}")]
+    return token or key, [_tensor(vec, f"the embedding of {key}")], []
 
 
-def read_custom_diffusion(data: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """({attn2 layer: (W_k, W_v)}, modifier tokens) from Adobe delta.bin or diffusers' layout."""
+def _unused(data: dict, known: set[str]) -> list[str]:
+    extra = sorted(set(data) - known)
+    return [f"the embedding file also holds {extra[:5]}, which is not used"] if extra else []
+
+
+# Custom Diffusion keys: Adobe's delta.bin names the UNet's own layers, diffusers names its processors
+_ADOBE_KEY = re.compile(r"^(?P<layer>.+)\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<kind>weight|bias)$")
+_DIFFUSERS_KEY = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_custom_diffusion"
+                            r"(?:\.0)?\.(?P<kind>weight|bias)$")
+
+
+def read_custom_diffusion(data: dict) -> tuple[dict[str, Replace], dict]:
+    """({UNet layer, e.g. '...attn2.to_k': its replaced weights}, modifier tokens) from Adobe's
+    delta.bin or diffusers' layout. `--freeze_model crossattn` files hold W_q and the output
+    projection too; they are read like W_k/W_v. A key that is none of these is refused, never
+    dropped."""
     tokens = {}
     if "unet" in data:  # Adobe custom-diffusion delta.bin
-        weights, tokens = data["unet"], data.get("modifier_token", {})
-        suffix_k, suffix_v = ".to_k.weight", ".to_v.weight"
+        weights, tokens, pattern = data["unet"], data.get("modifier_token", {}), _ADOBE_KEY
+        unknown = sorted(set(data) - {"unet", "modifier_token"})
     else:
-        weights = data
-        suffix_k, suffix_v = ".processor.to_k_custom_diffusion.weight", ".processor.to_v_custom_diffusion.weight"
+        weights, pattern, unknown = data, _DIFFUSERS_KEY, []
     if not isinstance(weights, dict):
         raise ConceptError("Custom Diffusion weights must be a dictionary of tensors")
-    kv = {}
-    for key in weights:
-        if key.endswith(suffix_k):
-            layer = key[: -len(suffix_k)]
-            vkey = layer + suffix_v
-            if vkey not in weights:
-                raise ConceptError(f"Custom Diffusion weights have {key} but no {vkey}")
-            kv[layer] = (_tensor(weights[key], key), _tensor(weights[vkey], vkey))
-    if not kv:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        m = pattern.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        proj = "to_out.0" if m["proj"].startswith("to_out") else m["proj"]
+        parts.setdefault(f"{m['layer']}.{proj}", {})[m["kind"]] = _tensor(value, key)
+    if unknown:
+        raise ConceptError(f"the Custom Diffusion file holds keys this reader does not know, e.g. {unknown[:3]}; "
+                           f"refusing it rather than leaving those weights out")
+    for name, part in parts.items():
+        if "weight" not in part:
+            raise ConceptError(f"Custom Diffusion weights have a bias for {name} but no weight")
+    for name in parts:
+        if name.endswith(".to_k") and name[:-5] + ".to_v" not in parts:
+            raise ConceptError(f"Custom Diffusion weights have {name} but no {name[:-5]}.to_v")
+    if not any(name.endswith(".to_k") for name in parts):
         raise ConceptError("no Custom Diffusion to_k/to_v weights found in the file")
-    return kv, tokens
+    return {name: Replace(part["weight"], part.get("bias")) for name, part in parts.items()}, tokens
 
 
 def _inside(folder: Path, rel: str) -> Path:
@@ -150,8 +192,9 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     if path.suffix != ".json":
         if not class_word:
             raise ConceptError("a bare embedding file needs a class word (e.g. 'cat')")
-        tok, vectors = read_embeddings(_read(path, allow_pickle, max_bytes), token)
-        return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors)), model)
+        tok, vectors, warnings = read_embeddings(_read(path, allow_pickle, max_bytes), token)
+        return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors),
+                             warnings=tuple(warnings)), model)
     if not path.is_file():
         raise ConceptError(f"no concept manifest at {path}")
     try:
@@ -165,18 +208,21 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     kind = m["kind"]
     if kind not in KINDS:
         raise ConceptError(f"unknown concept kind {kind!r}; expected one of {', '.join(KINDS)}")
-    vectors, kv, encoders, tok = (), {}, (), m["token"]
+    vectors, unet, encoders, tok, warnings = (), {}, (), m["token"], []
     if m.get("weights"):
-        tok, vecs = read_embeddings(_read(_inside(folder, m["weights"]), allow_pickle, max_bytes), m["token"])
+        tok, vecs, warnings = read_embeddings(_read(_inside(folder, m["weights"]), allow_pickle, max_bytes), m["token"])
         vectors = tuple(vecs)
     if kind == "custom_diffusion":
         if not m.get("custom_diffusion"):
             raise ConceptError("a Custom Diffusion manifest needs a 'custom_diffusion' weights file")
-        kv, modifier = read_custom_diffusion(_read(_inside(folder, m["custom_diffusion"]), allow_pickle, max_bytes))
+        unet, modifier = read_custom_diffusion(_read(_inside(folder, m["custom_diffusion"]), allow_pickle, max_bytes))
         if not vectors and modifier:
             if tok not in modifier:
                 raise ConceptError(f"the Custom Diffusion file has no embedding for {tok}")
             vectors = (_tensor(modifier[tok], f"the embedding of {tok}"),)
+        if set(modifier) - {tok}:
+            warnings.append(f"the Custom Diffusion file also holds embeddings for {sorted(set(modifier) - {tok})}, "
+                            f"which are not used (this concept is {tok})")
         if not vectors:
             raise ConceptError(f"the Custom Diffusion concept has no embedding for its token {tok}")
     elif kind == "textual_inversion" and not vectors:
@@ -187,8 +233,9 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
         encoders = (_read(_inside(folder, m["text_encoder"]), allow_pickle, max_bytes),)
     refs = tuple(_inside(folder, r) for r in m.get("references", []))
     phrase = m.get("phrase", "{token} {class_word}" if kind == "custom_diffusion" else "{token}")
-    concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase, vectors, kv,
-                      encoders, refs, m.get("example_prompt", ""))
+    concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase=phrase, vectors=vectors,
+                      unet=unet, text_encoders=encoders, references=refs, example_prompt=m.get("example_prompt", ""),
+                      warnings=tuple(warnings))
     return _bind(concept, model)
 
 
@@ -212,16 +259,7 @@ def _bind(c: Concept, model) -> Concept:
                                f"text encoder is {w} wide: the concept is for another model")
     if len({v.shape[0] for v in vectors}) > 1:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
-    kv = {}
-    layers = model.cross_attention_layers
-    for layer, (wk, wv) in c.kv.items():
-        if layer not in layers:
-            raise ConceptError(f"Custom Diffusion layer {layer} does not exist in {model.name}")
-        attn = layers[layer]
-        if wk.shape != attn.to_k.weight.shape or wv.shape != attn.to_v.weight.shape:
-            raise ConceptError(f"Custom Diffusion weights for {layer} are {tuple(wk.shape)}; "
-                               f"{model.name} needs {tuple(attn.to_k.weight.shape)}: the concept is for another model")
-        kv[layer] = (wk.to(model.device, model.dtype), wv.to(model.device, model.dtype))
+    unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
     encoders = []
     for state in c.text_encoders:
         te = copy.deepcopy(model.text_encoders[0])
@@ -235,9 +273,37 @@ def _bind(c: Concept, model) -> Concept:
         encoders.append(te.eval().requires_grad_(False))
     if encoders and len(model.text_encoders) > 1:
         encoders += list(model.text_encoders[1:])
-    return Concept(c.name, c.token, c.class_word, c.kind, c.phrase,
-                   tuple(v.to(model.device, model.dtype) for v in vectors), kv, tuple(encoders),
-                   c.references, c.example_prompt)
+    return replace(c, vectors=tuple(v.to(model.device, model.dtype) for v in vectors), unet=unet,
+                   text_encoders=tuple(encoders))
+
+
+def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit:
+    """`edit` of layer `name` of `root`, checked against the layer's shapes and moved to the model's
+    device and dtype. Raises ConceptError for a layer that is not there or has other shapes."""
+    try:
+        layer = root.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ConceptError(f"{what} layer {name} does not exist in {model.name}")
+    weight = layer.weight
+    if isinstance(edit, Replace):
+        bias_ok = edit.bias is None or (layer.bias is not None and edit.bias.shape == layer.bias.shape)
+        if edit.weight.shape != weight.shape or not bias_ok:
+            raise ConceptError(f"{what} weights for {name} are {tuple(edit.weight.shape)}; {model.name} needs "
+                               f"{tuple(weight.shape)}: the concept is for another model")
+        return Replace(edit.weight.to(model.device, model.dtype),
+                       None if edit.bias is None else edit.bias.to(model.device, model.dtype))
+    down, up = edit.down, edit.up
+    if isinstance(layer, torch.nn.Conv2d) and down.ndim == 2 and layer.kernel_size == (1, 1):
+        down, up = down[:, :, None, None], up[:, :, None, None]  # a linear LoRA on a 1x1 convolution
+    conv = isinstance(layer, torch.nn.Conv2d)
+    expect_down = (down.shape[0], *weight.shape[1:]) if conv else (down.shape[0], weight.shape[1])
+    expect_up = (weight.shape[0], down.shape[0], 1, 1) if conv else (weight.shape[0], down.shape[0])
+    if tuple(down.shape) != expect_down or tuple(up.shape) != expect_up:
+        raise ConceptError(f"{what} weights for {name} are {tuple(down.shape)} and {tuple(up.shape)}; "
+                           f"{model.name}'s layer is {tuple(weight.shape)}: the LoRA is for another model")
+    return LowRank(down.to(model.device, model.dtype), up.to(model.device, model.dtype), edit.scale)
 
 
 def find_concepts(folder: str | Path, model) -> list[Concept]:

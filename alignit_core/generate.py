@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from .concepts import Concept
 from .encoding import encode
 from .errors import ModelError, PromptError, SettingsError
 from .kv import RowWrite, request_kv
+from .weights import overlay
 from .prompts import (LONG_MODES, Prompt, SwapPlan, concept_plan, max_tokens, padded, positions_plan, tokenize,
                       word_swap_plan)
 
@@ -32,6 +33,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerD
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+SWAP_KV = ("kv", "k", "v")  # swap keys and values, keys only, values only
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class Settings:
     map_resolution: int | None = None
     record_maps: bool = True
     long_prompt: str = "segments"  # over 75 tokens: segments (LongAlign) | truncate | refuse
+    swap_kv: str = "kv"  # which swapped rows: keys and values | k (keys only) | v (values only)
+    swap_strength: float = 1.0  # 0: the row's own keys/values (no swap) .. 1: the swapped ones
 
 
 @dataclass
@@ -60,6 +64,16 @@ class Row:
     concept: Concept | None = None  # customization applied to this whole row (the baseline)
     swap: SwapPlan | None = None  # rows of `prompt` replaced by rows of swap.source
     swap_concept: Concept | None = None  # the customized stack that encodes/projects swap.source
+    more_swaps: tuple[tuple[SwapPlan, Concept | None], ...] = ()  # further concepts, each from its own model
+
+    @property
+    def sources(self) -> list[tuple[SwapPlan, Concept | None]]:
+        """Every (plan, concept) whose p' rows this row takes."""
+        return ([(self.swap, self.swap_concept)] if self.swap is not None else []) + list(self.more_swaps)
+
+    @property
+    def swapped(self) -> tuple[int, ...]:
+        return tuple(sorted({pos for plan, _ in self.sources for pos in plan.positions}))
 
 
 @dataclass
@@ -115,8 +129,14 @@ def resolve(model, s: Settings) -> Settings:
                             f"available: {', '.join(map(str, model.attention_resolutions(size)))}")
     if s.long_prompt not in LONG_MODES:
         raise SettingsError(f"unknown long-prompt mode {s.long_prompt!r}; choose one of {', '.join(LONG_MODES)}")
-    return Settings(s.seed, steps, float(guidance), size, scheduler, s.swap_uncond, s.swap_start, s.swap_end,
-                    res, s.record_maps, s.long_prompt)
+    if s.swap_kv not in SWAP_KV:
+        raise SettingsError(f"swap {s.swap_kv!r} is not one of {', '.join(SWAP_KV)} (keys and values, keys only, "
+                            f"values only)")
+    if isinstance(s.swap_strength, bool) or not isinstance(s.swap_strength, (int, float)) \
+            or not 0 <= s.swap_strength <= 1:
+        raise SettingsError("the swap strength must be a number from 0 (no swap) to 1 (the full swap)")
+    return replace(s, steps=steps, guidance=float(guidance), size=size, scheduler=scheduler, map_resolution=res,
+                   swap_strength=float(s.swap_strength))
 
 
 # ------------------------------------------------------------------------------ text conditioning
@@ -258,10 +278,11 @@ def _encode_all(model, needed: list[tuple[Prompt, Concept | None]]) -> dict:
 @torch.no_grad()
 def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
     """Everything a request does before its first UNet step: the text encodings, the batch's
-    conditioning (2r, tokens, dim), SDXL's added conditions and the attention layers' CallState."""
+    conditioning (2r, tokens, dim), SDXL's added conditions, the attention layers' CallState and
+    the request's view of the UNet (a customized row's own weights on its rows)."""
     r = len(rows)
-    needed = [(row.prompt, row.concept) for row in rows] + [(row.swap.source, row.swap_concept)
-                                                             for row in rows if row.swap is not None]
+    needed = [(row.prompt, row.concept) for row in rows] + [(plan.source, concept) for row in rows
+                                                             for plan, concept in row.sources]
     encoded = _encode_all(model, needed)
 
     def enc(prompt, concept):
@@ -276,17 +297,21 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
     if any(row.prompt.parts for row in rows):  # segmented: every row and both halves to one length
         hidden = pad_segmented(model, hidden, [u[2] for u in unconds] * 2)
     hidden = torch.stack(hidden)  # (2r, tokens, dim)
-    custom, swaps = [], []
+    edits: dict[str, list] = {}
+    swaps = []
     for i, row in enumerate(rows):
-        if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row, every step
-            custom.append(((i, r + i), row.concept.kv))
-        if row.swap is not None:
-            src, _ = enc(row.swap.source, row.swap_concept)
-            kv = row.swap_concept.kv if row.swap_concept is not None and row.swap_concept.kv else None
+        if row.concept is not None:  # a customized baseline: its own weights on its rows, every step
+            both = torch.tensor([i, r + i], device=model.device)
+            for name, edit in row.concept.unet.items():
+                edits.setdefault(name, []).append((both, edit))
+        for plan, concept in row.sources:
+            src, _ = enc(plan.source, concept)
+            kv = concept.kv if concept is not None and concept.kv else None
             batch = (r + i, i) if settings.swap_uncond else (r + i,)
-            swaps.append(RowWrite(batch, row.swap.positions, src, kv))
-    steps = settings.steps
-    state = CallState(kv=request_kv(hidden, custom, swaps),
+            swaps.append(RowWrite(batch, plan.positions, src, kv))
+    steps, strength = settings.steps, settings.swap_strength
+    state = CallState(kv=request_kv(hidden, swaps, (strength if "k" in settings.swap_kv else 0.0,
+                                                    strength if "v" in settings.swap_kv else 0.0)),
                       swap_steps=(round(settings.swap_start * steps), round(settings.swap_end * steps)),
                       on_kv=on_kv)
     if settings.record_maps:
@@ -298,13 +323,13 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
         size = settings.size
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=model.device, dtype=hidden.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * r, 1)}
-    return hidden, added, state
+    return hidden, added, state, overlay(model.unet, edits)
 
 
 @torch.no_grad()
 def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
     r, steps = len(rows), settings.steps
-    hidden, added, state = _condition(model, rows, settings, on_kv)
+    hidden, added, state, unet = _condition(model, rows, settings, on_kv)
     sched = _scheduler(model, settings.scheduler)
     sched.set_timesteps(steps, device=model.device)
     side = settings.size // model.vae_scale
@@ -314,7 +339,7 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     for i, t in enumerate(sched.timesteps):
         state.step = i
         x = sched.scale_model_input(torch.cat([latents, latents]), t)
-        eps = model.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added,
+        eps = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added,
                          cross_attention_kwargs={"alignit": state}).sample
         uncond, cond = eps.chunk(2)
         latents = sched.step(uncond + settings.guidance * (cond - uncond), t, latents).prev_sample
@@ -360,12 +385,13 @@ def _finish(model, rows, settings, result, warnings, extra) -> Generation:
          "steps": settings.steps, "guidance": settings.guidance, "size": settings.size,
          "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond, "long_prompt": settings.long_prompt,
          "warnings": warnings,
-         "swap_steps": [settings.swap_start, settings.swap_end], "map_resolution": settings.map_resolution,
+         "swap_steps": [settings.swap_start, settings.swap_end], "swap_kv": settings.swap_kv,
+         "swap_strength": settings.swap_strength, "map_resolution": settings.map_resolution,
          "rows": [row.name for row in rows], "accelerations": list(model.accelerations),
          "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
     return Generation(dict(zip([row.name for row in rows], images)), maps,
                       {row.name: row.prompt.tokens for row in rows},
-                      {row.name: row.swap.positions if row.swap else () for row in rows}, s, store_bytes,
+                      {row.name: row.swapped for row in rows}, s, store_bytes,
                       {row.name: z for row, z in zip(rows, latents)}, warnings)
 
 
@@ -404,7 +430,7 @@ def generate_concept(model, text: str, concept: Concept, settings: Settings = Se
         rows.append(Row("base", plan.target))
     result = run_rows(model, rows, settings, progress, on_kv)
     notes, warnings = _long_notes(model, plan.target)
-    return _finish(model, rows, settings, result, warnings, {
+    return _finish(model, rows, settings, result, list(concept.warnings) + warnings, {
         "mode": "alignit", **notes, "prompt": text, "customized_prompt": cp.customized.text, "p": plan.target.text,
         "p_dummy": plan.source.text, "positions": list(plan.positions),
         "concept": {"name": concept.name, "token": concept.token, "class_word": concept.class_word,
