@@ -28,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .errors import ConceptError
+from .prompts import ConceptWords
 from .weights import Edit, LowRank, Replace
 
 KINDS = ("textual_inversion", "custom_diffusion", "text_encoder")
@@ -60,6 +61,11 @@ class Concept:
     @property
     def label(self) -> str:
         return f"{self.name} — {KIND_LABELS[self.kind]}, class '{self.class_word}'"
+
+    @property
+    def words(self) -> ConceptWords:
+        """How prompts write it (a concept without vectors reads its token as ordinary text)."""
+        return ConceptWords(self.token, self.class_word, self.phrase, self.n_vectors)
 
     @property
     def kv(self) -> dict[str, tuple[Edit | None, Edit | None]]:
@@ -304,6 +310,26 @@ def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit
         raise ConceptError(f"{what} weights for {name} are {tuple(down.shape)} and {tuple(up.shape)}; "
                            f"{model.name}'s layer is {tuple(weight.shape)}: the LoRA is for another model")
     return LowRank(down.to(model.device, model.dtype), up.to(model.device, model.dtype), edit.scale)
+
+
+def one_model(concepts: list[Concept]) -> Concept:
+    """The customized model holding several concepts at once (the customized baseline of a prompt
+    with all of them): every concept's vectors, numbered on in order, and the text stack and UNet
+    weights of the concept that changes them. Raises ConceptError when two concepts change the same
+    part (two Custom Diffusion concepts, two text-encoder fine-tunes): no single model holds both."""
+    for part, what in (("unet", "UNet weights"), ("text_encoders", "text encoder")):
+        owners = [c for c in concepts if getattr(c, part)]
+        if len(owners) > 1:
+            raise ConceptError(f"{owners[0].token} and {owners[1].token} both change the {what}; no single "
+                               f"customized model holds both, so the customized baseline is left out")
+    with_vectors = [c for c in concepts if c.vectors]
+    vectors = tuple(torch.cat([c.vectors[i] for c in with_vectors]) for i in range(len(with_vectors[0].vectors))) \
+        if with_vectors else ()
+    unet = next((c.unet for c in concepts if c.unet), {})
+    encoders = next((c.text_encoders for c in concepts if c.text_encoders), ())
+    return Concept(" + ".join(c.name for c in concepts), " ".join(c.token for c in concepts),
+                   " ".join(c.class_word for c in concepts), concepts[0].kind, vectors=vectors, unet=unet,
+                   text_encoders=encoders, warnings=tuple(w for c in concepts for w in c.warnings))
 
 
 def find_concepts(folder: str | Path, model) -> list[Concept]:

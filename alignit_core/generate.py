@@ -20,13 +20,13 @@ from PIL import Image
 
 from . import __version__
 from .attention import CallState, MapStore
-from .concepts import Concept
+from .concepts import Concept, one_model
 from .encoding import encode
-from .errors import ModelError, PromptError, SettingsError
+from .errors import ConceptError, ModelError, PromptError, SettingsError
 from .kv import RowWrite, request_kv
 from .weights import overlay
-from .prompts import (LONG_MODES, Prompt, SwapPlan, concept_plan, max_tokens, padded, positions_plan, tokenize,
-                      word_swap_plan)
+from .prompts import (LONG_MODES, Prompt, SwapPlan, check_positions, concept_plan, max_tokens, padded,
+                      positions_plan, several_concepts_plan, tokenize, word_swap_plan)
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler"}
@@ -412,29 +412,66 @@ def _long_notes(model, prompt: Prompt) -> tuple[dict, list[str]]:
     return {}, []
 
 
-def generate_concept(model, text: str, concept: Concept, settings: Settings = Settings(),
+def generate_concept(model, text: str, concept: Concept | list[Concept], settings: Settings = Settings(),
                      positions: list[int] | None = None, include_base: bool = False,
                      include_customized: bool = True, progress=None, on_kv=None) -> Generation:
     """Customized baseline | AlignIT (| base model on p), one batch. `positions` overrides the
-    swapped positions of p (default: the class word's positions the concept covers)."""
+    swapped positions of p (default: the class word's positions the concept covers).
+
+    Several concepts in one prompt: AlignIT takes each concept's rows of p from its own customized
+    model's p' (which holds only that concept); the customized baseline is the one model holding them
+    all (concepts.one_model), left out with a warning where none does; `positions`, if given, must be
+    among the concepts' own. Prompts of at most 75 tokens."""
+    concepts = [concept] if isinstance(concept, Concept) else list(concept)
+    if not concepts:
+        raise ConceptError("choose a concept")
     text = check_prompt(text)
     settings = resolve(model, settings)
-    cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
-                      concept.n_vectors if concept.vectors else 0, settings.long_prompt)
-    plan = cp.plan
-    if positions is not None:
-        plan = positions_plan(plan.target, plan.source, positions)
-    rows = ([Row("customized", cp.customized, concept=concept)] if include_customized else [])
-    rows.append(Row("alignit", plan.target, swap=plan, swap_concept=concept))
+    warnings = [w for c in concepts for w in c.warnings]
+    if len(concepts) == 1:
+        cp = concept_plan(model.tokenizer, text, *concepts[0].words.fields, settings.long_prompt)
+        customized, whole, plan = cp.customized, concepts[0], cp.plan
+        pairs = [(positions_plan(plan.target, plan.source, positions) if positions is not None else plan, whole)]
+    else:
+        several = several_concepts_plan(model.tokenizer, text, [c.words for c in concepts])
+        customized, pairs = several.customized, _chosen(list(zip(several.plans, concepts)), positions)
+        try:
+            whole = one_model(concepts)
+        except ConceptError as e:
+            whole = None
+            warnings.append(str(e))
+    p = pairs[0][0].target
+    rows = [Row("customized", customized, concept=whole)] if include_customized and whole is not None else []
+    alignit = Row("alignit", p, swap=pairs[0][0], swap_concept=pairs[0][1], more_swaps=tuple(pairs[1:]))
+    rows.append(alignit)
     if include_base:
-        rows.append(Row("base", plan.target))
+        rows.append(Row("base", p))
     result = run_rows(model, rows, settings, progress, on_kv)
-    notes, warnings = _long_notes(model, plan.target)
-    return _finish(model, rows, settings, result, list(concept.warnings) + warnings, {
-        "mode": "alignit", **notes, "prompt": text, "customized_prompt": cp.customized.text, "p": plan.target.text,
-        "p_dummy": plan.source.text, "positions": list(plan.positions),
-        "concept": {"name": concept.name, "token": concept.token, "class_word": concept.class_word,
-                    "kind": concept.kind}})
+    notes, long_warnings = _long_notes(model, p)
+    return _finish(model, rows, settings, result, warnings + long_warnings, {
+        "mode": "alignit", **notes, "prompt": text, "customized_prompt": customized.text, "p": p.text,
+        "p_dummy": " | ".join(plan.source.text for plan, _ in pairs), "positions": list(alignit.swapped),
+        "concept": _described(concepts[0]),
+        "concepts": [{**_described(c), "p_dummy": plan.source.text, "positions": list(plan.positions)}
+                     for plan, c in pairs]})
+
+
+def _described(c: Concept) -> dict:
+    return {"name": c.name, "token": c.token, "class_word": c.class_word, "kind": c.kind}
+
+
+def _chosen(pairs: list[tuple[SwapPlan, Concept]], positions) -> list[tuple[SwapPlan, Concept]]:
+    """Each concept's plan narrowed to the chosen positions (None: all of them); a concept left
+    with none is not swapped. Raises PromptError for a position that is no concept's."""
+    if positions is None:
+        return pairs
+    chosen = set(check_positions(pairs[0][0].target, positions))
+    outside = sorted(chosen - {pos for plan, _ in pairs for pos in plan.positions})
+    if outside:
+        raise PromptError(f"position(s) {outside} belong to no concept; with several concepts, swap only "
+                          f"positions of theirs")
+    return [(replace(plan, positions=tuple(pos for pos in plan.positions if pos in chosen)), c)
+            for plan, c in pairs if chosen & set(plan.positions)]
 
 
 def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = None,
