@@ -40,7 +40,7 @@ from visualize import heatmap_row, token_chips  # noqa: E402
 PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
 ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
-MAX_UPLOAD_BYTES = 50 * 2**20
+MAX_UPLOAD_BYTES = 200 * 2**20  # an SD 1.5 LoRA of rank 128 is about 150 MB
 QUEUE = dict(max_size=16, default_concurrency_limit=2)  # two generations at once, sixteen waiting
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
@@ -270,6 +270,9 @@ def cli_command(gen: Generation, concepts: list[Concept], uploaded) -> str:
             args += ["--concept", f"{concept.name}.safetensors" if concept in uploaded else concept.name]
         if len(concepts) == 1 and concepts[0] in uploaded:
             args += ["--token", concepts[0].token, "--class-word", concepts[0].class_word]
+        scales = {c.scale for c in concepts if c.kind == "lora"} - {1.0}
+        if scales:
+            args += ["--lora-scale", f"{scales.pop():g}"]
         args += ["--positions", *map(str, s["positions"])]
         if "base" in gen.rows:
             args.append("--base")
@@ -284,6 +287,8 @@ def cli_command(gen: Generation, concepts: list[Concept], uploaded) -> str:
         args += ["--swap-kv", s["swap_kv"]]
     if s.get("swap_strength", 1.0) != 1.0:
         args += ["--swap-strength", f"{s['swap_strength']:g}"]
+    if s.get("lora_rest", 0.0):
+        args += ["--lora-rest", f"{s['lora_rest']:g}"]
     if s.get("long_prompt", "segments") != "segments":
         args += ["--long-prompt", s["long_prompt"]]
     return shlex.join(args + ["--out", "out/"])
@@ -411,13 +416,14 @@ def mode_controls(mode, gen: Generation | None):
     return (gr.update(visible=alignit), gr.update(visible=not alignit), gr.update(visible=alignit), *labels)
 
 
-def add_concept(model, concepts, uploaded, path, token, class_word):
-    """Load an uploaded .safetensors concept for this session only."""
+def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1.0):
+    """Load an uploaded .safetensors concept (an embedding or a LoRA) for this session only."""
     if not path:
         raise gr.Error("choose a .safetensors file first", title="Concept error")
     try:
         c = load_concept(path, model, allow_pickle=False, max_bytes=MAX_UPLOAD_BYTES,
-                         token=(token or "").strip() or None, class_word=(class_word or "").strip() or None)
+                         token=(token or "").strip() or None, class_word=(class_word or "").strip() or None,
+                         lora_scale=lora_scale)
     except AlignITError as e:
         raise ui_error(e) from None
     if c.token in {k.token for k in concepts.values()}:
@@ -443,7 +449,8 @@ def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
 
 def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
              scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
-             long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", progress=gr.Progress()):
+             long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
+             progress=gr.Progress()):
     """Generate the comparison: images, heat-map rows, the two downloads, the CLI line and the Generation
     (kept for redrawing maps). With no position ticked (always so through the API, whose position choices
     are empty) AlignIT swaps the concept's own positions. On bad input or a failed run raise gr.Error,
@@ -451,7 +458,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
                         scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
                         swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt,
-                        swap_kv=swap_kv, swap_strength=swap_strength)
+                        swap_kv=swap_kv, swap_strength=swap_strength, lora_rest=lora_rest)
 
     left = visitor_watch()
 
@@ -602,13 +609,16 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                                                "come from its own customized model)")
                     references = gr.Gallery(label="reference images the concept was learned from", columns=6,
                                             rows=1, height=150, object_fit="contain", allow_preview=True)
-                    with gr.Accordion("Upload a concept (.safetensors, at most 50 MB)", open=False):
+                    with gr.Accordion("Upload a concept (.safetensors, at most 200 MB)", open=False):
                         with gr.Row():
-                            upload = gr.File(label="textual-inversion embedding", file_types=[".safetensors"],
+                            upload = gr.File(label="textual-inversion embedding or DreamBooth-LoRA",
+                                             file_types=[".safetensors"],
                                              height=100, scale=2, elem_id="upload")
                             with gr.Column(scale=2):
-                                up_token = gr.Textbox(label="token", placeholder="<my-cat> (default: the file's key)")
+                                up_token = gr.Textbox(label="token", placeholder="<my-cat> or a LoRA's trigger word, "
+                                                                                 "e.g. sks (default: the file's)")
                                 up_class = gr.Textbox(label="class word", placeholder="cat", elem_id="upload-class")
+                                up_scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (a LoRA only)")
                         add = gr.Button("Add concept for this session", size="sm", elem_id="add-concept")
                 prompt = gr.Textbox(label="Prompt", value=first.example_prompt if first else swap_example[0],
                                     lines=1, elem_id="prompt")
@@ -637,6 +647,9 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                                            value="kv", label="Swap", elem_id="swap-kv")
                         swap_strength = gr.Slider(0, 1, value=1, step=0.05, elem_id="swap-strength",
                                                   label="Swap strength (0: no swap, 1: the full swap)")
+                    lora_rest = gr.Slider(0, 1, value=0, step=0.05, elem_id="lora-rest",
+                                          label="AlignIT on a LoRA: the rest of the LoRA (0: only the concept's keys "
+                                                "and values, as the paper; 1: all but the other tokens' keys and values)")
                     with gr.Row():
                         swap_start = gr.Slider(0, 1, value=0, step=0.05, label="Swap from (fraction of steps)")
                         swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
@@ -702,7 +715,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second], chips,
                          api_visibility="private",
                          show_progress="hidden", concurrency_limit=None)
-        add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class],
+        add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class, up_scale],
                   [uploaded, concept, second, prompt], api_visibility="private")
         dice.click(random_seed, None, seed, api_visibility="private", show_progress="hidden")
         size.change(lambda px: gr.update(**map_resolutions(model, px)), size, map_res, api_visibility="private",
@@ -717,7 +730,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
 
         gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
                       swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode, swap_kv,
-                      swap_strength, second]
+                      swap_strength, second, lora_rest]
         gen_outputs = images + maps + [grid_file, settings_file, command, last]
 
         def generate_after(event, **api):

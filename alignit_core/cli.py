@@ -35,10 +35,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--prompt", required=True)
         p.add_argument("--concept", action="append", default=[],
                        help="a concept folder name under assets/concepts, a folder, a manifest, or a bare "
-                            "textual-inversion file (then give --class-word); give it again for several concepts "
-                            "in one prompt, each swapped from its own customized model")
+                            "textual-inversion or LoRA file (then give --class-word, and a LoRA's --token unless its "
+                            "metadata names them); give it again for several concepts in one prompt, each swapped "
+                            "from its own customized model")
         p.add_argument("--token", help="bare embedding file: the token as written in prompts")
         p.add_argument("--class-word", help="bare embedding file: the concept's class word, e.g. cat")
+        p.add_argument("--lora-scale", type=float, help="how much of a LoRA concept to apply (diffusers' adapter "
+                                                        "weight; default: its manifest's scale, else 1)")
         p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         p.add_argument("--long-prompt", choices=LONG_MODES, default="segments",
                        help="prompts over 75 tokens: segments (LongAlign, every word kept), truncate, refuse")
@@ -60,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                            help="swap keys and values (kv), keys only (k) or values only (v)")
             p.add_argument("--swap-strength", type=float, default=1.0,
                            help="0 = the row's own keys/values (no swap) .. 1 = the full swap")
+            p.add_argument("--lora-rest", type=float, default=0.0,
+                           help="AlignIT on a LoRA: how much of the LoRA beyond the concept's keys and values "
+                                "(0: the paper's AlignIT .. 1: all of it)")
             p.add_argument("--map-resolution", type=int, help="side of the attention maps to record")
             p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
             p.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet")
@@ -69,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _concept(arg: str, model, token: str | None = None, class_word: str | None = None):
+def _concept(arg: str, model, token: str | None = None, class_word: str | None = None, lora_scale=None):
     from .concepts import load_concept
 
     path = Path(arg)
@@ -78,7 +84,7 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
     if not path.exists():
         known = sorted(p.name for p in CONCEPTS.glob("*/manifest.json") for p in [p.parent])
         raise ConceptError(f"unknown concept {arg!r}; available: {', '.join(known) or 'none'}")
-    return load_concept(path, model, token=token, class_word=class_word)
+    return load_concept(path, model, token=token, class_word=class_word, lora_scale=lora_scale)
 
 
 def write_outputs(gen: Generation, out: Path) -> list[Path]:
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.concept) > 1 and (args.token or args.class_word):
             raise AlignITError("--token and --class-word name one bare embedding file; give each of several "
                                "concepts as a folder or manifest")
-        concepts = [_concept(arg, model, args.token, args.class_word) for arg in args.concept]
+        concepts = [_concept(arg, model, args.token, args.class_word, args.lora_scale) for arg in args.concept]
         if args.command == "tokens":
             print(_tokens(model, args.prompt, concepts, args.long_prompt))
             return 0
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                             scheduler=args.scheduler, swap_uncond=args.swap_uncond,
                             swap_start=args.swap_steps[0], swap_end=args.swap_steps[1],
                             map_resolution=args.map_resolution, long_prompt=args.long_prompt,
-                            swap_kv=args.swap_kv, swap_strength=args.swap_strength)
+                            swap_kv=args.swap_kv, swap_strength=args.swap_strength, lora_rest=args.lora_rest)
         if concepts:
             if swaps:
                 raise AlignITError("--swap is for token-swap mode; with --concept use --positions")

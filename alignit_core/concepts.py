@@ -9,7 +9,9 @@ Formats read (each written by the tests in that exact layout first):
   "modifier_token": {token: vec}}`) and diffusers' `pytorch_custom_diffusion_weights.{bin,safetensors}`
   (`{"<layer>.processor.to_k_custom_diffusion.weight": W, ...}`) with the token in a TI file;
 * text-encoder fine-tune (CatVersion-style): text-encoder weights in safetensors, used only to
-  encode the customized prompt and p'.
+  encode the customized prompt and p';
+* DreamBooth-LoRA (lora.py): diffusers/peft and kohya safetensors, UNet and text-encoder updates;
+  the trigger word is read as ordinary text (`a photo of sks dog`).
 
 A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
 only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
@@ -24,16 +26,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import ConceptError
 from .prompts import ConceptWords
-from .weights import Edit, LowRank, Replace
+from .lora import is_lora, read_lora
+from .weights import Edit, LowRank, Replace, overlay
 
-KINDS = ("textual_inversion", "custom_diffusion", "text_encoder")
+KINDS = ("textual_inversion", "custom_diffusion", "text_encoder", "lora")
 KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Custom Diffusion",
-               "text_encoder": "text-encoder fine-tune"}
+               "text_encoder": "text-encoder fine-tune", "lora": "DreamBooth-LoRA"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 MAX_FILE_BYTES = 200 * 2**20
 
@@ -53,6 +56,7 @@ class Concept:
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
     warnings: tuple[str, ...] = ()  # what in its files was not used, said to the user with every generation
+    scale: float = 1.0  # a LoRA's adapter weight (diffusers' set_adapters), already in its updates
 
     @property
     def n_vectors(self) -> int:
@@ -187,15 +191,20 @@ def _inside(folder: Path, rel: str) -> Path:
 
 
 def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes: int = MAX_FILE_BYTES,
-                 token: str | None = None, class_word: str | None = None) -> Concept:
-    """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion
-    file (then `token`/`class_word` name it), and validate it against `model`. Raises ConceptError."""
+                 token: str | None = None, class_word: str | None = None, lora_scale: float | None = None) -> Concept:
+    """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion or
+    LoRA file (then `token`/`class_word` name it; a LoRA's may come from its training metadata), and
+    validate it against `model`. `lora_scale`: how much of a LoRA to apply (diffusers' adapter
+    weight; default the manifest's `scale`, else 1). Raises ConceptError."""
     path = Path(source)
     if not path.exists():
         raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
     if path.is_dir():
         path = path / "manifest.json"
     if path.suffix != ".json":
+        if _holds_lora(path):
+            return _lora_concept(path.stem, path, model, max_bytes, token, class_word,
+                                 1.0 if lora_scale is None else lora_scale, {})
         if not class_word:
             raise ConceptError("a bare embedding file needs a class word (e.g. 'cat')")
         tok, vectors, warnings = read_embeddings(_read(path, allow_pickle, max_bytes), token)
@@ -208,6 +217,12 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConceptError(f"{path.name} is not valid JSON ({e})") from None
     folder = path.parent
+    if m.get("kind") == "lora":  # its trigger and class word may come from the file
+        if not m.get("lora"):
+            raise ConceptError("a LoRA manifest needs a 'lora' weights file")
+        return _lora_concept(m.get("name", folder.name), _inside(folder, m["lora"]), model, max_bytes,
+                             token or m.get("token"), class_word or m.get("class_word"),
+                             m.get("scale", 1.0) if lora_scale is None else lora_scale, m)
     for key in ("token", "class_word", "kind"):
         if not isinstance(m.get(key), str) or not m[key].strip():
             raise ConceptError(f"the manifest {path} needs a {key!r} string")
@@ -245,6 +260,36 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     return _bind(concept, model)
 
 
+def _holds_lora(path: Path) -> bool:
+    """Whether a bare .safetensors file is a LoRA (read from its header only)."""
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return is_lora(f.keys())
+    except (SafetensorError, OSError, ValueError):
+        return False  # the embedding reader says what is wrong with it
+
+
+def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_word, scale, m: dict) -> Concept:
+    """A DreamBooth-LoRA concept from its file; the trigger and class word as given, else the file's."""
+    lora = read_lora(path, model, max_bytes)
+    if not (token and class_word) and lora.trigger is not None:
+        token, class_word = token or lora.trigger[0], class_word or lora.trigger[1]
+    if not (isinstance(token, str) and token.strip() and isinstance(class_word, str) and class_word.strip()):
+        raise ConceptError(f"{path.name} does not say its trigger word and class word; give them (e.g. token "
+                           f"'sks', class word 'dog')")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 2:
+        raise ConceptError("a LoRA's scale must be a number from 0 to 2")
+    concept = Concept(name, token.strip(), class_word.strip(), "lora", phrase=m.get("phrase", "{token} {class_word}"),
+                      unet={layer: edit.scaled(scale) for layer, edit in lora.unet.items()},
+                      text_encoders=tuple({layer: edit.scaled(scale) for layer, edit in text.items()}
+                                          for text in lora.text),
+                      references=tuple(_inside(path.parent, r) for r in m.get("references", [])),
+                      example_prompt=m.get("example_prompt", ""), scale=float(scale))
+    return _bind(concept, model)
+
+
 def _bind(c: Concept, model) -> Concept:
     """Check shapes against `model`, move tensors to its device/dtype, build fine-tuned encoders."""
     if not c.token.strip() or any(ch.isspace() for ch in c.token):
@@ -266,6 +311,8 @@ def _bind(c: Concept, model) -> Concept:
     if len({v.shape[0] for v in vectors}) > 1:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
     unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
+    if c.kind == "lora":
+        return replace(c, unet=unet, text_encoders=_lora_encoders(c.text_encoders, model))
     encoders = []
     for state in c.text_encoders:
         te = copy.deepcopy(model.text_encoders[0])
@@ -284,32 +331,36 @@ def _bind(c: Concept, model) -> Concept:
 
 
 def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit:
-    """`edit` of layer `name` of `root`, checked against the layer's shapes and moved to the model's
-    device and dtype. Raises ConceptError for a layer that is not there or has other shapes."""
+    """`edit` of layer `name` of `root`, moved to the model's device and dtype. Raises ConceptError
+    for a layer that is not there or replaced weights of other shapes (LoRA shapes: lora.py)."""
     try:
         layer = root.get_submodule(name)
     except AttributeError:
         layer = None
     if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
         raise ConceptError(f"{what} layer {name} does not exist in {model.name}")
+    if isinstance(edit, LowRank):
+        down, up = edit.down, edit.up
+        if isinstance(layer, torch.nn.Conv2d) and down.ndim == 2:  # a linear LoRA on a 1x1 convolution
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        return LowRank(down.to(model.device, model.dtype), up.to(model.device, model.dtype), edit.scale)
     weight = layer.weight
-    if isinstance(edit, Replace):
-        bias_ok = edit.bias is None or (layer.bias is not None and edit.bias.shape == layer.bias.shape)
-        if edit.weight.shape != weight.shape or not bias_ok:
-            raise ConceptError(f"{what} weights for {name} are {tuple(edit.weight.shape)}; {model.name} needs "
-                               f"{tuple(weight.shape)}: the concept is for another model")
-        return Replace(edit.weight.to(model.device, model.dtype),
-                       None if edit.bias is None else edit.bias.to(model.device, model.dtype))
-    down, up = edit.down, edit.up
-    if isinstance(layer, torch.nn.Conv2d) and down.ndim == 2 and layer.kernel_size == (1, 1):
-        down, up = down[:, :, None, None], up[:, :, None, None]  # a linear LoRA on a 1x1 convolution
-    conv = isinstance(layer, torch.nn.Conv2d)
-    expect_down = (down.shape[0], *weight.shape[1:]) if conv else (down.shape[0], weight.shape[1])
-    expect_up = (weight.shape[0], down.shape[0], 1, 1) if conv else (weight.shape[0], down.shape[0])
-    if tuple(down.shape) != expect_down or tuple(up.shape) != expect_up:
-        raise ConceptError(f"{what} weights for {name} are {tuple(down.shape)} and {tuple(up.shape)}; "
-                           f"{model.name}'s layer is {tuple(weight.shape)}: the LoRA is for another model")
-    return LowRank(down.to(model.device, model.dtype), up.to(model.device, model.dtype), edit.scale)
+    bias_ok = edit.bias is None or (layer.bias is not None and edit.bias.shape == layer.bias.shape)
+    if edit.weight.shape != weight.shape or not bias_ok:
+        raise ConceptError(f"{what} weights for {name} are {tuple(edit.weight.shape)}; {model.name} needs "
+                           f"{tuple(weight.shape)}: the concept is for another model")
+    return Replace(edit.weight.to(model.device, model.dtype),
+                   None if edit.bias is None else edit.bias.to(model.device, model.dtype))
+
+
+def _lora_encoders(updates: tuple[dict[str, LowRank], ...], model) -> tuple:
+    """The model's text stack with a LoRA's updates on every row (views sharing the model's
+    weights), or () when the LoRA leaves the text encoders alone."""
+    if not any(updates):
+        return ()
+    return tuple(overlay(te, {layer: [(None, _fit(te, layer, edit, model, "LoRA"))]
+                              for layer, edit in (updates[i] if i < len(updates) else {}).items()})
+                 for i, te in enumerate(model.text_encoders))
 
 
 def one_model(concepts: list[Concept]) -> Concept:

@@ -24,7 +24,7 @@ from .concepts import Concept, one_model
 from .encoding import encode
 from .errors import ConceptError, ModelError, PromptError, SettingsError
 from .kv import RowWrite, request_kv
-from .weights import overlay
+from .weights import LowRank, overlay
 from .prompts import (LONG_MODES, Prompt, SwapPlan, check_positions, concept_plan, max_tokens, padded,
                       positions_plan, several_concepts_plan, tokenize, word_swap_plan)
 
@@ -53,6 +53,7 @@ class Settings:
     long_prompt: str = "segments"  # over 75 tokens: segments (LongAlign) | truncate | refuse
     swap_kv: str = "kv"  # which swapped rows: keys and values | k (keys only) | v (values only)
     swap_strength: float = 1.0  # 0: the row's own keys/values (no swap) .. 1: the swapped ones
+    lora_rest: float = 0.0  # AlignIT on a LoRA: how much of the LoRA beyond the concept's keys/values (0: none)
 
 
 @dataclass
@@ -135,8 +136,11 @@ def resolve(model, s: Settings) -> Settings:
     if isinstance(s.swap_strength, bool) or not isinstance(s.swap_strength, (int, float)) \
             or not 0 <= s.swap_strength <= 1:
         raise SettingsError("the swap strength must be a number from 0 (no swap) to 1 (the full swap)")
+    if isinstance(s.lora_rest, bool) or not isinstance(s.lora_rest, (int, float)) or not 0 <= s.lora_rest <= 1:
+        raise SettingsError("the rest of the LoRA must be a number from 0 (the paper's AlignIT) to 1 (all of the "
+                            "LoRA but the other tokens' keys and values)")
     return replace(s, steps=steps, guidance=float(guidance), size=size, scheduler=scheduler, map_resolution=res,
-                   swap_strength=float(s.swap_strength))
+                   swap_strength=float(s.swap_strength), lora_rest=float(s.lora_rest))
 
 
 # ------------------------------------------------------------------------------ text conditioning
@@ -300,10 +304,12 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
     edits: dict[str, list] = {}
     swaps = []
     for i, row in enumerate(rows):
+        both = torch.tensor([i, r + i], device=model.device)
         if row.concept is not None:  # a customized baseline: its own weights on its rows, every step
-            both = torch.tensor([i, r + i], device=model.device)
             for name, edit in row.concept.unet.items():
                 edits.setdefault(name, []).append((both, edit))
+        for name, edit in _lora_rest(row, settings.lora_rest):
+            edits.setdefault(name, []).append((both, edit))
         for plan, concept in row.sources:
             src, _ = enc(plan.source, concept)
             kv = concept.kv if concept is not None and concept.kv else None
@@ -324,6 +330,19 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=model.device, dtype=hidden.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * r, 1)}
     return hidden, added, state, overlay(model.unet, edits)
+
+
+def _lora_rest(row: Row, rest: float) -> list[tuple[str, LowRank]]:
+    """AlignIT on a LoRA: the LoRA's updates beyond the concept's cross-attention keys and values
+    (self-attention, queries, outputs, feed-forward, convolutions), scaled by `rest`, on the whole row."""
+    if rest == 0:
+        return []
+    out = []
+    for _, concept in row.sources:
+        if concept is not None and concept.kind == "lora":
+            keys_values = {f"{layer}.to_{x}" for layer in concept.kv for x in "kv"}
+            out += [(name, edit.scaled(rest)) for name, edit in concept.unet.items() if name not in keys_values]
+    return out
 
 
 @torch.no_grad()
@@ -386,7 +405,8 @@ def _finish(model, rows, settings, result, warnings, extra) -> Generation:
          "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond, "long_prompt": settings.long_prompt,
          "warnings": warnings,
          "swap_steps": [settings.swap_start, settings.swap_end], "swap_kv": settings.swap_kv,
-         "swap_strength": settings.swap_strength, "map_resolution": settings.map_resolution,
+         "swap_strength": settings.swap_strength, "lora_rest": settings.lora_rest,
+         "map_resolution": settings.map_resolution,
          "rows": [row.name for row in rows], "accelerations": list(model.accelerations),
          "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
     return Generation(dict(zip([row.name for row in rows], images)), maps,
@@ -457,7 +477,8 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
 
 
 def _described(c: Concept) -> dict:
-    return {"name": c.name, "token": c.token, "class_word": c.class_word, "kind": c.kind}
+    return {"name": c.name, "token": c.token, "class_word": c.class_word, "kind": c.kind,
+            **({"scale": c.scale} if c.kind == "lora" else {})}
 
 
 def _chosen(pairs: list[tuple[SwapPlan, Concept]], positions) -> list[tuple[SwapPlan, Concept]]:

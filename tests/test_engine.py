@@ -1,11 +1,12 @@
 """The engine on real diffusers pipelines: swaps touch exactly the rows they should."""
 from __future__ import annotations
 
-import threading
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_at_once
 
 from alignit_core import Settings, generate_swap, positions_plan, tokenize
 
@@ -94,18 +95,7 @@ def test_two_threads_get_what_they_get_alone(tiny_sd):
     jobs = [("a jumping dog", [("dog", "zebra")], Settings(seed=1, steps=3)),
             ("banana in a white plate", [(4, "black")], Settings(seed=2, steps=3))]
     alone = [generate_swap(tiny_sd, t, s, st) for t, s, st in jobs]
-    together = [None, None]
-    barrier = threading.Barrier(2)
-
-    def run(i):
-        barrier.wait()
-        together[i] = generate_swap(tiny_sd, *jobs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together = run_at_once([partial(generate_swap, tiny_sd, *job) for job in jobs])
     for a, b in zip(alone, together):
         for row in a.images:
             assert np.array_equal(_pixels(a.images[row]), _pixels(b.images[row]))
