@@ -194,7 +194,7 @@ def prompts_markdown(view: TokenView) -> str:
             lines.append(f"⚠️ over 75 tokens: the model will not read `{view.p.dropped}` "
                          f"(choose segments under Advanced to keep it)")
     for whose, source in view.sources:
-        lines.append(f"**p′**{f' of {whose}' if whose else ''} (K/V source): `{source.text}`")
+        lines.append(f"**p′**{f' of `{whose}`' if whose else ''} (K/V source): `{source.text}`")
     if view.problem:
         lines.append(f"⚠️ {view.problem}")
     return "  \n".join(lines)
@@ -569,8 +569,9 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         if c.example_prompt:
             rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
             labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}")
-    pair = next(((a, b) for a in concepts for b in concepts
-                 if concepts[a].example_prompt and concepts[a].token != concepts[b].token), None)
+    pairs = [(a, b) for a in concepts for b in concepts
+             if concepts[a].example_prompt and concepts[a].token != concepts[b].token]
+    pair = min(pairs, key=lambda ab: concepts[ab[0]].kind == concepts[ab[1]].kind, default=None)  # kinds mixed first
     if pair is not None:
         first, other = concepts[pair[0]], concepts[pair[1]]
         rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),

@@ -278,7 +278,7 @@ def test_the_token_view_shows_each_concepts_p_prime_and_positions(clip):
     assert table.iloc[2, -2] == "<striped-ball>" and table.iloc[5, -2] == "*"
     assert table.iloc[5, -1] == "<holed-star>" and table.iloc[2, -1] == "*"
     md = app.prompts_markdown(view)
-    assert "**p′** of <striped-ball>" in md and "**p′** of <holed-star>" in md
+    assert "**p′** of `<striped-ball>`" in md and "**p′** of `<holed-star>`" in md
 
 
 def test_a_second_concept_joins_the_prompt_and_the_generation(tiny_sd, tmp_path):
