@@ -30,8 +30,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from .errors import ConceptError
-from .prompts import ConceptWords
 from .lora import is_lora, read_lora
+from .prompts import ConceptWords
 from .weights import Edit, LowRank, Replace, overlay
 
 KINDS = ("textual_inversion", "custom_diffusion", "text_encoder", "lora")

@@ -24,9 +24,9 @@ from .concepts import Concept, one_model
 from .encoding import encode
 from .errors import ConceptError, ModelError, PromptError, SettingsError
 from .kv import RowWrite, request_kv
-from .weights import LowRank, overlay
 from .prompts import (LONG_MODES, Prompt, SwapPlan, check_positions, concept_plan, max_tokens, padded,
                       positions_plan, several_concepts_plan, tokenize, word_swap_plan)
+from .weights import LowRank, overlay
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler"}

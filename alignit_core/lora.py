@@ -179,8 +179,6 @@ def _plan(header: dict, metadata: dict, model) -> dict:
         if dtype not in FLOAT_DTYPES:
             raise ConceptError(f"the LoRA's {key} is {dtype}, not floating point")
         target = _TARGETS[m["target"]]
-        if m["target"] == "te1" and len(model.text_encoders) == 1:
-            target = "te0"
         layer = m["layer"]
         if target == "unet" and m.re is _KOHYA:
             layer = _sdxl_block(layer, model.unet)

@@ -378,8 +378,8 @@ def test_manifest_without_a_required_key_is_refused(tiny_sd, tmp_path, missing):
 
 def test_manifest_with_an_unknown_kind_is_refused(tiny_sd, tmp_path):
     folder = write_concept(tmp_path / "toy", {"e.safetensors": {"<toy>": vec(1, WIDTH)}}, token="<toy>",
-                           class_word="toy", kind="lora", weights="e.safetensors")
-    with pytest.raises(ConceptError, match="unknown concept kind 'lora'.*textual_inversion"):
+                           class_word="toy", kind="hypernetwork", weights="e.safetensors")
+    with pytest.raises(ConceptError, match="unknown concept kind 'hypernetwork'.*textual_inversion.*lora"):
         load_concept(folder, tiny_sd)
 
 
