@@ -84,7 +84,8 @@ class Evil:
 @pytest.fixture(scope="module")
 def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
     """Concept folders for the tiny SD: textual inversion `<toy>` and Custom Diffusion `<new1>` (class
-    word 'dog'), and an SD 1.5-wide (768) embedding file `<wide>`; with the first two loaded."""
+    word 'dog'), an SD 1.5-wide (768) embedding file `<wide>` and an SD 1.5 LoRA file; with the first
+    two loaded."""
     root = tmp_path_factory.mktemp("concepts")
     g = torch.Generator().manual_seed(0)
     toy = root / "toy"
@@ -106,7 +107,11 @@ def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
         "custom_diffusion": "pytorch_custom_diffusion_weights.safetensors"}))
     wide = root / "wide.safetensors"
     save_file({"<wide>": torch.randn(1, 768, generator=g)}, str(wide))
-    return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, toy=load_concept(toy, tiny_sd),
+    lora = root / "sd15_lora.safetensors"  # a kohya LoRA whose layer takes SD 1.5's 768-wide text
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 768), f"{layer}.lora_up.weight": torch.zeros(16, 4)},
+              str(lora))
+    return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, lora=lora, toy=load_concept(toy, tiny_sd),
                            cd=load_concept(cd, tiny_sd))
 
 
@@ -192,6 +197,11 @@ BAD = {
         lambda m, c: load_concept(c.wide, m, class_word="dog"),
         ["--concept", "{wide}", "--class-word", "dog", "--prompt", "a photo of a <wide>"],
         lambda m, c: app.add_concept(m, {}, {}, str(c.wide), "", "dog")),
+    "LoRA of another model": Bad(
+        ConceptError, "the LoRA's weights for down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k are (4, 768)",
+        lambda m, c: load_concept(c.lora, m, token="sks", class_word="dog"),
+        ["--concept", "{lora}", "--token", "sks", "--class-word", "dog", "--prompt", "a photo of a sks"],
+        lambda m, c: app.add_concept(m, {}, {}, str(c.lora), "sks", "dog")),
     "position 0, the start token": Bad(PromptError, "position 0 is the start token",
                                        partial(_concept, positions=[0]), TOY_PROMPT + ["--positions", "0"],
                                        {**TOY_UI, "positions": [0]}),
@@ -236,7 +246,7 @@ BAD = {
 
 
 def _cli_argv(case: Bad, c, out: Path) -> list[str]:
-    extra = [{"{toy}": str(c.toy_dir), "{wide}": str(c.wide)}.get(a, a) for a in case.cli]
+    extra = [{"{toy}": str(c.toy_dir), "{wide}": str(c.wide), "{lora}": str(c.lora)}.get(a, a) for a in case.cli]
     argv = ["generate", "--model", "tiny", "--steps", "2", "--out", str(out)]
     if "--prompt" not in extra:
         argv += ["--prompt", "a jumping dog"]
