@@ -27,12 +27,17 @@ class MapStore:
     side: int  # maps are side x side
     tokens: int  # keep the first `tokens` key positions
     total: torch.Tensor  # (r, side*side, tokens) fp32
+    layers: frozenset[str] = frozenset()  # the cross-attention layers that record (all side x side)
+    steps: tuple[int, int] = (0, 10**9)  # record during steps [start, end)
     layers_added: int = 0
 
     @classmethod
-    def create(cls, rows: range, side: int, tokens: int, device) -> MapStore:
+    def create(cls, rows: range, side: int, tokens: int, device, layers, steps=(0, 10**9)) -> MapStore:
         return cls(rows, side, tokens, torch.zeros(len(rows), side * side, tokens, device=device,
-                                                   dtype=torch.float32))
+                                                   dtype=torch.float32), frozenset(layers), tuple(steps))
+
+    def records(self, layer: str, step: int) -> bool:
+        return layer in self.layers and self.steps[0] <= step < self.steps[1]
 
     def keys(self, k: torch.Tensor, scale: float) -> torch.Tensor:
         """The recorded rows' keys as the scores need them: (r, heads, d, keys) fp32, scaled."""
@@ -171,7 +176,7 @@ def _alignit_attention(name: str, state: CallState, attn, query, context, attent
     q, k, v = _heads(attn, query, key, value, batch)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
     store = state.maps
-    if store is not None and q.shape[2] == store.side * store.side:
+    if store is not None and store.records(name, state.step):
         store.add(q, state.map_keys(version, k, attn.scale), attention_mask)
     return out
 

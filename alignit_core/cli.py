@@ -18,7 +18,8 @@ from pathlib import Path
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import AlignITError, ConceptError
-from .generate import SWAP_KV, Generation, Settings, scheduler_names
+from .generate import CAPTIONS, SWAP_KV, Generation, Settings, scheduler_names
+from .models import MAP_BLOCKS
 from .prompts import LONG_MODES
 from .sweep import add_arguments as add_eval_arguments
 
@@ -67,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="AlignIT on a LoRA: how much of the LoRA beyond the concept's keys and values "
                                 "(0: the paper's AlignIT .. 1: all of it)")
             p.add_argument("--map-resolution", type=int, help="side of the attention maps to record")
+            p.add_argument("--map-blocks", nargs="+", choices=MAP_BLOCKS, default=list(MAP_BLOCKS),
+                           help="the UNet's parts whose cross-attention layers (at --map-resolution) record maps")
+            p.add_argument("--map-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
+                           help="fractions of the steps over which maps are recorded")
             p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
             p.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet")
             p.add_argument("--out", required=True, type=Path)
@@ -87,32 +92,40 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
     return load_concept(path, model, token=token, class_word=class_word, lora_scale=lora_scale)
 
 
-def write_outputs(gen: Generation, out: Path) -> list[Path]:
-    """Write the row PNGs, heatmaps.png and settings.json into `out`; return their paths."""
+def write_outputs(gen: Generation, out: Path, prefix: str = "") -> list[Path]:
+    """Write into `out`, each name starting with `prefix`: the row PNGs, heatmaps.png (the comparison
+    grid, columns named as in the demo, word-level maps), maps.safetensors and settings.json. Every
+    PNG carries the settings. Returns the paths."""
     from visualize import comparison_grid, heatmap_row
+
+    from .maps import MAPS_FILE, entries, entry_maps, save_maps
 
     out.mkdir(parents=True, exist_ok=True)
     meta = PngInfo()
     meta.add_text("alignit", json.dumps(gen.settings, ensure_ascii=False))
     written = []
     for name, image in gen.images.items():
-        image.save(out / f"{name}.png", pnginfo=meta)
-        written.append(out / f"{name}.png")
+        image.save(out / f"{prefix}{name}.png", pnginfo=meta)
+        written.append(out / f"{prefix}{name}.png")
     columns = []
     for name, image in gen.images.items():
         row = None
         if name in gen.maps:
-            labels = [t.text for t in gen.tokens[name]]
-            lines = -(-len(labels) // 8)  # as few lines as 8 tiles a line need, filled evenly
-            row = heatmap_row(image, gen.maps[name], labels, marked=set(gen.swapped.get(name, ())),
-                              per_line=-(-len(labels) // lines))
-        columns.append((name, image, row))
+            words = entries(gen.tokens[name])
+            lines = -(-len(words) // 8)  # as few lines as 8 tiles a line need, filled evenly
+            marked = {i for i, e in enumerate(words) if set(e.positions) & set(gen.swapped.get(name, ()))}
+            row = heatmap_row(image, entry_maps(gen.maps[name], words), [e.label for e in words], marked=marked,
+                              per_line=-(-len(words) // lines))
+        columns.append((CAPTIONS[name], image, row))
     s = gen.settings
     footer = (f"model {s['model']} · seed {s['seed']} · steps {s['steps']} · guidance {s['guidance']} · "
               f"size {s['size']} · {s['scheduler']}\np: {s['p']}\np': {s['p_dummy']} · positions {s['positions']}")
-    comparison_grid(columns, s["prompt"], footer).save(out / "heatmaps.png", pnginfo=meta)
-    (out / "settings.json").write_text(gen.settings_json() + "\n")
-    return written + [out / "heatmaps.png", out / "settings.json"]
+    comparison_grid(columns, s["prompt"], footer).save(out / f"{prefix}heatmaps.png", pnginfo=meta)
+    written.append(out / f"{prefix}heatmaps.png")
+    if gen.maps:
+        written.append(save_maps(gen, out / f"{prefix}{MAPS_FILE}"))
+    (out / f"{prefix}settings.json").write_text(gen.settings_json() + "\n")
+    return written + [out / f"{prefix}settings.json"]
 
 
 def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
@@ -169,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
                             scheduler=args.scheduler, swap_uncond=args.swap_uncond,
                             swap_start=args.swap_steps[0], swap_end=args.swap_steps[1],
                             map_resolution=args.map_resolution, long_prompt=args.long_prompt,
-                            swap_kv=args.swap_kv, swap_strength=args.swap_strength, lora_rest=args.lora_rest)
+                            swap_kv=args.swap_kv, swap_strength=args.swap_strength, lora_rest=args.lora_rest,
+                            map_blocks=tuple(args.map_blocks), map_start=args.map_steps[0], map_end=args.map_steps[1])
         if concepts:
             if swaps:
                 raise AlignITError("--swap is for token-swap mode; with --concept use --positions")

@@ -24,6 +24,7 @@ from .concepts import Concept, one_model
 from .encoding import encode
 from .errors import ConceptError, ModelError, PromptError, SettingsError
 from .kv import RowWrite, request_kv
+from .models import MAP_BLOCKS
 from .prompts import (LONG_MODES, Prompt, SwapPlan, check_positions, concept_plan, max_tokens, padded,
                       positions_plan, several_concepts_plan, tokenize, word_swap_plan)
 from .weights import LowRank, overlay
@@ -34,6 +35,9 @@ MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 SWAP_KV = ("kv", "k", "v")  # swap keys and values, keys only, values only
+# What each row of a generation is called wherever people see it (the demo's columns, the grid)
+CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
+            "baseline": "baseline", "swapped": "swapped"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class Settings:
     swap_end: float = 1.0
     map_resolution: int | None = None
     record_maps: bool = True
+    map_start: float = 0.0  # fraction of the steps from which attention maps are recorded
+    map_end: float = 1.0  # ... until which
+    map_blocks: tuple[str, ...] = MAP_BLOCKS  # the UNet's parts whose layers (at map_resolution) record
     long_prompt: str = "segments"  # over 75 tokens: segments (LongAlign) | truncate | refuse
     swap_kv: str = "kv"  # which swapped rows: keys and values | k (keys only) | v (values only)
     swap_strength: float = 1.0  # 0: the row's own keys/values (no swap) .. 1: the swapped ones
@@ -82,7 +89,7 @@ class Generation:
     """What one request produced, and everything needed to reproduce it."""
 
     images: dict[str, Image.Image]
-    maps: dict[str, np.ndarray]  # row -> (tokens, side, side), each token's map scaled to max 1
+    maps: dict[str, np.ndarray]  # row -> (tokens, side, side) attention probabilities, mean over layers, steps, heads
     tokens: dict[str, tuple]  # row -> its Token table
     swapped: dict[str, tuple[int, ...]]  # row -> swapped positions
     settings: dict = field(default_factory=dict)
@@ -128,6 +135,18 @@ def resolve(model, s: Settings) -> Settings:
     if res not in model.attention_resolutions(size):
         raise SettingsError(f"no cross-attention layer works at {res}x{res}; "
                             f"available: {', '.join(map(str, model.attention_resolutions(size)))}")
+    blocks = tuple(b for b in MAP_BLOCKS if b in (s.map_blocks or ()))
+    if isinstance(s.map_blocks, str) or not blocks or len(blocks) != len(s.map_blocks):
+        raise SettingsError(f"heat-map layers must be some of {', '.join(MAP_BLOCKS)}, got {s.map_blocks!r}")
+    if s.record_maps and not model.map_layers(res, size, blocks):
+        there = sorted({b for b in MAP_BLOCKS if model.map_layers(res, size, (b,))}, key=MAP_BLOCKS.index)
+        raise SettingsError(f"no cross-attention layer of the {' or '.join(blocks)} block(s) works at {res}x{res}; "
+                            f"at that resolution choose {', '.join(there)}")
+    if not (0 <= s.map_start < s.map_end <= 1):
+        raise SettingsError("the heat-map step range must satisfy 0 <= start < end <= 1")
+    if round(s.map_start * steps) == round(s.map_end * steps):
+        raise SettingsError(f"the heat-map step range {s.map_start:g}..{s.map_end:g} holds none of the {steps} steps; "
+                            f"widen it")
     if s.long_prompt not in LONG_MODES:
         raise SettingsError(f"unknown long-prompt mode {s.long_prompt!r}; choose one of {', '.join(LONG_MODES)}")
     if s.swap_kv not in SWAP_KV:
@@ -140,7 +159,7 @@ def resolve(model, s: Settings) -> Settings:
         raise SettingsError("the rest of the LoRA must be a number from 0 (the paper's AlignIT) to 1 (all of the "
                             "LoRA but the other tokens' keys and values)")
     return replace(s, steps=steps, guidance=float(guidance), size=size, scheduler=scheduler, map_resolution=res,
-                   swap_strength=float(s.swap_strength), lora_rest=float(s.lora_rest))
+                   swap_strength=float(s.swap_strength), lora_rest=float(s.lora_rest), map_blocks=blocks)
 
 
 # ------------------------------------------------------------------------------ text conditioning
@@ -322,7 +341,9 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
                       on_kv=on_kv)
     if settings.record_maps:
         n_tok = max(len(row.prompt.ids) for row in rows)
-        state.maps = MapStore.create(range(r, 2 * r), settings.map_resolution, n_tok, model.device)
+        state.maps = MapStore.create(range(r, 2 * r), settings.map_resolution, n_tok, model.device,
+                                     model.map_layers(settings.map_resolution, settings.size, settings.map_blocks),
+                                     (round(settings.map_start * steps), round(settings.map_end * steps)))
     added = None
     if model.is_xl:
         pooled = torch.stack([u[1] for u in unconds] + [c[1] for c in conds])
@@ -369,9 +390,7 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     if state.maps is not None:
         all_maps = state.maps.maps().cpu().numpy()  # (r, tokens, side, side)
         for k, row in enumerate(rows):
-            m = all_maps[k, : len(row.prompt.ids)]
-            peak = m.reshape(m.shape[0], -1).max(1).reshape(-1, 1, 1)
-            maps[row.name] = (m / np.maximum(peak, 1e-12)).astype(np.float32)
+            maps[row.name] = all_maps[k, : len(row.prompt.ids)].astype(np.float32)
     store_bytes = state.maps.total.nbytes if state.maps is not None else 0
     return images, maps, store_bytes, latents.float().cpu()
 
@@ -406,7 +425,8 @@ def _finish(model, rows, settings, result, warnings, extra) -> Generation:
          "warnings": warnings,
          "swap_steps": [settings.swap_start, settings.swap_end], "swap_kv": settings.swap_kv,
          "swap_strength": settings.swap_strength, "lora_rest": settings.lora_rest,
-         "map_resolution": settings.map_resolution,
+         "map_resolution": settings.map_resolution, "map_steps": [settings.map_start, settings.map_end],
+         "map_blocks": list(settings.map_blocks),
          "rows": [row.name for row in rows], "accelerations": list(model.accelerations),
          "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
     return Generation(dict(zip([row.name for row in rows], images)), maps,
@@ -415,10 +435,27 @@ def _finish(model, rows, settings, result, warnings, extra) -> Generation:
                       {row.name: z for row, z in zip(rows, latents)}, warnings)
 
 
+def size_warning(model, size: int) -> str:
+    """Why a size far from the one the model was trained at will likely look wrong ("" when it is
+    near it: within a quarter). The embedded model, trained at 128 px, draws four objects at 256 px
+    and noise at 64 px; SD 1.5 repeats subjects well above 512 px."""
+    native = model.native_size
+    if 0.75 * native <= size <= 1.25 * native:
+        return ""
+    what = "repeated or tiled objects" if size > native else "noise or broken shapes"
+    return (f"{model.name} was trained on {native}×{native} px images; at {size} px expect {what} "
+            f"(use about {native} px)")
+
+
 def check_prompt(text: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise PromptError("the prompt is empty; type what the image should show")
     return " ".join(text.split())
+
+
+def _size_warnings(model, settings: Settings) -> list[str]:
+    warning = size_warning(model, settings.size)
+    return [warning] if warning else []
 
 
 def _long_notes(model, prompt: Prompt) -> tuple[dict, list[str]]:
@@ -468,7 +505,7 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
         rows.append(Row("base", p))
     result = run_rows(model, rows, settings, progress, on_kv)
     notes, long_warnings = _long_notes(model, p)
-    return _finish(model, rows, settings, result, warnings + long_warnings, {
+    return _finish(model, rows, settings, result, warnings + long_warnings + _size_warnings(model, settings), {
         "mode": "alignit", **notes, "prompt": text, "customized_prompt": customized.text, "p": p.text,
         "p_dummy": " | ".join(plan.source.text for plan, _ in pairs), "positions": list(alignit.swapped),
         "concept": _described(concepts[0]),
@@ -506,6 +543,6 @@ def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = 
     rows = ([Row("baseline", plan.target)] if include_baseline else []) + [Row("swapped", plan.target, swap=plan)]
     result = run_rows(model, rows, settings, progress, on_kv)
     notes, warnings = _long_notes(model, plan.target)
-    return _finish(model, rows, settings, result, warnings, {
+    return _finish(model, rows, settings, result, warnings + _size_warnings(model, settings), {
         "mode": "swap", **notes, "prompt": text, "p": plan.target.text, "p_dummy": plan.source.text,
         "positions": list(plan.positions), "swaps": [[t, s] for t, s in (swaps or [])]})

@@ -6,8 +6,11 @@ processor is installed once here on every attention module; nothing is changed a
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +22,33 @@ from .errors import ModelError
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = ASSETS / "embedded-shapes"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+MAP_BLOCKS = ("down", "mid", "up")  # the UNet's parts whose cross-attention layers can record maps
+HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
 log = logging.getLogger(__name__)
+
+
+def block_of(layer: str) -> str:
+    """"down", "mid" or "up": the part of the UNet a layer name (`up_blocks.1.attentions...`) lies in."""
+    return layer.split("_", 1)[0]
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers, asked once per process. `HF_HUB_OFFLINE=1` says no
+    without asking; otherwise one HTTP request with a short timeout (proxy settings honoured).
+    Loading with `local_files_only` when it does not answer spares the hub client's retries: a
+    machine without network spent 47 s on them before CLIP was reported missing."""
+    import huggingface_hub.constants as hub
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(hub.ENDPOINT, method="HEAD"), timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return True  # it answered, even if not with 200
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 @dataclass(eq=False)
@@ -64,19 +93,24 @@ class Model:
     def is_embedded(self) -> bool:
         return self.name == EMBEDDED.name
 
-    def attention_resolutions(self, size: int) -> list[int]:
-        """Side lengths of the cross-attention maps for an image of `size` pixels."""
+    def layer_side(self, name: str, size: int) -> int:
+        """Side length of cross-attention layer `name`'s maps for an image of `size` pixels."""
         latent = size // self.vae_scale
         n_down = len(self.unet.config.block_out_channels) - 1
-        sides = set()
-        for name in self.cross_attention_layers:
-            if name.startswith("mid_block"):
-                sides.add(latent // 2 ** n_down)
-            else:
-                i = int(name.split(".")[1])
-                level = i if name.startswith("down_blocks") else n_down - i
-                sides.add(latent // 2 ** level)
-        return sorted(sides)
+        if name.startswith("mid_block"):
+            return latent // 2 ** n_down
+        i = int(name.split(".")[1])
+        return latent // 2 ** (i if name.startswith("down_blocks") else n_down - i)
+
+    def attention_resolutions(self, size: int) -> list[int]:
+        """Side lengths of the cross-attention maps for an image of `size` pixels."""
+        return sorted({self.layer_side(name, size) for name in self.cross_attention_layers})
+
+    def map_layers(self, side: int, size: int, blocks=MAP_BLOCKS) -> list[str]:
+        """The cross-attention layers whose maps are `side` x `side` at `size` px, in the UNet's
+        `blocks` (down, mid, up)."""
+        return [name for name in self.cross_attention_layers
+                if self.layer_side(name, size) == side and block_of(name) in blocks]
 
     def default_map_resolution(self, size: int) -> int:
         """The cross-attention resolution nearest max(16, latent/4): 16x16 for SD 1.x at 512 px,
@@ -112,7 +146,7 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
 
     dev = _device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = not hub_reachable()
     if name == "auto":
         try:
             pipe = DiffusionPipeline.from_pretrained(SD15, torch_dtype=dtype, local_files_only=True,

@@ -433,6 +433,8 @@ def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], lon
         raise PromptError("no swap given: name a word or position and a source, e.g. dog=zebra")
     texts, dropped = fit(tokenizer, text, long)
     if len(texts) == 1:
+        if dropped:
+            _refuse_cut_words(tokenizer, texts[0], dropped, swaps)
         plan = _word_swap_one(tokenizer, texts[0], swaps)
         return replace(plan, target=replace(plan.target, dropped=dropped)) if dropped else plan
     parts = [tokenize(tokenizer, t) for t in texts]
@@ -461,6 +463,18 @@ def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], lon
         else:
             sources.append(_stars(tokenizer, part))
     return SwapPlan(p, join(sources, " ".join(s.text for s in sources)), tuple(positions))
+
+
+def _refuse_cut_words(tokenizer, kept: str, dropped: str, swaps) -> None:
+    """A swap target that truncation cut off is named as such, not as a word missing from the prompt."""
+    p, cut = tokenize(tokenizer, kept), tokenize(tokenizer, dropped, limit=False)
+    for target, _ in swaps:
+        if isinstance(target, str):
+            word = _target_word(target)
+            if not _word_hits(p, tokenizer, word)[0] and _word_hits(cut, tokenizer, word)[0]:
+                raise PromptError(f"the word {target!r} was cut off: it lies beyond the {max_tokens(tokenizer)} "
+                                  f"tokens this model reads (long-prompt mode 'truncate'); move it forward or use "
+                                  f"long-prompt mode 'segments'")
 
 
 def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,

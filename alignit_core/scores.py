@@ -36,7 +36,6 @@ No gradio here; the UNet and text encoders are only read.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from PIL import Image
 
 from .errors import AlignITError, ModelError
 from .generate import Generation, _uncond_and_pad, encode_prompt, pad_segmented
+from .models import hub_reachable
 from .prompts import Prompt, read_prompt, word_swap_plan
 
 T_MIN = 51  # MITUNE's lower end: below it ε̂ barely depends on the prompt
@@ -280,12 +280,12 @@ def load_clip(name: str = CLIP_ID, device: str | torch.device | None = None) -> 
     CLIP is not available when the weights cannot be loaded."""
     from transformers import CLIPModel, CLIPTokenizer
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = not hub_reachable()
     try:
         model = CLIPModel.from_pretrained(name, local_files_only=offline)
         tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=offline)
     except Exception as e:  # no cache, no network, a broken download: all mean the same to a user
-        why = "offline and not in the local cache" if offline else f"{type(e).__name__}"
+        why = "not in the local cache, and the hub is not reachable" if offline else f"{type(e).__name__}"
         raise ModelError(f"CLIP is not available ({name}: {why})") from None
     return Clip(model.to(device or "cpu").eval().requires_grad_(False), tokenizer, name)
 

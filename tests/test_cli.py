@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -61,10 +62,10 @@ def swap_run(tiny_sd_dir, tmp_path_factory):
     return proc, out
 
 
-def test_generate_swap_as_a_process_exits_zero_and_writes_the_four_files(swap_run):
+def test_generate_swap_as_a_process_exits_zero_and_writes_its_files(swap_run):
     proc, out = swap_run
     assert proc.returncode == 0, proc.stderr
-    names = ["baseline.png", "swapped.png", "heatmaps.png", "settings.json"]
+    names = ["baseline.png", "swapped.png", "heatmaps.png", "maps.safetensors", "settings.json"]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert [Path(line).name for line in proc.stdout.split()] == names  # each written path printed
     assert not error_lines(proc.stderr)
@@ -115,6 +116,43 @@ def test_settings_given_on_the_command_line_are_the_ones_recorded(tiny_sd_dir, t
         assert im.size == (128, 128)
 
 
+def test_maps_safetensors_holds_each_images_unscaled_maps_and_its_tokens(swap_run):
+    from safetensors import safe_open
+
+    _, out = swap_run
+    s = json.loads((out / "settings.json").read_text())
+    with safe_open(str(out / "maps.safetensors"), "np") as f:
+        meta = f.metadata()
+        maps = {row: f.get_tensor(row) for row in f.keys()}
+    assert set(maps) == {"baseline", "swapped"} and json.loads(meta["settings"]) == s
+    tokens, positions, words = (json.loads(meta[k]) for k in ("tokens", "positions", "words"))
+    assert tokens["swapped"] == ["<|startoftext|>", "a", "jumping", "dog", "<|endoftext|>"]
+    assert positions["swapped"] == [0, 1, 2, 3, 4] and words["swapped"][1:4] == ["a", "jumping", "dog"]
+    for row, m in maps.items():
+        assert m.dtype == np.float32 and m.shape == (5, 8, 8)
+        assert (m >= 0).all() and (m.sum(0) <= 1 + 1e-5).all()  # attention probabilities, not scaled per map
+
+
+def test_the_grid_names_its_columns_as_the_demo_does(tmp_path, monkeypatch, capsys):
+    """The grid said `customized`, `alignit` where the page says `customized baseline`, `AlignIT`."""
+    import visualize
+
+    drawn, real = [], visualize.comparison_grid
+    monkeypatch.setattr(visualize, "comparison_grid",
+                        lambda columns, *a, **k: drawn.append([c for c, _, _ in columns]) or real(columns, *a, **k))
+    assert main(["generate", "--model", "embedded", "--concept", "striped-ball-ti", "--prompt",
+                 "a <striped-ball> on a green background", "--steps", "1", "--base", "--out", str(tmp_path)]) == 0
+    assert drawn == [["customized baseline", "AlignIT", "base model on p"]]
+
+
+def test_map_blocks_and_steps_on_the_command_line_are_recorded(tiny_sd_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompt", "a jumping dog", "--swap", "dog=zebra",
+                 "--steps", "4", "--map-blocks", "up", "--map-steps", "0.5", "1", "--out", str(out)]) == 0
+    s = json.loads((out / "settings.json").read_text())
+    assert (s["map_blocks"], s["map_steps"]) == (["up"], [0.5, 1.0])
+
+
 # ------------------------------------------------------------------------------ concept mode
 
 
@@ -123,7 +161,7 @@ def test_concept_mode_on_the_embedded_model_writes_customized_alignit_and_base(t
     assert main(["generate", "--model", "embedded", "--concept", "striped-ball-ti", "--prompt",
                  "a <striped-ball> on a green background", "--steps", "2", "--base", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["customized.png", "alignit.png", "base.png", "heatmaps.png", "settings.json"])
+        ["customized.png", "alignit.png", "base.png", "heatmaps.png", "maps.safetensors", "settings.json"])
     s = json.loads((out / "settings.json").read_text())
     assert s["mode"] == "alignit" and s["rows"] == ["customized", "alignit", "base"]
     assert s["concept"] == {"name": "striped-ball-ti", "token": "<striped-ball>", "class_word": "circle",
@@ -294,3 +332,30 @@ def test_bad_input_as_a_process_exits_2_with_one_error_line(tiny_sd_dir, tmp_pat
     assert lines == ["error: the word 'cat' is not in the prompt"]
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ cost of a run
+
+
+def test_importing_the_package_lets_idle_openmp_threads_sleep():
+    """The app set OMP_WAIT_POLICY=PASSIVE, the CLI and the package did not: with anything else on
+    the CPU a generation took 23.8 s instead of 1.0 s."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", "import alignit_core, os; print(os.environ['OMP_WAIT_POLICY'])"],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+
+
+def test_an_unreachable_hub_is_detected_once_and_clip_is_reported_missing_at_once():
+    """Offline without HF_HUB_OFFLINE, the hub client retried CLIP's download for 47 s."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens on the discard port
+    code = ("from alignit_core.models import hub_reachable\n"
+            "from alignit_core.scores import load_clip\n"
+            "from alignit_core.errors import ModelError\n"
+            "assert not hub_reachable() and hub_reachable.cache_info().misses == 1\n"
+            "try:\n    load_clip()\nexcept ModelError as e:\n    print(e)\n"
+            "assert hub_reachable.cache_info().misses == 1\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert "not in the local cache, and the hub is not reachable" in out.stdout

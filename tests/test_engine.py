@@ -102,12 +102,46 @@ def test_two_threads_get_what_they_get_alone(tiny_sd):
             assert np.array_equal(a.maps[row], b.maps[row])
 
 
-def test_maps_are_per_token_finite_and_non_negative(tiny_sd):
+def test_maps_are_per_token_unscaled_attention_probabilities(tiny_sd):
     gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], FAST)
     for row, maps in gen.maps.items():
-        assert maps.shape == (len(gen.tokens[row]), 8, 8)
+        assert maps.shape == (len(gen.tokens[row]), 8, 8) and maps.dtype == np.float32
         assert np.isfinite(maps).all() and (maps >= 0).all()
-        assert np.allclose(maps.reshape(len(maps), -1).max(1), 1.0)
+        # a pixel's attention over the prompt's tokens is part of one softmax (the rest is padding)
+        total = maps.sum(0)
+        assert (total <= 1 + 1e-5).all() and (total > 0).all()
+        assert not np.allclose(maps.reshape(len(maps), -1).max(1), 1.0)  # not scaled per map
+
+
+def test_maps_come_from_the_chosen_blocks_and_steps_only(tiny_sd):
+    from alignit_core.errors import SettingsError
+
+    text, swaps = "a red circle on a blue background", [("red", "yellow")]
+    def run(**kw):
+        return generate_swap(tiny_sd, text, swaps, Settings(seed=0, steps=4, map_resolution=8, **kw))
+
+    everything, down, early = run(), run(map_blocks=("down",)), run(map_start=0.0, map_end=0.5)
+    up = run(map_blocks=("up",))
+    assert not np.allclose(down.maps["swapped"], everything.maps["swapped"])
+    assert not np.allclose(down.maps["swapped"], up.maps["swapped"])
+    assert not np.allclose(early.maps["swapped"], everything.maps["swapped"])
+    # the whole run is the mean of its halves (each half records the same layers for two steps)
+    late = run(map_start=0.5, map_end=1.0)
+    np.testing.assert_allclose((early.maps["swapped"] + late.maps["swapped"]) / 2, everything.maps["swapped"],
+                               rtol=1e-4, atol=1e-6)
+    assert np.array_equal(_pixels(early.images["swapped"]), _pixels(everything.images["swapped"]))
+    assert everything.settings["map_blocks"] == ["down", "mid", "up"] and early.settings["map_steps"] == [0.0, 0.5]
+    with pytest.raises(SettingsError, match="no cross-attention layer of the mid block"):
+        run(map_blocks=("mid",))
+    with pytest.raises(SettingsError, match="holds none of the 4 steps"):
+        run(map_start=0.5, map_end=0.55)
+
+
+def test_a_size_far_from_the_models_own_is_warned_about(tiny_sd):
+    gen = generate_swap(tiny_sd, "a red circle", [("red", "blue")], Settings(seed=0, steps=2, size=128))
+    assert any("trained on 64×64 px images; at 128 px" in w for w in gen.warnings)
+    gen = generate_swap(tiny_sd, "a red circle", [("red", "blue")], Settings(seed=0, steps=2, size=64))
+    assert not gen.warnings
 
 
 def test_map_memory_does_not_grow_with_steps(tiny_sd):

@@ -144,3 +144,13 @@ def test_text_encoder_concept_reads_its_token_as_words(tok):
 def test_a_swap_target_typed_with_punctuation_names_the_word(tok):
     plan = word_swap_plan(tok, "a cat. a dog", [("cat.", "zebra")])
     assert plan.positions == (2,) and plan.source.tokens[2].text == "zebra"
+
+
+def test_a_swap_target_cut_by_truncation_is_called_cut_not_missing(tok):
+    """In truncate mode a word past the 75 tokens was reported as 'not in the prompt'."""
+    long = "a red circle on a blue background " + "with a thin frame " * 20 + "and a zebra"
+    with pytest.raises(PromptError, match="the word 'zebra' was cut off: it lies beyond the 75 tokens"):
+        word_swap_plan(tok, long, [("zebra", "dog")], "truncate")
+    with pytest.raises(PromptError, match="the word 'cat' is not in the prompt"):
+        word_swap_plan(tok, long, [("cat", "dog")], "truncate")
+    assert word_swap_plan(tok, long, [("red", "dog")], "truncate").positions == (2,)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visualize import MARK_COLOUR, colorize, comparison_grid, heatmap_row, overlay, token_chips
-from visualize.heatmaps import BORDER
+from visualize import (MARK_COLOUR, colorize, colour_bar, comparison_grid, heatmap_row, large_map, overlay,
+                       swap_diagram, tile_at, token_chips)
+from visualize.heatmaps import BAR_HEIGHT, BORDER, GAP, MARGIN
 
 REPO = Path(__file__).resolve().parents[1]
 JET = matplotlib.colormaps["jet"]
@@ -58,10 +59,15 @@ def test_colorize_is_independent_of_the_maps_scale():
     np.testing.assert_array_equal(colorize(m), colorize(m * 1234.5))
 
 
-def test_colorize_counts_negative_values_as_zero():
+def test_colorize_scales_each_map_from_its_own_minimum_to_its_maximum():
+    """Maps were scaled by their maximum only: every tile showed the warm half of the scale."""
     m = np.array([[-5.0, 0.0], [1.0, 0.5]])
     rgb = colorize(m)
-    assert tuple(rgb[0, 0]) == tuple(rgb[0, 1]) == bottom_colour()
+    assert tuple(rgb[0, 0]) == bottom_colour() and tuple(rgb[1, 0]) == top_colour()
+    assert tuple(rgb[0, 1]) != bottom_colour()  # 0 is not the bottom when the map goes below it
+    offset = np.array([[10.0, 10.2], [10.4, 11.0]])  # a narrow range far from 0 uses the whole scale
+    np.testing.assert_array_equal(colorize(offset), colorize(offset - 10.0))
+    assert tuple(colorize(offset)[0, 0]) == bottom_colour()
 
 
 @pytest.mark.parametrize("value", [0.0, np.nan, np.inf, -np.inf])
@@ -102,8 +108,8 @@ def test_overlay_with_alpha_0_is_the_image_and_with_alpha_1_is_the_map():
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (32, 32, 3), np.uint8))
     m = np.random.default_rng(3).random((8, 8))
     np.testing.assert_array_equal(np.asarray(overlay(image, m, alpha=0.0)), np.asarray(image))
-    assert np.asarray(overlay(grey(), np.ones((8, 8)), alpha=1.0)).tolist() == (
-        np.broadcast_to(top_colour(), (64, 64, 3)).tolist()
+    assert np.asarray(overlay(grey(), np.ones((8, 8)), alpha=1.0)).tolist() == (  # a flat map: the bottom colour
+        np.broadcast_to(bottom_colour(), (64, 64, 3)).tolist()
     )
 
 
@@ -165,8 +171,13 @@ def test_heatmap_row_frames_the_marked_tiles_only():
     assert not mark[top + BORDER : top + BORDER + 96, left + BORDER : right - BORDER + 1].any()
 
 
+def legend_height() -> int:
+    return GAP + colour_bar(100).height + MARGIN
+
+
 def test_heatmap_row_without_marks_has_no_frame_colour():
-    assert not pixels_of(row(3), MARK_COLOUR).any()
+    out = row(3)
+    assert not pixels_of(out, MARK_COLOUR)[: out.height - legend_height()].any()  # (jet passes the colour)
 
 
 def test_heatmap_row_needs_one_label_per_map():
@@ -194,6 +205,54 @@ def test_heatmap_row_raw_mode_shows_the_map_not_the_image():
 def test_heatmap_row_refuses_an_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         row(2, mode="contour")
+
+
+def test_heatmap_row_carries_a_colour_bar_that_says_how_maps_are_scaled():
+    out = np.asarray(row(3))
+    legend, tiles = out[-legend_height():], out[: -legend_height()]
+    assert (legend == top_colour()).all(axis=-1).any() and (legend == bottom_colour()).all(axis=-1).any()
+    assert not (tiles == top_colour()).all(axis=-1).any()  # flat maps: no top colour in the tiles
+
+
+def test_colour_bar_runs_from_the_bottom_to_the_top_colour():
+    bar = np.asarray(colour_bar(300))
+    ramp = bar[BAR_HEIGHT // 2]
+    coloured = [tuple(c) for c in ramp if tuple(c) != (255, 255, 255) and len(set(c)) > 1]
+    assert coloured[0] == bottom_colour() and coloured[-1] == top_colour()
+    with pytest.raises(ValueError, match="80 px"):
+        colour_bar(40)
+
+
+@pytest.mark.parametrize("count, per_line", [(1, 8), (7, 5), (16, 4)])
+def test_tile_at_finds_the_tile_under_every_tiles_centre(count, per_line):
+    out = heatmap_row(grey(), np.random.default_rng(0).random((count, 4, 4)), [f"t{i}" for i in range(count)],
+                      per_line=per_line, marked={count - 1})
+    # the marked (last) tile's frame is where tile_at says the last tile is
+    ys, xs = np.nonzero(pixels_of(out, MARK_COLOUR))
+    assert tile_at(xs.min() + BORDER + 48, ys.min() + BORDER + 48, count, per_line=per_line) == count - 1
+    assert tile_at(MARGIN + 48, MARGIN + 48, count, per_line=per_line) == 0
+    assert tile_at(2, 2, count, per_line=per_line) is None  # the margin
+    assert tile_at(MARGIN + 96 + GAP // 2, MARGIN + 48, count, per_line=per_line) is None  # between tiles
+    assert tile_at(MARGIN + 48, out.height - 5, count, per_line=per_line) is None  # the colour bar
+
+
+def test_large_map_is_one_map_over_the_enlarged_image_with_its_colour_bar():
+    m = np.zeros((4, 4))
+    m[0, 0] = 1.0
+    big = large_map(grey((32, 32)), m, "red in swapped", size=256)
+    assert big.width == 256 + 2 * MARGIN and big.height > 256
+    pixels = np.asarray(big)
+    hot = (np.array(top_colour()) + 128) // 2
+    assert (np.abs(pixels.astype(int) - hot).max(-1) <= 2).sum() > 100  # the hot corner, enlarged
+    with pytest.raises(ValueError, match="mode"):
+        large_map(grey(), m, "x", mode="contour")
+
+
+def test_swap_diagram_marks_the_swapped_columns_and_escapes_text():
+    html = swap_diagram([(0, "<|startoftext|>"), (1, "a"), (2, "red")], [("p′", ["<|startoftext|>", "*", "yellow"])],
+                        {2})
+    assert html.count("↑ K/V") == 1 and "&lt;|startoftext|&gt;" in html and "<|startoftext|>" not in html
+    assert html.count("#{:02x}{:02x}{:02x}".format(*MARK_COLOUR)) == 3  # position, p and p′ cells of column 2
 
 
 # comparison_grid

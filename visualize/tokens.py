@@ -29,3 +29,24 @@ def token_chips(tokens: list[tuple[int, str]], selected: Set[int]) -> str:
         for position, token in tokens
     )
     return f'<div style="line-height:1.9;">{chips}</div>'
+
+
+def swap_diagram(p: list[tuple[int, str]], sources: list[tuple[str, list[str]]], swapped: Set[int]) -> str:
+    """HTML: p's tokens over each p′'s tokens, column by position; the swapped columns carry an
+    arrow and the MARK_COLOUR background: there the base model reads p′'s keys and values.
+    `p` is (position, text) per token, `sources` (name, texts) per p′, each as long as p.
+    Text is HTML-escaped; inline styles only."""
+    cell = "padding:1px 6px;text-align:center;font-family:monospace;white-space:nowrap;"
+    mark = "background:#{:02x}{:02x}{:02x};color:#000000;font-weight:bold;".format(*MARK_COLOUR)
+
+    def row(label: str, texts: list[str]) -> str:
+        cells = "".join(f'<td style="{cell}{mark if pos in swapped else ""}">{html.escape(t)}</td>'
+                        for (pos, _), t in zip(p, texts))
+        return f'<tr><th style="{cell}text-align:right;">{html.escape(label)}</th>{cells}</tr>'
+
+    positions = row("position", [str(pos) for pos, _ in p])
+    arrows = "".join(f'<td style="{cell}">{"↑ K/V" if pos in swapped else ""}</td>' for pos, _ in p)
+    body = positions + row("p", [t for _, t in p])
+    for name, texts in sources:
+        body += f'<tr><th></th>{arrows}</tr>' + row(name, texts)
+    return f'<div style="overflow-x:auto;"><table style="border-collapse:collapse;font-size:0.85em;">{body}</table></div>'
