@@ -9,11 +9,14 @@ visitor uploads and the last generation live in that visitor's `gr.State`.
 from __future__ import annotations
 
 import argparse
+import html
 import os
 import random
+import re
 import shlex
+import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,16 +29,22 @@ import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+try:  # ZeroGPU's decorator: on a ZeroGPU Space it lends a GPU per call; the package exists only on Spaces
+    import spaces  # noqa: E402
+except ImportError:
+    spaces = None
+
 from alignit_core import (AlignITError, Concept, ConceptError, Generation, Prompt, PromptError, Settings,  # noqa: E402
                           concept_plan, find_concepts, generate_concept, generate_swap, load_concept, load_model,
                           parse_swap, read_prompt, scheduler_names, tokenize, word_swap_plan)
 from alignit_core.prompts import several_concepts_plan  # noqa: E402
 from alignit_core.cli import write_outputs  # noqa: E402
 from alignit_core.concepts import KIND_LABELS  # noqa: E402
-from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
-from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
-from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
-from visualize import heatmap_row, token_chips  # noqa: E402
+from alignit_core.generate import CAPTIONS, MAX_GUIDANCE, MAX_SEED, check_prompt, resolve, size_warning  # noqa: E402
+from alignit_core.maps import MAPS_FILE, entries, entry_maps  # noqa: E402
+from alignit_core.models import ASSETS, MAP_BLOCKS, SD15, accelerate  # noqa: E402
+from alignit_core.scores import MI_SAMPLES, AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
+from visualize import SCALE_NOTE, heatmap_row, large_map, swap_diagram, tile_at, token_chips  # noqa: E402
 
 PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
@@ -44,12 +53,19 @@ MAX_UPLOAD_BYTES = 200 * 2**20  # an SD 1.5 LoRA of rank 128 is about 150 MB
 QUEUE = dict(max_size=16, default_concurrency_limit=2)  # two generations at once, sixteen waiting
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
-CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
-            "baseline": "baseline", "swapped": "swapped"}
+MAP_VIEWS = [("words", "words"), ("positions (tokens)", "positions")]
+# ZeroGPU lends a GPU for a stated time; a shorter claim is queued sooner, one too short is cut off.
+# Per UNet evaluation of one 512x512 image: 13.5 ms measured on a whole H200 (SD 1.5, fp16, README),
+# doubled for a ZeroGPU slice of one and again for margin; plus the set-up (weights onto the GPU,
+# text encoding, decoding). Larger images cost in proportion to their pixels.
+GPU_UNET_S = 0.05
+GPU_SETUP_S = 15
+GPU_MAX_S = 120
 TABLE_COLUMNS = ["position", "segment", "local", "token of p", "word", "token of p′"]
 LONG_CHOICES = [("segments (LongAlign): every word kept", "segments"), ("truncate at 75 tokens", "truncate")]
 # Small generations (128 px on the embedded model) are shown enlarged; the files keep their size.
-CSS = ".generated img { width: 100%; height: 100%; object-fit: contain; }"
+CSS = (".generated img { width: 100%; height: 100%; object-fit: contain; }\n"
+       "#what-box .diagram td { padding: 1px 6px; text-align: center; font-family: monospace; }")
 # System fonts: the page asks no font server, so it looks the same offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
@@ -61,8 +77,7 @@ TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, s
 
 def header_markdown(model) -> str:
     about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
-             "striped or with a hole, on coloured backgrounds, 128 px. Try a colour, shape or background swap below."
-             if model.is_embedded else "")
+             "striped or with a hole, on coloured backgrounds, 128 px." if model.is_embedded else "")
     return (
         "# AlignIT Studio\n"
         "AlignIT makes a customized text-to-image model follow the rest of the prompt: it generates with "
@@ -71,8 +86,21 @@ def header_markdown(model) -> str:
         "model computes for a dummy prompt *p′* (all other tokens `*`). "
         "The same mechanism swaps any word for free: `a jumping dog` with dog's K/V from `* * zebra` "
         f"draws a jumping zebra. Paper: [Agarwal et al., arXiv 2406.18893]({PAPER}).\n\n"
-        f"**Model:** `{model.name}` ({model.chosen_because}){about}"
+        f"**Model:** `{model.name}` ({model.chosen_because}){about} Pick an example below: its result is shown "
+        "at once, and every setting can then be changed."
     )
+
+
+def as_html(text: str) -> str:
+    """`text` shown as written where HTML is rendered (toasts): `<striped-ball>` is not read as a tag,
+    which hid it and everything after it."""
+    return html.escape(str(text), quote=False)
+
+
+def plain(text: str) -> str:
+    """`text` shown as written in Markdown: no HTML tags (as `as_html`), and `*`, `_`, `|` do not turn
+    into emphasis or table cells."""
+    return re.sub(r"([\\`*_\[\]|])", r"\\\1", as_html(text))
 
 
 def parse_swaps(text: str) -> list[tuple[str | int, str]]:
@@ -155,7 +183,8 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
             return TokenView(read_prompt(model.tokenizer, text, long), problem=str(e))
         except AlignITError:
             return TokenView(None, problem=str(e))
-    selected = tuple(swap_positions(model.tokenizer, text, swaps, long))
+    # only positions the checkboxes offer: `99=`, `0=` or a half-typed `12=` must not reach them
+    selected = tuple(pos for pos in swap_positions(model.tokenizer, text, swaps, long) if pos in p.content)
     try:
         return TokenView(p, (("", word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source),),
                          selected=selected)
@@ -181,7 +210,20 @@ def position_choices(view: TokenView) -> list[tuple[str, int]]:
                                       for i in view.p.content]
 
 
-def prompts_markdown(view: TokenView) -> str:
+def swapped_rows(view: TokenView, selected) -> list[tuple[int, str, str]]:
+    """(position, token of p, token of p′ it takes its keys and values from) for each selected position."""
+    if view.p is None or not view.sources:
+        return []
+    out = []
+    for pos in sorted(set(selected or ()) & set(view.p.content)):
+        from_source = [source.tokens[pos].text for _, source in view.sources if pos < len(source.tokens)]
+        out.append((pos, view.p.tokens[pos].text, next((t for t in from_source if t != "*"), "*")))
+    return out
+
+
+def prompts_markdown(view: TokenView, selected=None) -> str:
+    """p, each p′, the rows that will be swapped (`selected`, default the view's) and any problem, in
+    Markdown; a row that would take `*` from p′ is called out (that word is replaced by nothing)."""
     lines = []
     if view.customized is not None:
         lines.append(f"**customized prompt** (baseline): `{view.customized.text}`")
@@ -191,12 +233,21 @@ def prompts_markdown(view: TokenView) -> str:
             lines.append(f"long prompt: {len(view.p.parts)} segments, each encoded on its own (LongAlign); "
                          f"positions count through all of them")
         if view.p.dropped:
-            lines.append(f"⚠️ over 75 tokens: the model will not read `{view.p.dropped}` "
+            lines.append(f"**Note:** over 75 tokens: the model will not read `{view.p.dropped}` "
                          f"(choose segments under Advanced to keep it)")
     for whose, source in view.sources:
         lines.append(f"**p′**{f' of `{whose}`' if whose else ''} (K/V source): `{source.text}`")
+    rows = swapped_rows(view, view.selected if selected is None else selected)
+    if rows:
+        lines.append("**swapped rows** (p ← p′): " + ", ".join(f"`{pos} {mine} ← {theirs}`"
+                                                          for pos, mine, theirs in rows))
+    emptied = [f"`{mine}` ({pos})" for pos, mine, theirs in rows if theirs == "*"]
+    if emptied:
+        lines.append(f"**Note:** {', '.join(emptied)} will take the keys and values of `*` from p′: "
+                     f"{'that word is' if len(emptied) == 1 else 'those words are'} replaced by nothing and "
+                     f"drop out of the image")
     if view.problem:
-        lines.append(f"⚠️ {view.problem}")
+        lines.append(f"**Problem:** {plain(view.problem)}")
     return "  \n".join(lines)
 
 
@@ -206,15 +257,64 @@ def chips_html(view: TokenView, selected) -> str:
     return token_chips([(t.position, t.text) for t in view.p.tokens], set(selected or ()))
 
 
+def diagram_html(view: TokenView, selected) -> str:
+    """p over each p′, the swapped columns marked (the "what am I looking at" box)."""
+    if view.p is None or not view.sources:
+        return ""
+    return swap_diagram([(t.position, t.text) for t in view.p.tokens],
+                        [(f"p′ {whose}".strip(), [t.text for t in source.tokens]) for whose, source in view.sources],
+                        set(selected or ()) & set(view.p.content))
+
+
 def tiles_per_line(gen: Generation, tokens: int) -> int:
     """Heat-map tiles a line: as many as fit a column, more for a long prompt (at most 10 lines)."""
     return max(TILES_PER_LINE[len(gen.rows)], -(-tokens // 10))
 
 
-def heatmap_rows(gen: Generation, mode: str) -> list:
-    per_line = tiles_per_line(gen, max(len(t) for t in gen.tokens.values()))
-    return [heatmap_row(gen.images[row], gen.maps[row], labels=[t.text for t in gen.tokens[row]],
-                        marked=set(gen.swapped[row]), mode=mode, per_line=per_line) for row in gen.rows]
+@dataclass(frozen=True)
+class MapView:
+    """How the heat maps are shown: overlay or raw, by words or positions, start/end tokens or not."""
+
+    mode: str = "overlay"
+    by: str = "words"
+    special: bool = False
+
+    def entries(self, gen: Generation, row: str):
+        return entries(gen.tokens[row], self.by, self.special)
+
+
+def _per_line(gen: Generation, view: MapView) -> int:
+    return tiles_per_line(gen, max(len(view.entries(gen, row)) for row in gen.rows))
+
+
+def heatmap_rows(gen: Generation, view: MapView) -> list:
+    """One heat-map row per image: a tile per word (or position), swapped ones framed."""
+    per_line = _per_line(gen, view)
+    rows = []
+    for row in gen.rows:
+        chosen = view.entries(gen, row)
+        marked = {i for i, e in enumerate(chosen) if set(e.positions) & set(gen.swapped[row])}
+        rows.append(heatmap_row(gen.images[row], entry_maps(gen.maps[row], chosen), [e.label for e in chosen],
+                                marked=marked, mode=view.mode, per_line=per_line))
+    return rows
+
+
+def clicked_map(gen: Generation | None, view: MapView, column: int, x: float, y: float) -> str | None:
+    """The label of the tile under (x, y) of column `column`'s heat-map row, or None."""
+    if gen is None or column >= len(gen.rows):
+        return None
+    chosen = view.entries(gen, gen.rows[column])
+    i = tile_at(x, y, len(chosen), per_line=_per_line(gen, view))
+    return None if i is None else chosen[i].label
+
+
+def big_map(gen: Generation, view: MapView, row: str, label: str):
+    """The large map of `label` (a word or token of the view) over image `row`, or None."""
+    chosen = {e.label: e for e in view.entries(gen, row)}
+    if row not in gen.maps or label not in chosen:
+        return None
+    return large_map(gen.images[row], entry_maps(gen.maps[row], [chosen[label]])[0],
+                     f"“{label}” in {CAPTIONS[row]}", view.mode)
 
 
 def mi_rows(gen: Generation, report: AlignmentReport, mode: str) -> list:
@@ -231,6 +331,9 @@ def scores_markdown(report: AlignmentReport) -> str:
     head = "| | " + " | ".join(CAPTIONS[r] for r in rows) + " |\n|---|" + "---|" * len(rows)
     lines = [f"Every image scored against **`{report.text}`** with the base model's own denoiser; "
              f"all images share the same {len(report.mi[rows[0]].samples)} noise samples.", "", head]
+    if "customized" in rows or "alignit" in rows:
+        lines[0] += (" In AlignIT mode that text is *p*: the concept is its class word, so the concept's own "
+                     "look (its stripes, its hole) counts against an image, not for it.")
     lines.append("| MI score (nats) | " + " | ".join(f"{report.mi[r].value:.2f} ± {report.mi[r].stderr:.2f}"
                                                     for r in rows) + " |")
     lines.append(f"| vs {CAPTIONS[report.reference]} | | " + " | ".join(
@@ -248,13 +351,13 @@ def scores_markdown(report: AlignmentReport) -> str:
         shown = sorted(swapped + [int(k) for k in rest])
     at = report.token_positions or tuple(range(1, len(tokens) + 1))
     for k in shown:
-        lines.append(f"| MI of *{tokens[k]}* ({at[k]}) | " +
+        lines.append(f"| MI of *{plain(tokens[k])}* ({at[k]}) | " +
                      " | ".join(f"{report.mi[r].token_values[k]:.2f}" for r in rows) + " |")
     if len(shown) < len(tokens):
         lines += ["", f"{len(tokens) - len(shown)} more tokens (those the images differ least on) are in the "
                       f"heat-map rows."]
     if report.clip_note:
-        lines += ["", f"{report.clip_note}; showing the MI score only."]
+        lines += ["", f"{plain(report.clip_note)}; showing the MI score only."]
     lines += ["", "Under each image: where each word of the text helps the denoiser predict the noise "
                   "(per-token MI; where a word contradicts the image the map is negative and shows as 0)."]
     return "\n".join(lines)
@@ -302,8 +405,8 @@ def map_resolutions(model, size) -> dict:
 
 
 def ui_error(e: AlignITError) -> gr.Error:
-    """The engine's message, shown as an error toast."""
-    return gr.Error(str(e), title=type(e).__name__.removesuffix("Error") + " error", print_exception=False)
+    """The engine's message, shown as an error toast (as written: HTML escaped)."""
+    return gr.Error(as_html(e), title=type(e).__name__.removesuffix("Error") + " error", print_exception=False)
 
 
 def _whole(x):
@@ -349,17 +452,33 @@ def _chosen(concepts: dict, uploaded: dict, key, second) -> list[Concept]:
 
 
 def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="segments", second=""):
-    """Token table, position choices, chips and the p / p′ texts for the current inputs."""
+    """Tokenize a prompt as the demo would and show how AlignIT or a token swap will read it.
+
+    Args:
+        uploaded: the caller's uploaded concepts (kept by the page; leave empty).
+        mode: "AlignIT (customized concept)" or "Token swap".
+        concept_key: AlignIT mode: the concept's name, e.g. "striped-ball-ti" (ignored in token-swap mode).
+        prompt: the prompt; in AlignIT mode it contains the concept's token, e.g. "a <striped-ball> on a green background".
+        swaps: token-swap mode: one "word=source" or "position=source" per line, e.g. "red=yellow".
+        long: prompts over 75 tokens: "segments" (every word kept) or "truncate".
+        second: AlignIT mode: an optional second concept's name for the same prompt.
+
+    Returns:
+        The token table (position, segment, local position, token of p, word, token of p′), the
+        swappable positions, the tokens as HTML chips, Markdown with p, p′, the swapped rows and
+        any problem with the inputs, and p over p′ as an HTML table.
+    """
     view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
     label = ("Swapped positions of p (the concepts' are pre-selected)" if mode == ALIGNIT
              else "Positions to swap (checking one adds a `pos=` line to the swaps)")
     return (token_table(view), gr.update(choices=position_choices(view), value=list(view.selected), label=label),
-            chips_html(view, view.selected), prompts_markdown(view))
+            chips_html(view, view.selected), prompts_markdown(view), diagram_html(view, view.selected))
 
 
 def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments", second=""):
+    """The chips and the p / p′ texts for positions ticked by hand (the swapped rows follow them)."""
     view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
-    return chips_html(view, selected)
+    return chips_html(view, selected), prompts_markdown(view, selected), diagram_html(view, selected)
 
 
 def positions_picked(model, mode, prompt, swaps, selected, long="segments"):
@@ -396,15 +515,20 @@ def second_concept_prompt(concepts, uploaded, prompt, second):
     return f"{(prompt or '').strip()} and a {c.token}".strip()
 
 
-def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, swap_example):
-    """The mode changed by hand: a prompt that does not fit the new mode makes way for one that does."""
+def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, drafts, swap_example):
+    """The mode changed by hand: the prompt and swaps typed in the other mode are kept for when the
+    visitor comes back, and this mode's own come back; a mode visited for the first time keeps the
+    prompt when it fits and otherwise gets an example that does. Returns (prompt, swaps, drafts)."""
+    drafts = {**(drafts or {}), (SWAP if mode == ALIGNIT else ALIGNIT): (prompt, swaps)}
+    if mode in drafts:
+        return (*drafts[mode], drafts)
     c = _concept(concepts, uploaded or {}, concept_key)
     tokens = [k.token for k in list(concepts.values()) + list((uploaded or {}).values())]
     if mode == SWAP and (not prompt or any(t in prompt for t in tokens)):
-        return swap_example
+        return (*swap_example, drafts)
     if mode == ALIGNIT and c is not None and c.token not in (prompt or ""):
-        return c.example_prompt or f"a photo of a {c.token}", swaps
-    return prompt, swaps
+        return c.example_prompt or f"a photo of a {c.token}", swaps, drafts
+    return prompt, swaps, drafts
 
 
 def mode_controls(mode, gen: Generation | None):
@@ -419,7 +543,7 @@ def mode_controls(mode, gen: Generation | None):
 def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1.0):
     """Load an uploaded .safetensors concept (an embedding or a LoRA) for this session only."""
     if not path:
-        raise gr.Error("choose a .safetensors file first", title="Concept error")
+        raise ui_error(ConceptError("choose a .safetensors file first"))
     try:
         c = load_concept(path, model, allow_pickle=False, max_bytes=MAX_UPLOAD_BYTES,
                          token=(token or "").strip() or None, class_word=(class_word or "").strip() or None,
@@ -427,8 +551,7 @@ def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1
     except AlignITError as e:
         raise ui_error(e) from None
     if c.token in {k.token for k in concepts.values()}:
-        raise gr.Error(f"the token {c.token} is taken by a shipped concept; choose another token",
-                       title="Concept error")
+        raise ui_error(ConceptError(f"the token {c.token} is taken by a shipped concept; choose another token"))
     key = f"uploaded:{c.token}"
     uploaded = {**(uploaded or {}), key: c}
     prompt = c.example_prompt or f"a photo of a {c.token}"
@@ -447,26 +570,132 @@ def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
              for key, c in (uploaded or {}).items()])
 
 
-def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
-             scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
-             long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
-             progress=gr.Progress()):
-    """Generate the comparison: images, heat-map rows, the two downloads, the CLI line and the Generation
-    (kept for redrawing maps). With no position ticked (always so through the API, whose position choices
-    are empty) AlignIT swaps the concept's own positions. On bad input or a failed run raise gr.Error,
-    so the previous outputs stay as they were; a run whose visitor left stops at the next step."""
-    settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
-                        scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
-                        swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt,
-                        swap_kv=swap_kv, swap_strength=swap_strength, lora_rest=lora_rest)
+def gpu_seconds(mode: str, concepts: list, prompt: str, settings: Settings, positions, swaps, include_base: bool,
+                progress=None) -> int:
+    """How long a generation may hold a ZeroGPU GPU: the set-up, plus one UNet evaluation per image
+    row, CFG half and step, in proportion to the image's pixels (settings already resolved)."""
+    rows = 1 + (mode == ALIGNIT and bool(include_base)) + 1
+    evaluations = 2 * rows * settings.steps * (settings.size / 512) ** 2
+    return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
 
+
+def score_seconds(gen: Generation, *args, **kwargs) -> int:
+    """How long scoring may hold a ZeroGPU GPU: per image, MI sample and text condition (the prompt,
+    the empty prompt and each token left out), one UNet evaluation."""
+    size = gen.settings["size"]
+    conditions = 2 + max(len(t) for t in gen.tokens.values())
+    evaluations = len(gen.rows) * MI_SAMPLES * conditions * (size / 512) ** 2
+    return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
+
+
+def on_gpu(fn, duration):
+    """`fn` run on the GPU that a ZeroGPU Space lends for at most `duration(*args)` seconds a call.
+    Elsewhere `fn` itself: without the `spaces` package (it exists on Spaces only), and with it
+    off ZeroGPU, where `spaces.GPU` returns the function unchanged. Arguments and results cross a
+    process boundary on ZeroGPU, so they are plain data (the model is bound into `fn`)."""
+    return fn if spaces is None else spaces.GPU(fn, duration=duration)
+
+
+def run_generation(model, mode: str, concepts: list, prompt: str, settings: Settings, positions, swaps,
+                   include_base: bool, progress=None) -> Generation:
+    """The denoising itself, all the GPU work of a generation. Raises AlignITError, VisitorLeft."""
     left = visitor_watch()
 
     def tick(i, n):
         if left():
             raise VisitorLeft
-        progress((i, n), desc="denoising", unit="steps")
+        if progress is not None:
+            progress((i, n), desc="denoising", unit="steps")
 
+    if mode == ALIGNIT:
+        return generate_concept(model, prompt, concepts, settings, positions=positions, include_base=include_base,
+                                progress=tick)
+    return generate_swap(model, prompt, swaps, settings, progress=tick)
+
+
+class ExampleResults:
+    """The examples' generations, made when first asked for (a visitor's first view or click) and
+    then shared by every visitor: a generation is the same for the same inputs and seed, and it is
+    never changed once made. Only the examples' inputs are kept, so memory stays bounded."""
+
+    def __init__(self, keys):
+        self._locks = {key: threading.Lock() for key in keys}
+        self._made: dict = {}
+
+    def get(self, key, make) -> Generation:
+        """The generation for `key`: kept if `key` is an example's, made by `make()` otherwise."""
+        lock = self._locks.get(key)
+        if lock is None:
+            return make()
+        with lock:  # a second visitor asking while the first one's is being made waits for it
+            if key not in self._made:
+                self._made[key] = make()
+            return self._made[key]
+
+
+def request_key(model, registry, uploaded, mode, concept_key, prompt, positions, swaps, settings: Settings,
+                include_base, second_concept=""):
+    """What a generation depends on, as a hashable key; positions equal to the concepts' own count as
+    none (the default). Raises AlignITError for input the engine would refuse."""
+    text = check_prompt(prompt)
+    if mode == ALIGNIT:
+        chosen = _chosen(registry, uploaded, concept_key, second_concept)
+        own = token_view(model, mode, text, chosen, "", settings.long_prompt).selected
+        picked = tuple(positions or ())
+        return (mode, tuple(c.name for c in chosen), text, None if not picked or set(picked) == set(own) else picked, (),
+                resolve(model, settings), bool(include_base))
+    return (mode, (), text, None, tuple(parse_swaps(swaps)), resolve(model, settings), False)
+
+
+def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
+             scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
+             long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
+             map_blocks=MAP_BLOCKS, map_start=0.0, map_end=1.0, map_by="words", map_special=False,
+             progress=gr.Progress(), run=None, examples=None):
+    """Generate a comparison from one seed: AlignIT (customized baseline | AlignIT | optionally the base model
+    on p) or a token swap (baseline | swapped), each image with its per-word cross-attention heat maps.
+
+    Args:
+        uploaded: the caller's uploaded concepts (kept by the page; leave empty).
+        mode: "AlignIT (customized concept)" or "Token swap".
+        concept_key: AlignIT mode: the concept's name, e.g. "striped-ball-ti" (see the tokens tool).
+        prompt: in AlignIT mode with the concept's token, e.g. "a <striped-ball> on a green background";
+            in token-swap mode plain text, e.g. "a red circle on a blue background".
+        positions: AlignIT mode: positions of p to swap; leave empty for the concept's own.
+        swaps: token-swap mode: one "word=source" or "position=source" per line, e.g. "red=yellow".
+        seed: the seed of the shared starting noise (whole number).
+        steps: denoising steps.
+        guidance: classifier-free guidance scale.
+        size: image side in pixels.
+        scheduler: "ddim", "pndm", "euler" or "dpm++".
+        swap_uncond: also swap in the unconditional half of classifier-free guidance.
+        swap_start: fraction of the steps from which the swap acts (0..1).
+        swap_end: fraction of the steps until which the swap acts (0..1).
+        map_resolution: side of the attention maps to record (e.g. 16).
+        include_base: AlignIT mode: add the base model on p as a third image.
+        map_mode: heat maps "overlay" (on the image) or "raw".
+        long_prompt: prompts over 75 tokens: "segments" or "truncate".
+        swap_kv: swap keys and values "kv", keys only "k" or values only "v".
+        swap_strength: 0 (no swap) to 1 (the full swap).
+        second_concept: AlignIT mode: an optional second concept's name in the same prompt.
+        lora_rest: AlignIT on a LoRA concept: how much of the rest of the LoRA (0..1).
+        map_blocks: the UNet's parts whose layers record maps: some of "down", "mid", "up".
+        map_start: fraction of the steps from which maps are recorded (0..1).
+        map_end: fraction of the steps until which maps are recorded (0..1).
+        map_by: heat maps per "words" (sub-word tokens merged) or per "positions".
+        map_special: also show the start and end tokens' maps.
+
+    Returns:
+        The images (PNG files with the settings in their metadata, up to three; empty where fewer),
+        their heat-map rows, the comparison grid, settings.json, the command line that reproduces it,
+        the generation (kept by the page), a before/after pair, and maps.safetensors (the raw maps).
+    """
+    settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
+                        scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
+                        swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt,
+                        swap_kv=swap_kv, swap_strength=swap_strength, lora_rest=lora_rest,
+                        map_blocks=tuple(map_blocks or ()), map_start=map_start, map_end=map_end)
+    run = run or partial(run_generation, model)
     chosen = _chosen(concepts, uploaded, concept_key, second_concept)
     try:
         if mode == ALIGNIT:
@@ -476,10 +705,11 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
                                        f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
             if not chosen:
                 raise PromptError("choose or upload a concept first")
-            gen = generate_concept(model, prompt, chosen, settings, positions=list(positions or []) or None,
-                                   include_base=bool(include_base), progress=tick)
-        else:
-            gen = generate_swap(model, prompt, parse_swaps(swaps), settings, progress=tick)
+        key = request_key(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
+                          include_base, second_concept)
+        _, _, text, picked, swap_list, settings, base = key
+        gen = (examples or ExampleResults(())).get(key, lambda: run(
+            mode, chosen, text, settings, list(picked) if picked else None, list(swap_list), base, progress))
     except AlignITError as e:
         raise ui_error(e) from None
     except VisitorLeft:
@@ -488,13 +718,31 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
         raise gr.Error(f"the generation failed ({type(e).__name__}); the model is unchanged, try again",
                        title="Generation error") from e
     out = Path(gr.utils.get_upload_folder()) / "alignit" / uuid.uuid4().hex
-    files = {p.name: p for p in write_outputs(gen, out)}
+    files = {p.name.removeprefix(prefix): p for prefix in [download_prefix(gen)]
+             for p in write_outputs(gen, out, prefix)}
     command = cli_command(gen, chosen if mode == ALIGNIT else [], set((uploaded or {}).values()))
     for warning in gen.warnings:
-        gr.Warning(warning)
-    return (*_pad([gen.images[r] for r in gen.rows]), *_pad(heatmap_rows(gen, map_mode)),
-            str(files["heatmaps.png"]), str(files["settings.json"]),
-            command, gen)
+        gr.Warning(as_html(warning))
+    shown = [str(files[f"{r}.png"]) for r in gen.rows]
+    view = MapView(map_mode, map_by, bool(map_special))
+    return (*_pad(shown), *_pad(heatmap_rows(gen, view)), str(files["heatmaps.png"]), str(files["settings.json"]),
+            command, gen, before_after(gen, shown), str(files[MAPS_FILE]))
+
+
+def download_prefix(gen: Generation) -> str:
+    """What a downloaded file's name starts with: the concept(s) or "swap", and the seed, so that
+    files of different runs neither collide nor look alike (`striped-ball-seed0-alignit.png`)."""
+    s = gen.settings
+    what = "-".join(c["token"].strip("<>") for c in s.get("concepts", ())) or "swap"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{what}-seed{s['seed']}-")
+
+
+def before_after(gen: Generation, shown: list[str]):
+    """The before/after slider's pair: the first image (the baseline) and the AlignIT or swapped one."""
+    after = next((r for r in ("alignit", "swapped") if r in gen.rows), None)
+    if after is None or gen.rows[0] == after:
+        return None
+    return shown[0], shown[gen.rows.index(after)]
 
 
 def _pad(values: list) -> list:
@@ -509,25 +757,75 @@ def label_columns(gen: Generation | None):
     return [gr.update(label=n) if n else gr.update() for n in names] + [gr.update(visible=bool(n)) for n in names]
 
 
-def redraw_maps(gen: Generation | None, map_mode: str):
-    """Overlay <-> raw maps from the kept generation, without generating again."""
+def redraw_maps(gen: Generation | None, map_mode: str, map_by: str = "words", map_special: bool = False):
+    """The heat-map rows drawn again from the kept generation (overlay or raw, by words or positions,
+    with or without start/end tokens), without generating again."""
     if gen is None:
         return [gr.update()] * MAX_COLUMNS
-    return _pad(heatmap_rows(gen, map_mode))
+    return _pad(heatmap_rows(gen, MapView(map_mode, map_by, bool(map_special))))
 
 
-def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, progress=gr.Progress()):
-    """Score the kept generation: the table, one MI heat-map row per image, and the report (kept for redrawing)."""
+def large_map_view(gen: Generation | None, map_mode: str, map_by: str, map_special: bool, row=None, label=None):
+    """The large map's image choice, word choice and picture. The image kept if `gen` has it, else
+    its AlignIT or swapped one; the word kept if that image has it, else its first swapped word."""
+    if gen is None:
+        return gr.update(), gr.update(), gr.update()
+    view = MapView(map_mode, map_by, bool(map_special))
+    if row not in gen.rows:
+        row = next((r for r in ("alignit", "swapped") if r in gen.rows), gen.rows[0])
+    chosen = view.entries(gen, row)
+    labels = [e.label for e in chosen]
+    if label not in labels:
+        swapped = [e.label for e in chosen if set(e.positions) & set(gen.swapped[row])]
+        label = (swapped or labels or [None])[0]
+    return (gr.update(choices=[(CAPTIONS[r], r) for r in gen.rows], value=row), gr.update(choices=labels, value=label),
+            big_map(gen, view, row, label) if label is not None else None)
+
+
+def tile_clicked(column: int):
+    """The callback of column `column`'s heat-map row: the clicked tile's word (or token) as the large map."""
+    def clicked(gen: Generation | None, map_mode: str, map_by: str, map_special: bool, evt: gr.SelectData):
+        label = clicked_map(gen, MapView(map_mode, map_by, bool(map_special)), column, *evt.index)
+        if label is None:
+            return gr.update(), gr.update(), gr.update()
+        return large_map_view(gen, map_mode, map_by, map_special, gen.rows[column], label)
+
+    return clicked
+
+
+def size_note(model, size) -> str:
+    warning = size_warning(model, int(size))
+    return f"**Note:** {plain(warning)}" if warning else ""
+
+
+def run_score(model, clip, gen: Generation, references, clip_note: str, progress=None) -> AlignmentReport:
+    """The scoring itself, all the GPU work of a score. Raises AlignITError."""
+    def tick(i, n):
+        if progress is not None:
+            progress((i, n), desc="scoring", unit="samples")
+
+    return score_generation(model, gen, clip, references, clip_note=clip_note, progress=tick)
+
+
+def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, progress=gr.Progress(), run=None):
+    """Score how well the caller's last generation follows its text: the MI score of every image (and CLIP
+    where available), the difference to the first image, and each word's share (per-token MI).
+
+    Args:
+        gen: the caller's last generation (kept by the page and by a gradio_client session).
+        map_mode: the per-token MI maps "overlay" (on the image) or "raw".
+
+    Returns:
+        A Markdown table of the scores, one per-token MI heat-map row per image (up to three), and the
+        report (kept by the page).
+    """
     if gen is None:
         raise gr.Error("generate images first, then score them", title="Score error", print_exception=False)
     concept = concepts.get(gen.settings.get("concept", {}).get("name"))
     refs = open_images(concept.references) if concept is not None and clip is not None else []
-
-    def tick(i, n):
-        progress((i, n), desc="scoring", unit="samples")
-
+    run = run or partial(run_score, model, clip)
     try:
-        report = score_generation(model, gen, clip, refs, clip_note=clip_note, progress=tick)
+        report = run(gen, refs, clip_note, progress)
     except AlignITError as e:
         raise ui_error(e) from None
     return (scores_markdown(report), *_shown(_pad(mi_rows(gen, report, map_mode))), report)
@@ -583,6 +881,23 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
 
 # ------------------------------------------------------------------------------ layout and wiring
 
+WHAT = """\
+**The images** start from the same noise. *Customized baseline*: the customized model alone, on the prompt
+with the concept's token. *AlignIT*: the base model on *p* (the token replaced by its class word) whose
+cross-attention takes, at the swapped positions only, the keys and values the customized model computes
+for *p′* (every other word `*`): the concept comes from the customization, the rest of the prompt from the
+base model. *Base model on p*: what the class word alone gives. In token-swap mode the same mechanism swaps
+any word (*baseline* vs *swapped*).
+
+**Kinds of concept.** *Textual inversion* learns only a new word's embedding; *Custom Diffusion* also
+fine-tunes the cross-attention key/value weights; a *DreamBooth-LoRA* adds low-rank updates to the model.
+
+**The heat maps** show where each word's cross-attention lands, each map scaled from its own minimum to its
+own maximum (the colour bar); click a tile for a large map. **The MI score** in AlignIT mode scores *p*:
+the class word, so the concept's own look counts against an image, not for it.
+"""
+
+
 def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -> gr.Blocks:
     """The whole app for `model` and the shipped `concepts` (validated against it); `clip` scores
     with CLIP too (else `clip_note` says why not)."""
@@ -593,13 +908,19 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
     swap_example = (example_rows[0][2], example_rows[0][3])
     first = next(iter(registry.values()), None)
     start = ALIGNIT if first else SWAP  # no concept for this model: start where there is something to do
+    examples = ExampleResults(_example_keys(model, registry, example_rows, defaults))
+    run = on_gpu(partial(run_generation, model), gpu_seconds)
+    scorer = on_gpu(partial(run_score, model, clip), score_seconds)
 
     with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         uploaded = gr.State({})
         last = gr.State(None)
+        drafts = gr.State({})  # the prompt and swaps typed in the other mode
         gr.Markdown(header_markdown(model), elem_id="header")
+        gr.DuplicateButton("Duplicate this Space (your own GPU, no queue)", size="sm",
+                           visible=gr.utils.get_space() is not None)
         with gr.Row(equal_height=False):
-            with gr.Column(scale=3):
+            with gr.Column(scale=3, min_width=300):
                 mode = gr.Radio([ALIGNIT, SWAP], value=start, label="Mode", elem_id="mode")
                 with gr.Column(variant="panel", visible=start == ALIGNIT) as concept_box:
                     concept = gr.Dropdown(concept_choices(registry, {}), value=first and first.name,
@@ -608,8 +929,9 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     second = gr.Dropdown(second_choices(registry, {}), value="", elem_id="second-concept",
                                          label="Second concept in the same prompt (optional; each concept's rows "
                                                "come from its own customized model)")
-                    references = gr.Gallery(label="reference images the concept was learned from", columns=6,
-                                            rows=1, height=150, object_fit="contain", allow_preview=True)
+                    gr.Markdown("Reference images the concept was learned from:")
+                    references = gr.Gallery(show_label=False, columns=6, rows=1, height=120, object_fit="contain",
+                                            allow_preview=True, elem_id="references")
                     with gr.Accordion("Upload a concept (.safetensors, at most 200 MB)", open=False):
                         with gr.Row():
                             upload = gr.File(label="textual-inversion embedding or DreamBooth-LoRA",
@@ -617,7 +939,8 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                                              height=100, scale=2, elem_id="upload")
                             with gr.Column(scale=2):
                                 up_token = gr.Textbox(label="token", placeholder="<my-cat> or a LoRA's trigger word, "
-                                                                                 "e.g. sks (default: the file's)")
+                                                                                 "e.g. sks (default: the file's)",
+                                                      elem_id="upload-token")
                                 up_class = gr.Textbox(label="class word", placeholder="cat", elem_id="upload-class")
                                 up_scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (a LoRA only)")
                         add = gr.Button("Add concept for this session", size="sm", elem_id="add-concept")
@@ -629,18 +952,22 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                 positions = gr.CheckboxGroup(label="Swapped positions", elem_id="positions")
                 chips = gr.HTML(elem_id="chips")
                 texts = gr.Markdown(elem_id="prompt-texts", padding=True)
-                with gr.Accordion("Token table", open=True):
+                with gr.Accordion("What am I looking at?", open=True, elem_id="what-box"):
+                    diagram = gr.HTML(elem_id="diagram")
+                    gr.Markdown(WHAT)
+                with gr.Accordion("Token table", open=False):
                     table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
-            with gr.Column(scale=2):
+            with gr.Column(scale=2, min_width=300):
                 with gr.Row(equal_height=False):
                     seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
-                    dice = gr.Button("🎲 random seed", size="sm", scale=1, elem_id="dice")
+                    dice = gr.Button("Random seed", size="sm", scale=1, elem_id="dice")
                 steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
                 with gr.Row():
-                    size = gr.Slider(64, 2 * model.native_size, value=defaults.size, step=size_step,
-                                     label="Image size (px)")
+                    size = gr.Slider(64, 2 * model.native_size, value=defaults.size, step=size_step, elem_id="size",
+                                     label=f"Image size (px; the model was trained at {model.native_size})")
                     scheduler = gr.Dropdown(scheduler_names(), value=defaults.scheduler, label="Scheduler")
+                size_text = gr.Markdown(elem_id="size-note")
                 with gr.Accordion("Advanced", open=False):
                     swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)")
                     with gr.Row():
@@ -654,17 +981,33 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     with gr.Row():
                         swap_start = gr.Slider(0, 1, value=0, step=0.05, label="Swap from (fraction of steps)")
                         swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
-                    map_res = gr.Dropdown(**map_resolutions(model, defaults.size),
-                                          label="Heat maps from the cross-attention layers at")
+                    with gr.Row():
+                        map_res = gr.Dropdown(**map_resolutions(model, defaults.size), elem_id="map-res",
+                                              label="Heat maps from the cross-attention layers at")
+                        map_blocks = gr.CheckboxGroup([("down", "down"), ("mid", "mid"), ("up", "up")],
+                                                      value=list(MAP_BLOCKS), elem_id="map-blocks",
+                                                      label="in the UNet's blocks")
+                    with gr.Row():
+                        map_start = gr.Slider(0, 1, value=0, step=0.05, label="Heat maps from (fraction of steps)",
+                                              elem_id="map-start")
+                        map_end = gr.Slider(0, 1, value=1, step=0.05, label="Heat maps until", elem_id="map-end")
                     long_mode = gr.Radio(LONG_CHOICES, value="segments", elem_id="long-mode",
                                          label="Prompts over 75 tokens (CLIP's limit)")
                 include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
                                            elem_id="include-base")
-                run = gr.Button("Generate", variant="primary", elem_id="generate")
-        examples = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second], label="Examples (click to run)",
-                               example_labels=example_labels, cache_examples=False, examples_per_page=12)
-        gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each token's "
-                    "cross-attention lands (tokens as tiles, swapped positions framed in orange).")
+                run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+        examples_box = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second],
+                                   label="Examples (click to run; results are kept, so a second visit is instant)",
+                                   example_labels=example_labels, cache_examples=False, examples_per_page=12,
+                                   api_visibility="private")
+        gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each word's "
+                    f"cross-attention lands ({SCALE_NOTE}; swapped words framed in orange). Click a tile for a "
+                    "large map.")
+        with gr.Row(equal_height=False):
+            map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, elem_id="map-mode")
+            map_by = gr.Radio(MAP_VIEWS, value="words", label="one map per", scale=1, elem_id="map-by")
+            map_special = gr.Checkbox(False, label="show start / end tokens", scale=1, min_width=160,
+                                      elem_id="map-special")
         with gr.Row(equal_height=False):
             images, maps, columns, mi_maps = [], [], [], []
             for i in range(MAX_COLUMNS):
@@ -672,87 +1015,131 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     images.append(gr.Image(label=_pad([CAPTIONS[r] for r in ROWS[start]])[i], type="pil",
                                            format="png", height=256, interactive=False, elem_classes="generated",
                                            elem_id=f"image-{i}", buttons=["download", "fullscreen"]))
-                    maps.append(gr.Image(label="cross-attention per token", show_label=False, type="pil",
+                    maps.append(gr.Image(label="cross-attention per word", show_label=False, type="pil",
                                          format="png", interactive=False, elem_id=f"heatmap-{i}",
                                          buttons=["fullscreen"]))
                     mi_maps.append(gr.Image(label="MI per token", type="pil", format="png", interactive=False,
                                             visible=False, elem_id=f"mi-{i}", buttons=["fullscreen"]))
                 columns.append(col)
         with gr.Row(equal_height=False):
+            with gr.Column(min_width=300):
+                slider = gr.ImageSlider(label="before / after (drag)", type="filepath", elem_id="slider",
+                                        interactive=False, height=420)
+            with gr.Column(min_width=300):
+                with gr.Row():
+                    big_row = gr.Radio(label="large map of image", elem_id="large-row")
+                    big_word = gr.Dropdown(label="word", elem_id="large-word")
+                big = gr.Image(label="large map", type="pil", format="png", interactive=False, elem_id="large-map",
+                               height=420, buttons=["download", "fullscreen"])
+        with gr.Row(equal_height=False):
             score_button = gr.Button("Score alignment", size="sm", scale=1, elem_id="score")
             score_text = gr.Markdown("*Score alignment* measures how much each image follows the text (MI from "
-                                     "the model's own denoiser" + (", CLIP" if clip is not None else "") + ").",
-                                     elem_id="scores")
+                                     "the model's own denoiser" + (", CLIP" if clip is not None else "") + "). "
+                                     "In AlignIT mode it scores *p*, the class word: the concept's own look counts "
+                                     "against an image.", elem_id="scores")
         with gr.Row(equal_height=False):
-            map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, elem_id="map-mode")
-            grid_file = gr.File(label="comparison grid (PNG, settings in its metadata)", scale=2)
-            settings_file = gr.File(label="settings.json", scale=2)
+            grid_file = gr.File(label="comparison grid (PNG, settings in its metadata)", elem_id="grid-file",
+                                min_width=300)
+            maps_file = gr.File(label="the raw maps (maps.safetensors)", elem_id="maps-file", min_width=300)
+            settings_file = gr.File(label="settings.json", elem_id="settings-file", min_width=300)
         command = gr.Textbox(label="Reproduce from the command line", interactive=False, lines=2,
                              buttons=["copy"], elem_id="command")
 
         # ---- wiring
         ctx = (model, registry)
+        private = dict(api_visibility="private")
+        quick = dict(queue=False, show_progress="hidden", api_visibility="private")
         view_inputs = [uploaded, mode, concept, prompt, swaps]
-        view_outputs = [table, positions, chips, texts]
-        show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs + [long_mode, second], outputs=view_outputs,
-                         concurrency_limit=None, show_progress="hidden")
+        view_outputs = [table, positions, chips, texts, diagram]
+        show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
+                         outputs=view_outputs, concurrency_limit=None, show_progress="hidden")
         prompt.change(**show_view, trigger_mode="always_last", api_name="tokens")
-        swaps.change(**show_view, trigger_mode="always_last", api_visibility="private")
-        mode.change(**show_view, api_visibility="private")
-        concept.change(**show_view, api_visibility="private")
-        second.change(**show_view, api_visibility="private")
-        second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt,
-                     api_visibility="private")
-        long_mode.change(**show_view, api_visibility="private")
+        for trigger in (swaps.change, mode.change, concept.change, second.change, long_mode.change):
+            trigger(**show_view, trigger_mode="always_last", **private)
+        second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
         concept.change(partial(concept_card, registry), [uploaded, concept], [card, references],
-                       api_visibility="private", show_progress="hidden")
-        concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, api_visibility="private")
+                       show_progress="hidden", **private)
+        concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, **private)
         mode.input(partial(mode_switched, registry, swap_example=swap_example),
-                   [uploaded, mode, concept, prompt, swaps], [prompt, swaps], api_visibility="private")
+                   [uploaded, mode, concept, prompt, swaps, drafts], [prompt, swaps, drafts], **private)
         mode.change(mode_controls, [mode, last], [concept_box, swaps, include_base, *images],
-                    api_visibility="private", show_progress="hidden")
+                    show_progress="hidden", **private)
         positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
-                        api_visibility="private", show_progress="hidden")
-        positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second], chips,
-                         api_visibility="private",
-                         show_progress="hidden", concurrency_limit=None)
+                        show_progress="hidden", **private)
+        positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second],
+                         [chips, texts, diagram], show_progress="hidden", concurrency_limit=None, **private)
         add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class, up_scale],
-                  [uploaded, concept, second, prompt], api_visibility="private")
-        dice.click(random_seed, None, seed, api_visibility="private", show_progress="hidden")
-        size.change(lambda px: gr.update(**map_resolutions(model, px)), size, map_res, api_visibility="private",
-                    show_progress="hidden")
-        map_mode.change(redraw_maps, [last, map_mode], maps, api_visibility="private")
+                  [uploaded, concept, second, prompt], **private)
+        dice.click(random_seed, None, seed, show_progress="hidden", **private)
+        size.change(lambda px: (gr.update(**map_resolutions(model, px)), size_note(model, px)), size,
+                    [map_res, size_text], show_progress="hidden", **private)
+        map_view = [map_mode, map_by, map_special]
+        large = [big_row, big_word, big]
+        for control in map_view:
+            control.change(redraw_maps, [last] + map_view, maps, **private)
+            control.change(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden",
+                           **private)
+        big_row.input(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden", **private)
+        big_word.input(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden",
+                       **private)
+        for column, heat in enumerate(maps):
+            heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
         scored = gr.State(None)
-        score_button.click(partial(score, model, clip, clip_note, registry), [last, map_mode],
+        score_button.click(named(score, "score", model, clip, clip_note, registry, run=scorer), [last, map_mode],
                            [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score")
-        map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, api_visibility="private")
+        map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, **private)
         last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
-                    api_visibility="private", show_progress="hidden")  # a new generation: old scores go
+                    show_progress="hidden", **private)  # a new generation: old scores go
 
         gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
                       swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode, swap_kv,
-                      swap_strength, second, lora_rest]
-        gen_outputs = images + maps + [grid_file, settings_file, command, last]
+                      swap_strength, second, lora_rest, map_blocks, map_start, map_end, map_by, map_special]
+        gen_outputs = images + maps + [grid_file, settings_file, command, last, slider, maps_file]
+        generator = named(generate, "generate", *ctx, run=run, examples=examples)
 
         def generate_after(event, **api):
-            """Generate after `event` with the button greyed out; it comes back even after an error
-            (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it again)."""
-            done = event.then(partial(generate, *ctx), gen_inputs, gen_outputs, show_progress_on=images, **api)
+            """Generate after `event` with the button greyed out and the old heat maps cleared (they
+            belong to the old images); the button comes back, and after an error the kept generation's
+            maps too (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it)."""
+            done = event.then(generator, gen_inputs, gen_outputs, show_progress_on=images, **api)
             done.success(label_columns, last, images + columns, **quick)
+            done.success(large_map_view, [last, *map_view, big_row, big_word], large, **quick)
+            done.failure(redraw_maps, [last] + map_view, maps, **quick)
             for after in (done.then, done.failure):
-                after(lambda: gr.update(interactive=True), None, run, **quick)
+                after(lambda: gr.update(interactive=True), None, run_button, **quick)
 
-        def grey_out():
-            return gr.update(interactive=False)
+        def start_run():
+            return gr.update(interactive=False), *[None] * MAX_COLUMNS
 
-        quick = dict(queue=False, show_progress="hidden", api_visibility="private")
-        generate_after(run.click(grey_out, None, run, **quick), api_name="generate")
+        generate_after(run_button.click(start_run, None, [run_button, *maps], **quick), api_name="generate")
         # an example runs once its values, and the positions they imply, are in place
-        generate_after(examples.load_input_event.then(**show_view, api_visibility="private")
-                       .then(grey_out, None, run, **quick), api_visibility="private")
-        demo.load(**show_view, api_visibility="private")
-        demo.load(partial(concept_card, registry), [uploaded, concept], [card, references], api_visibility="private")
+        generate_after(examples_box.load_input_event.then(**show_view, **private)
+                       .then(start_run, None, [run_button, *maps], **quick), **private)
+        # the first view shows the first example's result (made once, on the first view of all)
+        generate_after(demo.load(**show_view, **private).then(start_run, None, [run_button, *maps], **quick),
+                       **private)
+        demo.load(partial(concept_card, registry), [uploaded, concept], [card, references], **private)
     return demo
+
+
+def named(fn, name: str, *bound, **keywords):
+    """`fn` with its first arguments bound to this app's model and concepts, under `name` and with its
+    docstring, so that the API and MCP list it as a tool an agent can read (a bare partial has neither)."""
+    tool = partial(fn, *bound, **keywords)
+    tool.__name__, tool.__doc__ = name, fn.__doc__
+    return tool
+
+
+def _example_keys(model, registry: dict, rows: list[list], defaults: Settings) -> list:
+    """The request keys of the examples as the page sends them (every other control at its default)."""
+    keys = []
+    for mode, concept_key, prompt, swaps, seed, second in rows:
+        try:
+            keys.append(request_key(model, registry, {}, mode, concept_key, prompt, None, swaps,
+                                    replace(defaults, seed=seed), False, second))
+        except AlignITError:  # an example the model cannot run is kept out, not cached
+            continue
+    return keys
 
 
 def _args(argv=None) -> argparse.Namespace:
@@ -787,8 +1174,9 @@ def main(argv=None) -> int:
         print(f"{clip_note}; Score alignment shows the MI score only", flush=True)
     demo = build_demo(model, concepts, clip, clip_note)
     demo.queue(**QUEUE)
+    # mcp_server: the named endpoints (tokens, generate, score) are also MCP tools, at /gradio_api/mcp/
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
-                allowed_paths=[str(CONCEPTS_DIR)], css=CSS, theme=THEME)
+                allowed_paths=[str(CONCEPTS_DIR)], css=CSS, theme=THEME, mcp_server=True)
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 import app
-from alignit_core import Concept, PromptError
+from alignit_core import Concept, PromptError, Token
 from alignit_core.cli import _parser as cli_parser
 from tests.conftest import TOKENIZER
 
@@ -94,7 +95,7 @@ def test_custom_diffusion_concepts_read_token_and_class_word_together(clip):
 def test_the_token_view_states_a_problem_instead_of_raising(clip, mode, prompt, swaps, problem):
     view = app.token_view(clip, mode, prompt, _concept(), swaps)
     assert problem in view.problem
-    assert problem in app.prompts_markdown(view)
+    assert app.plain(problem) in app.prompts_markdown(view)
 
 
 def test_an_empty_prompt_gives_an_empty_table(clip):
@@ -134,7 +135,8 @@ def test_the_cli_line_reproduces_an_alignit_comparison_with_the_base_model():
 def test_heat_maps_redraw_raw_without_generating_again():
     image = Image.new("RGB", (32, 32), (200, 40, 40))
     maps = torch.rand(3, 4, 4).numpy()
-    tokens = tuple(SimpleNamespace(text=t) for t in ("<|startoftext|>", "red", "<|endoftext|>"))
+    tokens = tuple(Token(i, t, w, k) for i, (t, w, k) in enumerate([("<|startoftext|>", "", -1), ("red", "red", 0),
+                                                                     ("<|endoftext|>", "", -1)]))
     gen = SimpleNamespace(rows=["baseline", "swapped"], images={"baseline": image, "swapped": image},
                           maps={"baseline": maps, "swapped": maps}, tokens={"baseline": tokens, "swapped": tokens},
                           swapped={"baseline": (), "swapped": (1,)})
@@ -195,7 +197,7 @@ def test_truncate_mode_shows_what_the_model_will_not_read(clip, tiny_sd):
     view = app.token_view(clip, app.SWAP, LONG, None, "red=blue", long="truncate")
     assert not view.p.parts and len(view.p.ids) <= 77 and view.p.dropped
     assert f"will not read `{view.p.dropped}`" in app.prompts_markdown(view)
-    *_, command, gen = _run(tiny_sd, prompt=LONG, swaps="red=blue", long_prompt="truncate")
+    *_, command, gen, _, _ = _run(tiny_sd, prompt=LONG, swaps="red=blue", long_prompt="truncate")
     assert gen.warnings and gen.settings["dropped"] == view.p.dropped
     assert "--long-prompt truncate" in command
     args = cli_parser().parse_args(shlex.split(command)[3:])
@@ -203,19 +205,36 @@ def test_truncate_mode_shows_what_the_model_will_not_read(clip, tiny_sd):
 
 
 def test_generate_returns_two_columns_and_reproducible_downloads(tiny_sd):
-    *shown, grid, settings, command, gen = _run(tiny_sd)
+    *shown, grid, settings, command, gen, pair, maps_file = _run(tiny_sd)
     images, maps = shown[:app.MAX_COLUMNS], shown[app.MAX_COLUMNS:]
-    assert images[0].size == images[1].size and images[2] is None and maps[2] is None
+    assert Image.open(images[0]).size == Image.open(images[1]).size and images[2] is None and maps[2] is None
     assert json.loads(Path(settings).read_text())["swaps"] == [["red", "yellow"]]
     assert Image.open(grid).text["alignit"] == json.dumps(gen.settings, ensure_ascii=False)
     assert "--swap red=yellow" in command and "--model tiny-sd" in command
+    assert pair == (images[0], images[1]) and Path(maps_file).name.endswith("maps.safetensors")
+
+
+def test_every_download_is_named_for_its_run_and_carries_the_settings(tiny_sd):
+    """Bug: each image downloaded as `image.png` without settings, and the grid's columns were the
+    engine's row keys, not the page's captions."""
+    *shown, grid, settings, command, gen, pair, maps_file = _run(tiny_sd, seed=5)
+    names = [Path(f).name for f in shown[:2] + [grid, settings, maps_file]]
+    assert names == ["swap-seed5-baseline.png", "swap-seed5-swapped.png", "swap-seed5-heatmaps.png",
+                     "swap-seed5-settings.json", "swap-seed5-maps.safetensors"]
+    for image in shown[:2]:
+        assert json.loads(Image.open(image).text["alignit"])["seed"] == 5
+    *_, gen2, _, _ = app.generate(tiny_sd, {"striped-ball-ti": _concept()}, {}, app.ALIGNIT, "striped-ball-ti",
+                                  "a <striped-ball> on a green background", [2], "", 1, 2, 5.0, tiny_sd.native_size,
+                                  "ddim", False, 0.0, 1.0, None, False, "overlay", progress=lambda *a, **k: None)
+    assert app.download_prefix(gen2) == "striped-ball-seed1-"
 
 
 def test_alignit_with_the_base_model_fills_three_labelled_columns(tiny_sd):
     concept = {"striped-ball-ti": _concept()}
-    *shown, grid, settings, command, gen = app.generate(
+    *shown, grid, settings, command, gen, pair, _ = app.generate(
         tiny_sd, concept, {}, app.ALIGNIT, "striped-ball-ti", "a <striped-ball> on a green background", [2], "",
         1, 2, 5.0, tiny_sd.native_size, "ddim", False, 0.0, 1.0, None, True, "raw", progress=lambda *a, **k: None)
+    assert pair == (shown[0], shown[1])  # before / after: the customized baseline and AlignIT
     assert gen.rows == ["customized", "alignit", "base"] and all(v is not None for v in shown)
     assert "--concept striped-ball-ti --positions 2 --base" in command
     labels = app.label_columns(gen)
@@ -293,10 +312,199 @@ def test_a_second_concept_joins_the_prompt_and_the_generation(tiny_sd, tmp_path)
         found[token] = load_concept(path, tiny_sd, class_word="dog" if token == "<a>" else "cat")
     uploaded = {"uploaded:<a>": found["<a>"], "uploaded:<b>": found["<b>"]}
     assert app.second_concept_prompt({}, uploaded, "a photo of a <a>", "uploaded:<b>") == "a photo of a <a> and a <b>"
-    *_, command, gen = _run(tiny_sd, uploaded=uploaded, mode=app.ALIGNIT, concept_key="uploaded:<a>",
+    *_, command, gen, _, _ = _run(tiny_sd, uploaded=uploaded, mode=app.ALIGNIT, concept_key="uploaded:<a>",
                             second_concept="uploaded:<b>", prompt="a photo of a <a> and a <b>", swap_kv="k",
                             swap_strength=0.5)
     assert [c["token"] for c in gen.settings["concepts"]] == ["<a>", "<b>"] and gen.swapped["alignit"] == (5, 8)
     args = cli_parser().parse_args(shlex.split(command)[3:])
     assert args.concept == ["a.safetensors", "b.safetensors"] and args.token is None
     assert (args.swap_kv, args.swap_strength) == ("k", 0.5)
+
+
+# ------------------------------------------------------------------------------ what a first visitor hit
+
+
+def test_messages_with_a_token_are_shown_whole_not_read_as_html(clip):
+    """Bug: `<striped-ball>` in a message was read as an HTML tag, hiding it and what followed."""
+    err = app.ui_error(PromptError("the concept token <striped-ball> is not in the prompt"))
+    assert err.message == "the concept token &lt;striped-ball&gt; is not in the prompt"
+    view = app.token_view(clip, app.ALIGNIT, "a circle on a green background", _concept(), "")
+    md = app.prompts_markdown(view)
+    assert "&lt;striped-ball&gt; is not in the prompt" in md and "<striped-ball>" not in md
+    assert app.plain("p′ = * <x> *") == r"p′ = \* &lt;x&gt; \*"  # no emphasis either
+
+
+def test_an_upload_whose_token_is_taken_says_so_whole_and_quietly(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<striped-ball>": torch.randn(32)}, str(path))
+    with pytest.raises(gr.Error) as caught:
+        app.add_concept(tiny_sd, {"striped-ball-ti": _concept()}, {}, str(path), "", "circle")
+    assert caught.value.message.startswith("the token &lt;striped-ball&gt; is taken by a shipped concept")
+    assert not caught.value.print_exception  # no traceback in the server log for a visitor's mistake
+
+
+@pytest.mark.parametrize("swaps", ["99=yellow", "0=yellow", "12=", "7=", "red=yellow\n40=blue"])
+def test_out_of_range_positions_never_reach_the_position_boxes(clip, swaps):
+    """Bug: `99=yellow` (or a half-typed `12=`) put 99 into the checkboxes, whose choices stop at 7:
+    the page showed 'Error (2) · Value: 99' and the log filled with tracebacks."""
+    _, boxes, _, md, _ = app.describe(clip, {}, {}, app.SWAP, None, PROMPT, swaps)
+    assert set(boxes["value"]) <= {value for _, value in boxes["choices"]}
+    if "=" in swaps and not swaps.endswith("="):
+        assert "**Problem:**" in md
+
+
+def test_switching_mode_keeps_the_visitors_own_prompt_and_swaps(clip):
+    """Bug: switching mode threw the visitor's prompt and swaps away for the example's."""
+    concepts = {"striped-ball-ti": _concept()}
+    mine = "a <striped-ball> on a red background"
+    prompt, swaps, drafts = app.mode_switched(concepts, {}, app.SWAP, "striped-ball-ti", mine, "", {},
+                                              swap_example=("a jumping dog", "dog=zebra"))
+    assert (prompt, swaps) == ("a jumping dog", "dog=zebra")  # the concept prompt does not fit token swaps
+    prompt, swaps, drafts = app.mode_switched(concepts, {}, app.ALIGNIT, "striped-ball-ti", PROMPT, "red=blue",
+                                              drafts, swap_example=("a jumping dog", "dog=zebra"))
+    assert prompt == mine  # back in AlignIT mode: the visitor's own prompt
+    prompt, swaps, _ = app.mode_switched(concepts, {}, app.SWAP, "striped-ball-ti", mine, "", drafts,
+                                         swap_example=("a jumping dog", "dog=zebra"))
+    assert (prompt, swaps) == (PROMPT, "red=blue")  # and the swaps typed before
+
+
+def test_an_extra_position_ticked_in_alignit_mode_is_shown_and_called_out(clip):
+    """Bug: ticking `white` in AlignIT mode silently swapped in `*`'s row (the background went white)
+    while the p′ line stayed the same."""
+    concepts = {"striped-ball-ti": _concept()}
+    prompt = "a <striped-ball> on a green background"
+    _, md, diagram = app.show_chips(clip, concepts, {}, app.ALIGNIT, "striped-ball-ti", prompt, "", [2, 5])
+    assert "`2 circle ← <striped-ball>`" in md and "`5 green ← *`" in md
+    assert "`green` (5) will take the keys and values of `*`" in md
+    assert diagram.count("↑ K/V") == 2
+    _, md, _ = app.show_chips(clip, concepts, {}, app.ALIGNIT, "striped-ball-ti", prompt, "", [2])
+    assert "will take the keys and values of `*`" not in md
+
+
+def test_a_word_cut_by_truncation_is_called_cut_not_missing(clip):
+    view = app.token_view(clip, app.SWAP, LONG, None, "white=black", long="truncate")
+    assert "the word 'white' was cut off" in view.problem and "not in the prompt" not in view.problem
+
+
+def test_sizes_far_from_the_models_own_are_warned_about(tiny_sd):
+    """Bug: the embedded model at 256 px draws four objects and at 64 px noise, silently."""
+    native = tiny_sd.native_size
+    assert app.size_note(tiny_sd, native) == ""
+    assert f"trained on {native}×{native} px images; at {2 * native} px expect repeated" in app.size_note(
+        tiny_sd, 2 * native)
+    *_, gen, _, _ = _run(tiny_sd, size=2 * native)
+    assert any("expect repeated or tiled objects" in w for w in gen.warnings)
+
+
+def test_the_page_reads_the_same_without_an_emoji_font_and_the_header_fits_the_start_mode(tiny_sd):
+    """Bug: the dice button was an empty box without an emoji font; the header said 'try a swap
+    below' while the page opened in AlignIT mode."""
+    demo = app.build_demo(tiny_sd, [_tiny_concept(tiny_sd)])
+    text = " ".join(str(getattr(b, "value", "") or "") + " " + str(getattr(b, "label", "") or "")
+                    for b in demo.blocks.values())
+    assert not re.search("[\U0001F300-\U0001FAFF\u2600-\u27BF\uFE0F]", text)
+    assert "try a" not in app.header_markdown(SimpleNamespace(name="embedded-shapes", is_embedded=True,
+                                                              chosen_because="")).lower()
+
+
+def _tiny_concept(model) -> Concept:
+    return Concept("tiny-ti", "<tiny>", "dog", "textual_inversion", vectors=(torch.zeros(1, 32),),
+                   example_prompt="a <tiny> on the grass")
+
+
+# ------------------------------------------------------------------------------ heat maps people can read
+
+
+def test_word_maps_merge_sub_words_and_number_repeated_words(clip, tiny_sd):
+    *_, gen, _, _ = _run(tiny_sd, prompt="a red hydrangea and a red box", swaps="box=cat")
+    tokens = gen.tokens["baseline"]
+    assert [t.text for t in tokens if t.word == "hydrangea"] == ["hydrange", "a"]
+    words = app.MapView().entries(gen, "baseline")
+    assert [e.label for e in words] == ["a #1", "red #1", "hydrangea", "and", "a #2", "red #2", "box"]
+    both = next(e for e in words if e.label == "hydrangea")
+    by_position = app.MapView(by="positions", special=True).entries(gen, "baseline")
+    assert [e.label for e in by_position][3:5] == ["hydrange", "a"] and len(by_position) == 10  # + start, end
+    assert len(app.heatmap_rows(gen, app.MapView(by="words"))) == 2
+    large = app.big_map(gen, app.MapView(), "baseline", "hydrangea")
+    assert large.width > 400 and both.positions == (3, 4)
+
+
+def test_clicking_a_tile_picks_its_word_for_the_large_map(tiny_sd):
+    *_, gen, _, _ = _run(tiny_sd)
+    view = app.MapView()
+    from visualize.heatmaps import GAP, MARGIN
+    second_tile = (MARGIN + 96 + GAP + 10, MARGIN + 10)
+    assert app.clicked_map(gen, view, 1, *second_tile) == "red"
+    assert app.clicked_map(gen, view, 1, 1, 1) is None  # the margin
+    row, word, picture = app.large_map_view(gen, "overlay", "words", False, "baseline", "red")
+    assert row["value"] == "baseline" and word["value"] == "red" and picture is not None
+    row, word, _ = app.large_map_view(gen, "overlay", "words", False)
+    assert row["value"] == "swapped" and word["value"] == "red"  # by default the swapped word of the swapped image
+
+
+# ------------------------------------------------------------------------------ Spaces: ZeroGPU, examples, MCP
+
+
+def test_the_gpu_time_asked_of_zerogpu_grows_with_steps_rows_and_pixels():
+    def seconds(mode=app.SWAP, base=False, **kw):
+        return app.gpu_seconds(mode, [], PROMPT, app.Settings(**kw), None, [], base)
+
+    sd15 = seconds(steps=30, size=512)
+    assert app.GPU_SETUP_S < sd15 <= 60  # SD 1.5's comparison fits ZeroGPU's default minute
+    assert seconds(steps=60, size=512) > sd15 and seconds(steps=30, size=768) > sd15
+    assert seconds(app.ALIGNIT, True, steps=30, size=512) > seconds(app.ALIGNIT, False, steps=30, size=512) == sd15
+    assert seconds(steps=150, size=1024) == app.GPU_MAX_S  # capped
+    gen = SimpleNamespace(settings={"size": 512}, rows=["customized", "alignit"], tokens={"alignit": [None] * 9})
+    more = SimpleNamespace(settings={"size": 512}, rows=["customized", "alignit"], tokens={"alignit": [None] * 20})
+    assert app.GPU_SETUP_S < app.score_seconds(gen) < app.score_seconds(more) <= app.GPU_MAX_S
+
+
+def test_without_the_spaces_package_gpu_work_runs_as_it_is(tmp_path):
+    """`spaces` exists on Spaces only: the app imports without it and runs the GPU work unchanged."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['spaces'] = None\n"  # as if not installed: `import spaces` raises ImportError
+            "import app\n"
+            "def work(x): return x + 1\n"
+            "assert app.spaces is None and app.on_gpu(work, lambda x: 10) is work\n")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(app.__file__).parent, check=True)
+
+
+def test_examples_are_made_once_and_shared(tiny_sd):
+    made = []
+    cache = app.ExampleResults(["kept"])
+
+    def make():
+        made.append(1)
+        return object()
+
+    first = cache.get("kept", make)
+    assert cache.get("kept", make) is first and len(made) == 1
+    assert cache.get("other", make) is not cache.get("other", make) and len(made) == 3  # only examples are kept
+
+
+def test_an_examples_request_key_matches_what_the_page_sends(tiny_sd):
+    concepts = {"tiny-ti": _tiny_concept(tiny_sd)}
+    defaults = app.resolve(tiny_sd, app.Settings())
+    rows, _ = app.examples_for(tiny_sd, concepts)
+    keys = app._example_keys(tiny_sd, concepts, rows, defaults)
+    page = app.request_key(tiny_sd, concepts, {}, app.ALIGNIT, "tiny-ti", "a <tiny> on the grass", [2], "",
+                           app.Settings(seed=0, steps=defaults.steps, guidance=float(defaults.guidance),
+                                        size=defaults.size, scheduler=defaults.scheduler, map_resolution=8,
+                                        map_blocks=("down", "mid", "up"), swap_strength=1, lora_rest=0), False)
+    assert page in keys
+
+
+def test_the_api_and_mcp_tools_are_tokens_generate_and_score_documented(tiny_sd):
+    from gradio.utils import get_function_description
+
+    demo = app.build_demo(tiny_sd, [])
+    public = {fn.api_name: fn for fn in demo.fns.values() if fn.api_visibility == "public"}
+    assert set(public) == {"tokens", "generate", "score"}
+    for name, fn in public.items():
+        description, parameters, returns = get_function_description(fn.fn)
+        assert fn.fn.__name__ == name and description and returns
+        assert all(parameters.get(p) for p in ("prompt", "mode", "swaps", "seed") if p in parameters)

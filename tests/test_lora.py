@@ -363,7 +363,7 @@ def test_the_demo_reproduces_an_uploaded_lora_from_the_command_line(sd_lora, tin
                   positions=[], swaps="", seed=3, steps=2, guidance=5.0, size=64, scheduler="ddim", swap_uncond=False,
                   swap_start=0.0, swap_end=1.0, map_resolution=None, include_base=False, map_mode="overlay",
                   lora_rest=0.5)
-    *_, command, gen = app.generate(tiny_sd, {}, **values, progress=lambda *a, **k: None)
+    *_, command, gen, _, _ = app.generate(tiny_sd, {}, **values, progress=lambda *a, **k: None)
     args = _parser().parse_args(shlex.split(command)[3:])
     assert (args.concept, args.token, args.class_word) == (["sks.safetensors"], "sks", "dog")
     assert (args.lora_scale, args.lora_rest) == (0.5, 0.5) and gen.settings["concept"]["scale"] == 0.5
