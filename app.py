@@ -458,15 +458,14 @@ def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="
         uploaded: the caller's uploaded concepts (kept by the page; leave empty).
         mode: "AlignIT (customized concept)" or "Token swap".
         concept_key: AlignIT mode: the concept's name, e.g. "striped-ball-ti" (ignored in token-swap mode).
-        prompt: the prompt; in AlignIT mode it contains the concept's token, e.g. "a <striped-ball> on a green background".
+        prompt: AlignIT mode: with the concept's token ("a <striped-ball> on a green background"); else plain text.
         swaps: token-swap mode: one "word=source" or "position=source" per line, e.g. "red=yellow".
         long: prompts over 75 tokens: "segments" (every word kept) or "truncate".
         second: AlignIT mode: an optional second concept's name for the same prompt.
 
     Returns:
-        The token table (position, segment, local position, token of p, word, token of p′), the
-        swappable positions, the tokens as HTML chips, Markdown with p, p′, the swapped rows and
-        any problem with the inputs, and p over p′ as an HTML table.
+        The token table (position, segment, local position, token of p, word, token of p′); the swappable positions;
+        the tokens as HTML chips; Markdown with p, p′, the swapped rows and any problem; p over p′ as an HTML table.
     """
     view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
     label = ("Swapped positions of p (the concepts' are pre-selected)" if mode == ALIGNIT
@@ -642,8 +641,8 @@ def request_key(model, registry, uploaded, mode, concept_key, prompt, positions,
         chosen = _chosen(registry, uploaded, concept_key, second_concept)
         own = token_view(model, mode, text, chosen, "", settings.long_prompt).selected
         picked = tuple(positions or ())
-        return (mode, tuple(c.name for c in chosen), text, None if not picked or set(picked) == set(own) else picked, (),
-                resolve(model, settings), bool(include_base))
+        own_or_picked = None if not picked or set(picked) == set(own) else picked
+        return (mode, tuple(c.name for c in chosen), text, own_or_picked, (), resolve(model, settings), bool(include_base))
     return (mode, (), text, None, tuple(parse_swaps(swaps)), resolve(model, settings), False)
 
 
@@ -659,8 +658,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
         uploaded: the caller's uploaded concepts (kept by the page; leave empty).
         mode: "AlignIT (customized concept)" or "Token swap".
         concept_key: AlignIT mode: the concept's name, e.g. "striped-ball-ti" (see the tokens tool).
-        prompt: in AlignIT mode with the concept's token, e.g. "a <striped-ball> on a green background";
-            in token-swap mode plain text, e.g. "a red circle on a blue background".
+        prompt: AlignIT mode: with the concept's token ("a <striped-ball> on a green background"); else plain text.
         positions: AlignIT mode: positions of p to swap; leave empty for the concept's own.
         swaps: token-swap mode: one "word=source" or "position=source" per line, e.g. "red=yellow".
         seed: the seed of the shared starting noise (whole number).
@@ -686,9 +684,8 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
         map_special: also show the start and end tokens' maps.
 
     Returns:
-        The images (PNG files with the settings in their metadata, up to three; empty where fewer),
-        their heat-map rows, the comparison grid, settings.json, the command line that reproduces it,
-        the generation (kept by the page), a before/after pair, and maps.safetensors (the raw maps).
+        Up to three images (PNG, settings in their metadata), their heat-map rows, the comparison grid, settings.json,
+        the command line that reproduces it, a before/after pair of images, and maps.safetensors (the raw maps).
     """
     settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
                         scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
@@ -816,8 +813,7 @@ def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, pr
         map_mode: the per-token MI maps "overlay" (on the image) or "raw".
 
     Returns:
-        A Markdown table of the scores, one per-token MI heat-map row per image (up to three), and the
-        report (kept by the page).
+        A Markdown table of the scores, and one per-token MI heat-map row per image (up to three).
     """
     if gen is None:
         raise gr.Error("generate images first, then score them", title="Score error", print_exception=False)
@@ -955,11 +951,12 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                 with gr.Accordion("What am I looking at?", open=True, elem_id="what-box"):
                     diagram = gr.HTML(elem_id="diagram")
                     gr.Markdown(WHAT)
-                with gr.Accordion("Token table", open=False):
+                with gr.Accordion("Token table", open=True):
                     table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
             with gr.Column(scale=2, min_width=300):
                 with gr.Row(equal_height=False):
-                    seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3)
+                    seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3,
+                                     elem_id="seed")
                     dice = gr.Button("Random seed", size="sm", scale=1, elem_id="dice")
                 steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
@@ -1004,9 +1001,11 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     f"cross-attention lands ({SCALE_NOTE}; swapped words framed in orange). Click a tile for a "
                     "large map.")
         with gr.Row(equal_height=False):
-            map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, elem_id="map-mode")
-            map_by = gr.Radio(MAP_VIEWS, value="words", label="one map per", scale=1, elem_id="map-by")
-            map_special = gr.Checkbox(False, label="show start / end tokens", scale=1, min_width=160,
+            # wide enough each that a phone puts them one under another instead of squeezing the last
+            map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, min_width=220,
+                                elem_id="map-mode")
+            map_by = gr.Radio(MAP_VIEWS, value="words", label="one map per", scale=1, min_width=220, elem_id="map-by")
+            map_special = gr.Checkbox(False, label="show start / end tokens", scale=1, min_width=220,
                                       elem_id="map-special")
         with gr.Row(equal_height=False):
             images, maps, columns, mi_maps = [], [], [], []
@@ -1053,9 +1052,9 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         view_outputs = [table, positions, chips, texts, diagram]
         show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
                          outputs=view_outputs, concurrency_limit=None, show_progress="hidden")
-        prompt.change(**show_view, trigger_mode="always_last", api_name="tokens")
-        for trigger in (swaps.change, mode.change, concept.change, second.change, long_mode.change):
-            trigger(**show_view, trigger_mode="always_last", **private)
+        # one listener for every input of the view, so that its runs never overtake one another
+        gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change],
+              **show_view, trigger_mode="always_last", api_name="tokens")
         second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
         concept.change(partial(concept_card, registry), [uploaded, concept], [card, references],
                        show_progress="hidden", **private)

@@ -80,7 +80,7 @@ def test_refuse_mode_refuses_and_truncate_mode_drops_words_with_a_warning(tiny_s
     assert gen.settings["warnings"] == gen.warnings
     alone = generate_swap(tiny_sd, kept, [("red", "blue")], Settings(seed=0, steps=2))
     assert np.array_equal(_pixels(gen.images["swapped"]), _pixels(alone.images["swapped"]))
-    with pytest.raises(PromptError, match="not in the prompt"):  # cyan sits in the dropped tail
+    with pytest.raises(PromptError, match="the word 'cyan' was cut off"):  # cyan sits in the dropped tail
         generate_swap(tiny_sd, LONG, [("cyan", "blue")], Settings(steps=1, long_prompt="truncate"))
 
 
