@@ -126,3 +126,52 @@ def run_at_once(jobs: list) -> list:
     for t in threads:
         t.join()
     return results
+
+
+START_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session")
+def served_app(tmp_path_factory):
+    """`python app.py --model embedded` on a free port, as a visitor finds it: (url, log path); its
+    output goes to the log, shown on failure. The hub is made unreachable (HF_ENDPOINT on a closed local port) instead of
+    declared offline, so the app must find that out itself, once."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = tmp_path_factory.mktemp("app") / "app.log"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", HF_ENDPOINT="http://127.0.0.1:9")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--model", "embedded", "--host", "127.0.0.1",
+                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.terminate()
+                pytest.fail(f"app.py did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+    yield url, log_path
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def app_url(served_app):
+    return served_app[0]

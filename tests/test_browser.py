@@ -9,76 +9,47 @@ generated and scored), /tmp/app_two_concepts.png (two concepts in one prompt).
 """
 from __future__ import annotations
 
-import os
+import io
+import json
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 PROMPT = "a red circle on a blue background"
-START_TIMEOUT_S = 240
 GENERATE_TIMEOUT_MS = 240_000
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is not installed")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
-    """`python app.py --model embedded` on a free port; its output goes to a log shown on failure."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("app") / "app.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--model", "embedded", "--host", "127.0.0.1",
-                                 "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.terminate()
-                pytest.fail(f"app.py did not answer within {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @pytest.fixture
-def page(app_url):
+def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(app_url)
-        page.wait_for_selector("#prompt textarea", timeout=60_000)
-        yield page
+        yield browser
         browser.close()
+
+
+def _open(browser, url: str, width: int = 1400):
+    page = browser.new_page(viewport={"width": width, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#prompt textarea", timeout=60_000)
+    # the first view shows the first example's result: wait for it, so that it does not land on a test's own
+    _expect()(page.locator("#generate")).to_be_enabled(timeout=GENERATE_TIMEOUT_MS)
+    return page
+
+
+@pytest.fixture
+def page(browser, app_url):
+    return _open(browser, app_url)
 
 
 def _screenshot(page, tmp_path: Path, name: str) -> Path:
@@ -88,6 +59,20 @@ def _screenshot(page, tmp_path: Path, name: str) -> Path:
     page.screenshot(path=str(shot), full_page=True)
     shutil.copy(shot, Path("/tmp") / name)
     return shot
+
+
+def _results_shown(page, columns=(0, 1)) -> None:
+    """Each column's image and heat-map row are on the page (scrolled to: they load lazily)."""
+    expect = _expect()
+    for i in columns:
+        for part in ("image", "heatmap"):
+            page.locator(f"#{part}-{i}").scroll_into_view_if_needed()
+            expect(page.locator(f"#{part}-{i} img").first).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
+
+
+def _pixels(png: bytes) -> bytes:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.convert("RGB").tobytes()
 
 
 def _image_bytes(page, selector: str) -> bytes:
@@ -134,9 +119,7 @@ def test_token_swap_red_to_yellow_then_a_bad_swap_shows_the_engine_error(page, t
     # the progress bar counts denoising steps
     expect(page.locator("#image-0")).to_contain_text(re.compile(r"\d+/20 steps"), timeout=GENERATE_TIMEOUT_MS)
     _screenshot(page, tmp_path, "app_progress.png")
-    for i in (0, 1):
-        expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
-        expect(page.locator(f"#heatmap-{i} img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
+    _results_shown(page)
     expect(page.locator("#generate")).to_be_enabled(timeout=30_000)
     baseline, swapped = _image_bytes(page, "#image-0"), _image_bytes(page, "#image-1")
     assert baseline[:8] == swapped[:8] == b"\x89PNG\r\n\x1a\n"
@@ -204,9 +187,7 @@ def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     page.get_by_role("button", name="AlignIT · <striped-ball> · textual inversion").click()
     expect(page.locator("#prompt textarea")).to_have_value("a <striped-ball> on a green background")
     expect(page.locator("#positions label", has_text="2: circle").locator("input")).to_be_checked(timeout=30_000)
-    for i in (0, 1):
-        expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
-        expect(page.locator(f"#heatmap-{i} img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
+    _results_shown(page)
     expect(page.locator("#image-0")).to_contain_text("customized baseline")
     expect(page.locator("#image-1")).to_contain_text("AlignIT")
     expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept striped-ball-ti --positions 2"))
@@ -214,11 +195,10 @@ def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     first = _image_bytes(page, "#image-0")
     page.locator("#include-base label").click()
     page.locator("#generate").click()
-    expect(page.locator("#image-2 img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
-    expect(page.locator("#heatmap-2 img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
+    _results_shown(page, (2,))
     expect(page.locator("#image-2")).to_contain_text("base model on p")
     expect(page.locator("#generate")).to_be_enabled(timeout=30_000)
-    assert _image_bytes(page, "#image-0") == first
+    assert _pixels(_image_bytes(page, "#image-0")) == _pixels(first)  # (its PNG's settings now name three rows)
     _screenshot(page, tmp_path, "app_alignit.png")
 
 
@@ -271,3 +251,217 @@ def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
     expect(page.locator("#command textarea")).to_have_value(
         re.compile(r"--concept holed-star-cd --concept striped-ball-ti --positions 2 5"))
     _screenshot(page, tmp_path, "app_two_concepts.png")
+
+
+# ------------------------------------------------------------------------------ what a first visitor hit
+
+
+def _toast(page):
+    return page.get_by_test_id("toast-body").last
+
+
+def test_the_first_view_shows_a_comparison_and_a_second_visitor_gets_the_same_at_once(page, browser, app_url,
+                                                                                       tmp_path):
+    """Examples with results on first view: the page opens on the first AlignIT example, already made
+    (on the very first view of all), and kept for the next visitor."""
+    expect = _expect()
+    token = re.search(r"<[^>]+>", page.locator("#prompt textarea").input_value()).group(0)
+    _results_shown(page)
+    expect(page.locator("#image-0")).to_contain_text("customized baseline")
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept \S+ --positions"))
+    first = [_image_bytes(page, f"#image-{i}") for i in (0, 1)]
+    other = _open(browser, app_url)  # another visitor
+    _results_shown(other)
+    assert [_image_bytes(other, f"#image-{i}") for i in (0, 1)] == first
+    assert token in other.locator("#prompt textarea").input_value()
+
+
+def test_messages_that_name_a_token_are_shown_whole(page, browser, app_url, tmp_path):
+    """Bug 1: `<striped-ball>` in a message was read as HTML: 'the concept token' and nothing more."""
+    import torch
+    from safetensors.torch import save_file
+
+    expect = _expect()
+    token = re.search(r"<[^>]+>", page.locator("#prompt textarea").input_value()).group(0)
+    page.locator("#prompt textarea").fill("a circle on a green background")
+    expect(page.locator("#prompt-texts")).to_contain_text(f"the concept token {token} is not in the prompt",
+                                                          timeout=30_000)
+    page.locator("#generate").click()
+    expect(_toast(page)).to_contain_text(f"the concept token {token} is not in the prompt", timeout=60_000)
+
+    page.get_by_text("Upload a concept").click()
+    wide = tmp_path / "learned_embeds.safetensors"
+    save_file({"<sd15-cat>": torch.randn(768)}, str(wide))  # an SD 1.5 embedding; the embedded model is 64 wide
+    page.locator("#upload input[type=file]").set_input_files(str(wide))
+    page.locator("#upload-class textarea").fill("cat")
+    page.locator("#add-concept").click()
+    expect(_toast(page)).to_contain_text("the embedding of <sd15-cat> is 768 wide", timeout=30_000)
+
+    taken = tmp_path / "taken.safetensors"
+    save_file({token: torch.randn(64)}, str(taken))
+    page = _open(browser, app_url)  # (the upload box holds the first file now)
+    page.get_by_text("Upload a concept").click()
+    page.locator("#upload input[type=file]").set_input_files(str(taken))
+    page.locator("#upload-class textarea").fill("star")
+    page.locator("#add-concept").click()
+    expect(_toast(page)).to_contain_text(f"the token {token} is taken by a shipped concept", timeout=30_000)
+
+
+def _swap_mode(page, prompt: str = PROMPT):
+    expect = _expect()
+    page.locator("#mode label", has_text="Token swap").click()
+    expect(page.locator("#swaps textarea")).not_to_have_value("", timeout=30_000)
+    page.locator("#prompt textarea").fill(prompt)
+
+
+@pytest.mark.parametrize("swaps", ["99=yellow", "0=yellow", "12="])
+def test_typing_a_position_outside_the_prompt_never_raises(page, swaps):
+    """Bug 2: `99=yellow` on a 7-token prompt popped 'Error (2) · Value: 99' and filled the log."""
+    expect = _expect()
+    _swap_mode(page)
+    page.locator("#swaps textarea").fill(swaps)
+    problem = "needs both a target and a source" if swaps.endswith("=") else "position"
+    expect(page.locator("#prompt-texts")).to_contain_text(problem, timeout=30_000)
+    page.wait_for_timeout(1500)  # time for an error to show, had there been one
+    assert page.get_by_test_id("toast-body").count() == 0
+    assert page.get_by_text(re.compile(r"Value: \d+")).count() == 0
+    expect(page.locator("#positions input:checked")).to_have_count(0)
+
+
+def test_switching_mode_and_back_keeps_the_visitors_own_prompt_and_swaps(page):
+    """Bug 3: switching mode threw the visitor's prompt and swaps away."""
+    expect = _expect()
+    mine = re.sub(r"on a \w+ background", "on a red background", page.locator("#prompt textarea").input_value())
+    page.locator("#prompt textarea").fill(mine)
+    _swap_mode(page, "a green square on a blue background")
+    page.locator("#swaps textarea").fill("green=red")
+    page.locator("#mode label", has_text="AlignIT").click()
+    expect(page.locator("#prompt textarea")).to_have_value(mine, timeout=30_000)
+    page.locator("#mode label", has_text="Token swap").click()
+    expect(page.locator("#prompt textarea")).to_have_value("a green square on a blue background", timeout=30_000)
+    expect(page.locator("#swaps textarea")).to_have_value("green=red")
+
+
+def test_an_extra_position_ticked_in_alignit_mode_is_shown_as_swapped_from_a_star(page):
+    """Bug 4: ticking a word in AlignIT mode silently took `*`'s row for it; p′ did not change."""
+    expect = _expect()
+    background = page.locator("#positions label", has_text=re.compile(r"\d+: (white|green|blue|red|yellow)"))
+    pos, word = background.first.inner_text().strip().split(": ")
+    background.first.click()
+    expect(page.locator("#prompt-texts")).to_contain_text(f"{pos} {word} ← *", timeout=30_000)
+    expect(page.locator("#prompt-texts")).to_contain_text(f"{word} ({pos}) will take the keys and values of *")
+    expect(page.locator("#diagram")).to_contain_text("↑ K/V")
+    assert page.locator("#diagram").inner_text().count("↑ K/V") == 2
+
+
+def test_downloads_are_named_for_the_run_and_keep_the_settings(page):
+    """Bug 5: every image downloaded as `image.png` without settings; the grid as `heatmaps.png`."""
+    expect = _expect()
+    _results_shown(page)
+    link = page.locator("#image-1 a[download]").first
+    name = link.get_attribute("download")
+    assert re.fullmatch(r"[a-z-]+-seed0-alignit\.png", name), name
+    with Image.open(io.BytesIO(page.request.get(link.get_attribute("href")).body())) as png:
+        assert json.loads(png.text["alignit"])["seed"] == 0  # the settings travel with the image
+    prefix = name.removesuffix("alignit.png")
+    for box, suffix in (("#grid-file", "heatmaps.png"), ("#maps-file", "maps.safetensors"),
+                        ("#settings-file", "settings.json")):
+        expect(page.locator(f"{box} a[download]").first).to_have_attribute("download", prefix + suffix)
+
+
+def test_a_word_cut_in_truncate_mode_is_called_cut(page):
+    """Bug 6: in truncate mode a word that was cut was 'not in the prompt'."""
+    expect = _expect()
+    _swap_mode(page, LONG + " A zebra at the end.")
+    page.get_by_text("Advanced").click()
+    page.locator("#long-mode label", has_text="truncate").click()
+    page.locator("#swaps textarea").fill("zebra=dog")
+    expect(page.locator("#prompt-texts")).to_contain_text("the word 'zebra' was cut off", timeout=30_000)
+
+
+def test_launch_finds_the_hub_unreachable_once_and_quickly(served_app):
+    """Bug 7: offline, launch retried a CLIP download 5 times (23 s). Here the hub does not answer
+    (HF_ENDPOINT on a closed port, HF_HUB_OFFLINE unset): CLIP is reported missing in one line."""
+    log = served_app[1].read_text()
+    assert "CLIP is not available (openai/clip-vit-base-patch32: not in the local cache, and the hub is not " \
+           "reachable)" in log
+    assert "Retrying" not in log and "retry" not in log.lower()
+
+
+def test_a_size_the_model_was_not_trained_at_is_warned_about(page):
+    """Bug 8: the embedded model draws four objects at 256 px, noise at 64 px, silently."""
+    expect = _expect()
+    box = page.locator("#size input[type=number]")
+    box.fill("256")
+    box.press("Enter")
+    expect(page.locator("#size-note")).to_contain_text("trained on 128×128 px images; at 256 px expect repeated",
+                                                       timeout=30_000)
+    box.fill("128")
+    box.press("Enter")
+    expect(page.locator("#size-note")).not_to_contain_text("expect", timeout=30_000)
+
+
+def test_small_things_gallery_dice_old_maps_and_header(page):
+    """Bug 9: the gallery label covered the thumbnails; the dice was an empty box without an emoji
+    font; the previous heat maps stayed visible under the progress bars; the header said 'try a
+    swap below' in AlignIT mode."""
+    expect = _expect()
+    expect(page.locator("#references [data-testid=block-label]")).to_have_count(0)
+    expect(page.locator("#dice")).to_have_text("Random seed")
+    assert "try a swap" not in page.locator("#header").inner_text().lower()
+    _results_shown(page)
+    page.locator("#seed input").fill("5")
+    page.locator("#generate").click()
+    expect(page.locator("#heatmap-1 img")).to_have_count(0, timeout=10_000)  # cleared while the run goes
+    _results_shown(page)
+
+
+# ------------------------------------------------------------------------------ heat maps people can read
+
+
+def test_clicking_a_word_tile_shows_its_large_map(page):
+    expect = _expect()
+    _results_shown(page)
+    page.locator("#map-by label", has_text="words").click()
+    heat = page.locator("#heatmap-0 img").first
+    heat.scroll_into_view_if_needed()
+    natural = heat.evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    box = heat.bounding_box()
+    big_before = page.locator("#large-map img").first.get_attribute("src")
+    # the first tile (8 px margin, 96 px tiles) of the first image: the prompt's first word
+    heat.click(position={"x": 56 * box["width"] / natural[0], "y": 56 * box["height"] / natural[1]})
+    expect(page.locator("#large-word input")).to_have_value(re.compile(r"^a( #1)?$"), timeout=30_000)
+    expect(page.locator("#large-row input:checked")).to_have_value("customized")
+    expect(page.locator("#large-map img").first).not_to_have_attribute("src", big_before, timeout=30_000)
+    assert len(_image_bytes(page, "#large-map")) > 10_000
+
+
+def test_the_before_after_slider_holds_the_baseline_and_alignit(page):
+    _results_shown(page)
+    sources = [img.get_attribute("src") for img in page.locator("#slider img").all()]
+    assert len(sources) == 2 and sources[0].endswith("customized.png") and sources[1].endswith("alignit.png")
+    assert _image_bytes(page, "#slider") == _image_bytes(page, "#image-0")
+
+
+def test_the_maps_can_be_downloaded_as_data(page):
+    from safetensors import safe_open
+
+    _results_shown(page)
+    link = page.locator("#maps-file a[download]").first
+    data = page.request.get(link.get_attribute("href")).body()
+    path = Path("/tmp/app_maps.safetensors")
+    path.write_bytes(data)
+    with safe_open(str(path), "np") as f:
+        assert set(f.keys()) == {"customized", "alignit"} and f.get_tensor("alignit").ndim == 3
+        assert json.loads(f.metadata()["tokens"])["alignit"][0] == "<|startoftext|>"
+
+
+@pytest.mark.parametrize("width", [1400, 420])
+def test_the_whole_page_at_desktop_and_phone_width(browser, app_url, tmp_path, width):
+    """Screenshots for review: /tmp/app_page_1400.png and /tmp/app_page_420.png."""
+    page = _open(browser, app_url, width)
+    _results_shown(page)
+    shot = _screenshot(page, tmp_path, f"app_page_{width}.png")
+    overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0, f"the page is {overflow}px wider than the window"
+    assert shot.stat().st_size > 50_000

@@ -1,0 +1,69 @@
+"""The demo as an MCP server (`launch(mcp_server=True)`), driven by a real client from the `mcp` package.
+
+gradio 6.31 returns a multi-output tool's results only to a client that asks for progress (its
+other path wraps the outputs in one list and fails), so the client here passes a progress callback,
+as agents that show progress do.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("mcp")
+
+
+def _session(url: str, work):
+    """Run `work(session)` in an initialised MCP session with the app at `url`."""
+    from mcp import ClientSession
+    from mcp.client.streamable_http import streamablehttp_client
+
+    async def run():
+        async with streamablehttp_client(url + "gradio_api/mcp/") as (read, write, _):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                return await work(session)
+
+    return asyncio.run(run())
+
+
+def test_an_agent_lists_the_tools_and_reads_what_their_arguments_mean(app_url):
+    async def work(session):
+        return (await session.list_tools()).tools
+
+    tools = {t.name: t for t in _session(app_url, work)}
+    assert set(tools) == {"tokens", "generate", "score"}  # the page's own events stay out
+    generate = tools["generate"]
+    assert "token swap" in generate.description and "heat maps" in generate.description
+    arguments = generate.inputSchema["properties"]
+    assert "uploaded" not in arguments  # the page's state is not an argument
+    assert "word=source" in arguments["swaps"]["description"] and arguments["steps"]["description"]
+    assert "Token swap" in arguments["mode"]["enum"]
+
+
+def test_an_agent_swaps_a_word_and_gets_the_images_back(app_url):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    progress = []
+
+    async def work(session):
+        async def seen(done, total, message):
+            progress.append(message)
+
+        return await session.call_tool("generate", {"mode": "Token swap", "prompt": "a red circle on a blue background",
+                                                    "swaps": "red=yellow", "seed": 3, "steps": 6},
+                                       progress_callback=seen)
+
+    result = _session(app_url, work)
+    assert not result.isError, result.content
+    images = [Image.open(io.BytesIO(base64.b64decode(c.data))) for c in result.content if c.type == "image"]
+    baseline, swapped = images[:2]
+    assert baseline.size == swapped.size == (128, 128)
+    assert not np.array_equal(np.asarray(baseline), np.asarray(swapped))  # the swap changed the picture
+    texts = " ".join(c.text for c in result.content if c.type == "text")
+    assert "--swap red=yellow --seed 3 --steps 6" in texts  # the command line that reproduces it
+    assert any("denoising" in (m or "") for m in progress)
