@@ -621,7 +621,7 @@ class ExampleResults:
         self._locks = {key: threading.Lock() for key in keys}
         self._made: dict = {}
 
-    def get(self, key, make) -> Generation:
+    def get(self, key: Request, make) -> Generation:
         """The generation for `key`: kept if `key` is an example's, made by `make()` otherwise."""
         lock = self._locks.get(key)
         if lock is None:
@@ -632,18 +632,31 @@ class ExampleResults:
             return self._made[key]
 
 
-def request_key(model, registry, uploaded, mode, concept_key, prompt, positions, swaps, settings: Settings,
-                include_base, second_concept=""):
-    """What a generation depends on, as a hashable key; positions equal to the concepts' own count as
-    none (the default). Raises AlignITError for input the engine would refuse."""
+@dataclass(frozen=True)
+class Request:
+    """What a generation depends on: equal requests give equal generations (the examples' key)."""
+
+    mode: str
+    concepts: tuple[str, ...]  # AlignIT mode: the concepts' names
+    prompt: str
+    positions: tuple | None  # AlignIT mode: positions ticked other than the concepts' own; None: their own
+    swaps: tuple[tuple[str | int, str], ...]  # token-swap mode
+    settings: Settings  # resolved
+    include_base: bool
+
+
+def read_request(model, registry, uploaded, mode, concept_key, prompt, positions, swaps, settings: Settings,
+                 include_base, second_concept="") -> Request:
+    """The request the page's inputs make; positions equal to the concepts' own count as none (the
+    default). Raises AlignITError for input the engine would refuse."""
     text = check_prompt(prompt)
     if mode == ALIGNIT:
         chosen = _chosen(registry, uploaded, concept_key, second_concept)
         own = token_view(model, mode, text, chosen, "", settings.long_prompt).selected
         picked = tuple(positions or ())
-        own_or_picked = None if not picked or set(picked) == set(own) else picked
-        return (mode, tuple(c.name for c in chosen), text, own_or_picked, (), resolve(model, settings), bool(include_base))
-    return (mode, (), text, None, tuple(parse_swaps(swaps)), resolve(model, settings), False)
+        return Request(mode, tuple(c.name for c in chosen), text, None if not picked or set(picked) == set(own)
+                       else picked, (), resolve(model, settings), bool(include_base))
+    return Request(mode, (), text, None, tuple(parse_swaps(swaps)), resolve(model, settings), False)
 
 
 def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
@@ -702,11 +715,14 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
                                        f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
             if not chosen:
                 raise PromptError("choose or upload a concept first")
-        key = request_key(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
-                          include_base, second_concept)
-        _, _, text, picked, swap_list, settings, base = key
-        gen = (examples or ExampleResults(())).get(key, lambda: run(
-            mode, chosen, text, settings, list(picked) if picked else None, list(swap_list), base, progress))
+        request = read_request(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
+                               include_base, second_concept)
+
+        def make() -> Generation:
+            return run(mode, chosen, request.prompt, request.settings, list(request.positions or ()) or None,
+                       list(request.swaps), request.include_base, progress)
+
+        gen = examples.get(request, make) if examples is not None else make()
     except AlignITError as e:
         raise ui_error(e) from None
     except VisitorLeft:
@@ -1129,13 +1145,13 @@ def named(fn, name: str, *bound, **keywords):
     return tool
 
 
-def _example_keys(model, registry: dict, rows: list[list], defaults: Settings) -> list:
-    """The request keys of the examples as the page sends them (every other control at its default)."""
+def _example_keys(model, registry: dict, rows: list[list], defaults: Settings) -> list[Request]:
+    """The examples' requests as the page sends them (every other control at its default)."""
     keys = []
     for mode, concept_key, prompt, swaps, seed, second in rows:
         try:
-            keys.append(request_key(model, registry, {}, mode, concept_key, prompt, None, swaps,
-                                    replace(defaults, seed=seed), False, second))
+            keys.append(read_request(model, registry, {}, mode, concept_key, prompt, None, swaps,
+                                     replace(defaults, seed=seed), False, second))
         except AlignITError:  # an example the model cannot run is kept out, not cached
             continue
     return keys

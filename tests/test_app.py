@@ -486,12 +486,12 @@ def test_examples_are_made_once_and_shared(tiny_sd):
     assert cache.get("other", make) is not cache.get("other", make) and len(made) == 3  # only examples are kept
 
 
-def test_an_examples_request_key_matches_what_the_page_sends(tiny_sd):
+def test_an_examples_request_matches_what_the_page_sends(tiny_sd):
     concepts = {"tiny-ti": _tiny_concept(tiny_sd)}
     defaults = app.resolve(tiny_sd, app.Settings())
     rows, _ = app.examples_for(tiny_sd, concepts)
     keys = app._example_keys(tiny_sd, concepts, rows, defaults)
-    page = app.request_key(tiny_sd, concepts, {}, app.ALIGNIT, "tiny-ti", "a <tiny> on the grass", [2], "",
+    page = app.read_request(tiny_sd, concepts, {}, app.ALIGNIT, "tiny-ti", "a <tiny> on the grass", [2], "",
                            app.Settings(seed=0, steps=defaults.steps, guidance=float(defaults.guidance),
                                         size=defaults.size, scheduler=defaults.scheduler, map_resolution=8,
                                         map_blocks=("down", "mid", "up"), swap_strength=1, lora_rest=0), False)
