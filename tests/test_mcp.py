@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-pytest.importorskip("mcp")
-
 
 def _session(url: str, work):
     """Run `work(session)` in an initialised MCP session with the app at `url`."""
