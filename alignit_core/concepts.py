@@ -13,12 +13,16 @@ Formats read (each written by the tests in that exact layout first):
 
 A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
 only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
-never uploads). Nothing here mutates the model: a concept's tensors live beside it.
+never uploads). A safetensors file is judged by its header (tensor count, number types, sizes)
+before any tensor is made, and a concept's token, class word, number type and vector norms are
+checked against the model, so that a hostile upload is refused at once and cheaply. Nothing here
+mutates the model: a concept's tensors live beside it.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +37,23 @@ KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Cu
                "text_encoder": "text-encoder fine-tune"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 MAX_FILE_BYTES = 200 * 2**20
+# A token or class word is a word or two; every label, prompt and file name it enters stays short.
+MAX_WORD_CHARS = 64
+# Tensors in one concept file: Custom Diffusion on SDXL has 140, a CLIP text-encoder fine-tune about
+# 200; their safetensors headers are tens of KB.
+MAX_TENSORS = 1024
+MAX_HEADER_BYTES = 2**20
+# Bytes per number of each safetensors number type a concept may hold (integers for buffers such as
+# a text encoder's position ids); float8 and the like are not among them: the model computes in
+# float16 / bfloat16 / float32, and torch cannot even check float8 numbers for NaN.
+SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                          "BOOL": 1}
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+# A learned embedding lies within a few times the norm of the model's own token embeddings (the
+# shipped concepts: 2-6 times); one past this many times is not a concept but a number that drowns
+# the prompt (at 1e38 every image comes out black).
+MAX_NORM_RATIO = 100
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,6 +87,7 @@ def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> di
         raise ConceptError(f"concept file {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
                            f"the limit is {max_bytes / 2**20:.0f} MiB")
     if path.suffix == ".safetensors":
+        _check_safetensors(path, max_bytes)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -81,10 +103,63 @@ def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> di
     raise ConceptError(f"{path.name}: unknown concept file type {path.suffix!r}")
 
 
+def _short(text: str, limit: int = MAX_WORD_CHARS) -> str:
+    """`text` as a message may quote it: at most `limit` characters, cut with "…"."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _counts(values) -> bool:
+    """Whether `values` (from a JSON header) is a list of whole numbers >= 0."""
+    return isinstance(values, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in values)
+
+
+def _check_safetensors(path: Path, max_bytes: int) -> None:
+    """Refuse a safetensors file from its header alone, before any tensor exists: a header over
+    MAX_HEADER_BYTES or holding more than MAX_TENSORS tensors, a number type outside
+    SAFETENSORS_ITEM_BYTES (float8 ...), shapes whose sizes disagree with the data or add up to more
+    than `max_bytes`. Raises ConceptError."""
+    invalid = f"{path.name} is not a valid safetensors file"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise ConceptError(f"{invalid} (its header is longer than the file)")
+        if length > MAX_HEADER_BYTES:
+            raise ConceptError(f"{path.name} lists too many tensors for a concept: its header is "
+                               f"{length / 2**20:.1f} MiB; the limit is {MAX_HEADER_BYTES / 2**20:.0f} MiB")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConceptError(f"{invalid} (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ConceptError(f"{invalid} (its header is not a table of tensors)")
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    if len(tensors) > MAX_TENSORS:
+        raise ConceptError(f"{path.name} holds {len(tensors)} tensors; a concept file holds at most {MAX_TENSORS}")
+    total = 0
+    for name, info in tensors.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEM_BYTES:
+            raise ConceptError(f"the tensor {_short(name)} in {path.name} holds {_short(str(dtype))} numbers, which "
+                               f"concepts cannot use; save it as {FLOAT_NAMES}")
+        if not (_counts(shape) and _counts(offsets) and len(offsets) == 2
+                and offsets[1] - offsets[0] == math.prod(shape) * SAFETENSORS_ITEM_BYTES[dtype]):
+            raise ConceptError(f"{invalid} (the shape of {_short(name)} does not match its data)")
+        total += offsets[1] - offsets[0]
+    if total > max_bytes:
+        raise ConceptError(f"{path.name} holds {total / 2**20:.1f} MiB of tensors; the limit is "
+                           f"{max_bytes / 2**20:.0f} MiB")
+
+
 def _tensor(x, what: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ConceptError(f"{what} is a {type(x).__name__}, not a tensor")
-    if not x.is_floating_point() or not torch.isfinite(x).all():
+    if x.dtype not in FLOATS:  # checked first: torch.isfinite is not implemented for float8
+        raise ConceptError(f"{what} holds {str(x.dtype).removeprefix('torch.')} numbers; it must hold finite "
+                           f"floating-point numbers ({FLOAT_NAMES})")
+    if not torch.isfinite(x).all():
         raise ConceptError(f"{what} must hold finite floating-point numbers")
     return x
 
@@ -102,9 +177,10 @@ def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tens
         return token or "<concept>", [_tensor(data["clip_l"], "clip_l"), _tensor(data["clip_g"], "clip_g")]
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != 1 or len(data) != 1:
-        raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys {sorted(data)[:5]}")
+        raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys "
+                           f"{[_short(str(k)) for k in sorted(data)[:5]]}")
     key, vec = next(iter(tensors.items()))
-    return token or key, [_tensor(vec, f"the embedding of {key}")]
+    return token or key, [_tensor(vec, f"the embedding of {_short(key)}")]
 
 
 def read_custom_diffusion(data: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
@@ -193,7 +269,12 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
 
 
 def _bind(c: Concept, model) -> Concept:
-    """Check shapes against `model`, move tensors to its device/dtype, build fine-tuned encoders."""
+    """Check lengths, shapes and norms against `model`, move tensors to its device/dtype, build
+    fine-tuned encoders."""
+    for what, word in (("token", c.token), ("class word", c.class_word)):
+        if len(word) > MAX_WORD_CHARS:
+            raise ConceptError(f"the {what} {_short(word, 24)} is {len(word)} characters; "
+                               f"the limit is {MAX_WORD_CHARS}")
     if not c.token.strip() or any(ch.isspace() for ch in c.token):
         raise ConceptError(f"concept token {c.token!r} must be one word without spaces")
     widths = [te.config.hidden_size for te in model.text_encoders]
@@ -212,6 +293,8 @@ def _bind(c: Concept, model) -> Concept:
                                f"text encoder is {w} wide: the concept is for another model")
     if len({v.shape[0] for v in vectors}) > 1:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
+    for v, encoder in zip(vectors, model.text_encoders):
+        _check_norm(c.token, v, encoder, model.name)
     kv = {}
     layers = model.cross_attention_layers
     for layer, (wk, wv) in c.kv.items():
@@ -238,6 +321,19 @@ def _bind(c: Concept, model) -> Concept:
     return Concept(c.name, c.token, c.class_word, c.kind, c.phrase,
                    tuple(v.to(model.device, model.dtype) for v in vectors), kv, tuple(encoders),
                    c.references, c.example_prompt)
+
+
+def _check_norm(token: str, vectors: torch.Tensor, encoder, model_name: str) -> None:
+    """Refuse `vectors` (n, width) when one is over MAX_NORM_RATIO times as long as the longest of
+    `encoder`'s own token embeddings."""
+    table = encoder.get_input_embeddings().weight.detach()
+    # in chunks: SD 1.5's table is 49,408 x 768, in float32 150 MB at once
+    largest = max(float(chunk.float().norm(dim=1).max()) for chunk in table.split(4096))
+    norm = float(vectors.double().norm(dim=1).max())
+    if norm > MAX_NORM_RATIO * largest:
+        raise ConceptError(f"the embedding of {token} has norm {norm:.3g}, over {MAX_NORM_RATIO} times that of "
+                           f"{model_name}'s longest token embedding ({largest:.3g}); a vector that far out drowns "
+                           f"the prompt (at 1e38 the images come out black)")
 
 
 def find_concepts(folder: str | Path, model) -> list[Concept]:

@@ -106,8 +106,16 @@ def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
         "custom_diffusion": "pytorch_custom_diffusion_weights.safetensors"}))
     wide = root / "wide.safetensors"
     save_file({"<wide>": torch.randn(1, 768, generator=g)}, str(wide))
+    hostile = {name: root / f"{name}.safetensors" for name in ("long_token", "float8", "huge_norm", "empty")}
+    vector = torch.randn(1, WIDTH, generator=g)
+    save_file({"<" + "x" * 99_998 + ">": vector}, str(hostile["long_token"]))
+    save_file({"<f8>": vector.to(torch.float8_e4m3fn)}, str(hostile["float8"]))
+    save_file({"<huge>": vector / vector.norm() * 1e38}, str(hostile["huge_norm"]))  # finite in float32
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                         for i in range(700_000)}, separators=(",", ":")).encode()  # 39 MB, all header
+    hostile["empty"].write_bytes(len(header).to_bytes(8, "little") + header)
     return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, toy=load_concept(toy, tiny_sd),
-                           cd=load_concept(cd, tiny_sd))
+                           cd=load_concept(cd, tiny_sd), **hostile)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +164,13 @@ LONG = " ".join(["a jumping dog"] * 26)  # 78 tokens
 ENDLESS = " ".join(["A dog jumps over a red fence."] * 50)  # 400 tokens, over segment mode's 308 positions
 TOY_PROMPT = ["--concept", "{toy}", "--prompt", "a photo of a <toy>"]
 TOY_UI = dict(mode=app.ALIGNIT, concept_key="toy", prompt="a photo of a <toy>")
+
+
+def _upload(file: str, class_word: str = "dog") -> dict:
+    """The three surfaces of loading a bare embedding file `file` (a `concepts` attribute)."""
+    return dict(api=lambda m, c: load_concept(getattr(c, file), m, class_word=class_word),
+                cli=["--concept", "{" + file + "}", "--class-word", class_word, "--prompt", "a photo of a dog"],
+                ui=lambda m, c: app.add_concept(m, {}, {}, str(getattr(c, file)), "", class_word))
 
 
 @dataclass(frozen=True)
@@ -232,11 +247,23 @@ BAD = {
                          ["--seed", "-1"], dict(seed=-1)),
     "seed past 2**32 - 1": Bad(SettingsError, "seed must be a whole number from 0 to 4294967295",
                                partial(_swap, seed=2**32), ["--seed", str(2**32)], dict(seed=2**32)),
+    # hostile visitors: each is refused at once, before the costly part
+    "concept token of 100,000 characters": Bad(ConceptError, "is 100000 characters; the limit is 64",
+                                               **_upload("long_token")),
+    "class word of 100,000 characters": Bad(ConceptError, "the class word cccccccc",
+                                            **_upload("wide", class_word="c" * 100_000)),
+    "safetensors of 700,000 empty tensors": Bad(ConceptError, "empty.safetensors lists too many tensors for a concept",
+                                                **_upload("empty")),
+    "float8 embedding": Bad(ConceptError, "float8.safetensors holds F8_E4M3 numbers, which concepts cannot use",
+                            **_upload("float8")),
+    "embedding of norm 1e38": Bad(ConceptError, "has norm 1e+38, over 100 times that of tiny-sd's longest token",
+                                  **_upload("huge_norm")),
 }
 
 
 def _cli_argv(case: Bad, c, out: Path) -> list[str]:
-    extra = [{"{toy}": str(c.toy_dir), "{wide}": str(c.wide)}.get(a, a) for a in case.cli]
+    files = {"{toy}": c.toy_dir, **{"{" + k + "}": v for k, v in vars(c).items() if isinstance(v, Path)}}
+    extra = [str(files.get(a, a)) for a in case.cli]
     argv = ["generate", "--model", "tiny", "--steps", "2", "--out", str(out)]
     if "--prompt" not in extra:
         argv += ["--prompt", "a jumping dog"]

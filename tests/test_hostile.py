@@ -1,0 +1,131 @@
+"""Hostile visitors: a concept file or a request built to cost the server time or memory is refused
+from what it costs least to read (a file's header, a text's length), with a message for people.
+
+The same refusals through the API, the CLI and the UI, with their words, are in the bad-input
+matrix of tests/test_reliability.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import alignit_core.concepts as concepts_module
+from alignit_core import ConceptError, load_concept
+from alignit_core.concepts import MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
+
+WIDTH = 32  # the tiny SD's text-encoder width
+
+
+def header_only(path: Path, tensors: dict) -> Path:
+    """A safetensors file with `tensors` (name -> header entry) and no data: what an attacker can
+    write without holding a single number."""
+    header = json.dumps(tensors, separators=(",", ":")).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    return path
+
+
+def empty(count: int) -> dict:
+    return {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(count)}
+
+
+@pytest.fixture
+def never_loaded(monkeypatch):
+    """Fail the test if any tensor of a safetensors file is loaded."""
+    monkeypatch.setattr(concepts_module, "load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
+
+
+def largest_token_norm(model) -> float:
+    return float(model.text_encoders[0].get_input_embeddings().weight.norm(dim=1).max())
+
+
+# ------------------------------------------------------------------------------ safetensors headers
+
+@pytest.mark.parametrize("count, words", [
+    (700_000, r"lists too many tensors for a concept: its header is 3\d\.\d MiB; the limit is 1 MiB"),
+    (MAX_TENSORS + 1, f"holds {MAX_TENSORS + 1} tensors; a concept file holds at most {MAX_TENSORS}"),
+], ids=["700,000 (a 39 MB header)", "one over the limit"])
+def test_a_file_of_many_empty_tensors_is_refused_from_its_header_alone(count, words, tiny_sd, tmp_path, never_loaded):
+    path = header_only(tmp_path / "learned_embeds.safetensors", empty(count))
+    with pytest.raises(ConceptError, match=words):
+        load_concept(path, tiny_sd, class_word="dog", allow_pickle=False)
+
+
+@pytest.mark.parametrize("dtype", ["F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "U64", "C64"])
+def test_a_number_type_the_model_cannot_use_is_refused_by_name_before_loading(dtype, tiny_sd, tmp_path, never_loaded):
+    path = header_only(tmp_path / "learned_embeds.safetensors",
+                       {"<toy>": {"dtype": dtype, "shape": [1, WIDTH], "data_offsets": [0, 0]}})
+    with pytest.raises(ConceptError, match=f"the tensor <toy> in learned_embeds.safetensors holds {dtype} numbers, "
+                                           f"which concepts cannot use; save it as float16, bfloat16"):
+        load_concept(path, tiny_sd, class_word="dog")
+
+
+def test_a_real_float8_file_is_refused_by_name(tiny_sd, tmp_path):
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<toy>": torch.randn(1, WIDTH).to(torch.float8_e4m3fn)}, str(path))
+    with pytest.raises(ConceptError, match="holds F8_E4M3 numbers"):
+        load_concept(path, tiny_sd, class_word="dog")
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"dtype": "F32", "shape": [4, WIDTH], "data_offsets": [0, 4]}, "the shape of <toy> does not match its data"),
+    ({"dtype": "F32", "shape": [-1, WIDTH], "data_offsets": [0, 0]}, "the shape of <toy> does not match its data"),
+    ({"dtype": ["F32"], "shape": [1, WIDTH], "data_offsets": [0, 128]}, "holds ['F32'] numbers"),
+    ({"dtype": "F32", "shape": [2**30, WIDTH], "data_offsets": [0, 2**37]}, "holds 131072.0 MiB of tensors; the limit"),
+], ids=["too little data", "negative size", "a list for a type", "128 GiB declared"])
+def test_a_header_whose_sizes_do_not_add_up_is_refused_before_loading(entry, words, tiny_sd, tmp_path, never_loaded):
+    path = header_only(tmp_path / "learned_embeds.safetensors", {"<toy>": entry})
+    with pytest.raises(ConceptError, match=words.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_concept(path, tiny_sd, class_word="dog")
+
+
+def test_a_header_longer_than_the_file_is_not_a_valid_safetensors_file(tiny_sd, tmp_path, never_loaded):
+    path = tmp_path / "learned_embeds.safetensors"
+    path.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ConceptError, match="not a valid safetensors file \\(its header is longer than the file\\)"):
+        load_concept(path, tiny_sd, class_word="dog")
+
+
+def test_a_pickled_float8_embedding_in_a_local_folder_is_refused_by_name(tiny_sd, tmp_path):
+    path = tmp_path / "learned_embeds.bin"
+    torch.save({"<toy>": torch.randn(1, WIDTH).to(torch.float8_e5m2)}, path)
+    with pytest.raises(ConceptError, match=r"the embedding of <toy> holds float8_e5m2 numbers; it must hold finite "
+                                           r"floating-point numbers \(float16, bfloat16, float32 or float64\)"):
+        load_concept(path, tiny_sd, class_word="dog")
+
+
+# ------------------------------------------------------------------------------ what a concept may be
+
+def test_a_token_of_the_limits_length_loads_and_one_longer_is_refused_in_a_short_message(tiny_sd, tmp_path):
+    fits, over = "<" + "t" * (MAX_WORD_CHARS - 2) + ">", "<" + "t" * 99_998 + ">"
+    for token in (fits, over):
+        save_file({token: torch.zeros(1, WIDTH)}, str(tmp_path / f"{len(token)}.safetensors"))
+    assert load_concept(tmp_path / f"{len(fits)}.safetensors", tiny_sd, class_word="dog").token == fits
+    for source, token in ((tmp_path / "100000.safetensors", None), (tmp_path / f"{len(fits)}.safetensors", over)):
+        with pytest.raises(ConceptError) as e:
+            load_concept(source, tiny_sd, class_word="dog", token=token)
+        assert str(e.value).endswith(f"is 100000 characters; the limit is {MAX_WORD_CHARS}")
+        assert len(str(e.value)) < 120  # the token is not echoed whole
+
+
+def test_an_embedding_far_longer_than_the_models_own_is_refused_and_a_learned_one_loads(tiny_sd, tmp_path):
+    largest = largest_token_norm(tiny_sd)
+    direction = torch.randn(1, WIDTH)
+    direction /= direction.norm()
+    for ratio in (0.5, 30, MAX_NORM_RATIO * 0.99):  # the tests' random embeddings are about 30 times
+        save_file({"<toy>": direction * ratio * largest}, str(tmp_path / "fits.safetensors"))
+        assert load_concept(tmp_path / "fits.safetensors", tiny_sd, class_word="dog").n_vectors == 1
+    save_file({"<toy>": direction * MAX_NORM_RATIO * 1.01 * largest}, str(tmp_path / "far.safetensors"))
+    with pytest.raises(ConceptError, match=f"over {MAX_NORM_RATIO} times that of tiny-sd's longest token embedding"):
+        load_concept(tmp_path / "far.safetensors", tiny_sd, class_word="dog")
+
+
+def test_every_vector_of_a_multi_vector_embedding_is_measured(tiny_sd, tmp_path):
+    vectors = torch.zeros(4, WIDTH)
+    vectors[3, 0] = 2 * MAX_NORM_RATIO * largest_token_norm(tiny_sd)
+    save_file({"<toy>": vectors}, str(tmp_path / "e.safetensors"))
+    with pytest.raises(ConceptError, match="has norm"):
+        load_concept(tmp_path / "e.safetensors", tiny_sd, class_word="dog")
