@@ -33,6 +33,7 @@ from alignit_core.cli import write_outputs  # noqa: E402
 from alignit_core.concepts import KIND_LABELS  # noqa: E402
 from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
 from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
+from alignit_core.prompts import check_swaps  # noqa: E402
 from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
 from visualize import heatmap_row, token_chips  # noqa: E402
 
@@ -80,7 +81,10 @@ def parse_swaps(text: str) -> list[tuple[str | int, str]]:
 
 
 def _swap_lines(text: str) -> list[str]:
-    return [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+    """The swaps box's lines; PromptError when there are more than the engine takes, or a line is too long."""
+    lines = [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+    check_swaps(lines)
+    return lines
 
 
 def _line_positions(tokenizer, prompt: str, line: str, long: str = "segments") -> tuple[int, ...]:
@@ -130,8 +134,8 @@ def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: st
     `long`: how a prompt over 75 tokens is read (segments or truncate)."""
     try:
         text = check_prompt(prompt)
-    except AlignITError:
-        return TokenView(None)
+    except AlignITError as e:  # an empty box needs no warning; one too long does
+        return TokenView(None, problem=str(e) if isinstance(prompt, str) and prompt.strip() else "")
     try:
         if mode == ALIGNIT:
             if concept is None:
@@ -145,7 +149,10 @@ def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: st
             return TokenView(read_prompt(model.tokenizer, text, long), problem=str(e))
         except AlignITError:
             return TokenView(None, problem=str(e))
-    selected = tuple(swap_positions(model.tokenizer, text, swaps, long))
+    try:
+        selected = tuple(swap_positions(model.tokenizer, text, swaps, long))
+    except AlignITError as e:  # too many swaps, or one too long
+        return TokenView(p, problem=str(e))
     try:
         return TokenView(p, word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source,
                          selected=selected)
@@ -337,10 +344,9 @@ def positions_picked(model, mode, prompt, swaps, selected, long="segments"):
     if mode != SWAP:
         return gr.update()
     try:
-        text = check_prompt(prompt)
-    except AlignITError:
+        return sync_swaps(model.tokenizer, check_prompt(prompt), swaps, selected or [], long)
+    except AlignITError:  # the token view already says what is wrong
         return gr.update()
-    return sync_swaps(model.tokenizer, text, swaps, selected or [], long)
 
 
 def concept_card(concepts, uploaded, concept_key):

@@ -32,6 +32,9 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerD
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+# Segment mode reads at most 308 positions, about 1,200 characters of English; a prompt past this
+# is refused before it is tokenized, in every long-prompt mode (truncate would read 75 tokens of it).
+MAX_PROMPT_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -370,8 +373,11 @@ def _finish(model, rows, settings, result, warnings, extra) -> Generation:
 
 
 def check_prompt(text: str) -> str:
+    """`text` with its whitespace collapsed; PromptError when it is empty or over MAX_PROMPT_CHARS."""
     if not isinstance(text, str) or not text.strip():
         raise PromptError("the prompt is empty; type what the image should show")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"the prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     return " ".join(text.split())
 
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import alignit_core.concepts as concepts_module
+import app
 from alignit_core import ConceptError, load_concept
 from alignit_core.concepts import MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
 
@@ -129,3 +130,46 @@ def test_every_vector_of_a_multi_vector_embedding_is_measured(tiny_sd, tmp_path)
     save_file({"<toy>": vectors}, str(tmp_path / "e.safetensors"))
     with pytest.raises(ConceptError, match="has norm"):
         load_concept(tmp_path / "e.safetensors", tiny_sd, class_word="dog")
+
+
+# ------------------------------------------------------------------------------ the token table
+
+@pytest.fixture(scope="module")
+def clip():
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from tests.conftest import TOKENIZER
+
+    return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
+
+
+@pytest.fixture
+def plans(monkeypatch) -> list:
+    """Swap plans the token view builds; the test fails past 100 (one per swap line would be 20,000)."""
+    made = []
+    real = app.word_swap_plan
+
+    def plan(*args, **kwargs):
+        made.append(1)
+        if len(made) > 100:
+            pytest.fail("the token view plans every swap line of a flood")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app, "word_swap_plan", plan)
+    return made
+
+
+def test_the_token_view_refuses_20000_swap_lines_before_planning_any(clip, plans):
+    view = app.token_view(clip, app.SWAP, "a red circle on a blue background", None, "\n".join(["red=yellow"] * 20_000))
+    assert view.problem == "there are 20000 swaps; the limit is 75"
+    assert view.p is not None and view.source is None and not plans  # the prompt is still shown
+    assert app.positions_picked(clip, app.SWAP, "a red circle", "\n".join(["red=yellow"] * 20_000), [2]) == \
+        app.gr.update()
+
+
+def test_the_token_view_of_a_100000_character_prompt_says_the_limit(clip):
+    view = app.token_view(clip, app.SWAP, "a red circle " * 7_700, None, "")
+    assert view.p is None and view.problem == "the prompt is 100100 characters; the limit is 4000"
+    assert app.token_view(clip, app.SWAP, "  ", None, "").problem == ""  # an empty box is not a problem

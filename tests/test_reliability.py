@@ -161,6 +161,7 @@ def _concept(m, c, prompt="a photo of a <toy>", positions=None, **settings):
 
 
 LONG = " ".join(["a jumping dog"] * 26)  # 78 tokens
+HUGE = ("a jumping dog " * 7_200)[:100_000]  # 100,000 characters
 ENDLESS = " ".join(["A dog jumps over a red fence."] * 50)  # 400 tokens, over segment mode's 308 positions
 TOY_PROMPT = ["--concept", "{toy}", "--prompt", "a photo of a <toy>"]
 TOY_UI = dict(mode=app.ALIGNIT, concept_key="toy", prompt="a photo of a <toy>")
@@ -258,6 +259,16 @@ BAD = {
                             **_upload("float8")),
     "embedding of norm 1e38": Bad(ConceptError, "has norm 1e+38, over 100 times that of tiny-sd's longest token",
                                   **_upload("huge_norm")),
+    "prompt of 100,000 characters, truncated": Bad(
+        PromptError, "the prompt is 100000 characters; the limit is 4000",
+        partial(_swap, prompt=HUGE, long_prompt="truncate"), ["--prompt", HUGE, "--long-prompt", "truncate"],
+        dict(prompt=HUGE, long_prompt="truncate")),
+    "20,000 swaps": Bad(PromptError, "there are 20000 swaps; the limit is 75",
+                        partial(_swap, swaps=[("dog", "zebra")] * 20_000), ["--swap", "dog=zebra"] * 20_000,
+                        dict(swaps="\n".join(["dog=zebra"] * 20_000))),
+    "a swap of 100,000 characters": Bad(PromptError, "is 100004 characters; the limit is 200",
+                                        partial(_swap, swaps=[("dog", "z" * 100_000)]),
+                                        ["--swap", "dog=" + "z" * 100_000], dict(swaps="dog=" + "z" * 100_000)),
 }
 
 
