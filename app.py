@@ -4,7 +4,7 @@
 
 All tensor work goes through `alignit_core`, all drawing through `visualize`. The only state
 shared between visitors is the model and the concept registry, loaded once in `main`; concepts a
-visitor uploads and the last generation live in that visitor's `gr.State`.
+visitor uploads and the last generation live in that visitor's `gr.State`, for STATE_TTL_S.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from alignit_core import (AlignITError, Concept, ConceptError, Generation, Promp
 from alignit_core.cli import write_outputs  # noqa: E402
 from alignit_core.concepts import KIND_LABELS  # noqa: E402
 from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
+from alignit_core.memory import release_memory  # noqa: E402
 from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
 from alignit_core.prompts import check_swaps  # noqa: E402
 from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
@@ -41,7 +42,18 @@ PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
 ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
 MAX_UPLOAD_BYTES = 50 * 2**20
-QUEUE = dict(max_size=16, default_concurrency_limit=2)  # two generations at once, sixteen waiting
+QUEUE = dict(max_size=16, default_concurrency_limit=2)  # sixteen waiting; two at once of each other event
+# Generations and scores run in one concurrency group: two of them at once in all, so that they
+# share the cores two ways, not four.
+HEAVY = dict(concurrency_id="generation", concurrency_limit=2)
+# The token table follows every keystroke; a few at once keep it quick without letting a flood of
+# them crowd out the generations.
+TOKEN_VIEWS = dict(concurrency_id="tokens", concurrency_limit=2)
+# How long a visitor's uploaded concepts, last generation and scores are kept after they were last
+# set, and for how many visitors at most (the least recently active go first). Gradio would keep ten
+# thousand sessions, each its generation and a 130 KB copy of the page's settings.
+STATE_TTL_S = 1800
+SESSIONS = 500
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
 CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
@@ -429,6 +441,9 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     concept = _concept(concepts, uploaded or {}, concept_key)
     try:
         if mode == ALIGNIT:
+            if concept is None and str(concept_key).startswith("uploaded:"):
+                raise ConceptError(f"the uploaded concept {concept_key.removeprefix('uploaded:')} is no longer kept "
+                                   f"(uploads are kept for {STATE_TTL_S // 60} minutes); upload it again")
             if concept is None and concept_key:
                 raise ConceptError(f"unknown concept {concept_key!r}; available: "
                                    f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
@@ -450,9 +465,9 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     command = cli_command(gen, concept, mode == ALIGNIT and concept_key in (uploaded or {}))
     for warning in gen.warnings:
         gr.Warning(warning)
-    return (*_pad([gen.images[r] for r in gen.rows]), *_pad(heatmap_rows(gen, map_mode)),
-            str(files["heatmaps.png"]), str(files["settings.json"]),
-            command, gen)
+    shown = (*_pad([gen.images[r] for r in gen.rows]), *_pad(heatmap_rows(gen, map_mode)))
+    release_memory()  # the run's activations and drawing buffers are free by now
+    return (*shown, str(files["heatmaps.png"]), str(files["settings.json"]), command, gen)
 
 
 def _pad(values: list) -> list:
@@ -488,7 +503,9 @@ def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, pr
         report = score_generation(model, gen, clip, refs, clip_note=clip_note, progress=tick)
     except AlignITError as e:
         raise ui_error(e) from None
-    return (scores_markdown(report), *_shown(_pad(mi_rows(gen, report, map_mode))), report)
+    shown = _shown(_pad(mi_rows(gen, report, map_mode)))
+    release_memory()
+    return (scores_markdown(report), *shown, report)
 
 
 def _shown(pictures: list) -> list:
@@ -543,8 +560,8 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
     start = ALIGNIT if first else SWAP  # no concept for this model: start where there is something to do
 
     with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
-        uploaded = gr.State({})
-        last = gr.State(None)
+        uploaded = gr.State({}, time_to_live=STATE_TTL_S)
+        last = gr.State(None, time_to_live=STATE_TTL_S)
         gr.Markdown(header_markdown(model), elem_id="header")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
@@ -629,7 +646,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         view_inputs = [uploaded, mode, concept, prompt, swaps]
         view_outputs = [table, positions, chips, texts]
         show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs + [long_mode], outputs=view_outputs,
-                         concurrency_limit=None, show_progress="hidden")
+                         show_progress="hidden", **TOKEN_VIEWS)
         prompt.change(**show_view, trigger_mode="always_last", api_name="tokens")
         swaps.change(**show_view, trigger_mode="always_last", api_visibility="private")
         mode.change(**show_view, api_visibility="private")
@@ -645,16 +662,16 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
                         api_visibility="private", show_progress="hidden")
         positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode], chips, api_visibility="private",
-                         show_progress="hidden", concurrency_limit=None)
+                         show_progress="hidden", **TOKEN_VIEWS)
         add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class],
                   [uploaded, concept, prompt], api_visibility="private")
         dice.click(random_seed, None, seed, api_visibility="private", show_progress="hidden")
         size.change(lambda px: gr.update(**map_resolutions(model, px)), size, map_res, api_visibility="private",
                     show_progress="hidden")
         map_mode.change(redraw_maps, [last, map_mode], maps, api_visibility="private")
-        scored = gr.State(None)
+        scored = gr.State(None, time_to_live=STATE_TTL_S)
         score_button.click(partial(score, model, clip, clip_note, registry), [last, map_mode],
-                           [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score")
+                           [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score", **HEAVY)
         map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, api_visibility="private")
         last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
                     api_visibility="private", show_progress="hidden")  # a new generation: old scores go
@@ -666,7 +683,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         def generate_after(event, **api):
             """Generate after `event` with the button greyed out; it comes back even after an error
             (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it again)."""
-            done = event.then(partial(generate, *ctx), gen_inputs, gen_outputs, show_progress_on=images, **api)
+            done = event.then(partial(generate, *ctx), gen_inputs, gen_outputs, show_progress_on=images, **HEAVY, **api)
             done.success(label_columns, last, images + columns, **quick)
             for after in (done.then, done.failure):
                 after(lambda: gr.update(interactive=True), None, run, **quick)
@@ -714,11 +731,16 @@ def main(argv=None) -> int:
     except AlignITError as e:
         clip, clip_note = None, str(e)
         print(f"{clip_note}; Score alignment shows the MI score only", flush=True)
-    demo = build_demo(model, concepts, clip, clip_note)
-    demo.queue(**QUEUE)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
-                allowed_paths=[str(CONCEPTS_DIR)], css=CSS, theme=THEME)
+    launch(build_demo(model, concepts, clip, clip_note), server_name=args.host, server_port=args.port,
+           share=args.share)
     return 0
+
+
+def launch(demo: gr.Blocks, **where) -> None:
+    """Queue and serve `demo` with the demo's limits; `where`: server_name, server_port, share, ..."""
+    demo.queue(**QUEUE)
+    demo.launch(max_file_size=MAX_UPLOAD_BYTES, state_session_capacity=SESSIONS, allowed_paths=[str(CONCEPTS_DIR)],
+                css=CSS, theme=THEME, **where)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 from what it costs least to read (a file's header, a text's length), with a message for people.
 
 The same refusals through the API, the CLI and the UI, with their words, are in the bad-input
-matrix of tests/test_reliability.py.
+matrix of tests/test_reliability.py; the served app's concurrency and memory are there too.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import alignit_core.concepts as concepts_module
 import app
 from alignit_core import ConceptError, load_concept
 from alignit_core.concepts import MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
+from alignit_core.memory import release_memory
 
 WIDTH = 32  # the tiny SD's text-encoder width
 
@@ -173,3 +174,39 @@ def test_the_token_view_of_a_100000_character_prompt_says_the_limit(clip):
     view = app.token_view(clip, app.SWAP, "a red circle " * 7_700, None, "")
     assert view.p is None and view.problem == "the prompt is 100100 characters; the limit is 4000"
     assert app.token_view(clip, app.SWAP, "  ", None, "").problem == ""  # an empty box is not a problem
+
+
+# ------------------------------------------------------------------------------ memory and per-visitor state
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc")
+def test_release_memory_gives_freed_heap_pages_back_to_the_system():
+    def rss_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+
+    blocks = [bytes(1000) for _ in range(200_000)]  # 200 MB in malloc'd blocks (over Python's small-object size)
+    kept = blocks[::100]  # one block in a hundred stays alive, so the heap cannot shrink from its top
+    del blocks
+    before = rss_mib()
+    if not release_memory():
+        pytest.skip("this C library has no malloc_trim")
+    assert before - rss_mib() > 100, "the freed blocks stayed resident"
+    assert len(kept) == 2_000
+
+
+def test_the_app_releases_memory_after_each_generation_and_score(tiny_sd, monkeypatch):
+    calls = []
+    monkeypatch.setattr(app, "release_memory", lambda: calls.append(1))
+    quiet = dict(progress=lambda *a, **k: None)
+    *_, gen = app.generate(tiny_sd, {}, {}, app.SWAP, None, "a jumping dog", [], "dog=zebra", 1, 2, 7.5, 64, "ddim",
+                           False, 0.0, 1.0, None, False, "overlay", **quiet)
+    assert calls == [1]
+    app.score(tiny_sd, None, "CLIP is not available", {}, gen, "overlay", **quiet)
+    assert calls == [1, 1]
+
+
+def test_generating_with_an_upload_that_has_expired_says_so(tiny_sd):
+    with pytest.raises(app.gr.Error, match=r"the uploaded concept <toy> is no longer kept \(uploads are kept for "
+                                           r"30 minutes\); upload it again"):
+        app.generate(tiny_sd, {}, {}, app.ALIGNIT, "uploaded:<toy>", "a photo of a <toy>", [], "", 1, 2, 7.5, 64,
+                     "ddim", False, 0.0, 1.0, None, False, "overlay", progress=lambda *a, **k: None)

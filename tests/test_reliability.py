@@ -16,6 +16,8 @@ import socket
 import threading
 import time
 import uuid
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -542,15 +544,35 @@ PACE_S = 0.02  # each served denoising step sleeps this long, so that runs overl
 
 
 class Probe:
-    """What the served app's runs do, seen from inside the engine: how many run at once and how
-    many steps each has taken. Words in a prompt steer a run: 'slowly' (0.2 s a step), 'explodes'
-    (a RuntimeError at step 1)."""
+    """What the served app's runs do, seen from inside the engine: how many generations and scores
+    (one concurrency group) and how many token views run at once, and how many steps each
+    generation has taken. Words in a prompt steer a run: 'slowly' (0.2 s a step; a token view of it
+    takes 0.3 s), 'explodes' (a RuntimeError at step 1). Every score takes at least 0.5 s."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.running = 0
-        self.peak = 0
+        self.now = {"heavy": 0, "views": 0}
+        self.top = {"heavy": 0, "views": 0}
         self.steps: dict[str, int] = {}  # prompt -> steps taken by its latest run
+
+    @property
+    def running(self) -> int:
+        return self.now["heavy"]
+
+    @property
+    def peak(self) -> int:
+        return self.top["heavy"]
+
+    @contextmanager
+    def counted(self, kind: str):
+        with self.lock:
+            self.now[kind] += 1
+            self.top[kind] = max(self.top[kind], self.now[kind])
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.now[kind] -= 1
 
     def wrap(self, real):
         def run(model, text, *args, **kw):
@@ -565,19 +587,28 @@ class Probe:
                     self.steps[text] = step + 1
                 time.sleep(0.2 if slow else PACE_S)
 
-            with self.lock:
-                self.running += 1
-                self.peak = max(self.peak, self.running)
-            try:
+            with self.counted("heavy"):
                 return real(model, text, *args, on_kv=on_kv, **kw)
-            finally:
-                with self.lock:
-                    self.running -= 1
         return run
 
-    def reset_peak(self) -> None:
+    def wrap_score(self, real):
+        def run(*args, **kw):
+            with self.counted("heavy"):
+                time.sleep(0.5)
+                return real(*args, **kw)
+        return run
+
+    def wrap_view(self, real):
+        def view(model, mode, prompt, *args, **kw):
+            with self.counted("views"):
+                if "slowly" in (prompt or ""):
+                    time.sleep(0.3)
+                return real(model, mode, prompt, *args, **kw)
+        return view
+
+    def reset_peak(self, kind: str = "heavy") -> None:
         with self.lock:
-            self.peak = self.running
+            self.top[kind] = self.now[kind]
 
     def wait(self, condition, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -594,21 +625,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tiny_sd, concepts):
-    """The app on the tiny SD with both concepts, queued as `python app.py` queues it, on a free port."""
+@contextmanager
+def serve(tiny_sd, concepts, **patches):
+    """The app on the tiny SD with both concepts, queued and launched as `python app.py` does, on a free
+    port, with the Probe in its runs and `patches` (app attributes) in place."""
     probe = Probe()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(app, "generate_swap", probe.wrap(generate_swap))
         mp.setattr(app, "generate_concept", probe.wrap(generate_concept))
+        mp.setattr(app, "score_generation", probe.wrap_score(app.score_generation))
+        mp.setattr(app, "token_view", probe.wrap_view(app.token_view))
+        for name, value in patches.items():
+            mp.setattr(app, name, value)
         demo = app.build_demo(tiny_sd, [concepts.toy, concepts.cd])
-        demo.queue(**app.QUEUE)
         port = _free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
             yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", demo=demo, probe=probe)
         finally:
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_sd, concepts):
+    with serve(tiny_sd, concepts) as app_on_a_port:
+        yield app_on_a_port
 
 
 def _client(url):
@@ -659,7 +700,7 @@ def _same(alone: tuple, together: tuple) -> bool:
 
 
 def test_concurrent_visitors_each_get_what_they_get_alone(served):
-    assert app.QUEUE["default_concurrency_limit"] >= 2
+    assert app.HEAVY["concurrency_limit"] >= 2
     client = _client(served.url)
     alone = {name: _outcome(client.submit(**req, api_name="/generate")) for name, req in VISITORS.items()}
     assert [k for k, v in alone.items() if v[0] == "error"] == ["bad input", "run that fails mid-loop"]
@@ -670,7 +711,7 @@ def test_concurrent_visitors_each_get_what_they_get_alone(served):
     clients = {name: _client(served.url) for name in VISITORS}  # one visitor each, all at once
     jobs = {name: clients[name].submit(**req, api_name="/generate") for name, req in VISITORS.items()}
     together = {name: _outcome(job) for name, job in jobs.items()}
-    assert served.probe.peak == app.QUEUE["default_concurrency_limit"], "the runs never overlapped"
+    assert served.probe.peak == app.HEAVY["concurrency_limit"], "the runs never overlapped"
     for name in VISITORS:
         assert _same(alone[name], together[name]), name
 
@@ -721,3 +762,60 @@ def test_a_visitor_who_leaves_mid_run_frees_the_slot(served):
     assert served.probe.wait(lambda: served.probe.running == 0, timeout=5), "the abandoned run went on"
     assert served.probe.steps[prompt] < 50  # of 100
     _two_visitors_run_at_once(served)
+
+
+# ------------------------------------------------------------------------------ hostile visitors, served
+
+def test_generations_and_scores_share_the_two_slots(served):
+    """Two visitors score (0.5 s each at least) while two others generate slowly: the four never run
+    more than two at once, so that they share the cores two ways, not four."""
+    scorers = [_client(served.url) for _ in range(2)]
+    for i, scorer in enumerate(scorers):  # each scores a generation of its own
+        assert _outcome(scorer.submit(**_request(prompt="a jumping dog", swaps="dog=zebra", seed=i, steps=2),
+                                      api_name="/generate"))[0] == "ok"
+    served.probe.reset_peak()
+    jobs = [scorer.submit(map_mode="overlay", api_name="/score") for scorer in scorers]
+    jobs += [_client(served.url).submit(**_request(prompt=f"a cat sleeping slowly {i}", swaps="cat=dog", steps=5),
+                                        api_name="/generate") for i in range(2)]
+    for job in jobs:
+        job.result(timeout=120)
+    assert served.probe.peak == app.HEAVY["concurrency_limit"] == 2
+
+
+def test_a_flood_of_token_table_requests_runs_a_few_at_a_time(served):
+    visitors = [_client(served.url) for _ in range(6)]
+    served.probe.reset_peak("views")
+    jobs = [visitor.submit(mode=app.SWAP, concept_key=None, prompt=f"a dog jumping slowly {i}", swaps="",
+                           long="segments", api_name="/tokens") for i, visitor in enumerate(visitors)]
+    for job in jobs:
+        job.result(timeout=60)
+    assert served.probe.top["views"] == app.TOKEN_VIEWS["concurrency_limit"] < 6
+
+
+def test_a_visitors_last_generation_is_dropped_once_its_time_to_live_is_over(tiny_sd, concepts):
+    from gradio_client.exceptions import AppError
+
+    with serve(tiny_sd, concepts, STATE_TTL_S=1) as short_lived:
+        visitor = _client(short_lived.url)
+        assert _outcome(visitor.submit(**_request(prompt="a jumping dog", swaps="dog=zebra", steps=2),
+                                       api_name="/generate"))[0] == "ok"
+        state = short_lived.demo.state_holder.session_data[visitor.session_hash].state_data
+        kept = weakref.ref(next(v for v in state.values() if isinstance(v, generate_module.Generation)))
+        assert short_lived.probe.wait(lambda: gc.collect() >= 0 and kept() is None, timeout=10), \
+            "the generation outlived its time to live"
+        with pytest.raises(AppError, match="generate images first"):
+            visitor.predict(map_mode="overlay", api_name="/score")
+
+
+def test_state_is_kept_for_the_most_recently_active_visitors_only(tiny_sd, concepts):
+    from gradio_client.exceptions import AppError
+
+    with serve(tiny_sd, concepts, SESSIONS=2) as few:
+        visitors = [_client(few.url) for _ in range(3)]
+        for visitor in visitors:
+            assert _outcome(visitor.submit(**_request(prompt="a jumping dog", swaps="dog=zebra", steps=2),
+                                           api_name="/generate"))[0] == "ok"
+        assert len(few.demo.state_holder.session_data) == 2
+        with pytest.raises(AppError, match="generate images first"):  # the first visitor's generation is gone
+            visitors[0].predict(map_mode="overlay", api_name="/score")
+        assert visitors[2].predict(map_mode="overlay", api_name="/score")[0].startswith("Every image scored")
