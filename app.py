@@ -32,7 +32,7 @@ from alignit_core import (AlignITError, Concept, ConceptError, Generation, Promp
 from alignit_core.cli import write_outputs  # noqa: E402
 from alignit_core.concepts import KIND_LABELS  # noqa: E402
 from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
-from alignit_core.memory import release_memory  # noqa: E402
+from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
 from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
 from alignit_core.prompts import check_swaps  # noqa: E402
 from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
@@ -41,7 +41,9 @@ from visualize import heatmap_row, token_chips  # noqa: E402
 PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
 ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
-MAX_UPLOAD_BYTES = 50 * 2**20
+# A textual-inversion file is a few KB (16 vectors for SDXL's two encoders: 130 KB); a larger upload is
+# refused while it streams in, before Python parses megabytes of it.
+MAX_UPLOAD_BYTES = 2**20
 QUEUE = dict(max_size=16, default_concurrency_limit=2)  # sixteen waiting; two at once of each other event
 # Generations and scores run in one concurrency group: two of them at once in all, so that they
 # share the cores two ways, not four.
@@ -54,6 +56,9 @@ TOKEN_VIEWS = dict(concurrency_id="tokens", concurrency_limit=2)
 # thousand sessions, each its generation and a 130 KB copy of the page's settings.
 STATE_TTL_S = 1800
 SESSIONS = 500
+# Memory arenas malloc keeps for the server's threads (glibc: eight per core otherwise): freed memory
+# spread over fewer arenas is more of it given back by release_memory.
+ARENAS = 2
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
 CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
@@ -405,6 +410,8 @@ def add_concept(model, concepts, uploaded, path, token, class_word):
                          token=(token or "").strip() or None, class_word=(class_word or "").strip() or None)
     except AlignITError as e:
         raise ui_error(e) from None
+    finally:
+        release_memory()  # what reading the upload took, whether it was accepted or not
     if c.token in {k.token for k in concepts.values()}:
         raise gr.Error(f"the token {c.token} is taken by a shipped concept; choose another token",
                        title="Concept error")
@@ -572,7 +579,8 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     card = gr.Markdown(elem_id="concept-card")
                     references = gr.Gallery(label="reference images the concept was learned from", columns=6,
                                             rows=1, height=150, object_fit="contain", allow_preview=True)
-                    with gr.Accordion("Upload a concept (.safetensors, at most 50 MB)", open=False):
+                    with gr.Accordion(f"Upload a concept (.safetensors, at most {MAX_UPLOAD_BYTES // 2**20} MB)",
+                                      open=False):
                         with gr.Row():
                             upload = gr.File(label="textual-inversion embedding", file_types=[".safetensors"],
                                              height=100, scale=2, elem_id="upload")
@@ -719,6 +727,7 @@ def _args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = _args(argv)
+    limit_arenas(ARENAS)  # before the server's threads start
     try:
         model = accelerate(load_model(args.model), compile=args.compile, channels_last=args.channels_last)
         concepts = find_concepts(CONCEPTS_DIR, model)

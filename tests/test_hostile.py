@@ -7,6 +7,8 @@ matrix of tests/test_reliability.py; the served app's concurrency and memory are
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from alignit_core.concepts import MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
 from alignit_core.memory import release_memory
 
 WIDTH = 32  # the tiny SD's text-encoder width
+REPO = Path(__file__).resolve().parents[1]
 
 
 def header_only(path: Path, tensors: dict) -> Path:
@@ -194,7 +197,38 @@ def test_release_memory_gives_freed_heap_pages_back_to_the_system():
     assert len(kept) == 2_000
 
 
-def test_the_app_releases_memory_after_each_generation_and_score(tiny_sd, monkeypatch):
+ARENAS = """
+import ctypes, sys, tempfile, threading
+from alignit_core.memory import limit_arenas
+if sys.argv[1] == "limited":
+    assert limit_arenas(2)
+together = threading.Barrier(8)
+def work():  # eight threads holding memory at the same time
+    blocks = [bytes(1000) for _ in range(2000)]
+    together.wait()
+threads = [threading.Thread(target=work) for _ in range(8)]
+[t.start() for t in threads]; [t.join() for t in threads]
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as f:
+    stream = libc.fopen(f.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    print(open(f.name).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="glibc on Linux")
+def test_limited_arenas_hold_the_memory_of_many_threads_in_two():
+    def arenas(mode: str) -> int:
+        done = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        return int(done.stdout)
+
+    assert arenas("limited") <= 2 and arenas("default") >= 4
+
+
+def test_the_app_releases_memory_after_each_generation_score_and_upload(tiny_sd, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(app, "release_memory", lambda: calls.append(1))
     quiet = dict(progress=lambda *a, **k: None)
@@ -203,6 +237,10 @@ def test_the_app_releases_memory_after_each_generation_and_score(tiny_sd, monkey
     assert calls == [1]
     app.score(tiny_sd, None, "CLIP is not available", {}, gen, "overlay", **quiet)
     assert calls == [1, 1]
+    path = header_only(tmp_path / "learned_embeds.safetensors", empty(MAX_TENSORS + 1))
+    with pytest.raises(app.gr.Error, match="a concept file holds at most"):
+        app.add_concept(tiny_sd, {}, {}, str(path), "", "dog")
+    assert calls == [1, 1, 1]  # a refused upload too
 
 
 def test_generating_with_an_upload_that_has_expired_says_so(tiny_sd):
