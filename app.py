@@ -12,7 +12,9 @@ import argparse
 import os
 import random
 import shlex
+import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,8 +31,10 @@ import pandas as pd  # noqa: E402
 from alignit_core import (AlignITError, Concept, ConceptError, Generation, Prompt, PromptError, Settings,  # noqa: E402
                           concept_plan, find_concepts, generate_concept, generate_swap, load_concept, load_model,
                           parse_swap, read_prompt, scheduler_names, tokenize, word_swap_plan)
+from alignit_core.prompts import several_concepts_plan  # noqa: E402
 from alignit_core.cli import write_outputs  # noqa: E402
-from alignit_core.concepts import KIND_LABELS  # noqa: E402
+from alignit_core.concepts import KIND_LABELS, MAX_EMBEDDING_BYTES  # noqa: E402
+from alignit_core.errors import short  # noqa: E402
 from alignit_core.generate import MAX_GUIDANCE, MAX_SEED, check_prompt, resolve  # noqa: E402
 from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
 from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
@@ -41,9 +45,15 @@ from visualize import heatmap_row, token_chips  # noqa: E402
 PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
 ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
-# A textual-inversion file is a few KB (16 vectors for SDXL's two encoders: 130 KB); a larger upload is
-# refused while it streams in, before Python parses megabytes of it.
-MAX_UPLOAD_BYTES = 2**20
+# The largest upload, refused while it streams in: a DreamBooth-LoRA (SD 1.5's of rank 128 with its text
+# encoder is 151 MB, SDXL's of rank 32 with both 228-255 MB). A textual-inversion file is a few KB, and
+# the engine refuses one over 1 MiB (MAX_EMBEDDING_BYTES); either is judged by its header before any of
+# it is read.
+MAX_UPLOAD_BYTES = 256 * 2**20
+# Uploaded LoRAs stay in their visitors' sessions (STATE_TTL_S); all of them together may come from at
+# most this many bytes of files (each in memory once or twice its file, by the model's number type).
+# Past it a LoRA upload is refused until others expire.
+LORA_UPLOADS_HELD_BYTES = 2**30
 QUEUE = dict(max_size=16, default_concurrency_limit=2)  # sixteen waiting; two at once of each other event
 # Generations and scores run in one concurrency group: two of them at once in all, so that they
 # share the cores two ways, not four.
@@ -139,27 +149,36 @@ class TokenView:
     """What the token table shows for the current inputs."""
 
     p: Prompt | None  # the prompt the base model reads
-    source: Prompt | None = None  # p′, when it can be built
+    sources: tuple[tuple[str, Prompt], ...] = ()  # (whose, p′) when it can be built: one, or one per concept
     customized: Prompt | None = None  # AlignIT mode: the prompt as the customization reads it
-    selected: tuple[int, ...] = ()  # positions pre-selected (concept's, or those the swaps write)
+    selected: tuple[int, ...] = ()  # positions pre-selected (concepts', or those the swaps write)
     problem: str = ""  # why no p′ could be built, in the engine's words
 
+    @property
+    def source(self) -> Prompt | None:
+        return self.sources[0][1] if self.sources else None
 
-def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: str,
+
+def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] | None, swaps: str,
                long: str = "segments") -> TokenView:
     """Tokenize the current prompt for the table; never raises (the problem is shown instead).
-    `long`: how a prompt over 75 tokens is read (segments or truncate)."""
+    `concept`: one, or several in one prompt. `long`: how a prompt over 75 tokens is read (segments
+    or truncate)."""
     try:
         text = check_prompt(prompt)
     except AlignITError as e:  # an empty box needs no warning; one too long does
         return TokenView(None, problem=str(e) if isinstance(prompt, str) and prompt.strip() else "")
+    chosen = [concept] if isinstance(concept, Concept) else list(concept or [])
     try:
         if mode == ALIGNIT:
-            if concept is None:
+            if not chosen:
                 return TokenView(read_prompt(model.tokenizer, text, long), problem="choose or upload a concept")
-            cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
-                              concept.n_vectors if concept.vectors else 0, long)
-            return TokenView(cp.plan.target, cp.plan.source, cp.customized, cp.plan.positions)
+            if len(chosen) == 1:
+                cp = concept_plan(model.tokenizer, text, *chosen[0].words.fields, long)
+                return TokenView(cp.plan.target, (("", cp.plan.source),), cp.customized, cp.plan.positions)
+            several = several_concepts_plan(model.tokenizer, text, [c.words for c in chosen])
+            return TokenView(several.plans[0].target, tuple((c.token, plan.source) for c, plan in zip(chosen, several.plans)),
+                             several.customized, tuple(sorted(pos for plan in several.plans for pos in plan.positions)))
         p = read_prompt(model.tokenizer, text, long)
     except AlignITError as e:
         try:
@@ -171,19 +190,22 @@ def token_view(model, mode: str, prompt: str, concept: Concept | None, swaps: st
     except AlignITError as e:  # too many swaps, or one too long
         return TokenView(p, problem=str(e))
     try:
-        return TokenView(p, word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source,
+        return TokenView(p, (("", word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source),),
                          selected=selected)
     except AlignITError as e:
         return TokenView(p, selected=selected, problem=str(e) if _swap_lines(swaps) else "")
 
 
 def token_table(view: TokenView) -> pd.DataFrame:
+    """Position, segment, token of p and its word, and each p′'s token (a column per concept)."""
+    columns = TABLE_COLUMNS[:-1] + [f"{TABLE_COLUMNS[-1]} ({whose})" if whose else TABLE_COLUMNS[-1]
+                                    for whose, _ in view.sources or (("", None),)]
     if view.p is None:
         return pd.DataFrame(columns=TABLE_COLUMNS)
-    source = view.source.tokens if view.source is not None else [None] * len(view.p.tokens)
+    sources = [source.tokens for _, source in view.sources] or [[None] * len(view.p.tokens)]
     return pd.DataFrame([(t.position, view.p.locate(t.position)[0] + 1, view.p.locate(t.position)[1], t.text, t.word,
-                          s.text if s is not None else "") for t, s in zip(view.p.tokens, source)],
-                        columns=TABLE_COLUMNS)
+                          *(s[i].text if s[i] is not None else "" for s in sources))
+                         for i, t in enumerate(view.p.tokens)], columns=columns)
 
 
 def position_choices(view: TokenView) -> list[tuple[str, int]]:
@@ -204,8 +226,8 @@ def prompts_markdown(view: TokenView) -> str:
         if view.p.dropped:
             lines.append(f"⚠️ over 75 tokens: the model will not read `{view.p.dropped}` "
                          f"(choose segments under Advanced to keep it)")
-    if view.source is not None:
-        lines.append(f"**p′** (K/V source): `{view.source.text}`")
+    for whose, source in view.sources:
+        lines.append(f"**p′**{f' of `{whose}`' if whose else ''} (K/V source): `{source.text}`")
     if view.problem:
         lines.append(f"⚠️ {view.problem}")
     return "  \n".join(lines)
@@ -271,14 +293,19 @@ def scores_markdown(report: AlignmentReport) -> str:
     return "\n".join(lines)
 
 
-def cli_command(gen: Generation, concept: Concept | None, uploaded: bool) -> str:
-    """The `python -m alignit_core generate` line that reproduces `gen`."""
+def cli_command(gen: Generation, concepts: list[Concept], uploaded) -> str:
+    """The `python -m alignit_core generate` line that reproduces `gen`; `uploaded`: the concepts
+    that came from a visitor's file (named by that file)."""
     s = gen.settings
     args = ["python", "-m", "alignit_core", "generate", "--model", s["model"], "--prompt", s["prompt"]]
     if s["mode"] == "alignit":
-        args += ["--concept", f"{concept.name}.safetensors" if uploaded else concept.name]
-        if uploaded:
-            args += ["--token", concept.token, "--class-word", concept.class_word]
+        for concept in concepts:
+            args += ["--concept", f"{concept.name}.safetensors" if concept in uploaded else concept.name]
+        if len(concepts) == 1 and concepts[0] in uploaded:
+            args += ["--token", concepts[0].token, "--class-word", concepts[0].class_word]
+        scales = {c.scale for c in concepts if c.kind == "lora"} - {1.0}
+        if scales:
+            args += ["--lora-scale", f"{scales.pop():g}"]
         args += ["--positions", *map(str, s["positions"])]
         if "base" in gen.rows:
             args.append("--base")
@@ -289,6 +316,12 @@ def cli_command(gen: Generation, concept: Concept | None, uploaded: bool) -> str
              f"{s['swap_steps'][0]:g}", f"{s['swap_steps'][1]:g}", "--map-resolution", str(s["map_resolution"])]
     if s["swap_uncond"]:
         args.append("--swap-uncond")
+    if s.get("swap_kv", "kv") != "kv":
+        args += ["--swap-kv", s["swap_kv"]]
+    if s.get("swap_strength", 1.0) != 1.0:
+        args += ["--swap-strength", f"{s['swap_strength']:g}"]
+    if s.get("lora_rest", 0.0):
+        args += ["--lora-rest", f"{s['lora_rest']:g}"]
     if s.get("long_prompt", "segments") != "segments":
         args += ["--long-prompt", s["long_prompt"]]
     return shlex.join(args + ["--out", "out/"])
@@ -342,17 +375,23 @@ def _concept(concepts: dict, uploaded: dict, key) -> Concept | None:
     return uploaded.get(key) or concepts.get(key)
 
 
-def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="segments"):
+def _chosen(concepts: dict, uploaded: dict, key, second) -> list[Concept]:
+    """The concept picked, and the second one when a second is picked too."""
+    return [c for c in (_concept(concepts, uploaded or {}, key), _concept(concepts, uploaded or {}, second))
+            if c is not None]
+
+
+def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="segments", second=""):
     """Token table, position choices, chips and the p / p′ texts for the current inputs."""
-    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps, long)
-    label = ("Swapped positions of p (the concept's are pre-selected)" if mode == ALIGNIT
+    view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
+    label = ("Swapped positions of p (the concepts' are pre-selected)" if mode == ALIGNIT
              else "Positions to swap (checking one adds a `pos=` line to the swaps)")
     return (token_table(view), gr.update(choices=position_choices(view), value=list(view.selected), label=label),
             chips_html(view, view.selected), prompts_markdown(view))
 
 
-def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments"):
-    view = token_view(model, mode, prompt, _concept(concepts, uploaded or {}, concept_key), swaps, long)
+def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments", second=""):
+    view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
     return chips_html(view, selected)
 
 
@@ -381,6 +420,14 @@ def concept_prompt(concepts, uploaded, concept_key):
     return gr.update() if c is None else (c.example_prompt or f"a photo of a {c.token}")
 
 
+def second_concept_prompt(concepts, uploaded, prompt, second):
+    """A second concept picked: its token joins the prompt unless it is there already."""
+    c = _concept(concepts, uploaded or {}, second)
+    if c is None or c.token in (prompt or ""):
+        return gr.update()
+    return f"{(prompt or '').strip()} and a {c.token}".strip()
+
+
 def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, swap_example):
     """The mode changed by hand: a prompt that does not fit the new mode makes way for one that does."""
     c = _concept(concepts, uploaded or {}, concept_key)
@@ -401,13 +448,38 @@ def mode_controls(mode, gen: Generation | None):
     return (gr.update(visible=alignit), gr.update(visible=not alignit), gr.update(visible=alignit), *labels)
 
 
-def add_concept(model, concepts, uploaded, path, token, class_word):
-    """Load an uploaded .safetensors concept for this session only."""
+class LoRAUploads:
+    """The uploaded LoRAs that visitors' sessions still hold, with the size of each one's file: held
+    weakly, so that a session that expires gives its share back."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._sizes: weakref.WeakKeyDictionary[Concept, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def admit(self, concept: Concept, size: int) -> None:
+        """Count `concept`, from a file of `size` bytes, in; gr.Error when that would pass the limit."""
+        with self._lock:
+            held = sum(self._sizes.values())
+            if held + size > self.limit:
+                raise gr.Error(f"the server already keeps {held / 2**20:.0f} MB of uploaded LoRAs for its visitors; "
+                               f"this one ({size / 2**20:.0f} MB) would pass the limit of {self.limit / 2**20:.0f} MB. "
+                               f"Try again once older uploads expire (after {STATE_TTL_S // 60} minutes), or "
+                               f"upload a smaller LoRA", title="Concept error")
+            self._sizes[concept] = size
+
+
+LORA_UPLOADS = LoRAUploads(LORA_UPLOADS_HELD_BYTES)
+
+
+def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1.0):
+    """Load an uploaded .safetensors concept (an embedding or a LoRA) for this session only."""
     if not path:
         raise gr.Error("choose a .safetensors file first", title="Concept error")
     try:
         c = load_concept(path, model, allow_pickle=False, max_bytes=MAX_UPLOAD_BYTES,
-                         token=(token or "").strip() or None, class_word=(class_word or "").strip() or None)
+                         token=(token or "").strip() or None, class_word=(class_word or "").strip() or None,
+                         lora_scale=lora_scale)
     except AlignITError as e:
         raise ui_error(e) from None
     finally:
@@ -415,10 +487,18 @@ def add_concept(model, concepts, uploaded, path, token, class_word):
     if c.token in {k.token for k in concepts.values()}:
         raise gr.Error(f"the token {c.token} is taken by a shipped concept; choose another token",
                        title="Concept error")
+    if c.kind == "lora":
+        LORA_UPLOADS.admit(c, Path(path).stat().st_size)
     key = f"uploaded:{c.token}"
     uploaded = {**(uploaded or {}), key: c}
     prompt = c.example_prompt or f"a photo of a {c.token}"
-    return uploaded, gr.update(choices=concept_choices(concepts, uploaded), value=key), prompt
+    return (uploaded, gr.update(choices=concept_choices(concepts, uploaded), value=key),
+            gr.update(choices=second_choices(concepts, uploaded)), prompt)
+
+
+def second_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
+    """The second-concept picker: none, or any concept (each is swapped from its own model)."""
+    return [("none", "")] + concept_choices(concepts, uploaded)
 
 
 def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
@@ -429,14 +509,16 @@ def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
 
 def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
              scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
-             long_prompt="segments", progress=gr.Progress()):
+             long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
+             progress=gr.Progress()):
     """Generate the comparison: images, heat-map rows, the two downloads, the CLI line and the Generation
     (kept for redrawing maps). With no position ticked (always so through the API, whose position choices
     are empty) AlignIT swaps the concept's own positions. On bad input or a failed run raise gr.Error,
     so the previous outputs stay as they were; a run whose visitor left stops at the next step."""
     settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
                         scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
-                        swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt)
+                        swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt,
+                        swap_kv=swap_kv, swap_strength=swap_strength, lora_rest=lora_rest)
 
     left = visitor_watch()
 
@@ -445,18 +527,20 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
             raise VisitorLeft
         progress((i, n), desc="denoising", unit="steps")
 
-    concept = _concept(concepts, uploaded or {}, concept_key)
+    chosen = _chosen(concepts, uploaded, concept_key, second_concept)
     try:
         if mode == ALIGNIT:
-            if concept is None and str(concept_key).startswith("uploaded:"):
-                raise ConceptError(f"the uploaded concept {concept_key.removeprefix('uploaded:')} is no longer kept "
-                                   f"(uploads are kept for {STATE_TTL_S // 60} minutes); upload it again")
-            if concept is None and concept_key:
-                raise ConceptError(f"unknown concept {concept_key!r}; available: "
+            for key in (concept_key, second_concept):
+                if not key or _concept(concepts, uploaded or {}, key) is not None:
+                    continue
+                if str(key).startswith("uploaded:"):
+                    raise ConceptError(f"the uploaded concept {short(key.removeprefix('uploaded:'))} is no longer "
+                                       f"kept (uploads are kept for {STATE_TTL_S // 60} minutes); upload it again")
+                raise ConceptError(f"unknown concept {short(str(key))!r}; available: "
                                    f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
-            if concept is None:
+            if not chosen:
                 raise PromptError("choose or upload a concept first")
-            gen = generate_concept(model, prompt, concept, settings, positions=list(positions or []) or None,
+            gen = generate_concept(model, prompt, chosen, settings, positions=list(positions or []) or None,
                                    include_base=bool(include_base), progress=tick)
         else:
             gen = generate_swap(model, prompt, parse_swaps(swaps), settings, progress=tick)
@@ -469,7 +553,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
                        title="Generation error") from e
     out = Path(gr.utils.get_upload_folder()) / "alignit" / uuid.uuid4().hex
     files = {p.name: p for p in write_outputs(gen, out)}
-    command = cli_command(gen, concept, mode == ALIGNIT and concept_key in (uploaded or {}))
+    command = cli_command(gen, chosen if mode == ALIGNIT else [], set((uploaded or {}).values()))
     for warning in gen.warnings:
         gr.Warning(warning)
     shown = (*_pad([gen.images[r] for r in gen.rows]), *_pad(heatmap_rows(gen, map_mode)))
@@ -533,7 +617,8 @@ def random_seed() -> int:
 # ------------------------------------------------------------------------------ examples
 
 def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
-    """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed] rows and labels."""
+    """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed, second concept] rows
+    and labels; with two concepts of different tokens, one example holds both."""
     if not model.is_embedded:  # Stable Diffusion and kin: the paper's own prompts
         swaps = [("a jumping dog", "dog=zebra", "a jumping dog · dog ← zebra"),
                  ("banana in a white plate", "4=black", "banana in a white plate · position 4 (white) ← black")]
@@ -544,12 +629,21 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
                  ("a green triangle with a hole on a black background", "triangle=circle",
                   "shape swap, the hole kept · triangle ← circle")]
     concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
-    rows = [[SWAP, concept_key, prompt, swap, 0] for prompt, swap, _ in swaps]
+    rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
     for key, c in concepts.items():
         if c.example_prompt:
-            rows.append([ALIGNIT, key, c.example_prompt, "", 0])
+            rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
             labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}")
+    pairs = [(a, b) for a in concepts for b in concepts
+             if concepts[a].example_prompt and concepts[a].token != concepts[b].token]
+    pair = min(pairs, key=lambda ab: concepts[ab[0]].kind == concepts[ab[1]].kind, default=None)  # kinds mixed first
+    if pair is not None:
+        first, other = concepts[pair[0]], concepts[pair[1]]
+        rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),
+                     "", 0, pair[1]])
+        labels.append(f"AlignIT · two concepts · {first.token} ({KIND_LABELS[first.kind]}) and {other.token} "
+                      f"({KIND_LABELS[other.kind]})")
     return rows, labels
 
 
@@ -577,16 +671,23 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     concept = gr.Dropdown(concept_choices(registry, {}), value=first and first.name,
                                           label="Customized concept", elem_id="concept")
                     card = gr.Markdown(elem_id="concept-card")
+                    second = gr.Dropdown(second_choices(registry, {}), value="", elem_id="second-concept",
+                                         label="Second concept in the same prompt (optional; each concept's rows "
+                                               "come from its own customized model)")
                     references = gr.Gallery(label="reference images the concept was learned from", columns=6,
                                             rows=1, height=150, object_fit="contain", allow_preview=True)
-                    with gr.Accordion(f"Upload a concept (.safetensors, at most {MAX_UPLOAD_BYTES // 2**20} MB)",
-                                      open=False):
+                    with gr.Accordion(f"Upload a concept (.safetensors: an embedding of at most "
+                                      f"{MAX_EMBEDDING_BYTES // 2**20} MB, a LoRA of at most "
+                                      f"{MAX_UPLOAD_BYTES // 2**20} MB)", open=False):
                         with gr.Row():
-                            upload = gr.File(label="textual-inversion embedding", file_types=[".safetensors"],
+                            upload = gr.File(label="textual-inversion embedding or DreamBooth-LoRA",
+                                             file_types=[".safetensors"],
                                              height=100, scale=2, elem_id="upload")
                             with gr.Column(scale=2):
-                                up_token = gr.Textbox(label="token", placeholder="<my-cat> (default: the file's key)")
+                                up_token = gr.Textbox(label="token", placeholder="<my-cat> or a LoRA's trigger word, "
+                                                                                 "e.g. sks (default: the file's)")
                                 up_class = gr.Textbox(label="class word", placeholder="cat", elem_id="upload-class")
+                                up_scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (a LoRA only)")
                         add = gr.Button("Add concept for this session", size="sm", elem_id="add-concept")
                 prompt = gr.Textbox(label="Prompt", value=first.example_prompt if first else swap_example[0],
                                     lines=1, elem_id="prompt")
@@ -611,6 +712,14 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                 with gr.Accordion("Advanced", open=False):
                     swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)")
                     with gr.Row():
+                        swap_kv = gr.Radio([("keys and values", "kv"), ("keys only", "k"), ("values only", "v")],
+                                           value="kv", label="Swap", elem_id="swap-kv")
+                        swap_strength = gr.Slider(0, 1, value=1, step=0.05, elem_id="swap-strength",
+                                                  label="Swap strength (0: no swap, 1: the full swap)")
+                    lora_rest = gr.Slider(0, 1, value=0, step=0.05, elem_id="lora-rest",
+                                          label="AlignIT on a LoRA: the rest of the LoRA (0: only the concept's keys "
+                                                "and values, as the paper; 1: all but the other tokens' keys and values)")
+                    with gr.Row():
                         swap_start = gr.Slider(0, 1, value=0, step=0.05, label="Swap from (fraction of steps)")
                         swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
                     map_res = gr.Dropdown(**map_resolutions(model, defaults.size),
@@ -620,7 +729,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                 include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
                                            elem_id="include-base")
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
-        examples = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed], label="Examples (click to run)",
+        examples = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second], label="Examples (click to run)",
                                example_labels=example_labels, cache_examples=False, examples_per_page=12)
         gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each token's "
                     "cross-attention lands (tokens as tiles, swapped positions framed in orange).")
@@ -653,12 +762,15 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         ctx = (model, registry)
         view_inputs = [uploaded, mode, concept, prompt, swaps]
         view_outputs = [table, positions, chips, texts]
-        show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs + [long_mode], outputs=view_outputs,
+        show_view = dict(fn=partial(describe, *ctx), inputs=view_inputs + [long_mode, second], outputs=view_outputs,
                          show_progress="hidden", **TOKEN_VIEWS)
         prompt.change(**show_view, trigger_mode="always_last", api_name="tokens")
         swaps.change(**show_view, trigger_mode="always_last", api_visibility="private")
         mode.change(**show_view, api_visibility="private")
         concept.change(**show_view, api_visibility="private")
+        second.change(**show_view, api_visibility="private")
+        second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt,
+                     api_visibility="private")
         long_mode.change(**show_view, api_visibility="private")
         concept.change(partial(concept_card, registry), [uploaded, concept], [card, references],
                        api_visibility="private", show_progress="hidden")
@@ -669,10 +781,10 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     api_visibility="private", show_progress="hidden")
         positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
                         api_visibility="private", show_progress="hidden")
-        positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode], chips, api_visibility="private",
-                         show_progress="hidden", **TOKEN_VIEWS)
-        add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class],
-                  [uploaded, concept, prompt], api_visibility="private")
+        positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second], chips,
+                         api_visibility="private", show_progress="hidden", **TOKEN_VIEWS)
+        add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class, up_scale],
+                  [uploaded, concept, second, prompt], api_visibility="private")
         dice.click(random_seed, None, seed, api_visibility="private", show_progress="hidden")
         size.change(lambda px: gr.update(**map_resolutions(model, px)), size, map_res, api_visibility="private",
                     show_progress="hidden")
@@ -685,7 +797,8 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     api_visibility="private", show_progress="hidden")  # a new generation: old scores go
 
         gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
-                      swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode]
+                      swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode, swap_kv,
+                      swap_strength, second, lora_rest]
         gen_outputs = images + maps + [grid_file, settings_file, command, last]
 
         def generate_after(event, **api):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .kv import RequestKV, project
+from .kv import RequestKV, blend, project
 
 
 @dataclass
@@ -58,7 +58,7 @@ class MapStore:
 class CallState:
     """Everything one request asks of the attention layers."""
 
-    kv: RequestKV | None = None  # the request's conditioning, swapped copy and Custom Diffusion cells
+    kv: RequestKV | None = None  # the request's conditioning, swapped copy, concept cells and strengths
     swap_steps: tuple[int, int] = (0, 10**9)  # swap during steps [start, end)
     maps: MapStore | None = None
     step: int = 0  # set by the denoising loop
@@ -75,13 +75,24 @@ class CallState:
         then reused (two versions when the swap covers only some steps). version is None when
         `context` is not this request's conditioning: then nothing is written or kept."""
         if self.kv is None or context is not self.kv.context:
-            return (*project(attn, name, context, [], False), None)
+            return (*project(attn, name, context, []), None)
         version = (name, self.swapping and self.kv.swapped is not None)
         hit = self._projected.get(version)
         if hit is None:
-            x = self.kv.swapped if version[1] else self.kv.context
-            hit = self._projected[version] = project(attn, name, x, self.kv.custom, version[1])
+            hit = self._projected[version] = self._project(name, attn, version[1])
         return (*hit, version)
+
+    def _project(self, name: str, attn, swapping: bool):
+        if not swapping:
+            return project(attn, name, self.kv.context, [])
+        key, value = project(attn, name, self.kv.swapped, self.kv.custom)
+        if self.kv.strength == (1.0, 1.0):
+            return key, value
+        own = self._projected.get((name, False))  # the row's own keys and values, kept if already made
+        if own is None:
+            own = self._projected[(name, False)] = project(attn, name, self.kv.context, [])
+        (sk, sv), cells = self.kv.strength, self.kv.cells
+        return blend(own[0], key, cells, sk), blend(own[1], value, cells, sv)
 
     def map_keys(self, version, k: torch.Tensor, scale: float) -> torch.Tensor:
         """A recording layer's keys in the form MapStore.add takes, prepared once per K/V version."""

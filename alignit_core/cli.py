@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import AlignITError, ConceptError
-from .generate import Generation, Settings, scheduler_names
+from .generate import SWAP_KV, Generation, Settings, scheduler_names
 from .prompts import LONG_MODES
 from .sweep import add_arguments as add_eval_arguments
 
@@ -33,10 +33,15 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name)
         p.add_argument("--model", default="auto", help="auto | embedded | a diffusers folder | a hub id")
         p.add_argument("--prompt", required=True)
-        p.add_argument("--concept", help="a concept folder name under assets/concepts, a folder, a manifest, "
-                                         "or a bare textual-inversion file (then give --class-word)")
+        p.add_argument("--concept", action="append", default=[],
+                       help="a concept folder name under assets/concepts, a folder, a manifest, or a bare "
+                            "textual-inversion or LoRA file (then give --class-word, and a LoRA's --token unless its "
+                            "metadata names them); give it again for several concepts in one prompt, each swapped "
+                            "from its own customized model")
         p.add_argument("--token", help="bare embedding file: the token as written in prompts")
         p.add_argument("--class-word", help="bare embedding file: the concept's class word, e.g. cat")
+        p.add_argument("--lora-scale", type=float, help="how much of a LoRA concept to apply (diffusers' adapter "
+                                                        "weight; default: its manifest's scale, else 1)")
         p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
         p.add_argument("--long-prompt", choices=LONG_MODES, default="segments",
                        help="prompts over 75 tokens: segments (LongAlign, every word kept), truncate, refuse")
@@ -54,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--swap-uncond", action="store_true", help="swap in both CFG halves")
             p.add_argument("--swap-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
                            help="fractions of the steps in which to swap")
+            p.add_argument("--swap-kv", choices=SWAP_KV, default="kv",
+                           help="swap keys and values (kv), keys only (k) or values only (v)")
+            p.add_argument("--swap-strength", type=float, default=1.0,
+                           help="0 = the row's own keys/values (no swap) .. 1 = the full swap")
+            p.add_argument("--lora-rest", type=float, default=0.0,
+                           help="AlignIT on a LoRA: how much of the LoRA beyond the concept's keys and values "
+                                "(0: the paper's AlignIT .. 1: all of it)")
             p.add_argument("--map-resolution", type=int, help="side of the attention maps to record")
             p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
             p.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet")
@@ -63,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _concept(arg: str, model, token: str | None = None, class_word: str | None = None):
+def _concept(arg: str, model, token: str | None = None, class_word: str | None = None, lora_scale=None):
     from .concepts import load_concept
 
     path = Path(arg)
@@ -72,7 +84,7 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
     if not path.exists():
         known = sorted(p.name for p in CONCEPTS.glob("*/manifest.json") for p in [p.parent])
         raise ConceptError(f"unknown concept {arg!r}; available: {', '.join(known) or 'none'}")
-    return load_concept(path, model, token=token, class_word=class_word)
+    return load_concept(path, model, token=token, class_word=class_word, lora_scale=lora_scale)
 
 
 def write_outputs(gen: Generation, out: Path) -> list[Path]:
@@ -103,17 +115,20 @@ def write_outputs(gen: Generation, out: Path) -> list[Path]:
     return written + [out / "heatmaps.png", out / "settings.json"]
 
 
-def _tokens(model, prompt: str, concept, long: str = "segments") -> str:
+def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
     from .generate import check_prompt
-    from .prompts import concept_plan, read_prompt
+    from .prompts import concept_plan, read_prompt, several_concepts_plan
 
     prompt = check_prompt(prompt)
-    if concept is None:
+    if not concepts:
         table = [("p", read_prompt(model.tokenizer, prompt, long))]
-    else:
-        cp = concept_plan(model.tokenizer, prompt, concept.token, concept.class_word, concept.phrase,
-                          concept.n_vectors, long)
+    elif len(concepts) == 1:
+        cp = concept_plan(model.tokenizer, prompt, *concepts[0].words.fields, long)
         table = [("customized", cp.customized), ("p", cp.plan.target), ("p'", cp.plan.source)]
+    else:
+        several = several_concepts_plan(model.tokenizer, prompt, [c.words for c in concepts])
+        table = [("customized", several.customized), ("p", several.plans[0].target)]
+        table += [(f"p'[{c.token}]", plan.source) for c, plan in zip(concepts, several.plans)]
     lines = []
     for label, p in table:
         lines.append(f"{label}: {p.text}")
@@ -143,18 +158,22 @@ def main(argv: list[str] | None = None) -> int:
 
             accelerate(model, compile=args.compile, channels_last=args.channels_last)
         print(f"model: {model.name} ({model.chosen_because})", file=sys.stderr)
-        concept = _concept(args.concept, model, args.token, args.class_word) if args.concept else None
+        if len(args.concept) > 1 and (args.token or args.class_word):
+            raise AlignITError("--token and --class-word name one bare embedding file; give each of several "
+                               "concepts as a folder or manifest")
+        concepts = [_concept(arg, model, args.token, args.class_word, args.lora_scale) for arg in args.concept]
         if args.command == "tokens":
-            print(_tokens(model, args.prompt, concept, args.long_prompt))
+            print(_tokens(model, args.prompt, concepts, args.long_prompt))
             return 0
         settings = Settings(seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size,
                             scheduler=args.scheduler, swap_uncond=args.swap_uncond,
                             swap_start=args.swap_steps[0], swap_end=args.swap_steps[1],
-                            map_resolution=args.map_resolution, long_prompt=args.long_prompt)
-        if concept is not None:
+                            map_resolution=args.map_resolution, long_prompt=args.long_prompt,
+                            swap_kv=args.swap_kv, swap_strength=args.swap_strength, lora_rest=args.lora_rest)
+        if concepts:
             if swaps:
                 raise AlignITError("--swap is for token-swap mode; with --concept use --positions")
-            gen = generate_concept(model, args.prompt, concept, settings, positions=args.positions,
+            gen = generate_concept(model, args.prompt, concepts, settings, positions=args.positions,
                                    include_base=args.base)
         else:
             if args.positions or args.base:

@@ -9,7 +9,9 @@ Formats read (each written by the tests in that exact layout first):
   "modifier_token": {token: vec}}`) and diffusers' `pytorch_custom_diffusion_weights.{bin,safetensors}`
   (`{"<layer>.processor.to_k_custom_diffusion.weight": W, ...}`) with the token in a TI file;
 * text-encoder fine-tune (CatVersion-style): text-encoder weights in safetensors, used only to
-  encode the customized prompt and p'.
+  encode the customized prompt and p';
+* DreamBooth-LoRA (lora.py): diffusers/peft and kohya safetensors, UNet and text-encoder updates;
+  the trigger word is read as ordinary text (`a photo of sks dog`).
 
 A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
 only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
@@ -23,26 +25,39 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import ConceptError
+from .errors import ConceptError, short
+from .lora import is_lora, read_lora
+from .prompts import ConceptWords
+from .weights import Edit, LowRank, Replace, overlay
 
-KINDS = ("textual_inversion", "custom_diffusion", "text_encoder")
+KINDS = ("textual_inversion", "custom_diffusion", "text_encoder", "lora")
 KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Custom Diffusion",
-               "text_encoder": "text-encoder fine-tune"}
+               "text_encoder": "text-encoder fine-tune", "lora": "DreamBooth-LoRA"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
-MAX_FILE_BYTES = 200 * 2**20
+# A concept file read from a local folder: an SDXL LoRA of rank 128 with both text encoders is about
+# 1 GB, a CLIP-L text-encoder fine-tune in float32 half that.
+MAX_FILE_BYTES = 2**30
+# A textual-inversion file, wherever it comes from: 16 vectors for SDXL's two encoders are 130 KB.
+MAX_EMBEDDING_BYTES = 2**20
 # A token or class word is a word or two; every label, prompt and file name it enters stays short.
 MAX_WORD_CHARS = 64
-# Tensors in one concept file: Custom Diffusion on SDXL has 140, a CLIP text-encoder fine-tune about
-# 200; their safetensors headers are tens of KB.
+# What one safetensors header may list. A concept file: Custom Diffusion on SDXL has 140 tensors, a
+# CLIP text-encoder fine-tune about 200, in headers of tens of KB. A LoRA: kohya's SDXL LoRA of every
+# attention, feed-forward and convolution layer and both text encoders has 3,156 (down, up and alpha
+# of 1,052 layers), some 500 KB, beside its training metadata.
 MAX_TENSORS = 1024
 MAX_HEADER_BYTES = 2**20
+MAX_LORA_TENSORS = 8192
+MAX_LORA_HEADER_BYTES = 4 * 2**20
+MAX_DIMS = 4  # a convolution's weight; embeddings and linear weights have 2
 # Bytes per number of each safetensors number type a concept may hold (integers for buffers such as
 # a text encoder's position ids); float8 and the like are not among them: the model computes in
 # float16 / bfloat16 / float32, and torch cannot even check float8 numbers for NaN.
@@ -66,10 +81,12 @@ class Concept:
     kind: str  # one of KINDS
     phrase: str = "{token}"  # how the customization method reads it in prompts
     vectors: tuple[torch.Tensor, ...] = ()  # per text encoder: (n_vectors, dim)
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # attn2 name -> (W_k, W_v)
-    text_encoders: tuple = ()  # fine-tuned copies, same order as the model's
+    unet: dict[str, Edit] = field(default_factory=dict)  # UNet layer ('...attn2.to_k') -> its customized weights
+    text_encoders: tuple = ()  # the customized text stack, same order as the model's
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
+    warnings: tuple[str, ...] = ()  # what in its files was not used, said to the user with every generation
+    scale: float = 1.0  # a LoRA's adapter weight (diffusers' set_adapters), already in its updates
 
     @property
     def n_vectors(self) -> int:
@@ -79,13 +96,34 @@ class Concept:
     def label(self) -> str:
         return f"{self.name} — {KIND_LABELS[self.kind]}, class '{self.class_word}'"
 
+    @property
+    def words(self) -> ConceptWords:
+        """How prompts write it (a concept without vectors reads its token as ordinary text)."""
+        return ConceptWords(self.token, self.class_word, self.phrase, self.n_vectors)
 
-def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> dict:
+    @property
+    def kv(self) -> dict[str, tuple[Edit | None, Edit | None]]:
+        """Cross-attention layer -> the customized key and value projections (None: the base one):
+        what AlignIT projects the concept's rows of p' with."""
+        out: dict[str, tuple[Edit | None, Edit | None]] = {}
+        for name, edit in self.unet.items():
+            layer, _, proj = name.rpartition(".")
+            if layer.endswith("attn2") and proj in ("to_k", "to_v"):
+                k, v = out.get(layer, (None, None))
+                out[layer] = (edit, v) if proj == "to_k" else (k, edit)
+        return out
+
+
+def _check_file(path: Path, max_bytes: int, what: str = "concept file") -> None:
     if not path.is_file():
         raise ConceptError(f"concept file {path.name} not found")
     if path.stat().st_size > max_bytes:
-        raise ConceptError(f"concept file {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
+        raise ConceptError(f"{what} {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
                            f"the limit is {max_bytes / 2**20:.0f} MiB")
+
+
+def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES, what: str = "concept file") -> dict:
+    _check_file(path, max_bytes, what)
     if path.suffix == ".safetensors":
         _check_safetensors(path, max_bytes)
         try:
@@ -103,30 +141,27 @@ def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> di
     raise ConceptError(f"{path.name}: unknown concept file type {path.suffix!r}")
 
 
-def _short(text: str, limit: int = MAX_WORD_CHARS) -> str:
-    """`text` as a message may quote it: at most `limit` characters, cut with "…"."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _counts(values) -> bool:
     """Whether `values` (from a JSON header) is a list of whole numbers >= 0."""
     return isinstance(values, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in values)
 
 
-def _check_safetensors(path: Path, max_bytes: int) -> None:
+def _check_safetensors(path: Path, max_bytes: int, lora: bool | None = False) -> bool:
     """Refuse a safetensors file from its header alone, before any tensor exists: a header over
-    MAX_HEADER_BYTES or holding more than MAX_TENSORS tensors, a number type outside
-    SAFETENSORS_ITEM_BYTES (float8 ...), shapes whose sizes disagree with the data or add up to more
-    than `max_bytes`. Raises ConceptError."""
+    MAX_HEADER_BYTES or holding more than MAX_TENSORS tensors (a LoRA's: MAX_LORA_HEADER_BYTES,
+    MAX_LORA_TENSORS), a number type outside SAFETENSORS_ITEM_BYTES (float8 ...), more than MAX_DIMS
+    dimensions, shapes whose sizes disagree with the data or add up to more than `max_bytes`.
+    `lora`: whether the file is read as a LoRA, or None when its tensors' names say. Returns whether
+    it is a LoRA; raises ConceptError."""
     invalid = f"{path.name} is not a valid safetensors file"
     size = path.stat().st_size
     with path.open("rb") as f:
         length = int.from_bytes(f.read(8), "little")
         if size < 8 or length > size - 8:
             raise ConceptError(f"{invalid} (its header is longer than the file)")
-        if length > MAX_HEADER_BYTES:
-            raise ConceptError(f"{path.name} lists too many tensors for a concept: its header is "
-                               f"{length / 2**20:.1f} MiB; the limit is {MAX_HEADER_BYTES / 2**20:.0f} MiB")
+        limit = MAX_HEADER_BYTES if lora is False else MAX_LORA_HEADER_BYTES
+        if length > limit:
+            raise _header_too_long(path, length, lora)
         raw = f.read(length)
     try:
         header = json.loads(raw)
@@ -135,22 +170,38 @@ def _check_safetensors(path: Path, max_bytes: int) -> None:
     if not isinstance(header, dict):
         raise ConceptError(f"{invalid} (its header is not a table of tensors)")
     tensors = {name: info for name, info in header.items() if name != "__metadata__"}
-    if len(tensors) > MAX_TENSORS:
-        raise ConceptError(f"{path.name} holds {len(tensors)} tensors; a concept file holds at most {MAX_TENSORS}")
+    lora = is_lora(tensors) if lora is None else lora
+    if not lora and length > MAX_HEADER_BYTES:
+        raise _header_too_long(path, length, lora)
+    most = MAX_LORA_TENSORS if lora else MAX_TENSORS
+    if len(tensors) > most:
+        raise ConceptError(f"{path.name} holds {len(tensors)} tensors; a {'LoRA' if lora else 'concept'} file "
+                           f"holds at most {most}")
     total = 0
     for name, info in tensors.items():
         info = info if isinstance(info, dict) else {}
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEM_BYTES:
-            raise ConceptError(f"the tensor {_short(name)} in {path.name} holds {_short(str(dtype))} numbers, which "
+            raise ConceptError(f"the tensor {short(name)} in {path.name} holds {short(str(dtype))} numbers, which "
                                f"concepts cannot use; save it as {FLOAT_NAMES}")
+        if isinstance(shape, list) and len(shape) > MAX_DIMS:
+            raise ConceptError(f"the tensor {short(name)} in {path.name} has {len(shape)} dimensions; a concept's "
+                               f"tensors have at most {MAX_DIMS}")
         if not (_counts(shape) and _counts(offsets) and len(offsets) == 2
                 and offsets[1] - offsets[0] == math.prod(shape) * SAFETENSORS_ITEM_BYTES[dtype]):
-            raise ConceptError(f"{invalid} (the shape of {_short(name)} does not match its data)")
+            raise ConceptError(f"{invalid} (the shape of {short(name)} does not match its data)")
         total += offsets[1] - offsets[0]
     if total > max_bytes:
         raise ConceptError(f"{path.name} holds {total / 2**20:.1f} MiB of tensors; the limit is "
                            f"{max_bytes / 2**20:.0f} MiB")
+    return lora
+
+
+def _header_too_long(path: Path, length: int, lora: bool | None) -> ConceptError:
+    limit = {False: f"{MAX_HEADER_BYTES // 2**20} MiB", True: f"{MAX_LORA_HEADER_BYTES // 2**20} MiB",
+             None: f"{MAX_HEADER_BYTES // 2**20} MiB ({MAX_LORA_HEADER_BYTES // 2**20} MiB for a LoRA)"}[lora]
+    return ConceptError(f"{path.name} lists too many tensors for a concept: its header is {length / 2**20:.1f} MiB; "
+                        f"the limit is {limit}")
 
 
 def _tensor(x, what: str) -> torch.Tensor:
@@ -164,47 +215,74 @@ def _tensor(x, what: str) -> torch.Tensor:
     return x
 
 
-def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tensor]]:
-    """(token, per-encoder (n, dim) vectors) from any supported textual-inversion layout."""
+A1111_KEYS = {"string_to_param", "string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
+
+
+def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tensor], list[str]]:
+    """(token, per-encoder (n, dim) vectors, warnings about keys not used) from any supported
+    textual-inversion layout."""
     if "string_to_param" in data:  # A1111
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:
             raise ConceptError("A1111 embedding must hold exactly one entry in string_to_param")
         vec = _tensor(next(iter(params.values())), "the A1111 embedding")
         name = data.get("name")
-        return (token or (f"<{name}>" if isinstance(name, str) else "<concept>")), [vec]
+        return (token or (f"<{name}>" if isinstance(name, str) else "<concept>")), [vec], _unused(data, A1111_KEYS)
     if "clip_l" in data and "clip_g" in data:  # SDXL
-        return token or "<concept>", [_tensor(data["clip_l"], "clip_l"), _tensor(data["clip_g"], "clip_g")]
+        return (token or "<concept>", [_tensor(data["clip_l"], "clip_l"), _tensor(data["clip_g"], "clip_g")],
+                _unused(data, {"clip_l", "clip_g"}))
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != 1 or len(data) != 1:
         raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys "
-                           f"{[_short(str(k)) for k in sorted(data)[:5]]}")
+                           f"{[short(str(k)) for k in sorted(data)[:5]]}")
     key, vec = next(iter(tensors.items()))
-    return token or key, [_tensor(vec, f"the embedding of {_short(key)}")]
+    return token or key, [_tensor(vec, f"the embedding of {short(key)}")], []
 
 
-def read_custom_diffusion(data: dict) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
-    """({attn2 layer: (W_k, W_v)}, modifier tokens) from Adobe delta.bin or diffusers' layout."""
+def _unused(data: dict, known: set[str]) -> list[str]:
+    extra = sorted(set(data) - known)
+    return [f"the embedding file also holds {[short(str(k)) for k in extra[:5]]}, which is not used"] if extra else []
+
+
+# Custom Diffusion keys: Adobe's delta.bin names the UNet's own layers, diffusers names its processors
+_ADOBE_KEY = re.compile(r"^(?P<layer>.+)\.(?P<proj>to_q|to_k|to_v|to_out\.0)\.(?P<kind>weight|bias)$")
+_DIFFUSERS_KEY = re.compile(r"^(?P<layer>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_custom_diffusion"
+                            r"(?:\.0)?\.(?P<kind>weight|bias)$")
+
+
+def read_custom_diffusion(data: dict) -> tuple[dict[str, Replace], dict]:
+    """({UNet layer, e.g. '...attn2.to_k': its replaced weights}, modifier tokens) from Adobe's
+    delta.bin or diffusers' layout. `--freeze_model crossattn` files hold W_q and the output
+    projection too; they are read like W_k/W_v. A key that is none of these is refused, never
+    dropped."""
     tokens = {}
     if "unet" in data:  # Adobe custom-diffusion delta.bin
-        weights, tokens = data["unet"], data.get("modifier_token", {})
-        suffix_k, suffix_v = ".to_k.weight", ".to_v.weight"
+        weights, tokens, pattern = data["unet"], data.get("modifier_token", {}), _ADOBE_KEY
+        unknown = sorted(set(data) - {"unet", "modifier_token"})
     else:
-        weights = data
-        suffix_k, suffix_v = ".processor.to_k_custom_diffusion.weight", ".processor.to_v_custom_diffusion.weight"
+        weights, pattern, unknown = data, _DIFFUSERS_KEY, []
     if not isinstance(weights, dict):
         raise ConceptError("Custom Diffusion weights must be a dictionary of tensors")
-    kv = {}
-    for key in weights:
-        if key.endswith(suffix_k):
-            layer = key[: -len(suffix_k)]
-            vkey = layer + suffix_v
-            if vkey not in weights:
-                raise ConceptError(f"Custom Diffusion weights have {key} but no {vkey}")
-            kv[layer] = (_tensor(weights[key], key), _tensor(weights[vkey], vkey))
-    if not kv:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in weights.items():
+        m = pattern.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        proj = "to_out.0" if m["proj"].startswith("to_out") else m["proj"]
+        parts.setdefault(f"{m['layer']}.{proj}", {})[m["kind"]] = _tensor(value, key)
+    if unknown:
+        raise ConceptError(f"the Custom Diffusion file holds keys this reader does not know, e.g. "
+                           f"{[short(str(k)) for k in unknown[:3]]}; refusing it rather than leaving those weights out")
+    for name, part in parts.items():
+        if "weight" not in part:
+            raise ConceptError(f"Custom Diffusion weights have a bias for {name} but no weight")
+    for name in parts:
+        if name.endswith(".to_k") and name[:-5] + ".to_v" not in parts:
+            raise ConceptError(f"Custom Diffusion weights have {name} but no {name[:-5]}.to_v")
+    if not any(name.endswith(".to_k") for name in parts):
         raise ConceptError("no Custom Diffusion to_k/to_v weights found in the file")
-    return kv, tokens
+    return {name: Replace(part["weight"], part.get("bias")) for name, part in parts.items()}, tokens
 
 
 def _inside(folder: Path, rel: str) -> Path:
@@ -215,19 +293,25 @@ def _inside(folder: Path, rel: str) -> Path:
 
 
 def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes: int = MAX_FILE_BYTES,
-                 token: str | None = None, class_word: str | None = None) -> Concept:
-    """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion
-    file (then `token`/`class_word` name it), and validate it against `model`. Raises ConceptError."""
+                 token: str | None = None, class_word: str | None = None, lora_scale: float | None = None) -> Concept:
+    """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion or
+    LoRA file (then `token`/`class_word` name it; a LoRA's may come from its training metadata), and
+    validate it against `model`. `lora_scale`: how much of a LoRA to apply (diffusers' adapter
+    weight; default the manifest's `scale`, else 1). Raises ConceptError."""
     path = Path(source)
     if not path.exists():
         raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
     if path.is_dir():
         path = path / "manifest.json"
     if path.suffix != ".json":
+        if _holds_lora(path, max_bytes):
+            return _lora_concept(path.stem, path, model, max_bytes, token, class_word,
+                                 1.0 if lora_scale is None else lora_scale, {})
         if not class_word:
             raise ConceptError("a bare embedding file needs a class word (e.g. 'cat')")
-        tok, vectors = read_embeddings(_read(path, allow_pickle, max_bytes), token)
-        return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors)), model)
+        tok, vectors, warnings = _read_embeddings_file(path, allow_pickle, max_bytes, token)
+        return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors),
+                             warnings=tuple(warnings)), model)
     if not path.is_file():
         raise ConceptError(f"no concept manifest at {path}")
     try:
@@ -235,24 +319,34 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConceptError(f"{path.name} is not valid JSON ({e})") from None
     folder = path.parent
+    if m.get("kind") == "lora":  # its trigger and class word may come from the file
+        if not m.get("lora"):
+            raise ConceptError("a LoRA manifest needs a 'lora' weights file")
+        return _lora_concept(m.get("name", folder.name), _inside(folder, m["lora"]), model, max_bytes,
+                             token or m.get("token"), class_word or m.get("class_word"),
+                             m.get("scale", 1.0) if lora_scale is None else lora_scale, m)
     for key in ("token", "class_word", "kind"):
         if not isinstance(m.get(key), str) or not m[key].strip():
             raise ConceptError(f"the manifest {path} needs a {key!r} string")
     kind = m["kind"]
     if kind not in KINDS:
         raise ConceptError(f"unknown concept kind {kind!r}; expected one of {', '.join(KINDS)}")
-    vectors, kv, encoders, tok = (), {}, (), m["token"]
+    vectors, unet, encoders, tok, warnings = (), {}, (), m["token"], []
     if m.get("weights"):
-        tok, vecs = read_embeddings(_read(_inside(folder, m["weights"]), allow_pickle, max_bytes), m["token"])
+        tok, vecs, warnings = _read_embeddings_file(_inside(folder, m["weights"]), allow_pickle, max_bytes, m["token"])
         vectors = tuple(vecs)
     if kind == "custom_diffusion":
         if not m.get("custom_diffusion"):
             raise ConceptError("a Custom Diffusion manifest needs a 'custom_diffusion' weights file")
-        kv, modifier = read_custom_diffusion(_read(_inside(folder, m["custom_diffusion"]), allow_pickle, max_bytes))
+        unet, modifier = read_custom_diffusion(_read(_inside(folder, m["custom_diffusion"]), allow_pickle, max_bytes))
         if not vectors and modifier:
             if tok not in modifier:
                 raise ConceptError(f"the Custom Diffusion file has no embedding for {tok}")
             vectors = (_tensor(modifier[tok], f"the embedding of {tok}"),)
+        if set(modifier) - {tok}:
+            extra = [short(str(k)) for k in sorted(set(modifier) - {tok})[:5]]
+            warnings.append(f"the Custom Diffusion file also holds embeddings for {extra}, "
+                            f"which are not used (this concept is {tok})")
         if not vectors:
             raise ConceptError(f"the Custom Diffusion concept has no embedding for its token {tok}")
     elif kind == "textual_inversion" and not vectors:
@@ -263,8 +357,46 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
         encoders = (_read(_inside(folder, m["text_encoder"]), allow_pickle, max_bytes),)
     refs = tuple(_inside(folder, r) for r in m.get("references", []))
     phrase = m.get("phrase", "{token} {class_word}" if kind == "custom_diffusion" else "{token}")
-    concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase, vectors, kv,
-                      encoders, refs, m.get("example_prompt", ""))
+    concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase=phrase, vectors=vectors,
+                      unet=unet, text_encoders=encoders, references=refs, example_prompt=m.get("example_prompt", ""),
+                      warnings=tuple(warnings))
+    return _bind(concept, model)
+
+
+def _read_embeddings_file(path: Path, allow_pickle: bool, max_bytes: int, token: str | None):
+    """read_embeddings of a textual-inversion file, refused past MAX_EMBEDDING_BYTES."""
+    return read_embeddings(_read(path, allow_pickle, min(max_bytes, MAX_EMBEDDING_BYTES), "textual-inversion file"),
+                           token)
+
+
+def _holds_lora(path: Path, max_bytes: int) -> bool:
+    """Whether a bare file is a LoRA, from its safetensors header alone (judged first)."""
+    if path.suffix != ".safetensors":
+        return False
+    _check_file(path, max_bytes)
+    return _check_safetensors(path, max_bytes, lora=None)
+
+
+def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_word, scale, m: dict) -> Concept:
+    """A DreamBooth-LoRA concept from its file; the trigger and class word as given, else the file's."""
+    if path.suffix != ".safetensors":
+        raise ConceptError(f"{path.name}: a LoRA is read from .safetensors only")
+    _check_file(path, max_bytes, "LoRA file")
+    _check_safetensors(path, max_bytes, lora=True)
+    lora = read_lora(path, model)
+    if not (token and class_word) and lora.trigger is not None:
+        token, class_word = token or lora.trigger[0], class_word or lora.trigger[1]
+    if not (isinstance(token, str) and token.strip() and isinstance(class_word, str) and class_word.strip()):
+        raise ConceptError(f"{path.name} does not say its trigger word and class word; give them (e.g. token "
+                           f"'sks', class word 'dog')")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 2:
+        raise ConceptError("a LoRA's scale must be a number from 0 to 2")
+    concept = Concept(name, token.strip(), class_word.strip(), "lora", phrase=m.get("phrase", "{token} {class_word}"),
+                      unet={layer: edit.scaled(scale) for layer, edit in lora.unet.items()},
+                      text_encoders=tuple({layer: edit.scaled(scale) for layer, edit in text.items()}
+                                          for text in lora.text),
+                      references=tuple(_inside(path.parent, r) for r in m.get("references", [])),
+                      example_prompt=m.get("example_prompt", ""), scale=float(scale))
     return _bind(concept, model)
 
 
@@ -273,7 +405,7 @@ def _bind(c: Concept, model) -> Concept:
     fine-tuned encoders."""
     for what, word in (("token", c.token), ("class word", c.class_word)):
         if len(word) > MAX_WORD_CHARS:
-            raise ConceptError(f"the {what} {_short(word, 24)} is {len(word)} characters; "
+            raise ConceptError(f"the {what} {short(word, 24)} is {len(word)} characters; "
                                f"the limit is {MAX_WORD_CHARS}")
     if not c.token.strip() or any(ch.isspace() for ch in c.token):
         raise ConceptError(f"concept token {c.token!r} must be one word without spaces")
@@ -295,16 +427,9 @@ def _bind(c: Concept, model) -> Concept:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
     for v, encoder in zip(vectors, model.text_encoders):
         _check_norm(c.token, v, encoder, model.name)
-    kv = {}
-    layers = model.cross_attention_layers
-    for layer, (wk, wv) in c.kv.items():
-        if layer not in layers:
-            raise ConceptError(f"Custom Diffusion layer {layer} does not exist in {model.name}")
-        attn = layers[layer]
-        if wk.shape != attn.to_k.weight.shape or wv.shape != attn.to_v.weight.shape:
-            raise ConceptError(f"Custom Diffusion weights for {layer} are {tuple(wk.shape)}; "
-                               f"{model.name} needs {tuple(attn.to_k.weight.shape)}: the concept is for another model")
-        kv[layer] = (wk.to(model.device, model.dtype), wv.to(model.device, model.dtype))
+    unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
+    if c.kind == "lora":
+        return replace(c, unet=unet, text_encoders=_lora_encoders(c.text_encoders, model))
     encoders = []
     for state in c.text_encoders:
         te = copy.deepcopy(model.text_encoders[0])
@@ -318,9 +443,63 @@ def _bind(c: Concept, model) -> Concept:
         encoders.append(te.eval().requires_grad_(False))
     if encoders and len(model.text_encoders) > 1:
         encoders += list(model.text_encoders[1:])
-    return Concept(c.name, c.token, c.class_word, c.kind, c.phrase,
-                   tuple(v.to(model.device, model.dtype) for v in vectors), kv, tuple(encoders),
-                   c.references, c.example_prompt)
+    return replace(c, vectors=tuple(v.to(model.device, model.dtype) for v in vectors), unet=unet,
+                   text_encoders=tuple(encoders))
+
+
+def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit:
+    """`edit` of layer `name` of `root`, moved to the model's device and dtype. Raises ConceptError
+    for a layer that is not there or replaced weights of other shapes (LoRA shapes: lora.py)."""
+    try:
+        layer = root.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        raise ConceptError(f"{what} layer {name} does not exist in {model.name}")
+    if isinstance(edit, LowRank):
+        down, up = edit.down, edit.up
+        if isinstance(layer, torch.nn.Conv2d) and down.ndim == 2:  # a linear LoRA on a 1x1 convolution
+            down, up = down[:, :, None, None], up[:, :, None, None]
+        _check_weight_norm(edit, layer, name, model.name, what)
+        return LowRank(down.to(model.device, model.dtype), up.to(model.device, model.dtype), edit.scale)
+    weight = layer.weight
+    bias_ok = edit.bias is None or (layer.bias is not None and edit.bias.shape == layer.bias.shape)
+    if edit.weight.shape != weight.shape or not bias_ok:
+        raise ConceptError(f"{what} weights for {name} are {tuple(edit.weight.shape)}; {model.name} needs "
+                           f"{tuple(weight.shape)}: the concept is for another model")
+    _check_weight_norm(edit, layer, name, model.name, what)
+    return Replace(edit.weight.to(model.device, model.dtype),
+                   None if edit.bias is None else edit.bias.to(model.device, model.dtype))
+
+
+def _lora_encoders(updates: tuple[dict[str, LowRank], ...], model) -> tuple:
+    """The model's text stack with a LoRA's updates on every row (views sharing the model's
+    weights), or () when the LoRA leaves the text encoders alone."""
+    if not any(updates):
+        return ()
+    return tuple(overlay(te, {layer: [(None, _fit(te, layer, edit, model, "LoRA"))]
+                              for layer, edit in (updates[i] if i < len(updates) else {}).items()})
+                 for i, te in enumerate(model.text_encoders))
+
+
+def one_model(concepts: list[Concept]) -> Concept:
+    """The customized model holding several concepts at once (the customized baseline of a prompt
+    with all of them): every concept's vectors, numbered on in order, and the text stack and UNet
+    weights of the concept that changes them. Raises ConceptError when two concepts change the same
+    part (two Custom Diffusion concepts, two text-encoder fine-tunes): no single model holds both."""
+    for part, what in (("unet", "UNet weights"), ("text_encoders", "text encoder")):
+        owners = [c for c in concepts if getattr(c, part)]
+        if len(owners) > 1:
+            raise ConceptError(f"{owners[0].token} and {owners[1].token} both change the {what}; no single "
+                               f"customized model holds both, so the customized baseline is left out")
+    with_vectors = [c for c in concepts if c.vectors]
+    vectors = tuple(torch.cat([c.vectors[i] for c in with_vectors]) for i in range(len(with_vectors[0].vectors))) \
+        if with_vectors else ()
+    unet = next((c.unet for c in concepts if c.unet), {})
+    encoders = next((c.text_encoders for c in concepts if c.text_encoders), ())
+    return Concept(" + ".join(c.name for c in concepts), " ".join(c.token for c in concepts),
+                   " ".join(c.class_word for c in concepts), concepts[0].kind, vectors=vectors, unet=unet,
+                   text_encoders=encoders, warnings=tuple(w for c in concepts for w in c.warnings))
 
 
 def _check_norm(token: str, vectors: torch.Tensor, encoder, model_name: str) -> None:
@@ -334,6 +513,18 @@ def _check_norm(token: str, vectors: torch.Tensor, encoder, model_name: str) -> 
         raise ConceptError(f"the embedding of {token} has norm {norm:.3g}, over {MAX_NORM_RATIO} times that of "
                            f"{model_name}'s longest token embedding ({largest:.3g}); a vector that far out drowns "
                            f"the prompt (at 1e38 the images come out black)")
+
+
+def _check_weight_norm(edit: Edit, layer: torch.nn.Module, name: str, model_name: str, what: str) -> None:
+    """Refuse a layer's customized weights (or a LoRA's update of them) when they are over
+    MAX_NORM_RATIO times as long as the layer's own: trained ones stay near them, and ones that far
+    out overflow what the layer computes (at 1e38 the images come out black)."""
+    norm = edit.norm()
+    own = math.hypot(*(float(p.detach().double().norm()) for p in (layer.weight, layer.bias) if p is not None))
+    if not norm <= MAX_NORM_RATIO * own:  # NaN too: an alpha of NaN scales the update to NaN
+        raise ConceptError(f"the {what} weights for {name} have norm {norm:.3g}, over {MAX_NORM_RATIO} times that of "
+                           f"{model_name}'s own ({own:.3g}); weights that far out drown the layer (at 1e38 the images "
+                           f"come out black)")
 
 
 def find_concepts(folder: str | Path, model) -> list[Concept]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -20,12 +20,13 @@ from PIL import Image
 
 from . import __version__
 from .attention import CallState, MapStore
-from .concepts import Concept
+from .concepts import Concept, one_model
 from .encoding import encode
-from .errors import ModelError, PromptError, SettingsError
+from .errors import ConceptError, ModelError, PromptError, SettingsError
 from .kv import RowWrite, request_kv
-from .prompts import (LONG_MODES, Prompt, SwapPlan, concept_plan, max_tokens, padded, positions_plan, tokenize,
-                      word_swap_plan)
+from .prompts import (LONG_MODES, Prompt, SwapPlan, check_positions, concept_plan, max_tokens, padded,
+                      positions_plan, several_concepts_plan, tokenize, word_swap_plan)
+from .weights import LowRank, overlay
 
 SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
               "dpm++": "DPMSolverMultistepScheduler"}
@@ -35,6 +36,7 @@ MAX_SEED = 2**32 - 1
 # Segment mode reads at most 308 positions, about 1,200 characters of English; a prompt past this
 # is refused before it is tokenized, in every long-prompt mode (truncate would read 75 tokens of it).
 MAX_PROMPT_CHARS = 4000
+SWAP_KV = ("kv", "k", "v")  # swap keys and values, keys only, values only
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class Settings:
     map_resolution: int | None = None
     record_maps: bool = True
     long_prompt: str = "segments"  # over 75 tokens: segments (LongAlign) | truncate | refuse
+    swap_kv: str = "kv"  # which swapped rows: keys and values | k (keys only) | v (values only)
+    swap_strength: float = 1.0  # 0: the row's own keys/values (no swap) .. 1: the swapped ones
+    lora_rest: float = 0.0  # AlignIT on a LoRA: how much of the LoRA beyond the concept's keys/values (0: none)
 
 
 @dataclass
@@ -63,6 +68,16 @@ class Row:
     concept: Concept | None = None  # customization applied to this whole row (the baseline)
     swap: SwapPlan | None = None  # rows of `prompt` replaced by rows of swap.source
     swap_concept: Concept | None = None  # the customized stack that encodes/projects swap.source
+    more_swaps: tuple[tuple[SwapPlan, Concept | None], ...] = ()  # further concepts, each from its own model
+
+    @property
+    def sources(self) -> list[tuple[SwapPlan, Concept | None]]:
+        """Every (plan, concept) whose p' rows this row takes."""
+        return ([(self.swap, self.swap_concept)] if self.swap is not None else []) + list(self.more_swaps)
+
+    @property
+    def swapped(self) -> tuple[int, ...]:
+        return tuple(sorted({pos for plan, _ in self.sources for pos in plan.positions}))
 
 
 @dataclass
@@ -118,8 +133,17 @@ def resolve(model, s: Settings) -> Settings:
                             f"available: {', '.join(map(str, model.attention_resolutions(size)))}")
     if s.long_prompt not in LONG_MODES:
         raise SettingsError(f"unknown long-prompt mode {s.long_prompt!r}; choose one of {', '.join(LONG_MODES)}")
-    return Settings(s.seed, steps, float(guidance), size, scheduler, s.swap_uncond, s.swap_start, s.swap_end,
-                    res, s.record_maps, s.long_prompt)
+    if s.swap_kv not in SWAP_KV:
+        raise SettingsError(f"swap {s.swap_kv!r} is not one of {', '.join(SWAP_KV)} (keys and values, keys only, "
+                            f"values only)")
+    if isinstance(s.swap_strength, bool) or not isinstance(s.swap_strength, (int, float)) \
+            or not 0 <= s.swap_strength <= 1:
+        raise SettingsError("the swap strength must be a number from 0 (no swap) to 1 (the full swap)")
+    if isinstance(s.lora_rest, bool) or not isinstance(s.lora_rest, (int, float)) or not 0 <= s.lora_rest <= 1:
+        raise SettingsError("the rest of the LoRA must be a number from 0 (the paper's AlignIT) to 1 (all of the "
+                            "LoRA but the other tokens' keys and values)")
+    return replace(s, steps=steps, guidance=float(guidance), size=size, scheduler=scheduler, map_resolution=res,
+                   swap_strength=float(s.swap_strength), lora_rest=float(s.lora_rest))
 
 
 # ------------------------------------------------------------------------------ text conditioning
@@ -261,10 +285,11 @@ def _encode_all(model, needed: list[tuple[Prompt, Concept | None]]) -> dict:
 @torch.no_grad()
 def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
     """Everything a request does before its first UNet step: the text encodings, the batch's
-    conditioning (2r, tokens, dim), SDXL's added conditions and the attention layers' CallState."""
+    conditioning (2r, tokens, dim), SDXL's added conditions, the attention layers' CallState and
+    the request's view of the UNet (a customized row's own weights on its rows)."""
     r = len(rows)
-    needed = [(row.prompt, row.concept) for row in rows] + [(row.swap.source, row.swap_concept)
-                                                             for row in rows if row.swap is not None]
+    needed = [(row.prompt, row.concept) for row in rows] + [(plan.source, concept) for row in rows
+                                                             for plan, concept in row.sources]
     encoded = _encode_all(model, needed)
 
     def enc(prompt, concept):
@@ -279,17 +304,23 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
     if any(row.prompt.parts for row in rows):  # segmented: every row and both halves to one length
         hidden = pad_segmented(model, hidden, [u[2] for u in unconds] * 2)
     hidden = torch.stack(hidden)  # (2r, tokens, dim)
-    custom, swaps = [], []
+    edits: dict[str, list] = {}
+    swaps = []
     for i, row in enumerate(rows):
-        if row.concept is not None and row.concept.kv:  # Custom Diffusion baseline: its W_k/W_v, whole row, every step
-            custom.append(((i, r + i), row.concept.kv))
-        if row.swap is not None:
-            src, _ = enc(row.swap.source, row.swap_concept)
-            kv = row.swap_concept.kv if row.swap_concept is not None and row.swap_concept.kv else None
+        both = torch.tensor([i, r + i], device=model.device)
+        if row.concept is not None:  # a customized baseline: its own weights on its rows, every step
+            for name, edit in row.concept.unet.items():
+                edits.setdefault(name, []).append((both, edit))
+        for name, edit in _lora_rest(row, settings.lora_rest):
+            edits.setdefault(name, []).append((both, edit))
+        for plan, concept in row.sources:
+            src, _ = enc(plan.source, concept)
+            kv = concept.kv if concept is not None and concept.kv else None
             batch = (r + i, i) if settings.swap_uncond else (r + i,)
-            swaps.append(RowWrite(batch, row.swap.positions, src, kv))
-    steps = settings.steps
-    state = CallState(kv=request_kv(hidden, custom, swaps),
+            swaps.append(RowWrite(batch, plan.positions, src, kv))
+    steps, strength = settings.steps, settings.swap_strength
+    state = CallState(kv=request_kv(hidden, swaps, (strength if "k" in settings.swap_kv else 0.0,
+                                                    strength if "v" in settings.swap_kv else 0.0)),
                       swap_steps=(round(settings.swap_start * steps), round(settings.swap_end * steps)),
                       on_kv=on_kv)
     if settings.record_maps:
@@ -301,13 +332,26 @@ def _condition(model, rows: list[Row], settings: Settings, on_kv=None):
         size = settings.size
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=model.device, dtype=hidden.dtype)
         added = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * r, 1)}
-    return hidden, added, state
+    return hidden, added, state, overlay(model.unet, edits)
+
+
+def _lora_rest(row: Row, rest: float) -> list[tuple[str, LowRank]]:
+    """AlignIT on a LoRA: the LoRA's updates beyond the concept's cross-attention keys and values
+    (self-attention, queries, outputs, feed-forward, convolutions), scaled by `rest`, on the whole row."""
+    if rest == 0:
+        return []
+    out = []
+    for _, concept in row.sources:
+        if concept is not None and concept.kind == "lora":
+            keys_values = {f"{layer}.to_{x}" for layer in concept.kv for x in "kv"}
+            out += [(name, edit.scaled(rest)) for name, edit in concept.unet.items() if name not in keys_values]
+    return out
 
 
 @torch.no_grad()
 def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=None):
     r, steps = len(rows), settings.steps
-    hidden, added, state = _condition(model, rows, settings, on_kv)
+    hidden, added, state, unet = _condition(model, rows, settings, on_kv)
     sched = _scheduler(model, settings.scheduler)
     sched.set_timesteps(steps, device=model.device)
     side = settings.size // model.vae_scale
@@ -317,7 +361,7 @@ def _denoise(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     for i, t in enumerate(sched.timesteps):
         state.step = i
         x = sched.scale_model_input(torch.cat([latents, latents]), t)
-        eps = model.unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added,
+        eps = unet(x, t, encoder_hidden_states=hidden, added_cond_kwargs=added,
                          cross_attention_kwargs={"alignit": state}).sample
         uncond, cond = eps.chunk(2)
         latents = sched.step(uncond + settings.guidance * (cond - uncond), t, latents).prev_sample
@@ -363,12 +407,14 @@ def _finish(model, rows, settings, result, warnings, extra) -> Generation:
          "steps": settings.steps, "guidance": settings.guidance, "size": settings.size,
          "scheduler": settings.scheduler, "swap_uncond": settings.swap_uncond, "long_prompt": settings.long_prompt,
          "warnings": warnings,
-         "swap_steps": [settings.swap_start, settings.swap_end], "map_resolution": settings.map_resolution,
+         "swap_steps": [settings.swap_start, settings.swap_end], "swap_kv": settings.swap_kv,
+         "swap_strength": settings.swap_strength, "lora_rest": settings.lora_rest,
+         "map_resolution": settings.map_resolution,
          "rows": [row.name for row in rows], "accelerations": list(model.accelerations),
          "token_tables": {row.name: _table(row.prompt) for row in rows}, "versions": _versions()}
     return Generation(dict(zip([row.name for row in rows], images)), maps,
                       {row.name: row.prompt.tokens for row in rows},
-                      {row.name: row.swap.positions if row.swap else () for row in rows}, s, store_bytes,
+                      {row.name: row.swapped for row in rows}, s, store_bytes,
                       {row.name: z for row, z in zip(rows, latents)}, warnings)
 
 
@@ -392,29 +438,67 @@ def _long_notes(model, prompt: Prompt) -> tuple[dict, list[str]]:
     return {}, []
 
 
-def generate_concept(model, text: str, concept: Concept, settings: Settings = Settings(),
+def generate_concept(model, text: str, concept: Concept | list[Concept], settings: Settings = Settings(),
                      positions: list[int] | None = None, include_base: bool = False,
                      include_customized: bool = True, progress=None, on_kv=None) -> Generation:
     """Customized baseline | AlignIT (| base model on p), one batch. `positions` overrides the
-    swapped positions of p (default: the class word's positions the concept covers)."""
+    swapped positions of p (default: the class word's positions the concept covers).
+
+    Several concepts in one prompt: AlignIT takes each concept's rows of p from its own customized
+    model's p' (which holds only that concept); the customized baseline is the one model holding them
+    all (concepts.one_model), left out with a warning where none does; `positions`, if given, must be
+    among the concepts' own. Prompts of at most 75 tokens."""
+    concepts = [concept] if isinstance(concept, Concept) else list(concept)
+    if not concepts:
+        raise ConceptError("choose a concept")
     text = check_prompt(text)
     settings = resolve(model, settings)
-    cp = concept_plan(model.tokenizer, text, concept.token, concept.class_word, concept.phrase,
-                      concept.n_vectors if concept.vectors else 0, settings.long_prompt)
-    plan = cp.plan
-    if positions is not None:
-        plan = positions_plan(plan.target, plan.source, positions)
-    rows = ([Row("customized", cp.customized, concept=concept)] if include_customized else [])
-    rows.append(Row("alignit", plan.target, swap=plan, swap_concept=concept))
+    warnings = [w for c in concepts for w in c.warnings]
+    if len(concepts) == 1:
+        cp = concept_plan(model.tokenizer, text, *concepts[0].words.fields, settings.long_prompt)
+        customized, whole, plan = cp.customized, concepts[0], cp.plan
+        pairs = [(positions_plan(plan.target, plan.source, positions) if positions is not None else plan, whole)]
+    else:
+        several = several_concepts_plan(model.tokenizer, text, [c.words for c in concepts])
+        customized, pairs = several.customized, _chosen(list(zip(several.plans, concepts)), positions)
+        try:
+            whole = one_model(concepts)
+        except ConceptError as e:
+            whole = None
+            warnings.append(str(e))
+    p = pairs[0][0].target
+    rows = [Row("customized", customized, concept=whole)] if include_customized and whole is not None else []
+    alignit = Row("alignit", p, swap=pairs[0][0], swap_concept=pairs[0][1], more_swaps=tuple(pairs[1:]))
+    rows.append(alignit)
     if include_base:
-        rows.append(Row("base", plan.target))
+        rows.append(Row("base", p))
     result = run_rows(model, rows, settings, progress, on_kv)
-    notes, warnings = _long_notes(model, plan.target)
-    return _finish(model, rows, settings, result, warnings, {
-        "mode": "alignit", **notes, "prompt": text, "customized_prompt": cp.customized.text, "p": plan.target.text,
-        "p_dummy": plan.source.text, "positions": list(plan.positions),
-        "concept": {"name": concept.name, "token": concept.token, "class_word": concept.class_word,
-                    "kind": concept.kind}})
+    notes, long_warnings = _long_notes(model, p)
+    return _finish(model, rows, settings, result, warnings + long_warnings, {
+        "mode": "alignit", **notes, "prompt": text, "customized_prompt": customized.text, "p": p.text,
+        "p_dummy": " | ".join(plan.source.text for plan, _ in pairs), "positions": list(alignit.swapped),
+        "concept": _described(concepts[0]),
+        "concepts": [{**_described(c), "p_dummy": plan.source.text, "positions": list(plan.positions)}
+                     for plan, c in pairs]})
+
+
+def _described(c: Concept) -> dict:
+    return {"name": c.name, "token": c.token, "class_word": c.class_word, "kind": c.kind,
+            **({"scale": c.scale} if c.kind == "lora" else {})}
+
+
+def _chosen(pairs: list[tuple[SwapPlan, Concept]], positions) -> list[tuple[SwapPlan, Concept]]:
+    """Each concept's plan narrowed to the chosen positions (None: all of them); a concept left
+    with none is not swapped. Raises PromptError for a position that is no concept's."""
+    if positions is None:
+        return pairs
+    chosen = set(check_positions(pairs[0][0].target, positions))
+    outside = sorted(chosen - {pos for plan, _ in pairs for pos in plan.positions})
+    if outside:
+        raise PromptError(f"position(s) {outside} belong to no concept; with several concepts, swap only "
+                          f"positions of theirs")
+    return [(replace(plan, positions=tuple(pos for pos in plan.positions if pos in chosen)), c)
+            for plan, c in pairs if chosen & set(plan.positions)]
 
 
 def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = None,

@@ -94,19 +94,24 @@ def max_tokens(tokenizer) -> int:
 
 
 def tokenize(tokenizer, text: str, vector_token: str | None = None, n_vectors: int = 0,
-             limit: bool = True) -> Prompt:
-    """Tokenize `text` word by word; `vector_token` (if given) becomes `n_vectors` positions."""
+             limit: bool = True, vector_tokens: tuple[tuple[str, int], ...] = ()) -> Prompt:
+    """Tokenize `text` word by word; `vector_token` (if given) becomes `n_vectors` positions.
+    Several concepts: `vector_tokens` lists (token, n_vectors) each, their vectors numbered on in
+    that order."""
+    table = ((vector_token, n_vectors),) if vector_token else vector_tokens
+    offsets = {tok: sum(n for _, n in table[:i]) for i, (tok, _) in enumerate(table)}
+    counts = dict(table)
     ids, tokens, vectors = [tokenizer.bos_token_id], [Token(0, tokenizer.bos_token, "", -1)], {}
     for wi, word in enumerate(text.split()):
-        pieces = [word]
-        if vector_token and vector_token in word:
-            pre, post = word.split(vector_token, 1)
+        pieces, here = [word], next((tok for tok, _ in table if tok in word), None)
+        if here is not None:
+            pre, post = word.split(here, 1)
             pieces = [pre, None, post]
         for piece in pieces:
             if piece is None:
-                for k in range(n_vectors):
-                    vectors[len(ids)] = k
-                    tokens.append(Token(len(ids), vector_token if k == 0 else f"{vector_token}_{k}", word, wi))
+                for k in range(counts[here]):
+                    vectors[len(ids)] = offsets[here] + k
+                    tokens.append(Token(len(ids), here if k == 0 else f"{here}_{k}", word, wi))
                     ids.append(tokenizer.convert_tokens_to_ids(STAR + "</w>"))
                 continue
             for bpe in tokenizer.tokenize(piece) if piece else []:
@@ -519,3 +524,66 @@ def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,
     p = join(ps, " ".join(x.text for x in ps))
     return ConceptPrompts(join(custom, " ".join(x.text for x in custom)),
                           SwapPlan(p, join(sources, " ".join(s.text for s in sources)), _global(p, kk, local)))
+
+
+@dataclass(frozen=True)
+class ConceptWords:
+    """How a concept is written: its token, class word, phrase and vector count (0: plain text)."""
+
+    token: str
+    class_word: str
+    phrase: str = "{token}"
+    n_vectors: int = 0
+
+    @property
+    def fields(self) -> tuple[str, str, str, int]:
+        """(token, class word, phrase, vector count), as concept_plan takes them."""
+        return self.token, self.class_word, self.phrase, self.n_vectors
+
+    @property
+    def expanded(self) -> str:
+        return self.phrase.format(token=self.token, class_word=self.class_word)
+
+    def as_class_word(self, text: str) -> str:
+        """`text` with this concept (its phrase if written out, else its token) replaced by its class word."""
+        if self.phrase != "{token}" and self.expanded in text:
+            return text.replace(self.expanded, self.class_word)
+        return text.replace(self.token, self.class_word)
+
+
+@dataclass(frozen=True)
+class SeveralConcepts:
+    """Several concepts in one prompt: the prompt as one customized model with all of them reads it,
+    and per concept its p' and positions (every plan has the same p)."""
+
+    customized: Prompt  # concept vectors numbered on in the concepts' order
+    plans: tuple[SwapPlan, ...]
+
+
+def several_concepts_plan(tokenizer, text: str, concepts: list[ConceptWords]) -> SeveralConcepts:
+    """p (every concept replaced by its class word) and, per concept, p' holding only that concept
+    (`*` everywhere else, the other concepts' class words included). Prompts of at most 75 tokens."""
+    tokens = [c.token for c in concepts]
+    for c in concepts:
+        if tokens.count(c.token) > 1:
+            raise PromptError(f"the concept token {c.token} is chosen twice; choose two different concepts")
+        if any(c.token in other for other in tokens if other != c.token):
+            raise PromptError(f"the concept token {c.token} is part of another concept's token; rename one of them")
+    plans = []
+    for c in concepts:
+        alone = text
+        for other in concepts:
+            if other is not c:
+                if text.count(other.token) != 1:
+                    raise PromptError(f"the concept token {other.token} must appear once in the prompt")
+                alone = other.as_class_word(alone)
+        plans.append(_concept_one(tokenizer, alone, c.token, c.class_word, c.phrase, c.n_vectors).plan)
+    if len({plan.target.ids for plan in plans}) != 1:
+        raise PromptError("the concepts' class words do not line up in one prompt; write each concept once, "
+                          "apart from the others")
+    customized = text
+    for c in concepts:
+        customized = customized if c.phrase != "{token}" and c.expanded in customized else \
+            customized.replace(c.token, c.expanded)
+    table = tuple((c.token, c.n_vectors) for c in concepts if c.n_vectors)
+    return SeveralConcepts(tokenize(tokenizer, customized, vector_tokens=table), tuple(plans))

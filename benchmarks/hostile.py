@@ -117,7 +117,7 @@ def _upload_then_generate(model, registry, path: Path) -> str:
 
     import app
 
-    uploaded, _, prompt = app.add_concept(model, registry, {}, str(path), "", "circle")
+    uploaded, _, _, prompt = app.add_concept(model, registry, {}, str(path), "", "circle")
     key = next(iter(uploaded))
     out = _generate(model, registry, uploaded, app.ALIGNIT, key, prompt.replace("a photo of", "a") + " on a green"
                     " background")
@@ -141,7 +141,7 @@ def _upload(name: str):
 
 
 def _load_concept(name: str):
-    """A file given to `load_concept` as the CLI and the Python API do (their size limit is 200 MB)."""
+    """A file given to `load_concept` as the CLI and the Python API do (their size limit is 1 GiB)."""
     def run(model, registry, folder):
         from alignit_core import load_concept
 
@@ -314,7 +314,7 @@ class Visitor:
             r = httpx.post(url + "gradio_api/upload", files={"files": (path.name, f)}, timeout=120)
         r.raise_for_status()
         file = {"path": r.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
-        body = {"data": [None, file, "", "circle"], "fn_index": self.add_fn, "session_hash": session,
+        body = {"data": [None, file, "", "circle", 1], "fn_index": self.add_fn, "session_hash": session,
                 "event_data": None, "trigger_id": None}
         event = httpx.post(url + "gradio_api/queue/join", json=body, timeout=30).json()["event_id"]
         with httpx.stream("GET", url + "gradio_api/queue/data", params={"session_hash": session}, timeout=900) as s:

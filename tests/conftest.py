@@ -108,3 +108,21 @@ def tiny_sd_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_sd().save_pretrained(d)
     return d
+
+
+def run_at_once(jobs: list) -> list:
+    """Call every job in its own thread, all starting together; their results in order."""
+    import threading
+
+    results, barrier = [None] * len(jobs), threading.Barrier(len(jobs))
+
+    def run(i):
+        barrier.wait()
+        results[i] = jobs[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -118,7 +118,7 @@ def _generation(mode="swap", rows=("baseline", "swapped")) -> SimpleNamespace:
 
 
 def test_the_cli_line_reproduces_a_token_swap():
-    line = app.cli_command(_generation(), None, uploaded=False)
+    line = app.cli_command(_generation(), [], uploaded=set())
     args = cli_parser().parse_args(shlex.split(line)[3:])
     assert args.prompt == PROMPT and args.swap == ["red=yellow", "6=black"]
     assert (args.seed, args.steps, args.guidance, args.size, args.scheduler) == (7, 20, 5.0, 128, "ddim")
@@ -127,8 +127,8 @@ def test_the_cli_line_reproduces_a_token_swap():
 
 def test_the_cli_line_reproduces_an_alignit_comparison_with_the_base_model():
     gen = _generation("alignit", ("customized", "alignit", "base"))
-    args = cli_parser().parse_args(shlex.split(app.cli_command(gen, _concept(), uploaded=False))[3:])
-    assert args.concept == "striped-ball-ti" and args.positions == ["2"] and args.base and args.swap == []
+    args = cli_parser().parse_args(shlex.split(app.cli_command(gen, [_concept()], uploaded=set()))[3:])
+    assert args.concept == ["striped-ball-ti"] and args.positions == ["2"] and args.base and args.swap == []
 
 
 def test_heat_maps_redraw_raw_without_generating_again():
@@ -246,7 +246,7 @@ def test_an_uploaded_embedding_joins_this_session_only(tiny_sd, tmp_path):
 
     path = tmp_path / "learned_embeds.safetensors"
     save_file({"<x>": torch.randn(32)}, str(path))
-    uploaded, choices, prompt = app.add_concept(tiny_sd, {}, {}, str(path), "", "cat")
+    uploaded, choices, _, prompt = app.add_concept(tiny_sd, {}, {}, str(path), "", "cat")
     assert list(uploaded) == ["uploaded:<x>"] and prompt == "a photo of a <x>"
     assert choices["value"] == "uploaded:<x>"
 
@@ -257,9 +257,58 @@ def test_the_demo_exposes_named_generate_and_tokens_endpoints(tiny_sd):
     assert {"generate", "tokens"} <= names
 
 
+def test_the_api_keeps_every_input_in_its_place_and_takes_new_ones_at_the_end(tiny_sd):
+    endpoints = app.build_demo(tiny_sd, []).get_api_info()["named_endpoints"]
+    names = {api: [p["parameter_name"] for p in endpoints[api]["parameters"]] for api in ("/generate", "/tokens")}
+    assert names["/generate"] == ["mode", "concept_key", "prompt", "positions", "swaps", "seed", "steps", "guidance",
+                                  "size", "scheduler", "swap_uncond", "swap_start", "swap_end", "map_resolution",
+                                  "include_base", "map_mode", "long_prompt", "swap_kv", "swap_strength",
+                                  "second_concept", "lora_rest"]
+    assert names["/tokens"] == ["mode", "concept_key", "prompt", "swaps", "long", "second"]
+    # README's client sends the first 16; the rest may be left out
+    assert all(p["parameter_has_default"] for p in endpoints["/generate"]["parameters"][16:])
+
+
 def test_without_concepts_the_demo_starts_with_the_papers_token_swap(tiny_sd):
     demo = app.build_demo(tiny_sd, [])
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     assert by_id["mode"].value == app.SWAP
     assert (by_id["prompt"].value, by_id["swaps"].value) == ("a jumping dog", "dog=zebra")
     assert by_id["swaps"].visible and not by_id["include-base"].visible
+
+
+# ------------------------------------------------------------------------------ two concepts, the knobs
+
+
+def test_the_token_view_shows_each_concepts_p_prime_and_positions(clip):
+    star = Concept("holed-star-ti", "<holed-star>", "star", "textual_inversion", vectors=(torch.zeros(1, 32),))
+    view = app.token_view(clip, app.ALIGNIT, "a <striped-ball> and a <holed-star> on a green background",
+                          [_concept(), star], "")
+    assert view.p.text == "a circle and a star on a green background" and view.selected == (2, 5)
+    table = app.token_table(view)
+    assert list(table.columns)[-2:] == ["token of p′ (<striped-ball>)", "token of p′ (<holed-star>)"]
+    assert table.iloc[2, -2] == "<striped-ball>" and table.iloc[5, -2] == "*"
+    assert table.iloc[5, -1] == "<holed-star>" and table.iloc[2, -1] == "*"
+    md = app.prompts_markdown(view)
+    assert "**p′** of `<striped-ball>`" in md and "**p′** of `<holed-star>`" in md
+
+
+def test_a_second_concept_joins_the_prompt_and_the_generation(tiny_sd, tmp_path):
+    from safetensors.torch import save_file
+
+    from alignit_core import load_concept
+
+    found = {}
+    for token, seed in (("<a>", 0), ("<b>", 1)):
+        path = tmp_path / f"{token[1]}.safetensors"
+        save_file({token: torch.randn(1, 32, generator=torch.Generator().manual_seed(seed))}, str(path))
+        found[token] = load_concept(path, tiny_sd, class_word="dog" if token == "<a>" else "cat")
+    uploaded = {"uploaded:<a>": found["<a>"], "uploaded:<b>": found["<b>"]}
+    assert app.second_concept_prompt({}, uploaded, "a photo of a <a>", "uploaded:<b>") == "a photo of a <a> and a <b>"
+    *_, command, gen = _run(tiny_sd, uploaded=uploaded, mode=app.ALIGNIT, concept_key="uploaded:<a>",
+                            second_concept="uploaded:<b>", prompt="a photo of a <a> and a <b>", swap_kv="k",
+                            swap_strength=0.5)
+    assert [c["token"] for c in gen.settings["concepts"]] == ["<a>", "<b>"] and gen.swapped["alignit"] == (5, 8)
+    args = cli_parser().parse_args(shlex.split(command)[3:])
+    assert args.concept == ["a.safetensors", "b.safetensors"] and args.token is None
+    assert (args.swap_kv, args.swap_strength) == ("k", 0.5)

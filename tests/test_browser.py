@@ -5,7 +5,7 @@
 Screenshots, each also under the test's tmp_path: /tmp/app_initial.png (the page as a first visitor
 sees it), /tmp/app_screenshot.png (after a token swap), /tmp/app_error.png (the error toast) and
 /tmp/app_alignit.png (after clicking a concept example), /tmp/app_long_scored.png (a long prompt,
-generated and scored).
+generated and scored), /tmp/app_two_concepts.png (two concepts in one prompt).
 """
 from __future__ import annotations
 
@@ -254,3 +254,20 @@ def _expect():
     from playwright.sync_api import expect
 
     return expect
+
+
+def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
+    expect = _expect()
+    page.get_by_role("button", name=re.compile("AlignIT · two concepts")).click()
+    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> and a <striped-ball> on a white background")
+    for label in ("2: star", "5: circle"):  # each concept's position, pre-selected
+        expect(page.locator("#positions label", has_text=label).locator("input")).to_be_checked(timeout=30_000)
+    expect(page.locator("#prompt-texts")).to_contain_text("p′ of <holed-star>")
+    expect(page.locator("#prompt-texts")).to_contain_text("p′ of <striped-ball>")
+    expect(page.locator("#tokens")).to_contain_text("token of p′ (<striped-ball>)")
+    for i in (0, 1):
+        expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
+    expect(page.locator("#image-0")).to_contain_text("customized baseline")
+    expect(page.locator("#command textarea")).to_have_value(
+        re.compile(r"--concept holed-star-cd --concept striped-ball-ti --positions 2 5"))
+    _screenshot(page, tmp_path, "app_two_concepts.png")

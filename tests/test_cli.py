@@ -142,6 +142,33 @@ def test_concept_mode_positions_override_the_class_word(tiny_sd_dir, toy_concept
     assert (s["p"], s["positions"]) == ("a photo of a dog", [4, 5])
 
 
+def test_two_concepts_in_one_prompt_each_from_its_own_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", "embedded", "--concept", "striped-ball-ti", "--concept", "holed-star-cd",
+                 "--prompt", "a <striped-ball> and a <holed-star> on a green background", "--steps", "2",
+                 "--out", str(out)]) == 0
+    s = json.loads((out / "settings.json").read_text())
+    assert s["p"] == "a circle and a star on a green background"
+    assert s["customized_prompt"] == "a <striped-ball> and a <holed-star> star on a green background"
+    assert [(c["name"], c["p_dummy"], c["positions"]) for c in s["concepts"]] == [
+        ("striped-ball-ti", "* <striped-ball> * * * * * * *", [2]),
+        ("holed-star-cd", "* * * <holed-star> star * * * *", [5])]
+    assert s["positions"] == [2, 5] and s["rows"] == ["customized", "alignit"]
+    assert main(["tokens", "--model", "embedded", "--concept", "striped-ball-ti", "--concept", "holed-star-cd",
+                 "--prompt", "a <striped-ball> and a <holed-star> on a green background"]) == 0
+    printed = capsys.readouterr().out
+    assert [tok for _, tok in table_rows(printed, "p'[<holed-star>]")][4:6] == ["<holed-star>", "star"]
+    assert [tok for _, tok in table_rows(printed, "p'[<striped-ball>]")][2] == "<striped-ball>"
+
+
+def test_swap_knobs_reach_the_settings(tiny_sd_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(tiny_sd_dir), "--prompt", "a jumping dog", "--swap", "dog=zebra",
+                 "--swap-kv", "v", "--swap-strength", "0.5", "--steps", "2", "--out", str(out)]) == 0
+    s = json.loads((out / "settings.json").read_text())
+    assert (s["swap_kv"], s["swap_strength"]) == ("v", 0.5)
+
+
 # ------------------------------------------------------------------------------ tokens
 
 
@@ -205,6 +232,8 @@ BAD = {
     "position -1": (["--concept", "{toy}", "--positions", "-1"], "position -1 is outside the prompt"),
     "position twice": (["--concept", "{toy}", "--positions", "3", "3"], "position 3 is given twice"),
     "position not a number": (["--concept", "{toy}", "--positions", "x"], "position 'x' is not a whole number"),
+    "swap strength over 1": (["--swap-strength", "2"], "the swap strength must be a number from 0"),
+    "same concept twice": (["--concept", "{toy}", "--concept", "{toy}"], "<toy> is chosen twice"),
     "swap word absent": (["--swap", "cat=zebra"], "the word 'cat' is not in the prompt"),
     "swap source too long": (["--swap", "dog=hippopotamus"], "'hippopotamus' is 3 tokens but 'dog' has only 1"),
     "steps 0": (["--steps", "0"], "steps must be a whole number from 1 to 150"),

@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,8 +152,8 @@ def test_adobe_delta_bin_custom_diffusion_loads_kv_and_modifier_token(tiny_sd, t
     assert c.kind == "custom_diffusion" and c.phrase == "{token} {class_word}"
     assert set(c.kv) == set(tiny_sd.cross_attention_layers)
     for layer, (wk, wv) in w.items():
-        torch.testing.assert_close(c.kv[layer][0].cpu(), wk, rtol=0, atol=0)
-        torch.testing.assert_close(c.kv[layer][1].cpu(), wv, rtol=0, atol=0)
+        torch.testing.assert_close(c.kv[layer][0].weight.cpu(), wk, rtol=0, atol=0)
+        torch.testing.assert_close(c.kv[layer][1].weight.cpu(), wv, rtol=0, atol=0)
     torch.testing.assert_close(c.vectors[0].cpu(), token_vec.reshape(1, WIDTH), rtol=0, atol=0)
 
 
@@ -198,8 +199,8 @@ def test_diffusers_custom_diffusion_weights_with_token_in_learned_embeds(tiny_sd
     c = load_concept(folder, tiny_sd)
     assert set(c.kv) == set(w)
     for layer, (wk, wv) in w.items():
-        torch.testing.assert_close(c.kv[layer][0].cpu(), wk, rtol=0, atol=0)
-        torch.testing.assert_close(c.kv[layer][1].cpu(), wv, rtol=0, atol=0)
+        torch.testing.assert_close(c.kv[layer][0].weight.cpu(), wk, rtol=0, atol=0)
+        torch.testing.assert_close(c.kv[layer][1].weight.cpu(), wv, rtol=0, atol=0)
     torch.testing.assert_close(c.vectors[0].cpu(), token_vec, rtol=0, atol=0)
 
 
@@ -377,8 +378,8 @@ def test_manifest_without_a_required_key_is_refused(tiny_sd, tmp_path, missing):
 
 def test_manifest_with_an_unknown_kind_is_refused(tiny_sd, tmp_path):
     folder = write_concept(tmp_path / "toy", {"e.safetensors": {"<toy>": vec(1, WIDTH)}}, token="<toy>",
-                           class_word="toy", kind="lora", weights="e.safetensors")
-    with pytest.raises(ConceptError, match="unknown concept kind 'lora'.*textual_inversion"):
+                           class_word="toy", kind="hypernetwork", weights="e.safetensors")
+    with pytest.raises(ConceptError, match="unknown concept kind 'hypernetwork'.*textual_inversion.*lora"):
         load_concept(folder, tiny_sd)
 
 
@@ -429,7 +430,7 @@ def test_custom_diffusion_rows_use_their_own_wk_and_alignit_uses_them_only_for_k
     # batch: [uncond customized, uncond alignit, cond customized, cond alignit]
     for (layer, step), (key, value) in seen.items():
         attn = layers[layer]
-        wk, wv = concept.kv[layer]
+        wk, wv = (edit.weight for edit in concept.kv[layer])
         assert key.shape[0] == 4
         for got, w_new, w_base in ((key, wk, attn.to_k.weight), (value, wv, attn.to_v.weight)):
             # customized row, both CFG halves: the concept's weights on every position
@@ -503,3 +504,103 @@ def test_shipped_concept_generates_customized_and_alignit_images_that_differ(shi
     assert a.tobytes() != b.tobytes()
     assert gen.settings["p"] == c.example_prompt.replace(c.token, c.class_word)
     assert gen.swapped["alignit"] and gen.settings["concept"]["kind"] == c.kind
+
+
+# ------------------------------------------------------------------------------ Custom Diffusion against diffusers
+
+
+def crossattn_state(model, seed=30) -> dict[str, torch.Tensor]:
+    """What diffusers' Custom Diffusion training with `--freeze_model crossattn` saves: every
+    cross-attention layer's trained W_q, W_k, W_v and output projection, processor-named."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer, attn in model.cross_attention_layers.items():
+        for ours, saved in (("to_q", "to_q"), ("to_k", "to_k"), ("to_v", "to_v"), ("to_out.0", "to_out")):
+            base = attn.get_submodule(ours)
+            key = f"{layer}.processor.{saved}_custom_diffusion{'.0' if saved == 'to_out' else ''}"
+            state[f"{key}.weight"] = base.weight.detach().cpu() + 0.3 * torch.randn(base.weight.shape, generator=g)
+            if base.bias is not None:
+                state[f"{key}.bias"] = base.bias.detach().cpu() + 0.3 * torch.randn(base.bias.shape, generator=g)
+    return state
+
+
+def diffusers_custom_diffusion(pipe, state: dict[str, torch.Tensor]):
+    """`pipe` with diffusers' own Custom Diffusion processors installed from `state` (diffusers 0.42's
+    `unet.load_attn_procs` builds them but installs none when called outside a pipeline)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
+
+    processors = {}
+    for name in pipe.unet.attn_processors:
+        own = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        if not own:
+            processors[name] = AttnProcessor2_0()
+            continue
+        attn = pipe.unet.get_submodule(name.removesuffix(".processor"))
+        proc = CustomDiffusionAttnProcessor2_0(train_kv=True, train_q_out="to_q_custom_diffusion.weight" in own,
+                                               hidden_size=attn.to_q.out_features,
+                                               cross_attention_dim=attn.to_k.in_features)
+        proc.load_state_dict(own)
+        processors[name] = proc
+    pipe.unet.set_attn_processor(processors)
+    return pipe
+
+
+def test_custom_diffusion_crossattn_baseline_draws_what_diffusers_draws(tiny_sd, tmp_path):
+    """A file trained with `--freeze_model crossattn` holds W_q and W_out beside W_k/W_v; the
+    customized baseline applies them all, so it is the image diffusers' own processors draw."""
+    from conftest import build_tiny_sd
+
+    state = crossattn_state(tiny_sd)
+    token_vec = vec(1, WIDTH, seed=31)
+    folder = write_concept(tmp_path / "cd", {"cd.safetensors": state, "e.safetensors": {"<new1>": token_vec}},
+                           token="<new1>", class_word="dog", kind="custom_diffusion", weights="e.safetensors",
+                           custom_diffusion="cd.safetensors")
+    concept = load_concept(folder, tiny_sd)
+    gen = generate_concept(tiny_sd, "a photo of a <new1>", concept, Settings(seed=4, steps=4, guidance=6.0))
+    assert gen.warnings == []
+    pipe = diffusers_custom_diffusion(build_tiny_sd(), state)
+    pipe.load_textual_inversion({"<new1>": token_vec[0]}, token="<new1>")
+    latent = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(4))
+    ref = pipe("a photo of a <new1> dog", num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
+               latents=latent, output_type="np").images[0]
+    plain = build_tiny_sd()(gen.settings["customized_prompt"].replace("<new1> ", ""), num_inference_steps=4,
+                            guidance_scale=6.0, height=64, width=64, latents=latent, output_type="np").images[0]
+    ours = np.asarray(gen.images["customized"], dtype=np.float64) / 255
+    assert np.abs(ref - plain).mean() > 8 / 255  # the weights change the picture clearly
+    assert np.abs(ours - ref).max() < 2 / 255, f"max {np.abs(ours - ref).max() * 255:.1f}/255, mean {np.abs(ours - ref).mean() * 255:.1f}/255"
+
+
+def test_custom_diffusion_key_the_reader_does_not_know_is_refused_not_dropped(tiny_sd, tmp_path):
+    state = crossattn_state(tiny_sd)
+    layer = next(iter(tiny_sd.cross_attention_layers))
+    state[f"{layer}.processor.to_k_custom_diffusion.lora_A.weight"] = torch.zeros(4, WIDTH)
+    folder = write_concept(tmp_path / "cd", {"cd.safetensors": state, "e.safetensors": {"<new1>": vec(1, WIDTH)}},
+                           token="<new1>", class_word="dog", kind="custom_diffusion", weights="e.safetensors",
+                           custom_diffusion="cd.safetensors")
+    with pytest.raises(ConceptError, match="does not know.*lora_A.*rather than leaving those weights out"):
+        load_concept(folder, tiny_sd)
+
+
+def test_adobe_delta_with_query_and_output_weights_applies_them(tiny_sd, tmp_path):
+    """Adobe's `--freeze_model crossattn` delta.bin names the layers' own to_q/to_out; they are read."""
+    state = crossattn_state(tiny_sd, seed=32)
+    unet = {k.replace(".processor.", ".").replace("_custom_diffusion", ""): v for k, v in state.items()}
+    folder = write_concept(tmp_path / "cd", {"delta.bin": {"unet": unet, "modifier_token": {"<new1>": vec(WIDTH),
+                                                                                          "<new2>": vec(WIDTH)}}},
+                           token="<new1>", class_word="dog", kind="custom_diffusion", custom_diffusion="delta.bin")
+    c = load_concept(folder, tiny_sd)
+    layer = next(iter(tiny_sd.cross_attention_layers))
+    assert {f"{layer}.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")} <= set(c.unet)
+    torch.testing.assert_close(c.unet[f"{layer}.to_out.0"].bias.cpu(),
+                               state[f"{layer}.processor.to_out_custom_diffusion.0.bias"], rtol=0, atol=0)
+    assert c.warnings == ("the Custom Diffusion file also holds embeddings for ['<new2>'], which are not used "
+                          "(this concept is <new1>)",)
+    gen = generate_concept(tiny_sd, "a photo of a <new1>", c, Settings(steps=1))
+    assert gen.warnings == list(c.warnings)
+
+
+def test_a1111_file_with_a_key_the_reader_does_not_know_warns(tiny_sd, tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({**a1111(vec(1, WIDTH)), "extra_vectors": vec(2, WIDTH)}, path)
+    c = load_concept(path, tiny_sd, class_word="cat")
+    assert c.warnings == ("the embedding file also holds ['extra_vectors'], which is not used",)

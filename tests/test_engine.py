@@ -1,11 +1,12 @@
 """The engine on real diffusers pipelines: swaps touch exactly the rows they should."""
 from __future__ import annotations
 
-import threading
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_at_once
 
 from alignit_core import Settings, generate_swap, positions_plan, tokenize
 
@@ -94,18 +95,7 @@ def test_two_threads_get_what_they_get_alone(tiny_sd):
     jobs = [("a jumping dog", [("dog", "zebra")], Settings(seed=1, steps=3)),
             ("banana in a white plate", [(4, "black")], Settings(seed=2, steps=3))]
     alone = [generate_swap(tiny_sd, t, s, st) for t, s, st in jobs]
-    together = [None, None]
-    barrier = threading.Barrier(2)
-
-    def run(i):
-        barrier.wait()
-        together[i] = generate_swap(tiny_sd, *jobs[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together = run_at_once([partial(generate_swap, tiny_sd, *job) for job in jobs])
     for a, b in zip(alone, together):
         for row in a.images:
             assert np.array_equal(_pixels(a.images[row]), _pixels(b.images[row]))
@@ -214,3 +204,51 @@ def test_map_keys_prepared_once_match_keys_prepared_every_step(tiny_sd, monkeypa
     for row in fresh.maps:
         assert np.array_equal(kept.maps[row], fresh.maps[row])
     assert not np.array_equal(kept.maps["baseline"], kept.maps["swapped"])
+
+
+# ------------------------------------------------------------------------------ the paper's knobs
+
+
+@pytest.mark.parametrize("swap_kv", ["k", "v"])
+def test_swapping_keys_only_leaves_the_values_untouched_and_vice_versa(tiny_sd, swap_kv):
+    gen, seen = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4, swap_kv=swap_kv,
+                                                                                swap_start=0.5))
+    for (layer, step), (key, value) in seen.items():
+        swapped, kept = (key, value) if swap_kv == "k" else (value, key)
+        assert torch.equal(kept[3], kept[2]), (layer, step)  # the other one is the baseline row's, bit for bit
+        changed = (swapped[3] != swapped[2]).any(dim=-1).nonzero().flatten().tolist()
+        assert changed == ([3] if step >= 2 else []), (layer, step)  # within the swap's step range only
+    assert gen.settings["swap_kv"] == swap_kv
+    assert not np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
+
+
+def test_swap_strength_zero_draws_the_baseline_bit_for_bit(tiny_sd):
+    gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4, swap_strength=0.0))
+    assert np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
+    assert np.array_equal(gen.maps["baseline"], gen.maps["swapped"])
+
+
+def test_swap_strength_one_is_the_full_swap_bit_for_bit(tiny_sd):
+    full = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4))
+    one = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4, swap_strength=1.0))
+    half = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=4, swap_strength=0.5))
+    assert np.array_equal(_pixels(full.images["swapped"]), _pixels(one.images["swapped"]))
+    assert not np.array_equal(_pixels(full.images["swapped"]), _pixels(half.images["swapped"]))
+
+
+def test_swap_strength_moves_only_the_swapped_rows_part_of_the_way(tiny_sd):
+    _, full = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=1))
+    _, part = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=1, swap_strength=0.25))
+    for name in tiny_sd.cross_attention_layers:
+        for whole, got in zip(full[(name, 0)], part[(name, 0)]):  # keys, then values; batch row 2 baseline, 3 swapped
+            assert torch.equal(got[3, [0, 1, 2, 4]], whole[2, [0, 1, 2, 4]])  # every other row is the row's own
+            torch.testing.assert_close(got[3, 3], whole[2, 3] + 0.25 * (whole[3, 3] - whole[2, 3]), rtol=0, atol=1e-6)
+
+
+def test_the_knobs_are_checked(tiny_sd):
+    from alignit_core import SettingsError
+
+    with pytest.raises(SettingsError, match="keys only, values only"):
+        generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(swap_kv="q"))
+    with pytest.raises(SettingsError, match="strength must be a number from 0"):
+        generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(swap_strength=1.5))

@@ -7,6 +7,7 @@ matrix of tests/test_reliability.py; the served app's concurrency and memory are
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 import alignit_core.concepts as concepts_module
+import alignit_core.lora as lora_module
 import app
-from alignit_core import ConceptError, load_concept
-from alignit_core.concepts import MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
+from alignit_core import ConceptError, PromptError, Settings, generate_concept, load_concept
+from alignit_core.concepts import MAX_LORA_TENSORS, MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
 from alignit_core.memory import release_memory
 
 WIDTH = 32  # the tiny SD's text-encoder width
@@ -41,6 +43,12 @@ def empty(count: int) -> dict:
 def never_loaded(monkeypatch):
     """Fail the test if any tensor of a safetensors file is loaded."""
     monkeypatch.setattr(concepts_module, "load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
+
+
+@pytest.fixture
+def lora_never_opened(monkeypatch):
+    """Fail the test if the LoRA reader opens the file (its header is judged before it does)."""
+    monkeypatch.setattr(lora_module, "safe_open", lambda *a, **k: pytest.fail("the LoRA reader opened the file"))
 
 
 def largest_token_norm(model) -> float:
@@ -248,3 +256,160 @@ def test_generating_with_an_upload_that_has_expired_says_so(tiny_sd):
                                            r"30 minutes\); upload it again"):
         app.generate(tiny_sd, {}, {}, app.ALIGNIT, "uploaded:<toy>", "a photo of a <toy>", [], "", 1, 2, 7.5, 64,
                      "ddim", False, 0.0, 1.0, None, False, "overlay", progress=lambda *a, **k: None)
+
+
+# ------------------------------------------------------------------------------ LoRA files
+
+LAYER = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # tiny SD: (16, 32)
+
+
+def lora_pair(rank: int = 4, up_scale: float = 0.01) -> dict:
+    return {f"{LAYER}.lora_down.weight": torch.ones(rank, WIDTH) * 0.01,
+            f"{LAYER}.lora_up.weight": torch.ones(16, rank) * up_scale}
+
+
+def lora_entries(count: int, entry: dict | None = None) -> dict:
+    """`count` LoRA-named header entries (down weights of layers that need not exist)."""
+    entry = entry or {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+    return {f"lora_unet_layer_{i}.lora_down.weight": entry for i in range(count)}
+
+
+@pytest.mark.parametrize("entries, words", [
+    (lora_entries(700_000), r"its header is \d+\.\d MiB; the limit is 1 MiB \(4 MiB for a LoRA\)"),
+    (lora_entries(MAX_LORA_TENSORS + 1), f"holds {MAX_LORA_TENSORS + 1} tensors; a LoRA file holds at most "
+                                         f"{MAX_LORA_TENSORS}"),
+    ({f"{LAYER}.lora_down.weight": {"dtype": "F8_E4M3", "shape": [4, WIDTH], "data_offsets": [0, 4 * WIDTH]}},
+     "holds F8_E4M3 numbers, which concepts cannot use"),
+    ({f"{LAYER}.lora_down.weight": {"dtype": "F32", "shape": [1] * 100_000, "data_offsets": [0, 4]}},
+     "has 100000 dimensions; a concept's tensors have at most 4"),
+    ({f"{LAYER}.lora_down.weight": {"dtype": "F32", "shape": [4, WIDTH], "data_offsets": [0, 4]}},
+     "does not match its data"),
+], ids=["700,000 tensors", "one over the limit", "float8", "100,000 dimensions", "sizes that do not add up"])
+def test_a_lora_file_is_judged_by_its_header_before_the_lora_reader_opens_it(entries, words, tiny_sd, tmp_path,
+                                                                             lora_never_opened):
+    path = header_only(tmp_path / "lora.safetensors", entries)
+    with pytest.raises(ConceptError, match=words):
+        load_concept(path, tiny_sd, token="sks", class_word="dog")
+    with pytest.raises(app.gr.Error, match=words):
+        app.add_concept(tiny_sd, {}, {}, str(path), "sks", "dog")
+
+
+def test_a_lora_named_by_its_manifest_is_judged_by_its_header_first(tiny_sd, tmp_path, lora_never_opened):
+    header_only(tmp_path / "lora.safetensors", lora_entries(MAX_LORA_TENSORS + 1))
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "lora", "lora": "lora.safetensors", "token": "sks",
+                                                        "class_word": "dog"}))
+    with pytest.raises(ConceptError, match=f"a LoRA file holds at most {MAX_LORA_TENSORS}"):
+        load_concept(tmp_path, tiny_sd)
+
+
+def test_an_embedding_is_capped_at_1_mib_and_a_lora_may_be_larger(tiny_sd, tmp_path, monkeypatch):
+    big = tmp_path / "learned_embeds.safetensors"
+    save_file({"<toy>": torch.zeros(20_000, WIDTH)}, str(big))  # 2.4 MiB
+    monkeypatch.setattr(concepts_module, "load_file", lambda *a, **k: pytest.fail("the embedding was loaded"))
+    with pytest.raises(app.gr.Error, match=r"textual-inversion file learned_embeds.safetensors is 2.4 MiB; "
+                                           r"the limit is 1 MiB"):
+        app.add_concept(tiny_sd, {}, {}, str(big), "", "dog")
+    monkeypatch.undo()
+    # a LoRA whose training metadata alone is 1.5 MB: its header and its file are past an embedding's limits
+    lora = tmp_path / "sks.safetensors"
+    save_file(lora_pair(), str(lora), metadata={"ss_training_comment": "x" * 1_500_000})
+    assert lora.stat().st_size > 2**20
+    uploaded, *_ = app.add_concept(tiny_sd, {}, {}, str(lora), "sks", "dog")
+    assert uploaded["uploaded:sks"].kind == "lora"
+
+
+@pytest.mark.parametrize("tensors, words", [
+    (lora_pair(up_scale=1e30), r"have norm [\d.]+e\+\d+, over 100 times that of tiny-sd's own"),
+    ({**lora_pair(), f"{LAYER}.alpha": torch.tensor(math.nan)}, "have norm nan"),
+    ({**lora_pair(), f"{LAYER}.alpha": torch.zeros(0)}, "holds 0 numbers; an alpha is one number"),
+    (lora_pair(rank=17), "the LoRA's rank for down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k is 17; "
+                         "the layer takes at most 16"),
+], ids=["an update of norm 1e30", "alpha NaN", "an empty alpha", "a rank past the layer's"])
+def test_a_lora_far_outside_the_layer_it_changes_is_refused(tensors, words, tiny_sd, tmp_path):
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(ConceptError, match=words):
+        load_concept(path, tiny_sd, token="sks", class_word="dog")
+
+
+def test_a_custom_diffusion_query_or_output_far_outside_the_models_is_refused(tiny_sd, tmp_path):
+    layer, attn = next(iter(tiny_sd.cross_attention_layers.items()))
+    state = {f"{layer}.processor.{name}_custom_diffusion.weight": attn.get_submodule(name).weight.detach().clone()
+             for name in ("to_k", "to_v")}
+    state[f"{layer}.processor.to_q_custom_diffusion.weight"] = attn.to_q.weight.detach() * 1e30
+    save_file(state, str(tmp_path / "cd.safetensors"))
+    save_file({"<new1>": torch.randn(1, WIDTH)}, str(tmp_path / "e.safetensors"))
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "token": "<new1>", "class_word": "dog", "kind": "custom_diffusion", "weights": "e.safetensors",
+        "custom_diffusion": "cd.safetensors"}))
+    with pytest.raises(ConceptError, match=f"the Custom Diffusion weights for {layer}.to_q have norm"):
+        load_concept(tmp_path, tiny_sd)
+
+
+def test_diffusers_alpha_pattern_names_modules_and_a_regular_expression_there_is_refused_unrun(tiny_sd, tmp_path):
+    layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    tensors = {f"unet.{layer}.lora_A.weight": torch.ones(4, WIDTH) * 0.01,
+               f"unet.{layer}.lora_B.weight": torch.ones(16, 4) * 0.01}
+
+    def scale(config: dict) -> float:
+        path = tmp_path / "lora.safetensors"
+        save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+        return load_concept(path, tiny_sd, token="sks", class_word="dog").unet[layer].scale
+
+    assert scale({"unet.lora_alpha": 8, "unet.alpha_pattern": {layer: 2, "attn1.to_k": 3}}) == 2 / 4
+    for config, words in (({"unet.alpha_pattern": {"(.*.*)*x": 2}}, r"the LoRA's alpha pattern '\(\.\*\.\*\)\*x' "
+                                                                     r"is a regular expression"),
+                          ({"unet.lora_alpha": "8"}, "the LoRA's alpha for .* is '8', not a number"),
+                          ([1, 2], "lora_adapter_metadata is not a valid adapter configuration")):
+        with pytest.raises(ConceptError, match=words):
+            scale(config)
+
+
+def test_uploaded_loras_held_for_all_visitors_are_capped_and_an_expired_one_frees_its_share(tiny_sd, tmp_path,
+                                                                                          monkeypatch):
+    import gc
+
+    path = tmp_path / "sks.safetensors"
+    save_file(lora_pair(), str(path))
+    size = path.stat().st_size
+    monkeypatch.setattr(app, "LORA_UPLOADS", app.LoRAUploads(2 * size))
+    first, *_ = app.add_concept(tiny_sd, {}, {}, str(path), "sks", "dog")  # one visitor
+    second, *_ = app.add_concept(tiny_sd, {}, {}, str(path), "sks", "dog")  # another
+    with pytest.raises(app.gr.Error, match=r"already keeps 0 MB of uploaded LoRAs .* would pass the limit"):
+        app.add_concept(tiny_sd, {}, {}, str(path), "sks", "dog")
+    embedding = tmp_path / "learned_embeds.safetensors"  # embeddings are not counted
+    save_file({"<toy>": torch.zeros(1, WIDTH)}, str(embedding))
+    assert app.add_concept(tiny_sd, {}, {}, str(embedding), "", "dog")[0]
+    del first  # the first visitor's session expired
+    gc.collect()
+    assert app.add_concept(tiny_sd, {}, {}, str(path), "sks", "dog")[0]["uploaded:sks"].kind == "lora"
+    assert second
+
+
+# ------------------------------------------------------------------------------ several concepts, the knobs
+
+@pytest.fixture
+def two_concepts(tiny_sd, tmp_path) -> list:
+    for token in ("<toy>", "<pet>"):
+        save_file({token: torch.randn(1, WIDTH)}, str(tmp_path / f"{token[1:-1]}.safetensors"))
+    return [load_concept(tmp_path / "toy.safetensors", tiny_sd, class_word="dog"),
+            load_concept(tmp_path / "pet.safetensors", tiny_sd, class_word="cat")]
+
+
+def test_two_concepts_in_a_100000_character_prompt_are_refused_by_its_length(tiny_sd, two_concepts):
+    prompt = ("a <toy> and a <pet> " * 5_000)[:100_000]
+    with pytest.raises(PromptError, match="the prompt is 100000 characters; the limit is 4000"):
+        generate_concept(tiny_sd, prompt, two_concepts, Settings(seed=1, steps=2))
+    view = app.token_view(tiny_sd, app.ALIGNIT, prompt, two_concepts, "")
+    assert view.p is None and view.problem == "the prompt is 100000 characters; the limit is 4000"
+    registry = {"toy": two_concepts[0], "pet": two_concepts[1]}
+    with pytest.raises(app.gr.Error, match="the limit is 4000"):
+        app.generate(tiny_sd, registry, {}, app.ALIGNIT, "toy", prompt, [], "", 1, 2, 7.5, 64, "ddim", False, 0.0,
+                     1.0, None, False, "overlay", second_concept="pet", progress=lambda *a, **k: None)
+
+
+def test_an_expired_second_concept_says_so(tiny_sd, two_concepts):
+    with pytest.raises(app.gr.Error, match=r"the uploaded concept <pet> is no longer kept"):
+        app.generate(tiny_sd, {"toy": two_concepts[0]}, {}, app.ALIGNIT, "toy", "a <toy> and a <pet>", [], "", 1, 2,
+                     7.5, 64, "ddim", False, 0.0, 1.0, None, False, "overlay", second_concept="uploaded:<pet>",
+                     progress=lambda *a, **k: None)

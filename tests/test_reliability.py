@@ -86,7 +86,8 @@ class Evil:
 @pytest.fixture(scope="module")
 def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
     """Concept folders for the tiny SD: textual inversion `<toy>` and Custom Diffusion `<new1>` (class
-    word 'dog'), and an SD 1.5-wide (768) embedding file `<wide>`; with the first two loaded."""
+    word 'dog'), an SD 1.5-wide (768) embedding file `<wide>` and an SD 1.5 LoRA file; with the first
+    two loaded."""
     root = tmp_path_factory.mktemp("concepts")
     g = torch.Generator().manual_seed(0)
     toy = root / "toy"
@@ -108,6 +109,10 @@ def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
         "custom_diffusion": "pytorch_custom_diffusion_weights.safetensors"}))
     wide = root / "wide.safetensors"
     save_file({"<wide>": torch.randn(1, 768, generator=g)}, str(wide))
+    lora = root / "sd15_lora.safetensors"  # a kohya LoRA whose layer takes SD 1.5's 768-wide text
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 768), f"{layer}.lora_up.weight": torch.zeros(16, 4)},
+              str(lora))
     hostile = {name: root / f"{name}.safetensors" for name in ("long_token", "float8", "huge_norm", "empty")}
     vector = torch.randn(1, WIDTH, generator=g)
     save_file({"<" + "x" * 99_998 + ">": vector}, str(hostile["long_token"]))
@@ -116,7 +121,11 @@ def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
     header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
                          for i in range(2_000)}, separators=(",", ":")).encode()  # under the upload limit, all header
     hostile["empty"].write_bytes(len(header).to_bytes(8, "little") + header)
-    return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, toy=load_concept(toy, tiny_sd),
+    hostile["lora_huge"] = root / "lora_huge.safetensors"  # a LoRA update of norm 9e31 on a (16, 32) layer
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.ones(4, WIDTH), f"{layer}.lora_up.weight": torch.full((16, 4), 1e30)},
+              str(hostile["lora_huge"]))
+    return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, lora=lora, toy=load_concept(toy, tiny_sd),
                            cd=load_concept(cd, tiny_sd), **hostile)
 
 
@@ -210,6 +219,11 @@ BAD = {
         lambda m, c: load_concept(c.wide, m, class_word="dog"),
         ["--concept", "{wide}", "--class-word", "dog", "--prompt", "a photo of a <wide>"],
         lambda m, c: app.add_concept(m, {}, {}, str(c.wide), "", "dog")),
+    "LoRA of another model": Bad(
+        ConceptError, "the LoRA's weights for down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k are (4, 768)",
+        lambda m, c: load_concept(c.lora, m, token="sks", class_word="dog"),
+        ["--concept", "{lora}", "--token", "sks", "--class-word", "dog", "--prompt", "a photo of a sks"],
+        lambda m, c: app.add_concept(m, {}, {}, str(c.lora), "sks", "dog")),
     "position 0, the start token": Bad(PromptError, "position 0 is the start token",
                                        partial(_concept, positions=[0]), TOY_PROMPT + ["--positions", "0"],
                                        {**TOY_UI, "positions": [0]}),
@@ -261,6 +275,21 @@ BAD = {
                             **_upload("float8")),
     "embedding of norm 1e38": Bad(ConceptError, "has norm 1e+38, over 100 times that of tiny-sd's longest token",
                                   **_upload("huge_norm")),
+    "LoRA update of norm 1e30": Bad(
+        ConceptError, "have norm 9.05e+31, over 100 times that of tiny-sd's own",
+        lambda m, c: load_concept(c.lora_huge, m, token="sks", class_word="dog"),
+        ["--concept", "{lora_huge}", "--token", "sks", "--class-word", "dog", "--prompt", "a photo of a sks"],
+        lambda m, c: app.add_concept(m, {}, {}, str(c.lora_huge), "sks", "dog")),
+    "prompt of 100,000 characters with two concepts": Bad(
+        PromptError, "the prompt is 100000 characters; the limit is 4000",
+        lambda m, c: generate_concept(m, HUGE, [c.toy, c.cd], Settings(seed=1, steps=2)),
+        ["--concept", "{toy}", "--concept", "{cd_dir}", "--prompt", HUGE],
+        {**TOY_UI, "prompt": HUGE, "second_concept": "cd"}),
+    "20,000 swaps, keys only at half strength": Bad(
+        PromptError, "there are 20000 swaps; the limit is 75",
+        partial(_swap, swaps=[("dog", "zebra")] * 20_000, swap_kv="k", swap_strength=0.5),
+        ["--swap", "dog=zebra"] * 20_000 + ["--swap-kv", "k", "--swap-strength", "0.5"],
+        dict(swaps="\n".join(["dog=zebra"] * 20_000), swap_kv="k", swap_strength=0.5)),
     "prompt of 100,000 characters, truncated": Bad(
         PromptError, "the prompt is 100000 characters; the limit is 4000",
         partial(_swap, prompt=HUGE, long_prompt="truncate"), ["--prompt", HUGE, "--long-prompt", "truncate"],
@@ -822,12 +851,13 @@ def test_state_is_kept_for_the_most_recently_active_visitors_only(tiny_sd, conce
 
 
 def test_the_served_app_refuses_an_upload_over_its_limit_as_it_streams_in(served, tmp_path):
-    """A textual-inversion file is a few KB; one over the limit is refused by the server (413) before
+    """An upload over the largest a LoRA may be is refused by the server (413) as it streams in, before
     the callback ever sees it."""
     import httpx
 
-    big = tmp_path / "learned_embeds.safetensors"
-    big.write_bytes(b"\0" * (app.MAX_UPLOAD_BYTES + 1))
+    big = tmp_path / "lora.safetensors"
+    with big.open("wb") as f:
+        f.truncate(app.MAX_UPLOAD_BYTES + 1)  # sparse: zeros read back, no disk taken
     small = tmp_path / "small.safetensors"
     small.write_bytes(b"\0" * 4096)
     for path, status in ((big, 413), (small, 200)):

@@ -23,3 +23,21 @@ def test_concept_rows_script_reports_five_conditionings_per_textual_inversion(ca
     assert len(rows) == 10
     assert {r.split(" | ")[0] for r in rows} == {"| <holed-star>", "| <striped-ball>"}
     assert all(r.endswith("/ 1 |") for r in rows)
+
+
+def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
+    """scripts/train_lora.py writes a LoRA concept the engine loads; scripts/measure_knobs.py
+    reports every table on it (a few steps: checked for working, not for its numbers)."""
+    from scripts.measure_knobs import main as measure
+    from scripts.train_lora import main as train
+
+    folder = train(["--instance", "holed-star", "--token", "ohwx", "--out", str(tmp_path / "holed-star"),
+                    "--steps", "2", "--class-images", "1", "--class-steps", "2", "--text-encoder"])
+    capsys.readouterr()
+    measure(["--seeds", "1", "--steps", "2", "--prompts", "1", "--loras", str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith(("| colour |", "| shape |")) for line in lines) == 6
+    assert sum(line.startswith("| <") for line in lines) == 12  # four shipped concepts x three ways
+    lora = [line for line in lines if line.startswith("| ohwx (holed-star) |")]
+    assert [line.split(" | ")[1] for line in lora] == ["customized baseline", "AlignIT, rest 0", "AlignIT, rest 0.25",
+                                                      "AlignIT, rest 0.5", "AlignIT, rest 1"]

@@ -1,0 +1,236 @@
+"""LoRA files (DreamBooth-LoRA and kin) -> per-layer low-rank updates of the UNet and text encoders.
+
+Formats read, safetensors only:
+
+* diffusers / peft: `unet.<layer>.lora_A.weight` / `lora_B.weight` (peft's names), `.lora.down` /
+  `.lora.up` (diffusers' training scripts), `text_encoder.<layer>.lora_linear_layer.down` / `up`
+  or `lora_A` / `lora_B` (`text_encoder_2.` on SDXL); alpha from the file's `lora_adapter_metadata`
+  (`lora_alpha`, `alpha_pattern`, `use_rslora`), else from a `<layer>.alpha` tensor, else the rank;
+* kohya / A1111: `lora_unet_<layer, dots as underscores>.lora_down.weight`, `.lora_up.weight`,
+  `.alpha`; text encoders `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`); SDXL's UNet under the
+  original model's block names (`input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_...`).
+
+An update is `alpha / rank · up(down(x))` (peft's rsLoRA: `alpha / √rank`). The trigger word and
+class word come from the concept's manifest, else from kohya's `ss_tag_frequency` /
+`ss_dataset_dirs` folder names (`10_sks dog`), else the caller names them.
+
+The file's header (names, dtypes, shapes, offsets) is read and checked against the model first
+(concepts.py has judged its size, tensor count and number types already): a key no format here
+knows, a layer the model does not have, a shape it does not take or a rank past the layer's own is
+refused before any tensor is read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ConceptError, short
+from .weights import LowRank
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+# a key: (target prefix, layer, part); target "unet", "te0", "te1"
+_DIFFUSERS = re.compile(r"^(?P<target>unet|text_encoder|text_encoder_2)\.(?P<layer>.+?)\."
+                        r"(?P<part>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
+                        r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
+_KOHYA = re.compile(r"^lora_(?P<target>unet|te|te1|te2)_(?P<layer>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_TARGETS = {"unet": "unet", "text_encoder": "te0", "text_encoder_2": "te1", "te": "te0", "te1": "te0", "te2": "te1"}
+_DOWN = {"lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "lora_down.weight"}
+_UP = {"lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight", "lora_up.weight"}
+# the original model's ResNet layer names -> diffusers'
+_LDM_RESNET = {"in_layers_2": "conv1", "emb_layers_1": "time_emb_proj", "out_layers_3": "conv2",
+               "skip_connection": "conv_shortcut", "op": "conv"}
+
+
+def is_lora(keys) -> bool:
+    """Whether a safetensors file with these keys is a LoRA (rather than an embedding)."""
+    return any(_DIFFUSERS.match(k) or _KOHYA.match(k) for k in keys)
+
+
+@dataclass(frozen=True)
+class LoRAFile:
+    """What a LoRA file holds, checked against one model (tensors still on the CPU)."""
+
+    unet: dict[str, LowRank]  # UNet layer -> its update
+    text: tuple[dict[str, LowRank], ...]  # per text encoder of the model: layer -> its update
+    trigger: tuple[str, str] | None  # (token, class word) from the file's training metadata
+
+
+def _linear_layers(root: torch.nn.Module) -> dict[str, str]:
+    """Every way a file may name a linear/convolution layer of `root` -> its name in `root`."""
+    names = {}
+    for name, module in root.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            bare = name.removeprefix("text_model.")  # transformers 4 named a CLIP text model's layers text_model.*
+            for alias in (bare, bare.replace(".", "_")):
+                names.setdefault(alias, name)
+    return names
+
+
+def _sdxl_block(layer: str, unet) -> str:
+    """A kohya SDXL layer in the original model's block names -> diffusers' (underscored)."""
+    middle = re.match(r"^middle_block_(\d+)_(.+)$", layer)
+    if middle is not None:
+        where = {0: "mid_block_resnets_0", 1: "mid_block_attentions_0", 2: "mid_block_resnets_1"}.get(int(middle[1]))
+        return f"{where}_{_LDM_RESNET.get(middle[2], middle[2])}" if where else layer
+    m = re.match(r"^(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)$", layer)
+    if m is None:
+        return layer
+    kind, block, part, rest = m[1], int(m[2]), int(m[3]), _LDM_RESNET.get(m[4], m[4])
+    per = unet.config.layers_per_block + (kind == "output_blocks")
+    if kind == "input_blocks":
+        level, j = (block - 1) // (per + 1), (block - 1) % (per + 1)
+        where = (f"down_blocks_{level}_downsamplers_0" if j == per else
+                 f"down_blocks_{level}_{'resnets' if part == 0 else 'attentions'}_{j}")
+    else:
+        level, j = block // per, block % per
+        up = unet.up_blocks[level] if level < len(unet.up_blocks) else None
+        has_attention = up is not None and getattr(up, "attentions", None) is not None
+        where = (f"up_blocks_{level}_resnets_{j}" if part == 0 else
+                 f"up_blocks_{level}_attentions_{j}" if part == 1 and has_attention else
+                 f"up_blocks_{level}_upsamplers_0")
+    return f"{where}_{rest}"
+
+
+def _trigger(metadata: dict) -> tuple[str, str] | None:
+    """(token, class word) from kohya's training folders, `<repeats>_<token> <class word>`."""
+    found = set()
+    for key in ("ss_tag_frequency", "ss_dataset_dirs"):
+        try:
+            folders = json.loads(metadata.get(key) or "{}")
+        except json.JSONDecodeError:
+            continue
+        for folder in folders if isinstance(folders, dict) else ():
+            m = re.match(r"^\d+_(\S+)\s+(.+)$", str(folder).strip())
+            if m:
+                found.add((m.group(1), m.group(2).strip()))
+    return found.pop() if len(found) == 1 else None
+
+
+def _config(metadata: dict) -> dict:
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except json.JSONDecodeError:
+        config = None
+    if not isinstance(config, dict):
+        raise ConceptError("the LoRA file's lora_adapter_metadata is not a valid adapter configuration")
+    return config
+
+
+def _alpha(config: dict, prefix: str, layer: str, rank: int) -> float:
+    """peft's alpha / rank (or alpha / √rank) for `layer` from diffusers' saved adapter config. The
+    alpha pattern's keys are read as the module names diffusers writes there; one that is a regular
+    expression is refused, never run (a file's pattern could keep a regular expression engine busy
+    for hours)."""
+    if config.get(f"{prefix}.use_dora"):
+        raise ConceptError("the LoRA is a DoRA (weight-decomposed) adapter, which this reader does not apply")
+    alpha = config.get(f"{prefix}.lora_alpha", rank)
+    patterns = config.get(f"{prefix}.alpha_pattern") or {}
+    for module, value in (patterns.items() if isinstance(patterns, dict) else ()):
+        if not re.fullmatch(r"[\w.]+", module):
+            raise ConceptError(f"the LoRA's alpha pattern {short(repr(module))} is a regular expression; this reader "
+                               f"takes module names only")
+        if layer == module or layer.endswith(f".{module}"):
+            alpha = value
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConceptError(f"the LoRA's alpha for {layer} is {short(repr(alpha))}, not a number")
+    return alpha / (math.sqrt(rank) if config.get(f"{prefix}.use_rslora") else rank)
+
+
+def read_lora(path: Path, model) -> LoRAFile:
+    """Read and check a LoRA safetensors file (its size and header judged already) for `model`.
+    Raises ConceptError (for people)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+            parts = _plan(header, metadata, model)
+            tensors = {k: f.get_tensor(k) for k in header}
+    except ConceptError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConceptError(f"{path.name} is not a valid safetensors file ({e})") from None
+    config = _config(metadata)
+    targets = {"unet": {}, "te0": {}, "te1": {}}
+    for (target, layer), keys in parts.items():
+        down, up = tensors[keys["down"]], tensors[keys["up"]]
+        for key in (keys["down"], keys["up"]):
+            if not torch.isfinite(tensors[key]).all():
+                raise ConceptError(f"the LoRA's {short(key)} holds numbers that are not finite")
+        rank = down.shape[0]
+        prefix = {"unet": "unet", "te0": "text_encoder", "te1": "text_encoder_2"}[target]
+        if "alpha" in keys:
+            scale = float(tensors[keys["alpha"]].float().reshape(-1)[0]) / rank
+        else:
+            scale = _alpha(config, prefix, layer, rank)
+        targets[target][layer] = LowRank(down.float(), up.float(), scale)
+    text = tuple(targets[f"te{i}"] for i in range(len(model.text_encoders)))
+    return LoRAFile(targets["unet"], text, _trigger(metadata))
+
+
+def _plan(header: dict, metadata: dict, model) -> dict:
+    """{(target, layer in the model): {"down": key, "up": key, "alpha": key}} from the header
+    alone, every layer and shape checked against `model`."""
+    roots = {"unet": model.unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}}
+    names = {target: _linear_layers(root) for target, root in roots.items()}
+    parts: dict = {}
+    unknown = []
+    for key, (dtype, shape) in header.items():
+        m = _DIFFUSERS.match(key) or _KOHYA.match(key)
+        if m is None:
+            unknown.append(key)
+            continue
+        if dtype not in FLOAT_DTYPES:
+            raise ConceptError(f"the LoRA's {short(key)} is {dtype}, not floating point")
+        target = _TARGETS[m["target"]]
+        layer = m["layer"]
+        if target == "unet" and m.re is _KOHYA:
+            layer = _sdxl_block(layer, model.unet)
+        elif target != "unet":
+            layer = layer.removeprefix("text_model.").removeprefix("text_model_")
+        if target not in names:
+            raise ConceptError(f"the LoRA has weights for a second text encoder ({short(key)}); {model.name} has one: "
+                               f"the LoRA is for another model")
+        resolved = names[target].get(layer)
+        if resolved is None:
+            raise ConceptError(f"the LoRA's layer {short(m['layer'])} does not exist in {model.name}: "
+                               f"the LoRA is for another model")
+        part = "down" if m["part"] in _DOWN else "up" if m["part"] in _UP else "alpha"
+        if part == "alpha" and math.prod(shape) != 1:
+            raise ConceptError(f"the LoRA's {short(key)} holds {math.prod(shape)} numbers; an alpha is one number")
+        parts.setdefault((target, resolved), {})[part] = key
+        if part != "alpha":
+            parts[(target, resolved)][f"{part} shape"] = shape
+    if unknown:
+        raise ConceptError(f"the LoRA file holds keys this reader does not know, e.g. "
+                           f"{[short(k) for k in unknown[:3]]} (LyCORIS, DoRA and other adapters are not read); "
+                           f"refusing it rather than leaving them out")
+    if not parts:
+        raise ConceptError("the file holds no LoRA weights")
+    for (target, layer), keys in parts.items():
+        if "down" not in keys or "up" not in keys:
+            raise ConceptError(f"the LoRA has {'an up' if 'up' in keys else 'a down'} weight for {layer} but no "
+                               f"{'down' if 'up' in keys else 'up'} weight")
+        _check_shapes(roots[target].get_submodule(layer), layer, keys["down shape"], keys["up shape"], model)
+    return {k: {p: v for p, v in keys.items() if not p.endswith("shape")} for k, keys in parts.items()}
+
+
+def _check_shapes(layer: torch.nn.Module, name: str, down: tuple, up: tuple, model) -> None:
+    weight = tuple(layer.weight.shape)
+    rank = down[0] if down else 0
+    if isinstance(layer, torch.nn.Conv2d):
+        fits = (down[1:] in (weight[1:], (weight[1],)) and rank > 0 and up[:2] == (weight[0], rank)
+                and up[2:] in ((), (1, 1)) and (len(down) == 4 or weight[2:] == (1, 1)))
+    else:
+        fits = len(down) == 2 and len(up) == 2 and down[1] == weight[1] and up == (weight[0], rank)
+    if not fits or rank < 1:
+        raise ConceptError(f"the LoRA's weights for {name} are {down} and {up}; {model.name}'s layer is {weight}: "
+                           f"the LoRA is for another model")
+    side = min(weight[0], math.prod(weight[1:]))
+    if rank > side:  # a full update needs no more; past it the file only costs memory and time
+        raise ConceptError(f"the LoRA's rank for {name} is {rank}; the layer takes at most {side}")
