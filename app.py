@@ -4,7 +4,7 @@
 
 All tensor work goes through `alignit_core`, all drawing through `visualize`. The only state
 shared between visitors is the model and the concept registry, loaded once in `main`; concepts a
-visitor uploads and the last generation live in that visitor's `gr.State`.
+visitor uploads and the last generation live in that visitor's `gr.State`, for STATE_TTL_S.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import re
 import shlex
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -39,18 +40,43 @@ from alignit_core import (AlignITError, Concept, ConceptError, Generation, Promp
                           parse_swap, read_prompt, scheduler_names, tokenize, word_swap_plan)
 from alignit_core.prompts import several_concepts_plan  # noqa: E402
 from alignit_core.cli import write_outputs  # noqa: E402
-from alignit_core.concepts import KIND_LABELS  # noqa: E402
+from alignit_core.concepts import KIND_LABELS, MAX_EMBEDDING_BYTES  # noqa: E402
+from alignit_core.errors import short  # noqa: E402
 from alignit_core.generate import CAPTIONS, MAX_GUIDANCE, MAX_SEED, check_prompt, resolve, size_warning  # noqa: E402
 from alignit_core.maps import MAPS_FILE, entries, entry_maps  # noqa: E402
+from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
 from alignit_core.models import ASSETS, MAP_BLOCKS, SD15, accelerate  # noqa: E402
+from alignit_core.prompts import check_swaps  # noqa: E402
 from alignit_core.scores import MI_SAMPLES, AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
 from visualize import SCALE_NOTE, heatmap_row, large_map, swap_diagram, tile_at, token_chips  # noqa: E402
 
 PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
 ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
-MAX_UPLOAD_BYTES = 200 * 2**20  # an SD 1.5 LoRA of rank 128 is about 150 MB
-QUEUE = dict(max_size=16, default_concurrency_limit=2)  # two generations at once, sixteen waiting
+# The largest upload, refused while it streams in: a DreamBooth-LoRA (SD 1.5's of rank 128 with its text
+# encoder is 151 MB, SDXL's of rank 32 with both 228-255 MB). A textual-inversion file is a few KB, and
+# the engine refuses one over 1 MiB (MAX_EMBEDDING_BYTES); either is judged by its header before any of
+# it is read.
+MAX_UPLOAD_BYTES = 256 * 2**20
+# Uploaded LoRAs stay in their visitors' sessions (STATE_TTL_S); all of them together may come from at
+# most this many bytes of files (each in memory once or twice its file, by the model's number type).
+# Past it a LoRA upload is refused until others expire.
+LORA_UPLOADS_HELD_BYTES = 2**30
+QUEUE = dict(max_size=16, default_concurrency_limit=2)  # sixteen waiting; two at once of each other event
+# Generations and scores run in one concurrency group: two of them at once in all, so that they
+# share the cores two ways, not four.
+HEAVY = dict(concurrency_id="generation", concurrency_limit=2)
+# The token table follows every keystroke; a few at once keep it quick without letting a flood of
+# them crowd out the generations.
+TOKEN_VIEWS = dict(concurrency_id="tokens", concurrency_limit=2)
+# How long a visitor's uploaded concepts, last generation and scores are kept after they were last
+# set, and for how many visitors at most (the least recently active go first). Gradio would keep ten
+# thousand sessions, each its generation and a 130 KB copy of the page's settings.
+STATE_TTL_S = 1800
+SESSIONS = 500
+# Memory arenas malloc keeps for the server's threads (glibc: eight per core otherwise): freed memory
+# spread over fewer arenas is more of it given back by release_memory.
+ARENAS = 2
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
 MAP_VIEWS = [("words", "words"), ("positions (tokens)", "positions")]
@@ -109,7 +135,10 @@ def parse_swaps(text: str) -> list[tuple[str | int, str]]:
 
 
 def _swap_lines(text: str) -> list[str]:
-    return [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+    """The swaps box's lines; PromptError when there are more than the engine takes, or a line is too long."""
+    lines = [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+    check_swaps(lines)
+    return lines
 
 
 def _line_positions(tokenizer, prompt: str, line: str, long: str = "segments") -> tuple[int, ...]:
@@ -164,8 +193,8 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
     or truncate)."""
     try:
         text = check_prompt(prompt)
-    except AlignITError:
-        return TokenView(None)
+    except AlignITError as e:  # an empty box needs no warning; one too long does
+        return TokenView(None, problem=str(e) if isinstance(prompt, str) and prompt.strip() else "")
     chosen = [concept] if isinstance(concept, Concept) else list(concept or [])
     try:
         if mode == ALIGNIT:
@@ -183,8 +212,10 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
             return TokenView(read_prompt(model.tokenizer, text, long), problem=str(e))
         except AlignITError:
             return TokenView(None, problem=str(e))
-    # only positions the checkboxes offer: `99=`, `0=` or a half-typed `12=` must not reach them
-    selected = tuple(pos for pos in swap_positions(model.tokenizer, text, swaps, long) if pos in p.content)
+    try:  # only positions the checkboxes offer: `99=`, `0=` or a half-typed `12=` must not reach them
+        selected = tuple(pos for pos in swap_positions(model.tokenizer, text, swaps, long) if pos in p.content)
+    except AlignITError as e:  # too many swaps, or one too long
+        return TokenView(p, problem=str(e))
     try:
         return TokenView(p, (("", word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source),),
                          selected=selected)
@@ -485,10 +516,9 @@ def positions_picked(model, mode, prompt, swaps, selected, long="segments"):
     if mode != SWAP:
         return gr.update()
     try:
-        text = check_prompt(prompt)
-    except AlignITError:
+        return sync_swaps(model.tokenizer, check_prompt(prompt), swaps, selected or [], long)
+    except AlignITError:  # the token view already says what is wrong
         return gr.update()
-    return sync_swaps(model.tokenizer, text, swaps, selected or [], long)
 
 
 def concept_card(concepts, uploaded, concept_key):
@@ -539,6 +569,30 @@ def mode_controls(mode, gen: Generation | None):
     return (gr.update(visible=alignit), gr.update(visible=not alignit), gr.update(visible=alignit), *labels)
 
 
+class LoRAUploads:
+    """The uploaded LoRAs that visitors' sessions still hold, with the size of each one's file: held
+    weakly, so that a session that expires gives its share back."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._sizes: weakref.WeakKeyDictionary[Concept, int] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def admit(self, concept: Concept, size: int) -> None:
+        """Count `concept`, from a file of `size` bytes, in; gr.Error when that would pass the limit."""
+        with self._lock:
+            held = sum(self._sizes.values())
+            if held + size > self.limit:
+                raise gr.Error(f"the server already keeps {held / 2**20:.0f} MB of uploaded LoRAs for its visitors; "
+                               f"this one ({size / 2**20:.0f} MB) would pass the limit of {self.limit / 2**20:.0f} MB. "
+                               f"Try again once older uploads expire (after {STATE_TTL_S // 60} minutes), or "
+                               f"upload a smaller LoRA", title="Concept error")
+            self._sizes[concept] = size
+
+
+LORA_UPLOADS = LoRAUploads(LORA_UPLOADS_HELD_BYTES)
+
+
 def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1.0):
     """Load an uploaded .safetensors concept (an embedding or a LoRA) for this session only."""
     if not path:
@@ -549,8 +603,12 @@ def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1
                          lora_scale=lora_scale)
     except AlignITError as e:
         raise ui_error(e) from None
+    finally:
+        release_memory()  # what reading the upload took, whether it was accepted or not
     if c.token in {k.token for k in concepts.values()}:
         raise ui_error(ConceptError(f"the token {c.token} is taken by a shipped concept; choose another token"))
+    if c.kind == "lora":
+        LORA_UPLOADS.admit(c, Path(path).stat().st_size)
     key = f"uploaded:{c.token}"
     uploaded = {**(uploaded or {}), key: c}
     prompt = c.example_prompt or f"a photo of a {c.token}"
@@ -710,9 +768,13 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     try:
         if mode == ALIGNIT:
             for key in (concept_key, second_concept):
-                if key and _concept(concepts, uploaded or {}, key) is None:
-                    raise ConceptError(f"unknown concept {key!r}; available: "
-                                       f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
+                if not key or _concept(concepts, uploaded or {}, key) is not None:
+                    continue
+                if str(key).startswith("uploaded:"):
+                    raise ConceptError(f"the uploaded concept {short(key.removeprefix('uploaded:'))} is no longer "
+                                       f"kept (uploads are kept for {STATE_TTL_S // 60} minutes); upload it again")
+                raise ConceptError(f"unknown concept {short(str(key))!r}; available: "
+                                   f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
             if not chosen:
                 raise PromptError("choose or upload a concept first")
         request = read_request(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
@@ -737,9 +799,10 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     for warning in gen.warnings:
         gr.Warning(as_html(warning))
     shown = [str(files[f"{r}.png"]) for r in gen.rows]
-    view = MapView(map_mode, map_by, bool(map_special))
-    return (*_pad(shown), *_pad(heatmap_rows(gen, view)), str(files["heatmaps.png"]), str(files["settings.json"]),
-            command, gen, before_after(gen, shown), str(files[MAPS_FILE]))
+    rows = heatmap_rows(gen, MapView(map_mode, map_by, bool(map_special)))
+    release_memory()  # the run's activations and drawing buffers are free by now
+    return (*_pad(shown), *_pad(rows), str(files["heatmaps.png"]), str(files["settings.json"]), command, gen,
+            before_after(gen, shown), str(files[MAPS_FILE]))
 
 
 def download_prefix(gen: Generation) -> str:
@@ -840,7 +903,9 @@ def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, pr
         report = run(gen, refs, clip_note, progress)
     except AlignITError as e:
         raise ui_error(e) from None
-    return (scores_markdown(report), *_shown(_pad(mi_rows(gen, report, map_mode))), report)
+    shown = _shown(_pad(mi_rows(gen, report, map_mode)))
+    release_memory()
+    return (scores_markdown(report), *shown, report)
 
 
 def _shown(pictures: list) -> list:
@@ -925,9 +990,9 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
     scorer = on_gpu(partial(run_score, model, clip), score_seconds)
 
     with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
-        uploaded = gr.State({})
-        last = gr.State(None)
-        drafts = gr.State({})  # the prompt and swaps typed in the other mode
+        uploaded = gr.State({}, time_to_live=STATE_TTL_S)
+        last = gr.State(None, time_to_live=STATE_TTL_S)
+        drafts = gr.State({}, time_to_live=STATE_TTL_S)  # the prompt and swaps typed in the other mode
         gr.Markdown(header_markdown(model), elem_id="header")
         gr.DuplicateButton("Duplicate this Space (your own GPU, no queue)", size="sm",
                            visible=gr.utils.get_space() is not None)
@@ -944,7 +1009,9 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     gr.Markdown("Reference images the concept was learned from:")
                     references = gr.Gallery(show_label=False, columns=6, rows=1, height=120, object_fit="contain",
                                             allow_preview=True, elem_id="references")
-                    with gr.Accordion("Upload a concept (.safetensors, at most 200 MB)", open=False):
+                    with gr.Accordion(f"Upload a concept (.safetensors: an embedding of at most "
+                                      f"{MAX_EMBEDDING_BYTES // 2**20} MB, a LoRA of at most "
+                                      f"{MAX_UPLOAD_BYTES // 2**20} MB)", open=False):
                         with gr.Row():
                             upload = gr.File(label="textual-inversion embedding or DreamBooth-LoRA",
                                              file_types=[".safetensors"],
@@ -1067,7 +1134,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         view_inputs = [uploaded, mode, concept, prompt, swaps]
         view_outputs = [table, positions, chips, texts, diagram]
         show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
-                         outputs=view_outputs, concurrency_limit=None, show_progress="hidden")
+                         outputs=view_outputs, show_progress="hidden", **TOKEN_VIEWS)
         # one listener for every input of the view, so that its runs never overtake one another
         gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change],
               **show_view, trigger_mode="always_last", api_name="tokens")
@@ -1082,7 +1149,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
                         show_progress="hidden", **private)
         positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second],
-                         [chips, texts, diagram], show_progress="hidden", concurrency_limit=None, **private)
+                         [chips, texts, diagram], show_progress="hidden", **TOKEN_VIEWS, **private)
         add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class, up_scale],
                   [uploaded, concept, second, prompt], **private)
         dice.click(random_seed, None, seed, show_progress="hidden", **private)
@@ -1099,9 +1166,9 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                        **private)
         for column, heat in enumerate(maps):
             heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
-        scored = gr.State(None)
+        scored = gr.State(None, time_to_live=STATE_TTL_S)
         score_button.click(named(score, "score", model, clip, clip_note, registry, run=scorer), [last, map_mode],
-                           [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score")
+                           [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score", **HEAVY)
         map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, **private)
         last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
                     show_progress="hidden", **private)  # a new generation: old scores go
@@ -1116,7 +1183,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
             """Generate after `event` with the button greyed out and the old heat maps cleared (they
             belong to the old images); the button comes back, and after an error the kept generation's
             maps too (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it)."""
-            done = event.then(generator, gen_inputs, gen_outputs, show_progress_on=images, **api)
+            done = event.then(generator, gen_inputs, gen_outputs, show_progress_on=images, **HEAVY, **api)
             done.success(label_columns, last, images + columns, **quick)
             done.success(large_map_view, [last, *map_view, big_row, big_word], large, **quick)
             done.failure(redraw_maps, [last] + map_view, maps, **quick)
@@ -1175,6 +1242,7 @@ def _args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = _args(argv)
+    limit_arenas(ARENAS)  # before the server's threads start
     try:
         model = accelerate(load_model(args.model), compile=args.compile, channels_last=args.channels_last)
         concepts = find_concepts(CONCEPTS_DIR, model)
@@ -1187,12 +1255,17 @@ def main(argv=None) -> int:
     except AlignITError as e:
         clip, clip_note = None, str(e)
         print(f"{clip_note}; Score alignment shows the MI score only", flush=True)
-    demo = build_demo(model, concepts, clip, clip_note)
+    launch(build_demo(model, concepts, clip, clip_note), server_name=args.host, server_port=args.port,
+           share=args.share)
+    return 0
+
+
+def launch(demo: gr.Blocks, **where) -> None:
+    """Queue and serve `demo` with the demo's limits; `where`: server_name, server_port, share, ..."""
     demo.queue(**QUEUE)
     # mcp_server: the named endpoints (tokens, generate, score) are also MCP tools, at /gradio_api/mcp/
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size=MAX_UPLOAD_BYTES,
-                allowed_paths=[str(CONCEPTS_DIR)], css=CSS, theme=THEME, mcp_server=True)
-    return 0
+    demo.launch(max_file_size=MAX_UPLOAD_BYTES, state_session_capacity=SESSIONS, allowed_paths=[str(CONCEPTS_DIR)],
+                css=CSS, theme=THEME, mcp_server=True, **where)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,25 @@ Formats read (each written by the tests in that exact layout first):
 
 A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
 only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
-never uploads). Nothing here mutates the model: a concept's tensors live beside it.
+never uploads). A safetensors file is judged by its header (tensor count, number types, sizes)
+before any tensor is made, and a concept's token, class word, number type and vector norms are
+checked against the model, so that a hostile upload is refused at once and cheaply. Nothing here
+mutates the model: a concept's tensors live beside it.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .errors import ConceptError
+from .errors import ConceptError, short
 from .lora import is_lora, read_lora
 from .prompts import ConceptWords
 from .weights import Edit, LowRank, Replace, overlay
@@ -38,7 +42,33 @@ KINDS = ("textual_inversion", "custom_diffusion", "text_encoder", "lora")
 KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Custom Diffusion",
                "text_encoder": "text-encoder fine-tune", "lora": "DreamBooth-LoRA"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
-MAX_FILE_BYTES = 200 * 2**20
+# A concept file read from a local folder: an SDXL LoRA of rank 128 with both text encoders is about
+# 1 GB, a CLIP-L text-encoder fine-tune in float32 half that.
+MAX_FILE_BYTES = 2**30
+# A textual-inversion file, wherever it comes from: 16 vectors for SDXL's two encoders are 130 KB.
+MAX_EMBEDDING_BYTES = 2**20
+# A token or class word is a word or two; every label, prompt and file name it enters stays short.
+MAX_WORD_CHARS = 64
+# What one safetensors header may list. A concept file: Custom Diffusion on SDXL has 140 tensors, a
+# CLIP text-encoder fine-tune about 200, in headers of tens of KB. A LoRA: kohya's SDXL LoRA of every
+# attention, feed-forward and convolution layer and both text encoders has 3,156 (down, up and alpha
+# of 1,052 layers), some 500 KB, beside its training metadata.
+MAX_TENSORS = 1024
+MAX_HEADER_BYTES = 2**20
+MAX_LORA_TENSORS = 8192
+MAX_LORA_HEADER_BYTES = 4 * 2**20
+MAX_DIMS = 4  # a convolution's weight; embeddings and linear weights have 2
+# Bytes per number of each safetensors number type a concept may hold (integers for buffers such as
+# a text encoder's position ids); float8 and the like are not among them: the model computes in
+# float16 / bfloat16 / float32, and torch cannot even check float8 numbers for NaN.
+SAFETENSORS_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                          "BOOL": 1}
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+FLOAT_NAMES = "float16, bfloat16, float32 or float64"
+# A learned embedding lies within a few times the norm of the model's own token embeddings (the
+# shipped concepts: 2-6 times); one past this many times is not a concept but a number that drowns
+# the prompt (at 1e38 every image comes out black).
+MAX_NORM_RATIO = 100
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,13 +114,18 @@ class Concept:
         return out
 
 
-def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> dict:
+def _check_file(path: Path, max_bytes: int, what: str = "concept file") -> None:
     if not path.is_file():
         raise ConceptError(f"concept file {path.name} not found")
     if path.stat().st_size > max_bytes:
-        raise ConceptError(f"concept file {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
+        raise ConceptError(f"{what} {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
                            f"the limit is {max_bytes / 2**20:.0f} MiB")
+
+
+def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES, what: str = "concept file") -> dict:
+    _check_file(path, max_bytes, what)
     if path.suffix == ".safetensors":
+        _check_safetensors(path, max_bytes)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
@@ -106,10 +141,76 @@ def _read(path: Path, allow_pickle: bool, max_bytes: int = MAX_FILE_BYTES) -> di
     raise ConceptError(f"{path.name}: unknown concept file type {path.suffix!r}")
 
 
+def _counts(values) -> bool:
+    """Whether `values` (from a JSON header) is a list of whole numbers >= 0."""
+    return isinstance(values, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in values)
+
+
+def _check_safetensors(path: Path, max_bytes: int, lora: bool | None = False) -> bool:
+    """Refuse a safetensors file from its header alone, before any tensor exists: a header over
+    MAX_HEADER_BYTES or holding more than MAX_TENSORS tensors (a LoRA's: MAX_LORA_HEADER_BYTES,
+    MAX_LORA_TENSORS), a number type outside SAFETENSORS_ITEM_BYTES (float8 ...), more than MAX_DIMS
+    dimensions, shapes whose sizes disagree with the data or add up to more than `max_bytes`.
+    `lora`: whether the file is read as a LoRA, or None when its tensors' names say. Returns whether
+    it is a LoRA; raises ConceptError."""
+    invalid = f"{path.name} is not a valid safetensors file"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        if size < 8 or length > size - 8:
+            raise ConceptError(f"{invalid} (its header is longer than the file)")
+        limit = MAX_HEADER_BYTES if lora is False else MAX_LORA_HEADER_BYTES
+        if length > limit:
+            raise _header_too_long(path, length, lora)
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConceptError(f"{invalid} (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise ConceptError(f"{invalid} (its header is not a table of tensors)")
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
+    lora = is_lora(tensors) if lora is None else lora
+    if not lora and length > MAX_HEADER_BYTES:
+        raise _header_too_long(path, length, lora)
+    most = MAX_LORA_TENSORS if lora else MAX_TENSORS
+    if len(tensors) > most:
+        raise ConceptError(f"{path.name} holds {len(tensors)} tensors; a {'LoRA' if lora else 'concept'} file "
+                           f"holds at most {most}")
+    total = 0
+    for name, info in tensors.items():
+        info = info if isinstance(info, dict) else {}
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEM_BYTES:
+            raise ConceptError(f"the tensor {short(name)} in {path.name} holds {short(str(dtype))} numbers, which "
+                               f"concepts cannot use; save it as {FLOAT_NAMES}")
+        if isinstance(shape, list) and len(shape) > MAX_DIMS:
+            raise ConceptError(f"the tensor {short(name)} in {path.name} has {len(shape)} dimensions; a concept's "
+                               f"tensors have at most {MAX_DIMS}")
+        if not (_counts(shape) and _counts(offsets) and len(offsets) == 2
+                and offsets[1] - offsets[0] == math.prod(shape) * SAFETENSORS_ITEM_BYTES[dtype]):
+            raise ConceptError(f"{invalid} (the shape of {short(name)} does not match its data)")
+        total += offsets[1] - offsets[0]
+    if total > max_bytes:
+        raise ConceptError(f"{path.name} holds {total / 2**20:.1f} MiB of tensors; the limit is "
+                           f"{max_bytes / 2**20:.0f} MiB")
+    return lora
+
+
+def _header_too_long(path: Path, length: int, lora: bool | None) -> ConceptError:
+    limit = {False: f"{MAX_HEADER_BYTES // 2**20} MiB", True: f"{MAX_LORA_HEADER_BYTES // 2**20} MiB",
+             None: f"{MAX_HEADER_BYTES // 2**20} MiB ({MAX_LORA_HEADER_BYTES // 2**20} MiB for a LoRA)"}[lora]
+    return ConceptError(f"{path.name} lists too many tensors for a concept: its header is {length / 2**20:.1f} MiB; "
+                        f"the limit is {limit}")
+
+
 def _tensor(x, what: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise ConceptError(f"{what} is a {type(x).__name__}, not a tensor")
-    if not x.is_floating_point() or not torch.isfinite(x).all():
+    if x.dtype not in FLOATS:  # checked first: torch.isfinite is not implemented for float8
+        raise ConceptError(f"{what} holds {str(x.dtype).removeprefix('torch.')} numbers; it must hold finite "
+                           f"floating-point numbers ({FLOAT_NAMES})")
+    if not torch.isfinite(x).all():
         raise ConceptError(f"{what} must hold finite floating-point numbers")
     return x
 
@@ -132,14 +233,15 @@ def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tens
                 _unused(data, {"clip_l", "clip_g"}))
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if len(tensors) != 1 or len(data) != 1:
-        raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys {sorted(data)[:5]}")
+        raise ConceptError(f"a textual-inversion file must hold one token's embedding, found keys "
+                           f"{[short(str(k)) for k in sorted(data)[:5]]}")
     key, vec = next(iter(tensors.items()))
-    return token or key, [_tensor(vec, f"the embedding of {key}")], []
+    return token or key, [_tensor(vec, f"the embedding of {short(key)}")], []
 
 
 def _unused(data: dict, known: set[str]) -> list[str]:
     extra = sorted(set(data) - known)
-    return [f"the embedding file also holds {extra[:5]}, which is not used"] if extra else []
+    return [f"the embedding file also holds {[short(str(k)) for k in extra[:5]]}, which is not used"] if extra else []
 
 
 # Custom Diffusion keys: Adobe's delta.bin names the UNet's own layers, diffusers names its processors
@@ -170,8 +272,8 @@ def read_custom_diffusion(data: dict) -> tuple[dict[str, Replace], dict]:
         proj = "to_out.0" if m["proj"].startswith("to_out") else m["proj"]
         parts.setdefault(f"{m['layer']}.{proj}", {})[m["kind"]] = _tensor(value, key)
     if unknown:
-        raise ConceptError(f"the Custom Diffusion file holds keys this reader does not know, e.g. {unknown[:3]}; "
-                           f"refusing it rather than leaving those weights out")
+        raise ConceptError(f"the Custom Diffusion file holds keys this reader does not know, e.g. "
+                           f"{[short(str(k)) for k in unknown[:3]]}; refusing it rather than leaving those weights out")
     for name, part in parts.items():
         if "weight" not in part:
             raise ConceptError(f"Custom Diffusion weights have a bias for {name} but no weight")
@@ -202,12 +304,12 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     if path.is_dir():
         path = path / "manifest.json"
     if path.suffix != ".json":
-        if _holds_lora(path):
+        if _holds_lora(path, max_bytes):
             return _lora_concept(path.stem, path, model, max_bytes, token, class_word,
                                  1.0 if lora_scale is None else lora_scale, {})
         if not class_word:
             raise ConceptError("a bare embedding file needs a class word (e.g. 'cat')")
-        tok, vectors, warnings = read_embeddings(_read(path, allow_pickle, max_bytes), token)
+        tok, vectors, warnings = _read_embeddings_file(path, allow_pickle, max_bytes, token)
         return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors),
                              warnings=tuple(warnings)), model)
     if not path.is_file():
@@ -231,7 +333,7 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
         raise ConceptError(f"unknown concept kind {kind!r}; expected one of {', '.join(KINDS)}")
     vectors, unet, encoders, tok, warnings = (), {}, (), m["token"], []
     if m.get("weights"):
-        tok, vecs, warnings = read_embeddings(_read(_inside(folder, m["weights"]), allow_pickle, max_bytes), m["token"])
+        tok, vecs, warnings = _read_embeddings_file(_inside(folder, m["weights"]), allow_pickle, max_bytes, m["token"])
         vectors = tuple(vecs)
     if kind == "custom_diffusion":
         if not m.get("custom_diffusion"):
@@ -242,7 +344,8 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
                 raise ConceptError(f"the Custom Diffusion file has no embedding for {tok}")
             vectors = (_tensor(modifier[tok], f"the embedding of {tok}"),)
         if set(modifier) - {tok}:
-            warnings.append(f"the Custom Diffusion file also holds embeddings for {sorted(set(modifier) - {tok})}, "
+            extra = [short(str(k)) for k in sorted(set(modifier) - {tok})[:5]]
+            warnings.append(f"the Custom Diffusion file also holds embeddings for {extra}, "
                             f"which are not used (this concept is {tok})")
         if not vectors:
             raise ConceptError(f"the Custom Diffusion concept has no embedding for its token {tok}")
@@ -260,20 +363,27 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     return _bind(concept, model)
 
 
-def _holds_lora(path: Path) -> bool:
-    """Whether a bare .safetensors file is a LoRA (read from its header only)."""
+def _read_embeddings_file(path: Path, allow_pickle: bool, max_bytes: int, token: str | None):
+    """read_embeddings of a textual-inversion file, refused past MAX_EMBEDDING_BYTES."""
+    return read_embeddings(_read(path, allow_pickle, min(max_bytes, MAX_EMBEDDING_BYTES), "textual-inversion file"),
+                           token)
+
+
+def _holds_lora(path: Path, max_bytes: int) -> bool:
+    """Whether a bare file is a LoRA, from its safetensors header alone (judged first)."""
     if path.suffix != ".safetensors":
         return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return is_lora(f.keys())
-    except (SafetensorError, OSError, ValueError):
-        return False  # the embedding reader says what is wrong with it
+    _check_file(path, max_bytes)
+    return _check_safetensors(path, max_bytes, lora=None)
 
 
 def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_word, scale, m: dict) -> Concept:
     """A DreamBooth-LoRA concept from its file; the trigger and class word as given, else the file's."""
-    lora = read_lora(path, model, max_bytes)
+    if path.suffix != ".safetensors":
+        raise ConceptError(f"{path.name}: a LoRA is read from .safetensors only")
+    _check_file(path, max_bytes, "LoRA file")
+    _check_safetensors(path, max_bytes, lora=True)
+    lora = read_lora(path, model)
     if not (token and class_word) and lora.trigger is not None:
         token, class_word = token or lora.trigger[0], class_word or lora.trigger[1]
     if not (isinstance(token, str) and token.strip() and isinstance(class_word, str) and class_word.strip()):
@@ -291,7 +401,12 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
 
 
 def _bind(c: Concept, model) -> Concept:
-    """Check shapes against `model`, move tensors to its device/dtype, build fine-tuned encoders."""
+    """Check lengths, shapes and norms against `model`, move tensors to its device/dtype, build
+    fine-tuned encoders."""
+    for what, word in (("token", c.token), ("class word", c.class_word)):
+        if len(word) > MAX_WORD_CHARS:
+            raise ConceptError(f"the {what} {short(word, 24)} is {len(word)} characters; "
+                               f"the limit is {MAX_WORD_CHARS}")
     if not c.token.strip() or any(ch.isspace() for ch in c.token):
         raise ConceptError(f"concept token {c.token!r} must be one word without spaces")
     widths = [te.config.hidden_size for te in model.text_encoders]
@@ -310,6 +425,8 @@ def _bind(c: Concept, model) -> Concept:
                                f"text encoder is {w} wide: the concept is for another model")
     if len({v.shape[0] for v in vectors}) > 1:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
+    for v, encoder in zip(vectors, model.text_encoders):
+        _check_norm(c.token, v, encoder, model.name)
     unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
     if c.kind == "lora":
         return replace(c, unet=unet, text_encoders=_lora_encoders(c.text_encoders, model))
@@ -343,12 +460,14 @@ def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit
         down, up = edit.down, edit.up
         if isinstance(layer, torch.nn.Conv2d) and down.ndim == 2:  # a linear LoRA on a 1x1 convolution
             down, up = down[:, :, None, None], up[:, :, None, None]
+        _check_weight_norm(edit, layer, name, model.name, what)
         return LowRank(down.to(model.device, model.dtype), up.to(model.device, model.dtype), edit.scale)
     weight = layer.weight
     bias_ok = edit.bias is None or (layer.bias is not None and edit.bias.shape == layer.bias.shape)
     if edit.weight.shape != weight.shape or not bias_ok:
         raise ConceptError(f"{what} weights for {name} are {tuple(edit.weight.shape)}; {model.name} needs "
                            f"{tuple(weight.shape)}: the concept is for another model")
+    _check_weight_norm(edit, layer, name, model.name, what)
     return Replace(edit.weight.to(model.device, model.dtype),
                    None if edit.bias is None else edit.bias.to(model.device, model.dtype))
 
@@ -381,6 +500,31 @@ def one_model(concepts: list[Concept]) -> Concept:
     return Concept(" + ".join(c.name for c in concepts), " ".join(c.token for c in concepts),
                    " ".join(c.class_word for c in concepts), concepts[0].kind, vectors=vectors, unet=unet,
                    text_encoders=encoders, warnings=tuple(w for c in concepts for w in c.warnings))
+
+
+def _check_norm(token: str, vectors: torch.Tensor, encoder, model_name: str) -> None:
+    """Refuse `vectors` (n, width) when one is over MAX_NORM_RATIO times as long as the longest of
+    `encoder`'s own token embeddings."""
+    table = encoder.get_input_embeddings().weight.detach()
+    # in chunks: SD 1.5's table is 49,408 x 768, in float32 150 MB at once
+    largest = max(float(chunk.float().norm(dim=1).max()) for chunk in table.split(4096))
+    norm = float(vectors.double().norm(dim=1).max())
+    if norm > MAX_NORM_RATIO * largest:
+        raise ConceptError(f"the embedding of {token} has norm {norm:.3g}, over {MAX_NORM_RATIO} times that of "
+                           f"{model_name}'s longest token embedding ({largest:.3g}); a vector that far out drowns "
+                           f"the prompt (at 1e38 the images come out black)")
+
+
+def _check_weight_norm(edit: Edit, layer: torch.nn.Module, name: str, model_name: str, what: str) -> None:
+    """Refuse a layer's customized weights (or a LoRA's update of them) when they are over
+    MAX_NORM_RATIO times as long as the layer's own: trained ones stay near them, and ones that far
+    out overflow what the layer computes (at 1e38 the images come out black)."""
+    norm = edit.norm()
+    own = math.hypot(*(float(p.detach().double().norm()) for p in (layer.weight, layer.bias) if p is not None))
+    if not norm <= MAX_NORM_RATIO * own:  # NaN too: an alpha of NaN scales the update to NaN
+        raise ConceptError(f"the {what} weights for {name} have norm {norm:.3g}, over {MAX_NORM_RATIO} times that of "
+                           f"{model_name}'s own ({own:.3g}); weights that far out drown the layer (at 1e38 the images "
+                           f"come out black)")
 
 
 def find_concepts(folder: str | Path, model) -> list[Concept]:

@@ -19,3 +19,9 @@ class ModelError(AlignITError):
 
 class SettingsError(AlignITError):
     """A generation setting (steps, guidance, size, seed, scheduler) is out of range."""
+
+
+def short(text: str, limit: int = 160) -> str:
+    """`text` as a message may quote it: at most `limit` characters, cut with "…" (a name in a
+    visitor's file may be 100,000 characters long; a layer's, about 90)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"

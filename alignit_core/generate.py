@@ -34,6 +34,9 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerD
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+# Segment mode reads at most 308 positions, about 1,200 characters of English; a prompt past this
+# is refused before it is tokenized, in every long-prompt mode (truncate would read 75 tokens of it).
+MAX_PROMPT_CHARS = 4000
 SWAP_KV = ("kv", "k", "v")  # swap keys and values, keys only, values only
 # What each row of a generation is called wherever people see it (the demo's columns, the grid)
 CAPTIONS = {"customized": "customized baseline", "alignit": "AlignIT", "base": "base model on p",
@@ -448,8 +451,11 @@ def size_warning(model, size: int) -> str:
 
 
 def check_prompt(text: str) -> str:
+    """`text` with its whitespace collapsed; PromptError when it is empty or over MAX_PROMPT_CHARS."""
     if not isinstance(text, str) or not text.strip():
         raise PromptError("the prompt is empty; type what the image should show")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptError(f"the prompt is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     return " ".join(text.split())
 
 

@@ -14,8 +14,9 @@ An update is `alpha / rank · up(down(x))` (peft's rsLoRA: `alpha / √rank`). T
 class word come from the concept's manifest, else from kohya's `ss_tag_frequency` /
 `ss_dataset_dirs` folder names (`10_sks dog`), else the caller names them.
 
-The file's header (names, dtypes, shapes, offsets) is read and checked against the model first:
-a key no format here knows, a layer the model does not have or a shape it does not take is
+The file's header (names, dtypes, shapes, offsets) is read and checked against the model first
+(concepts.py has judged its size, tensor count and number types already): a key no format here
+knows, a layer the model does not have, a shape it does not take or a rank past the layer's own is
 refused before any tensor is read.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import ConceptError
+from .errors import ConceptError, short
 from .weights import LowRank
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -113,29 +114,37 @@ def _trigger(metadata: dict) -> tuple[str, str] | None:
 
 def _config(metadata: dict) -> dict:
     try:
-        return json.loads(metadata.get("lora_adapter_metadata") or "{}")
+        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
     except json.JSONDecodeError:
-        raise ConceptError("the LoRA file's lora_adapter_metadata is not valid JSON") from None
+        config = None
+    if not isinstance(config, dict):
+        raise ConceptError("the LoRA file's lora_adapter_metadata is not a valid adapter configuration")
+    return config
 
 
 def _alpha(config: dict, prefix: str, layer: str, rank: int) -> float:
-    """peft's alpha / rank (or alpha / √rank) for `layer` from diffusers' saved adapter config."""
+    """peft's alpha / rank (or alpha / √rank) for `layer` from diffusers' saved adapter config. The
+    alpha pattern's keys are read as the module names diffusers writes there; one that is a regular
+    expression is refused, never run (a file's pattern could keep a regular expression engine busy
+    for hours)."""
     if config.get(f"{prefix}.use_dora"):
         raise ConceptError("the LoRA is a DoRA (weight-decomposed) adapter, which this reader does not apply")
     alpha = config.get(f"{prefix}.lora_alpha", rank)
-    for pattern, value in (config.get(f"{prefix}.alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", layer):
+    patterns = config.get(f"{prefix}.alpha_pattern") or {}
+    for module, value in (patterns.items() if isinstance(patterns, dict) else ()):
+        if not re.fullmatch(r"[\w.]+", module):
+            raise ConceptError(f"the LoRA's alpha pattern {short(repr(module))} is a regular expression; this reader "
+                               f"takes module names only")
+        if layer == module or layer.endswith(f".{module}"):
             alpha = value
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ConceptError(f"the LoRA's alpha for {layer} is {short(repr(alpha))}, not a number")
     return alpha / (math.sqrt(rank) if config.get(f"{prefix}.use_rslora") else rank)
 
 
-def read_lora(path: Path, model, max_bytes: int) -> LoRAFile:
-    """Read and check a LoRA safetensors file for `model`. Raises ConceptError (for people)."""
-    if path.suffix != ".safetensors":
-        raise ConceptError(f"{path.name}: a LoRA is read from .safetensors only")
-    if path.stat().st_size > max_bytes:
-        raise ConceptError(f"LoRA file {path.name} is {path.stat().st_size / 2**20:.1f} MiB; "
-                           f"the limit is {max_bytes / 2**20:.0f} MiB")
+def read_lora(path: Path, model) -> LoRAFile:
+    """Read and check a LoRA safetensors file (its size and header judged already) for `model`.
+    Raises ConceptError (for people)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -152,7 +161,7 @@ def read_lora(path: Path, model, max_bytes: int) -> LoRAFile:
         down, up = tensors[keys["down"]], tensors[keys["up"]]
         for key in (keys["down"], keys["up"]):
             if not torch.isfinite(tensors[key]).all():
-                raise ConceptError(f"the LoRA's {key} holds numbers that are not finite")
+                raise ConceptError(f"the LoRA's {short(key)} holds numbers that are not finite")
         rank = down.shape[0]
         prefix = {"unet": "unet", "te0": "text_encoder", "te1": "text_encoder_2"}[target]
         if "alpha" in keys:
@@ -177,7 +186,7 @@ def _plan(header: dict, metadata: dict, model) -> dict:
             unknown.append(key)
             continue
         if dtype not in FLOAT_DTYPES:
-            raise ConceptError(f"the LoRA's {key} is {dtype}, not floating point")
+            raise ConceptError(f"the LoRA's {short(key)} is {dtype}, not floating point")
         target = _TARGETS[m["target"]]
         layer = m["layer"]
         if target == "unet" and m.re is _KOHYA:
@@ -185,19 +194,22 @@ def _plan(header: dict, metadata: dict, model) -> dict:
         elif target != "unet":
             layer = layer.removeprefix("text_model.").removeprefix("text_model_")
         if target not in names:
-            raise ConceptError(f"the LoRA has weights for a second text encoder ({key}); {model.name} has one: "
+            raise ConceptError(f"the LoRA has weights for a second text encoder ({short(key)}); {model.name} has one: "
                                f"the LoRA is for another model")
         resolved = names[target].get(layer)
         if resolved is None:
-            raise ConceptError(f"the LoRA's layer {m['layer']} does not exist in {model.name}: "
+            raise ConceptError(f"the LoRA's layer {short(m['layer'])} does not exist in {model.name}: "
                                f"the LoRA is for another model")
         part = "down" if m["part"] in _DOWN else "up" if m["part"] in _UP else "alpha"
+        if part == "alpha" and math.prod(shape) != 1:
+            raise ConceptError(f"the LoRA's {short(key)} holds {math.prod(shape)} numbers; an alpha is one number")
         parts.setdefault((target, resolved), {})[part] = key
         if part != "alpha":
             parts[(target, resolved)][f"{part} shape"] = shape
     if unknown:
-        raise ConceptError(f"the LoRA file holds keys this reader does not know, e.g. {unknown[:3]} (LyCORIS, "
-                           f"DoRA and other adapters are not read); refusing it rather than leaving them out")
+        raise ConceptError(f"the LoRA file holds keys this reader does not know, e.g. "
+                           f"{[short(k) for k in unknown[:3]]} (LyCORIS, DoRA and other adapters are not read); "
+                           f"refusing it rather than leaving them out")
     if not parts:
         raise ConceptError("the file holds no LoRA weights")
     for (target, layer), keys in parts.items():
@@ -219,3 +231,6 @@ def _check_shapes(layer: torch.nn.Module, name: str, down: tuple, up: tuple, mod
     if not fits or rank < 1:
         raise ConceptError(f"the LoRA's weights for {name} are {down} and {up}; {model.name}'s layer is {weight}: "
                            f"the LoRA is for another model")
+    side = min(weight[0], math.prod(weight[1:]))
+    if rank > side:  # a full update needs no more; past it the file only costs memory and time
+        raise ConceptError(f"the LoRA's rank for {name} is {rank}; the layer takes at most {side}")

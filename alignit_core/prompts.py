@@ -31,6 +31,8 @@ STAR = "*"
 PUNCTUATION = ".,;:!?\"'()[]"
 LONG_MODES = ("segments", "truncate", "refuse")  # what to do with a prompt over 75 tokens
 MAX_SEGMENT_ROWS = 4 * 77  # conditioning rows a segmented prompt may have (start tokens included)
+MAX_SWAPS = 75  # swaps in one request: as many as the positions CLIP reads in one segment
+MAX_SWAP_CHARS = 200  # one `WORD=SOURCE` swap: a word or position, and a source of a few words
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,18 @@ def _concept_one(tokenizer, text: str, token: str, class_word: str, phrase: str,
     return ConceptPrompts(customized, SwapPlan(p, source, positions))
 
 
+def check_swaps(swaps: list) -> None:
+    """Refuse more than MAX_SWAPS swaps, or one longer than MAX_SWAP_CHARS written as `WORD=SOURCE`,
+    before any is read. `swaps`: specs as typed, or (target, source) pairs."""
+    if len(swaps) > MAX_SWAPS:
+        raise PromptError(f"there are {len(swaps)} swaps; the limit is {MAX_SWAPS}")
+    for swap in swaps:
+        spec = swap if isinstance(swap, str) else f"{swap[0]}={swap[1]}"
+        if len(spec) > MAX_SWAP_CHARS:
+            raise PromptError(f"the swap {spec[:24] + '…'!r} is {len(spec)} characters; "
+                              f"the limit is {MAX_SWAP_CHARS}")
+
+
 def parse_swap(spec: str) -> tuple[str | int, str]:
     """`dog=zebra` -> ("dog", "zebra"); `4=black` -> (4, "black")."""
     if spec.count("=") != 1:
@@ -431,6 +445,7 @@ def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], lon
     Over 75 tokens, `long` decides: segments (p' per segment), truncate or refuse."""
     if not swaps:
         raise PromptError("no swap given: name a word or position and a source, e.g. dog=zebra")
+    check_swaps(swaps)
     texts, dropped = fit(tokenizer, text, long)
     if len(texts) == 1:
         if dropped:

@@ -11,6 +11,7 @@ request can see it.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -36,6 +37,11 @@ class Replace:
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         return _forward(layer, x, self.weight, self.bias if self.bias is not None else layer.bias)
 
+    def norm(self) -> float:
+        """The Frobenius norm of the replaced weight (and bias)."""
+        return math.hypot(float(self.weight.double().norm()),
+                          0.0 if self.bias is None else float(self.bias.double().norm()))
+
 
 @dataclass(frozen=True)
 class LowRank:
@@ -55,6 +61,22 @@ class LowRank:
 
     def scaled(self, factor: float) -> LowRank:
         return replace(self, scale=self.scale * factor)
+
+    def norm(self) -> float:
+        """The Frobenius norm of the update `scale · up · down`, by the cheaper way: the product, or
+        for a low rank the rank × rank Gram matrices, |U D|² = Σ (UᵀU) ⊙ (D Dᵀ). Both factors are
+        divided by their largest number first, so that no square overflows."""
+        down, up = self.down.flatten(1).float(), self.up.flatten(1).float()
+        top_down, top_up = float(down.abs().max()), float(up.abs().max())
+        if top_down == 0 or top_up == 0:
+            return 0.0
+        down, up = down / top_down, up / top_up
+        (out, rank), inner = up.shape, down.shape[1]
+        if rank * (out + inner) < out * inner:
+            square = float(((up.T @ up) * (down @ down.T)).sum())
+        else:
+            square = float((up @ down).square().sum())
+        return abs(self.scale) * top_down * top_up * math.sqrt(max(square, 0.0))
 
 
 Edit = Replace | LowRank

@@ -276,6 +276,19 @@ def test_the_demo_exposes_named_generate_and_tokens_endpoints(tiny_sd):
     assert {"generate", "tokens"} <= names
 
 
+def test_the_api_keeps_every_input_in_its_place_and_takes_new_ones_at_the_end(tiny_sd):
+    endpoints = app.build_demo(tiny_sd, []).get_api_info()["named_endpoints"]
+    names = {api: [p["parameter_name"] for p in endpoints[api]["parameters"]] for api in ("/generate", "/tokens")}
+    assert names["/generate"] == ["mode", "concept_key", "prompt", "positions", "swaps", "seed", "steps", "guidance",
+                                  "size", "scheduler", "swap_uncond", "swap_start", "swap_end", "map_resolution",
+                                  "include_base", "map_mode", "long_prompt", "swap_kv", "swap_strength",
+                                  "second_concept", "lora_rest", "map_blocks", "map_start", "map_end", "map_by",
+                                  "map_special"]
+    assert names["/tokens"] == ["mode", "concept_key", "prompt", "swaps", "long", "second"]
+    # README's client sends the first 16; the rest may be left out
+    assert all(p["parameter_has_default"] for p in endpoints["/generate"]["parameters"][16:])
+
+
 def test_without_concepts_the_demo_starts_with_the_papers_token_swap(tiny_sd):
     demo = app.build_demo(tiny_sd, [])
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}

@@ -17,6 +17,8 @@ import socket
 import threading
 import time
 import uuid
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -112,8 +114,20 @@ def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
     layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     save_file({f"{layer}.lora_down.weight": torch.zeros(4, 768), f"{layer}.lora_up.weight": torch.zeros(16, 4)},
               str(lora))
+    hostile = {name: root / f"{name}.safetensors" for name in ("long_token", "float8", "huge_norm", "empty")}
+    vector = torch.randn(1, WIDTH, generator=g)
+    save_file({"<" + "x" * 99_998 + ">": vector}, str(hostile["long_token"]))
+    save_file({"<f8>": vector.to(torch.float8_e4m3fn)}, str(hostile["float8"]))
+    save_file({"<huge>": vector / vector.norm() * 1e38}, str(hostile["huge_norm"]))  # finite in float32
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                         for i in range(2_000)}, separators=(",", ":")).encode()  # under the upload limit, all header
+    hostile["empty"].write_bytes(len(header).to_bytes(8, "little") + header)
+    hostile["lora_huge"] = root / "lora_huge.safetensors"  # a LoRA update of norm 9e31 on a (16, 32) layer
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.ones(4, WIDTH), f"{layer}.lora_up.weight": torch.full((16, 4), 1e30)},
+              str(hostile["lora_huge"]))
     return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, lora=lora, toy=load_concept(toy, tiny_sd),
-                           cd=load_concept(cd, tiny_sd))
+                           cd=load_concept(cd, tiny_sd), **hostile)
 
 
 @pytest.fixture(scope="module")
@@ -159,9 +173,17 @@ def _concept(m, c, prompt="a photo of a <toy>", positions=None, **settings):
 
 
 LONG = " ".join(["a jumping dog"] * 26)  # 78 tokens
+HUGE = ("a jumping dog " * 7_200)[:100_000]  # 100,000 characters
 ENDLESS = " ".join(["A dog jumps over a red fence."] * 50)  # 400 tokens, over segment mode's 308 positions
 TOY_PROMPT = ["--concept", "{toy}", "--prompt", "a photo of a <toy>"]
 TOY_UI = dict(mode=app.ALIGNIT, concept_key="toy", prompt="a photo of a <toy>")
+
+
+def _upload(file: str, class_word: str = "dog") -> dict:
+    """The three surfaces of loading a bare embedding file `file` (a `concepts` attribute)."""
+    return dict(api=lambda m, c: load_concept(getattr(c, file), m, class_word=class_word),
+                cli=["--concept", "{" + file + "}", "--class-word", class_word, "--prompt", "a photo of a dog"],
+                ui=lambda m, c: app.add_concept(m, {}, {}, str(getattr(c, file)), "", class_word))
 
 
 @dataclass(frozen=True)
@@ -243,11 +265,48 @@ BAD = {
                          ["--seed", "-1"], dict(seed=-1)),
     "seed past 2**32 - 1": Bad(SettingsError, "seed must be a whole number from 0 to 4294967295",
                                partial(_swap, seed=2**32), ["--seed", str(2**32)], dict(seed=2**32)),
+    # hostile visitors: each is refused at once, before the costly part
+    "concept token of 100,000 characters": Bad(ConceptError, "is 100000 characters; the limit is 64",
+                                               **_upload("long_token")),
+    "class word of 100,000 characters": Bad(ConceptError, "the class word cccccccc",
+                                            **_upload("wide", class_word="c" * 100_000)),
+    "safetensors of 2,000 empty tensors": Bad(ConceptError, "empty.safetensors holds 2000 tensors; a concept file "
+                                                            "holds at most 1024", **_upload("empty")),
+    "float8 embedding": Bad(ConceptError, "float8.safetensors holds F8_E4M3 numbers, which concepts cannot use",
+                            **_upload("float8")),
+    "embedding of norm 1e38": Bad(ConceptError, "has norm 1e+38, over 100 times that of tiny-sd's longest token",
+                                  **_upload("huge_norm")),
+    "LoRA update of norm 1e30": Bad(
+        ConceptError, "have norm 9.05e+31, over 100 times that of tiny-sd's own",
+        lambda m, c: load_concept(c.lora_huge, m, token="sks", class_word="dog"),
+        ["--concept", "{lora_huge}", "--token", "sks", "--class-word", "dog", "--prompt", "a photo of a sks"],
+        lambda m, c: app.add_concept(m, {}, {}, str(c.lora_huge), "sks", "dog")),
+    "prompt of 100,000 characters with two concepts": Bad(
+        PromptError, "the prompt is 100000 characters; the limit is 4000",
+        lambda m, c: generate_concept(m, HUGE, [c.toy, c.cd], Settings(seed=1, steps=2)),
+        ["--concept", "{toy}", "--concept", "{cd_dir}", "--prompt", HUGE],
+        {**TOY_UI, "prompt": HUGE, "second_concept": "cd"}),
+    "20,000 swaps, keys only at half strength": Bad(
+        PromptError, "there are 20000 swaps; the limit is 75",
+        partial(_swap, swaps=[("dog", "zebra")] * 20_000, swap_kv="k", swap_strength=0.5),
+        ["--swap", "dog=zebra"] * 20_000 + ["--swap-kv", "k", "--swap-strength", "0.5"],
+        dict(swaps="\n".join(["dog=zebra"] * 20_000), swap_kv="k", swap_strength=0.5)),
+    "prompt of 100,000 characters, truncated": Bad(
+        PromptError, "the prompt is 100000 characters; the limit is 4000",
+        partial(_swap, prompt=HUGE, long_prompt="truncate"), ["--prompt", HUGE, "--long-prompt", "truncate"],
+        dict(prompt=HUGE, long_prompt="truncate")),
+    "20,000 swaps": Bad(PromptError, "there are 20000 swaps; the limit is 75",
+                        partial(_swap, swaps=[("dog", "zebra")] * 20_000), ["--swap", "dog=zebra"] * 20_000,
+                        dict(swaps="\n".join(["dog=zebra"] * 20_000))),
+    "a swap of 100,000 characters": Bad(PromptError, "is 100004 characters; the limit is 200",
+                                        partial(_swap, swaps=[("dog", "z" * 100_000)]),
+                                        ["--swap", "dog=" + "z" * 100_000], dict(swaps="dog=" + "z" * 100_000)),
 }
 
 
 def _cli_argv(case: Bad, c, out: Path) -> list[str]:
-    extra = [{"{toy}": str(c.toy_dir), "{wide}": str(c.wide), "{lora}": str(c.lora)}.get(a, a) for a in case.cli]
+    files = {"{toy}": c.toy_dir, **{"{" + k + "}": v for k, v in vars(c).items() if isinstance(v, Path)}}
+    extra = [str(files.get(a, a)) for a in case.cli]
     argv = ["generate", "--model", "tiny", "--steps", "2", "--out", str(out)]
     if "--prompt" not in extra:
         argv += ["--prompt", "a jumping dog"]
@@ -515,15 +574,35 @@ PACE_S = 0.02  # each served denoising step sleeps this long, so that runs overl
 
 
 class Probe:
-    """What the served app's runs do, seen from inside the engine: how many run at once and how
-    many steps each has taken. Words in a prompt steer a run: 'slowly' (0.2 s a step), 'explodes'
-    (a RuntimeError at step 1)."""
+    """What the served app's runs do, seen from inside the engine: how many generations and scores
+    (one concurrency group) and how many token views run at once, and how many steps each
+    generation has taken. Words in a prompt steer a run: 'slowly' (0.2 s a step; a token view of it
+    takes 0.3 s), 'explodes' (a RuntimeError at step 1). Every score takes at least 0.5 s."""
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.running = 0
-        self.peak = 0
+        self.now = {"heavy": 0, "views": 0}
+        self.top = {"heavy": 0, "views": 0}
         self.steps: dict[str, int] = {}  # prompt -> steps taken by its latest run
+
+    @property
+    def running(self) -> int:
+        return self.now["heavy"]
+
+    @property
+    def peak(self) -> int:
+        return self.top["heavy"]
+
+    @contextmanager
+    def counted(self, kind: str):
+        with self.lock:
+            self.now[kind] += 1
+            self.top[kind] = max(self.top[kind], self.now[kind])
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.now[kind] -= 1
 
     def wrap(self, real):
         def run(model, text, *args, **kw):
@@ -538,19 +617,28 @@ class Probe:
                     self.steps[text] = step + 1
                 time.sleep(0.2 if slow else PACE_S)
 
-            with self.lock:
-                self.running += 1
-                self.peak = max(self.peak, self.running)
-            try:
+            with self.counted("heavy"):
                 return real(model, text, *args, on_kv=on_kv, **kw)
-            finally:
-                with self.lock:
-                    self.running -= 1
         return run
 
-    def reset_peak(self) -> None:
+    def wrap_score(self, real):
+        def run(*args, **kw):
+            with self.counted("heavy"):
+                time.sleep(0.5)
+                return real(*args, **kw)
+        return run
+
+    def wrap_view(self, real):
+        def view(model, mode, prompt, *args, **kw):
+            with self.counted("views"):
+                if "slowly" in (prompt or ""):
+                    time.sleep(0.3)
+                return real(model, mode, prompt, *args, **kw)
+        return view
+
+    def reset_peak(self, kind: str = "heavy") -> None:
         with self.lock:
-            self.peak = self.running
+            self.top[kind] = self.now[kind]
 
     def wait(self, condition, timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -567,21 +655,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tiny_sd, concepts):
-    """The app on the tiny SD with both concepts, queued as `python app.py` queues it, on a free port."""
+@contextmanager
+def serve(tiny_sd, concepts, **patches):
+    """The app on the tiny SD with both concepts, queued and launched as `python app.py` does, on a free
+    port, with the Probe in its runs and `patches` (app attributes) in place."""
     probe = Probe()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(app, "generate_swap", probe.wrap(generate_swap))
         mp.setattr(app, "generate_concept", probe.wrap(generate_concept))
+        mp.setattr(app, "score_generation", probe.wrap_score(app.score_generation))
+        mp.setattr(app, "token_view", probe.wrap_view(app.token_view))
+        for name, value in patches.items():
+            mp.setattr(app, name, value)
         demo = app.build_demo(tiny_sd, [concepts.toy, concepts.cd])
-        demo.queue(**app.QUEUE)
         port = _free_port()
-        demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        app.launch(demo, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
         try:
             yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", demo=demo, probe=probe)
         finally:
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_sd, concepts):
+    with serve(tiny_sd, concepts) as app_on_a_port:
+        yield app_on_a_port
 
 
 def _client(url):
@@ -632,7 +730,7 @@ def _same(alone: tuple, together: tuple) -> bool:
 
 
 def test_concurrent_visitors_each_get_what_they_get_alone(served):
-    assert app.QUEUE["default_concurrency_limit"] >= 2
+    assert app.HEAVY["concurrency_limit"] >= 2
     client = _client(served.url)
     alone = {name: _outcome(client.submit(**req, api_name="/generate")) for name, req in VISITORS.items()}
     assert [k for k, v in alone.items() if v[0] == "error"] == ["bad input", "run that fails mid-loop"]
@@ -643,7 +741,7 @@ def test_concurrent_visitors_each_get_what_they_get_alone(served):
     clients = {name: _client(served.url) for name in VISITORS}  # one visitor each, all at once
     jobs = {name: clients[name].submit(**req, api_name="/generate") for name, req in VISITORS.items()}
     together = {name: _outcome(job) for name, job in jobs.items()}
-    assert served.probe.peak == app.QUEUE["default_concurrency_limit"], "the runs never overlapped"
+    assert served.probe.peak == app.HEAVY["concurrency_limit"], "the runs never overlapped"
     for name in VISITORS:
         assert _same(alone[name], together[name]), name
 
@@ -694,3 +792,76 @@ def test_a_visitor_who_leaves_mid_run_frees_the_slot(served):
     assert served.probe.wait(lambda: served.probe.running == 0, timeout=5), "the abandoned run went on"
     assert served.probe.steps[prompt] < 50  # of 100
     _two_visitors_run_at_once(served)
+
+
+# ------------------------------------------------------------------------------ hostile visitors, served
+
+def test_generations_and_scores_share_the_two_slots(served):
+    """Two visitors score (0.5 s each at least) while two others generate slowly: the four never run
+    more than two at once, so that they share the cores two ways, not four."""
+    scorers = [_client(served.url) for _ in range(2)]
+    for i, scorer in enumerate(scorers):  # each scores a generation of its own
+        assert _outcome(scorer.submit(**_request(prompt="a jumping dog", swaps="dog=zebra", seed=i, steps=2),
+                                      api_name="/generate"))[0] == "ok"
+    served.probe.reset_peak()
+    jobs = [scorer.submit(map_mode="overlay", api_name="/score") for scorer in scorers]
+    jobs += [_client(served.url).submit(**_request(prompt=f"a cat sleeping slowly {i}", swaps="cat=dog", steps=5),
+                                        api_name="/generate") for i in range(2)]
+    for job in jobs:
+        job.result(timeout=120)
+    assert served.probe.peak == app.HEAVY["concurrency_limit"] == 2
+
+
+def test_a_flood_of_token_table_requests_runs_a_few_at_a_time(served):
+    visitors = [_client(served.url) for _ in range(6)]
+    served.probe.reset_peak("views")
+    jobs = [visitor.submit(mode=app.SWAP, concept_key=None, prompt=f"a dog jumping slowly {i}", swaps="",
+                           long="segments", api_name="/tokens") for i, visitor in enumerate(visitors)]
+    for job in jobs:
+        job.result(timeout=60)
+    assert served.probe.top["views"] == app.TOKEN_VIEWS["concurrency_limit"] < 6
+
+
+def test_a_visitors_last_generation_is_dropped_once_its_time_to_live_is_over(tiny_sd, concepts):
+    from gradio_client.exceptions import AppError
+
+    with serve(tiny_sd, concepts, STATE_TTL_S=1) as short_lived:
+        visitor = _client(short_lived.url)
+        assert _outcome(visitor.submit(**_request(prompt="a jumping dog", swaps="dog=zebra", steps=2),
+                                       api_name="/generate"))[0] == "ok"
+        state = short_lived.demo.state_holder.session_data[visitor.session_hash].state_data
+        kept = weakref.ref(next(v for v in state.values() if isinstance(v, generate_module.Generation)))
+        assert short_lived.probe.wait(lambda: gc.collect() >= 0 and kept() is None, timeout=10), \
+            "the generation outlived its time to live"
+        with pytest.raises(AppError, match="generate images first"):
+            visitor.predict(map_mode="overlay", api_name="/score")
+
+
+def test_state_is_kept_for_the_most_recently_active_visitors_only(tiny_sd, concepts):
+    from gradio_client.exceptions import AppError
+
+    with serve(tiny_sd, concepts, SESSIONS=2) as few:
+        visitors = [_client(few.url) for _ in range(3)]
+        for visitor in visitors:
+            assert _outcome(visitor.submit(**_request(prompt="a jumping dog", swaps="dog=zebra", steps=2),
+                                           api_name="/generate"))[0] == "ok"
+        assert len(few.demo.state_holder.session_data) == 2
+        with pytest.raises(AppError, match="generate images first"):  # the first visitor's generation is gone
+            visitors[0].predict(map_mode="overlay", api_name="/score")
+        assert visitors[2].predict(map_mode="overlay", api_name="/score")[0].startswith("Every image scored")
+
+
+def test_the_served_app_refuses_an_upload_over_its_limit_as_it_streams_in(served, tmp_path):
+    """An upload over the largest a LoRA may be is refused by the server (413) as it streams in, before
+    the callback ever sees it."""
+    import httpx
+
+    big = tmp_path / "lora.safetensors"
+    with big.open("wb") as f:
+        f.truncate(app.MAX_UPLOAD_BYTES + 1)  # sparse: zeros read back, no disk taken
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"\0" * 4096)
+    for path, status in ((big, 413), (small, 200)):
+        with path.open("rb") as f:
+            r = httpx.post(served.url + "gradio_api/upload", files={"files": (path.name, f)}, timeout=60)
+        assert r.status_code == status, (path.name, r.text[:200])

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from visualize import (MARK_COLOUR, colorize, colour_bar, comparison_grid, heatmap_row, large_map, overlay,
-                       swap_diagram, tile_at, token_chips)
+                       swap_diagram, text, tile_at, token_chips)
+from visualize.grid import TITLE_LINES
 from visualize.heatmaps import BAR_HEIGHT, BORDER, GAP, MARGIN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -310,6 +311,74 @@ def test_comparison_grid_footer_and_long_title_make_it_taller():
 def test_comparison_grid_needs_a_column():
     with pytest.raises(ValueError, match="at least one column"):
         comparison_grid([], "title")
+
+
+# text: fitting and wrapping labels of any length
+
+HUGE = "x" * 100_000  # a 100,000-character concept token or prompt
+
+
+@pytest.fixture
+def measured(monkeypatch) -> list[int]:
+    """The length of every string `visualize.text` measures; the test fails past 500 measurements
+    (a label fitted one character at a time would take 100,000 of them)."""
+    lengths: list[int] = []
+    real = text.text_width
+
+    def width(s, f):
+        lengths.append(len(s))
+        if len(lengths) > 500:
+            pytest.fail("over 500 measurements: the work grows with the length of the text")
+        return real(s, f)
+
+    monkeypatch.setattr(text, "text_width", width)
+    return lengths
+
+
+@pytest.mark.parametrize("label", ["<striped-ball>", "a jumping dog over the fence", "WWWWiiiilll" * 9, "x"])
+@pytest.mark.parametrize("width", [1, 20, 96])
+def test_fit_keeps_the_longest_prefix_that_fits_before_its_ellipsis(label, width):
+    f = text.font(13)
+    fitted = text.fit(label, f, width)
+    if text.text_width(label, f) <= width:
+        assert fitted == label
+        return
+    kept = fitted.removesuffix(text.ELLIPSIS)
+    assert fitted.endswith(text.ELLIPSIS) and label.startswith(kept)
+    assert not kept or text.text_width(fitted, f) <= width
+    assert text.text_width(label[: len(kept) + 1] + text.ELLIPSIS, f) > width  # one more would not fit
+
+
+def test_fitting_a_100000_character_label_measures_a_few_short_strings(measured):
+    f = text.font(13)
+    fitted = text.fit(HUGE, f, 96)
+    assert fitted == text.fit("x" * 200, f, 96)  # the same label as for a short one
+    assert len(measured) < 40 and max(measured) < 200
+
+
+def test_wrap_breaks_between_words_and_inside_words_wider_than_a_line():
+    f = text.font(13)
+    lines = text.wrap("a jumping dog " + "W" * 40 + " over the fence", f, 100, 20)
+    assert all(text.text_width(line, f) <= 100 for line in lines)
+    assert "".join(lines).replace(" ", "") == ("ajumpingdog" + "W" * 40 + "overthefence")
+    assert text.wrap("seed 0\nsteps 30", f, 100, 20) == ["seed 0", "steps 30"]
+
+
+@pytest.mark.parametrize("long_text", [HUGE, " ".join(["a jumping dog"] * 7_700)], ids=["one word", "many words"])
+def test_a_100000_character_paragraph_wraps_to_max_lines_ending_in_an_ellipsis(long_text, measured):
+    f = text.font(22)
+    lines = text.wrap(long_text, f, 300, 3)
+    assert len(lines) == 3 and lines[-1].endswith(text.ELLIPSIS)
+    assert all(text.text_width(line, f) <= 300 for line in lines)
+    assert len(measured) < 300 and max(measured) < 1_000
+
+
+def test_a_grid_titled_with_a_100000_character_prompt_is_as_tall_as_one_with_a_long_sentence():
+    columns = [("baseline", solid((255, 0, 0), (128, 128)), None), ("swapped", solid((0, 0, 255), (128, 128)), None)]
+    sentence = " ".join(["a red circle on a blue background"] * 8)  # more than TITLE_LINES lines at this width
+    assert len(text.wrap(sentence, text.font(22), 2 * 128 + 16, 100)) > TITLE_LINES
+    huge = comparison_grid(columns, " ".join(["a red circle on a blue background"] * 3_000))
+    assert huge.size == comparison_grid(columns, sentence).size
 
 
 # token_chips

@@ -12,6 +12,11 @@ TITLE_SIZE = 22
 CAPTION_SIZE = 16
 FOOTER_SIZE = 13
 FOOTER_COLOUR = (70, 70, 70)
+# Lines drawn at most per title, caption and footer paragraph; a longer text ends in "…" (the full
+# text is in the settings), so a prompt of any length draws a grid of bounded size.
+TITLE_LINES = 3
+CAPTION_LINES = 2
+FOOTER_LINES = 3
 
 
 def comparison_grid(
@@ -24,7 +29,8 @@ def comparison_grid(
     Each column is its caption, the image, then the heat-map row, centred in a column as wide
     as the wider of the two; the images start on one line and the rows on another, so the
     columns' rows line up for comparison. Images are pasted at their own size, never rescaled.
-    The title (centred) and the footer (flush left, newlines kept) wrap to the grid's width.
+    The title (centred) and the footer (flush left, newlines kept) wrap to the grid's width, at
+    most TITLE_LINES for the title, FOOTER_LINES per footer paragraph and CAPTION_LINES per caption.
     Returns an RGB image on white. Raises ValueError when there are no columns.
     """
     if not columns:
@@ -35,9 +41,9 @@ def comparison_grid(
 
     widths = [max(image.width, row.width if row is not None else 0) for _, image, row in columns]
     inner = sum(widths) + GAP * (len(columns) - 1)
-    title_lines = text.wrap(title, title_font, inner)
-    footer_lines = text.wrap(footer, footer_font, inner) if footer else []
-    captions = [text.wrap(caption, caption_font, w) for (caption, _, _), w in zip(columns, widths)]
+    title_lines = text.wrap(title, title_font, inner, TITLE_LINES)
+    footer_lines = text.wrap(footer, footer_font, inner, FOOTER_LINES) if footer else []
+    captions = [text.wrap(caption, caption_font, w, CAPTION_LINES) for (caption, _, _), w in zip(columns, widths)]
     rows = [row for _, _, row in columns if row is not None]
 
     # Top to bottom: title, captions, images, heat-map rows, footer; a section's height is

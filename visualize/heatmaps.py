@@ -24,6 +24,7 @@ GAP = 12  # between tiles; wider than 2 * BORDER so two marked neighbours' frame
 MODES = ("overlay", "raw")
 BAR_HEIGHT = 12  # the colour bar's ramp
 SCALE_NOTE = "each map from its own min to its own max"
+TITLE_LINES = 2  # a large map's title (a word and an image's name) at most
 
 
 def _map2d(map2d: np.ndarray) -> np.ndarray:
@@ -203,7 +204,7 @@ def large_map(image: Image.Image, map2d: np.ndarray, title: str, mode: str = "ov
     base = ImageOps.contain(image.convert("RGB"), (size, size), Image.Resampling.LANCZOS)
     picture = _picture(base, map2d, mode)
     font = text.font(18)
-    titles = text.wrap(title, font, size)
+    titles = text.wrap(title, font, size, TITLE_LINES)
     legend = colour_bar(size)
     top = MARGIN + len(titles) * text.line_height(font)
     out = Image.new("RGB", (size + 2 * MARGIN, top + picture.height + GAP + legend.height + MARGIN), BACKGROUND)

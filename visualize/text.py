@@ -1,7 +1,9 @@
 """Fonts, line wrapping and text drawing shared by the heat-map rows and the comparison grid."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import lru_cache
+from itertools import islice
 
 from PIL import ImageDraw, ImageFont
 
@@ -33,38 +35,72 @@ def text_width(text: str, f: Font) -> int:
     return int(round(f.getlength(text)))
 
 
+def _longest_prefix(text: str, f: Font, width: int, suffix: str = "") -> int:
+    """How many leading characters of `text`, followed by `suffix`, fit in `width` px (0 if none do).
+
+    Found by doubling a prefix until it is too wide, then halving the gap: O(log k) measurements
+    of strings at most 2k characters long for the k that fit, however long `text` is (a label of
+    100,000 characters costs what one of 100 does). A longer prefix is taken to be no narrower.
+    """
+    def fits(n: int) -> bool:
+        return text_width(text[:n] + suffix, f) <= width
+
+    too_wide = 1
+    while too_wide <= len(text) and fits(too_wide):
+        too_wide *= 2
+    fitting, too_wide = too_wide // 2, min(too_wide, len(text) + 1)
+    while too_wide - fitting > 1:
+        middle = (fitting + too_wide) // 2
+        if fits(middle):
+            fitting = middle
+        else:
+            too_wide = middle
+    return fitting
+
+
 def fit(text: str, f: Font, width: int) -> str:
     """`text` shortened with "…" so that it is at most `width` px wide."""
-    if text_width(text, f) <= width:
+    if _longest_prefix(text, f, width) == len(text):
         return text
-    while text and text_width(text + ELLIPSIS, f) > width:
-        text = text[:-1]
-    return text + ELLIPSIS
+    return text[: _longest_prefix(text, f, width, ELLIPSIS)] + ELLIPSIS
 
 
-def wrap(text: str, f: Font, width: int) -> list[str]:
-    """`text` split into lines at most `width` px wide.
+def _lines(paragraph: str, f: Font, width: int) -> Iterator[str]:
+    """The lines of `paragraph` at most `width` px wide, broken between words, and between the
+    characters of a word wider than `width` (a model id, a path). Lazy: a caller that stops
+    early never measures the rest."""
+    line = ""
+    for word in paragraph.split(" "):
+        candidate = f"{line} {word}" if line else word
+        if _longest_prefix(candidate, f, width) == len(candidate):
+            line = candidate
+            continue
+        if line:
+            yield line
+        while True:
+            head = max(1, _longest_prefix(word, f, width))  # at least one character a line
+            if head == len(word):
+                line = word
+                break
+            yield word[:head]
+            word = word[head:]
+    yield line
 
-    Explicit newlines are kept; lines break between words, and a single word wider than `width`
-    (a model id, a path) is broken between characters rather than overflowing.
+
+def wrap(text: str, f: Font, width: int, max_lines: int) -> list[str]:
+    """`text` split into lines at most `width` px wide, at most `max_lines` per paragraph.
+
+    Explicit newlines start paragraphs; see `_lines` for where lines break. A paragraph that needs
+    more lines keeps its first `max_lines`, the last one ending in "…", so the work and the height
+    drawn do not grow with the length of the text.
     """
     lines: list[str] = []
     for paragraph in text.split("\n"):
-        line = ""
-        for word in paragraph.split(" "):
-            candidate = f"{line} {word}" if line else word
-            if text_width(candidate, f) <= width:
-                line = candidate
-                continue
-            if line:
-                lines.append(line)
-            line = ""
-            for char in word:
-                if line and text_width(line + char, f) > width:
-                    lines.append(line)
-                    line = ""
-                line += char
-        lines.append(line)
+        kept = list(islice(_lines(paragraph, f, width), max_lines + 1))
+        if len(kept) > max_lines:
+            last = kept[max_lines - 1]
+            kept = kept[: max_lines - 1] + [last[: _longest_prefix(last, f, width, ELLIPSIS)] + ELLIPSIS]
+        lines += kept
     return lines
 
 
