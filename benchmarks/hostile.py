@@ -114,6 +114,7 @@ def _generate(model, registry, uploaded=None, mode=None, concept_key=None, promp
 def _upload_then_generate(model, registry, path: Path) -> str:
     """The upload form (class word `circle`), then a generation with the concept if it was accepted."""
     import numpy as np
+    from PIL import Image
 
     import app
 
@@ -121,7 +122,8 @@ def _upload_then_generate(model, registry, path: Path) -> str:
     key = next(iter(uploaded))
     out = _generate(model, registry, uploaded, app.ALIGNIT, key, prompt.replace("a photo of", "a") + " on a green"
                     " background")
-    image = np.asarray(out[1].convert("L"), dtype=float)
+    with Image.open(out[1]) as shown:  # the AlignIT image's PNG
+        image = np.asarray(shown.convert("L"), dtype=float)
     grid = Path(out[2 * app.MAX_COLUMNS])
     return f"generated (AlignIT image mean {image.mean():.1f} / 255; grid PNG {grid.stat().st_size / 2**20:.2f} MiB)"
 
@@ -168,7 +170,7 @@ def _describe(prompt: str, swaps: str):
     def run(model, registry, folder):
         import app
 
-        table, _, _, texts = app.describe(model, registry, {}, app.SWAP, None, prompt, swaps)
+        table, _, _, texts, _ = app.describe(model, registry, {}, app.SWAP, None, prompt, swaps)
         return f"{len(table)} table rows; {texts.splitlines()[-1][:160] if texts else ''}"
     return run
 
