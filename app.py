@@ -103,7 +103,10 @@ TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, s
 
 def header_markdown(model) -> str:
     about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
-             "striped or with a hole, on coloured backgrounds, 128 px." if model.is_embedded else "")
+             "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
+             "concepts keep drawing their reference pictures' background whatever the prompt asks (a third of the "
+             "time they follow it); AlignIT draws the asked background in three quarters, and keeps the holed star "
+             "(README, toy Table 1)." if model.is_embedded else "")
     return (
         "# AlignIT Studio\n"
         "AlignIT makes a customized text-to-image model follow the rest of the prompt: it generates with "
@@ -940,13 +943,17 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
     rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
-    for key, c in concepts.items():
-        if c.example_prompt:
-            rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
-            labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}")
-    pairs = [(a, b) for a in concepts for b in concepts
-             if concepts[a].example_prompt and concepts[a].token != concepts[b].token]
-    pair = min(pairs, key=lambda ab: concepts[ab[0]].kind == concepts[ab[1]].kind, default=None)  # kinds mixed first
+    shown = [key for key, c in concepts.items() if c.example_prompt and _example_works(c)]
+    for key in shown:
+        c = concepts[key]
+        rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
+        rates = (f" · all drawn in {c.example_rates[0]:.0%} → {c.example_rates[1]:.0%} of seeds"
+                 if c.example_rates else "")
+        labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")
+    pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
+    # kinds mixed first, then the second concept whose own example AlignIT drew most often
+    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind,
+                                      -(concepts[ab[1]].example_rates or (0, 0))[1]), default=None)
     if pair is not None:
         first, other = concepts[pair[0]], concepts[pair[1]]
         rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),
@@ -954,6 +961,13 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         labels.append(f"AlignIT · two concepts · {first.token} ({KIND_LABELS[first.kind]}) and {other.token} "
                       f"({KIND_LABELS[other.kind]})")
     return rows, labels
+
+
+def _example_works(c) -> bool:
+    """An AlignIT example is offered where AlignIT draws the concept and the rest of the prompt in most
+    seeds and more often than the customized model (`Concept.example_rates`, measured by the toy Table 1),
+    or where that was not measured (a user's concepts, Stable Diffusion's)."""
+    return c.example_rates is None or (c.example_rates[1] > 0.5 and c.example_rates[1] > c.example_rates[0])
 
 
 # ------------------------------------------------------------------------------ layout and wiring

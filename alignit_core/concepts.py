@@ -85,6 +85,9 @@ class Concept:
     text_encoders: tuple = ()  # the customized text stack, same order as the model's
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
+    # how often (share of seeds) the customized model and AlignIT draw both the concept and the rest of
+    # `example_prompt`, measured by `scripts/table1.py --write-examples`; None when not measured
+    example_rates: tuple[float, float] | None = None
     warnings: tuple[str, ...] = ()  # what in its files was not used, said to the user with every generation
     scale: float = 1.0  # a LoRA's adapter weight (diffusers' set_adapters), already in its updates
 
@@ -285,6 +288,16 @@ def read_custom_diffusion(data: dict) -> tuple[dict[str, Replace], dict]:
     return {name: Replace(part["weight"], part.get("bias")) for name, part in parts.items()}, tokens
 
 
+def _example_rates(m: dict) -> tuple[float, float] | None:
+    """The manifest's `example_rates` ([customized, AlignIT], shares of seeds), or None when absent or not
+    two numbers from 0 to 1 (they only choose which examples the demo offers)."""
+    rates = m.get("example_rates")
+    if (isinstance(rates, list) and len(rates) == 2
+            and all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r <= 1 for r in rates)):
+        return float(rates[0]), float(rates[1])
+    return None
+
+
 def _inside(folder: Path, rel: str) -> Path:
     p = (folder / rel).resolve()
     if folder.resolve() not in p.parents and p != folder.resolve():
@@ -359,7 +372,7 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     phrase = m.get("phrase", "{token} {class_word}" if kind == "custom_diffusion" else "{token}")
     concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase=phrase, vectors=vectors,
                       unet=unet, text_encoders=encoders, references=refs, example_prompt=m.get("example_prompt", ""),
-                      warnings=tuple(warnings))
+                      example_rates=_example_rates(m), warnings=tuple(warnings))
     return _bind(concept, model)
 
 
@@ -396,7 +409,7 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
                       text_encoders=tuple({layer: edit.scaled(scale) for layer, edit in text.items()}
                                           for text in lora.text),
                       references=tuple(_inside(path.parent, r) for r in m.get("references", [])),
-                      example_prompt=m.get("example_prompt", ""), scale=float(scale))
+                      example_prompt=m.get("example_prompt", ""), example_rates=_example_rates(m), scale=float(scale))
     return _bind(concept, model)
 
 

@@ -1,18 +1,21 @@
 """Judge the embedded model with the shapes world's pixel classifier.
 
-Three measurements, each over many seeds and prompts, used by the tests and by
-`scripts/table1.py`: held-out prompt quality, swap semantics, and a toy Table 1 (text alignment
-and concept fidelity of the customized baseline vs AlignIT).
+Measurements, each over many seeds and prompts, used by the tests and by `scripts/table1.py`:
+held-out prompt quality, swap semantics, where each word's cross-attention lands (localisation),
+whether a concept's own row carries it, and a toy Table 1 (text alignment and concept fidelity of
+the customized baseline vs AlignIT, with confidence intervals).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .generate import Row, Settings, generate_concept, resolve, run_rows
 from .prompts import tokenize, word_swap_plan
-from .shapes import COLOURS, HELD_OUT, Judgement, classify
+from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask
 
 
 @dataclass(frozen=True)
@@ -84,14 +87,19 @@ def fidelity(j: Judgement, instance) -> bool:
 
 def reproduction(model, concept, instance, seeds: range, steps: int = 20) -> dict[str, float]:
     """Share of seeds whose picture for `a photo of a <token>` reproduces the instance, per row
-    (customized baseline, AlignIT, base model on `a photo of a <class word>`)."""
+    (customized baseline, AlignIT, base model on `a photo of a <class word>`), and `kept`: the
+    share of the seeds where the customized baseline reproduces it in which AlignIT does too (the
+    concept's own row carries it; nan when the baseline never does)."""
     hits = {"customized": [], "alignit": [], "base": []}
     for seed in seeds:
         gen = generate_concept(model, f"a photo of a {concept.token}", concept,
                                Settings(seed=seed, steps=steps, record_maps=False), include_base=True)
         for row in hits:
             hits[row].append(fidelity(classify(np.asarray(gen.images[row])), instance))
-    return {row: float(np.mean(v)) for row, v in hits.items()}
+    rates = {row: float(np.mean(v)) for row, v in hits.items()}
+    both = [a for c, a in zip(hits["customized"], hits["alignit"]) if c]
+    rates["kept"] = float(np.mean(both)) if both else float("nan")
+    return rates
 
 
 def patterned_quality(model, scenes, seeds: range, steps: int = 20) -> float:
@@ -108,15 +116,133 @@ def patterned_quality(model, scenes, seeds: range, steps: int = 20) -> float:
     return float(np.mean(hits))
 
 
-def table1(model, concept, instance, seeds: range, steps: int = 20):
-    """Per method: (text alignment, concept fidelity, n) over prompts x seeds."""
-    colours = {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set())
-    scores = {"customized": [], "alignit": []}
-    for text, background in table1_prompts(concept, instance.background, colours):
-        for seed in seeds:
-            gen = generate_concept(model, text, concept, Settings(seed=seed, steps=steps, record_maps=False))
-            for row in scores:
-                j = classify(np.asarray(gen.images[row]))
-                scores[row].append((j.background == background, fidelity(j, instance)))
-    return {row: (float(np.mean([a for a, _ in v])), float(np.mean([f for _, f in v])), len(v))
-            for row, v in scores.items()}
+@dataclass(frozen=True)
+class Estimate:
+    """A mean and its 95 % confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def seed_bootstrap(values: dict[str, np.ndarray], statistic, resamples: int = 2000) -> Estimate:
+    """`statistic(values)` with a 95 % percentile interval from resampling seeds with replacement.
+    Each array is (seeds, prompts) with the same seeds in the same order, so differences and ratios
+    of methods stay paired: a seed's prompts move together, as they share its starting noise."""
+    n = next(iter(values.values())).shape[0]
+    rng = np.random.default_rng(0)
+    draws = [statistic({k: v[idx] for k, v in values.items()})
+             for idx in rng.integers(0, n, size=(resamples, n))]
+    low, high = np.nanpercentile(draws, [2.5, 97.5])
+    return Estimate(float(statistic(values)), float(low), float(high))
+
+
+@dataclass(frozen=True)
+class Table1:
+    """One concept's row of the toy Table 1: per method (customized, alignit) text alignment (the
+    asked background drawn) and concept fidelity (the instance drawn), each (seeds, prompts)."""
+
+    text: dict[str, np.ndarray]
+    fidelity: dict[str, np.ndarray]
+    prompts: tuple[str, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return int(self.text["customized"].size)
+
+    def mean(self, measure: str, method: str) -> Estimate:
+        data = getattr(self, measure)
+        return seed_bootstrap({method: data[method]}, lambda v: float(v[method].mean()))
+
+    @property
+    def text_gain(self) -> Estimate:
+        """AlignIT's text alignment minus the customized baseline's, paired."""
+        return seed_bootstrap(self.text, lambda v: float(v["alignit"].mean() - v["customized"].mean()))
+
+    def best_example(self) -> tuple[str, float, float]:
+        """The prompt where AlignIT most often draws both the concept and the asked background while
+        the customized baseline does not, with the two methods' rates of drawing both (over seeds):
+        an example that works for most seeds, chosen by the protocol rather than by one picture."""
+        both = {m: (self.text[m] & self.fidelity[m]).mean(axis=0) for m in self.text}
+        k = int(np.argmax(both["alignit"] - both["customized"] + 1e-3 * both["alignit"]))
+        return self.prompts[k], float(both["customized"][k]), float(both["alignit"][k])
+
+    @property
+    def fidelity_ratio(self) -> Estimate:
+        """AlignIT's concept fidelity over the customized baseline's, paired."""
+        return seed_bootstrap(self.fidelity, lambda v: float(v["alignit"].mean() / v["customized"].mean())
+                              if v["customized"].mean() > 0 else float("nan"))
+
+
+def table1(model, concept, instance, seeds: range, steps: int = 20) -> Table1:
+    """The customized baseline and AlignIT on every prompt of `table1_prompts` x seeds, judged by
+    the classifier."""
+    prompts = table1_prompts(concept, instance.background,
+                             {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set()))
+    text = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
+    fid = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
+    for i, seed in enumerate(seeds):
+        for k, (prompt, background) in enumerate(prompts):
+            gen = generate_concept(model, prompt, concept, Settings(seed=seed, steps=steps, record_maps=False))
+            for method in text:
+                j = classify(np.asarray(gen.images[method]))
+                text[method][i, k] = j.background == background
+                fid[method][i, k] = fidelity(j, instance)
+    return Table1(text, fid, tuple(p for p, _ in prompts))
+
+
+# ---------------------------------------------------------------- where each word's attention lands
+
+# Which pixels each kind of word draws: the object's (its colour, shape and pattern words) or the
+# background's (its colour and the word "background").
+WORD_CLASSES = {"colour": "object", "shape": "object", "pattern": "object",
+                "background colour": "background", "background": "background"}
+MAP_THRESHOLD = 0.4  # DAAM's: a word's map, scaled min -> max, covers the pixels where it is >= 0.4
+
+
+def localisation_prompts() -> list[tuple[str, dict[str, int]]]:
+    """Held-out prompts, plain, striped and holed, with each word class's token position."""
+    out = []
+    for i, (c, s, b) in enumerate(HELD_OUT):
+        pattern = ("plain", "striped", "holed")[i % 3]
+        words = f"a {c} {PATTERN_PHRASES[pattern]} on a {b} background".format(s=s).split()
+        where = {"colour": 2, "shape": words.index(s) + 1, "background colour": len(words) - 1,
+                 "background": len(words)}
+        if pattern != "plain":
+            where["pattern"] = words.index("striped" if pattern == "striped" else "hole") + 1
+        out.append((" ".join(words), where))
+    return out
+
+
+def word_map_iou(word_map: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of a word's map (side, side), upsampled to the mask's size, scaled min -> max and cut at
+    MAP_THRESHOLD, with the pixels it should cover (H, W) bool."""
+    m = torch.from_numpy(np.asarray(word_map, np.float32))[None, None]
+    m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+    covered = m >= MAP_THRESHOLD
+    return float((covered & mask).sum() / max((covered | mask).sum(), 1))
+
+
+def localisation(model, seeds: range, steps: int = 20) -> dict[str, tuple[float, int]]:
+    """Per word class (WORD_CLASSES): mean IoU of its words' cross-attention maps (the engine's:
+    head-mean, over the layers at the recording resolution, summed over steps) with the object or
+    background mask of the image drawn, and the number of maps; over the held-out prompts of
+    `localisation_prompts` x seeds. Images with no object found are left out."""
+    prompts = localisation_prompts()
+    ious: dict[str, list[float]] = {k: [] for k in WORD_CLASSES}
+    for seed in seeds:
+        settings = resolve(model, Settings(seed=seed, steps=steps))
+        rows = [Row(str(i), tokenize(model.tokenizer, text)) for i, (text, _) in enumerate(prompts)]
+        images, maps = run_rows(model, rows, settings)[:2]
+        for (text, where), image, row in zip(prompts, images, rows):
+            obj = object_mask(np.asarray(image))
+            if obj.sum() < 0.01 * obj.size:
+                continue
+            for word_class, pos in where.items():
+                mask = obj if WORD_CLASSES[word_class] == "object" else ~obj
+                ious[word_class].append(word_map_iou(maps[row.name][pos], mask))
+    return {k: (float(np.mean(v)) if v else float("nan"), len(v)) for k, v in ious.items()}

@@ -258,17 +258,31 @@ class Judgement:
     hole: bool  # the object encloses background, or its centre shows the background
 
 
-def classify(image: np.ndarray) -> Judgement:
-    """Judge an (H, W, 3) uint8 image of the shapes world, deterministically."""
+def _segment(image: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(background colour index, each pixel's nearest colour index (H*W,), object mask (H, W)):
+    the background is the border's commonest colour; the object, pixels clearly not it."""
     h, w, _ = image.shape
     border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
                              image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
-    bg_idx = np.bincount(_nearest(border), minlength=len(_NAMES)).argmax()
-    background = _NAMES[bg_idx]
+    bg_idx = int(np.bincount(_nearest(border), minlength=len(_NAMES)).argmax())
     flat = image.reshape(-1, 3).astype(np.float32)
     nearest = _nearest(flat)
     dist_bg = np.sqrt(((flat - _PALETTE[bg_idx]) ** 2).sum(-1))
-    mask = ((nearest != bg_idx) & (dist_bg > 40)).reshape(h, w)
+    return bg_idx, nearest, ((nearest != bg_idx) & (dist_bg > 40)).reshape(h, w)
+
+
+def object_mask(image: np.ndarray) -> np.ndarray:
+    """The object's silhouette in an (H, W, 3) uint8 image, its holes filled: (H, W) bool. What
+    the object words drew; the rest is what the background words drew."""
+    mask = _segment(image)[2]
+    return mask | _enclosed(mask)
+
+
+def classify(image: np.ndarray) -> Judgement:
+    """Judge an (H, W, 3) uint8 image of the shapes world, deterministically."""
+    h, w, _ = image.shape
+    bg_idx, nearest, mask = _segment(image)
+    background = _NAMES[bg_idx]
     if mask.sum() < 0.01 * h * w:
         return Judgement(background, None, None, 0.0, {}, False)
     labels = nearest[mask.reshape(-1)]

@@ -1,14 +1,16 @@
 """Where does a concept live in the conditioning? Swap groups of rows between the customized
 prompt and the base model's prompt and see which carry the novel instance.
 
-    python scripts/concept_rows.py                    # both textual-inversion concepts, 16 seeds
+    python scripts/concept_rows.py                    # textual-inversion and text-encoder concepts, 16 seeds
 
-For each textual-inversion concept (its UNet is the base model's, so only the 77 conditioning
-rows differ), `a photo of a <token>` is drawn from five conditionings, each judged by the pixel
+For each textual-inversion and text-encoder concept (their UNet is the base model's, so only the 77
+conditioning rows differ), `a photo of a <token>` is drawn from five conditionings, each judged by the pixel
 classifier (`evaluate.fidelity`): the customized prompt; it with the rows after the token (end of
 text and padding) taken from the base prompt `a photo of a <class word>`; the base prompt with only
 the token's row from the customized prompt; AlignIT (the base prompt with the token's row from
 `* * * * <token>`); and the base prompt with the token's and all later rows from the customized one.
+The last column counts, among the seeds whose customized prompt draws the instance, those where
+each conditioning draws it too (same noise).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignit_core import find_concepts, load_model  # noqa: E402
+from alignit_core.concepts import KIND_LABELS  # noqa: E402
 from alignit_core.encoding import encode  # noqa: E402
 from alignit_core.evaluate import fidelity  # noqa: E402
 from alignit_core.shapes import classify  # noqa: E402
@@ -42,19 +45,20 @@ def main(argv=None) -> None:
     def ids(text: str) -> torch.Tensor:
         return torch.tensor([tok(text, padding="max_length", max_length=MAX_LEN).input_ids])
 
-    print("| concept | conditioning | instance drawn |")
-    print("|---|---|---|")
+    print("| concept | kind | conditioning | instance drawn | where the customized prompt draws it |")
+    print("|---|---|---|---|---|")
     for concept in find_concepts(ROOT / "assets" / "concepts", model):
-        if concept.kind != "textual_inversion":
+        if concept.kind not in ("textual_inversion", "text_encoder"):
             continue
         inst = INSTANCES[concept.token.strip("<>")]
         vec = concept.vectors[0][0].float().view(1, 1, -1).expand(1, MAX_LEN, -1)
+        custom_te = concept.text_encoders[0].float() if concept.text_encoders else te
         pos = 5  # the token's row in `a photo of a <token>` and in `* * * * <token>`
 
         def with_token(text: str) -> torch.Tensor:
             mask = torch.zeros(1, MAX_LEN, dtype=torch.bool)
             mask[0, pos] = True
-            return encode(te, ids(text.replace(concept.token, "*")), vec, mask).hidden
+            return encode(custom_te, ids(text.replace(concept.token, "*")), vec, mask).hidden
 
         with torch.no_grad():
             custom = with_token(f"a photo of a {concept.token}")
@@ -67,10 +71,14 @@ def main(argv=None) -> None:
             "AlignIT: base prompt, the token's row from `* * * * <token>`": torch.cat([base[:, :pos], dummy[:, pos:pos + 1], base[:, pos + 1:]], 1),
             "base prompt, the token's and later rows from the customized prompt": torch.cat([base[:, :pos], custom[:, pos:]], 1),
         }
+        drawn = None  # per seed, by the customized prompt (the first variant)
         for label, cond in variants.items():
             images = sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, 0, args.steps)
-            hits = sum(fidelity(classify(im), inst["scene"]) for im in images)
-            print(f"| {concept.token} | {label} | {hits} / {args.seeds} |", flush=True)
+            hits = [fidelity(classify(im), inst["scene"]) for im in images]
+            drawn = hits if drawn is None else drawn
+            kept = sum(h and d for h, d in zip(hits, drawn))
+            print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits)} / {args.seeds} | "
+                  f"{kept} / {sum(drawn)} |", flush=True)
 
 
 if __name__ == "__main__":

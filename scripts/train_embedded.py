@@ -4,24 +4,38 @@
     python scripts/train_embedded.py --smoke --out /tmp/x     # seconds-long check of every stage
 
 Stages: `vae` (AutoencoderKL, scale factor 8), `unet` (UNet2DConditionModel + CLIPTextModel
-trained jointly on captions), `concepts` (textual inversion and Custom Diffusion for each novel
-instance), `export` (the diffusers folder and concept folders). Each stage checkpoints into
---work and resumes from there; batches are drawn from per-step seeds, so a resumed run on the CPU
-draws the same data as an uninterrupted one. Uses CUDA when present. `--unet-init` continues an
-exported UNet + text encoder, `--decoder-init` fine-tunes only an exported VAE's decoder (its
-latent space stays), `--init-from` retrains only the concepts.
+trained jointly on captions), `concepts` (textual inversion, Custom Diffusion and a text-encoder
+fine-tune for each novel instance), `export` (the diffusers folder and concept folders). Each
+stage checkpoints into --work and resumes from there; batches are drawn from per-step seeds, so a
+resumed run draws the same data as an uninterrupted one. Uses CUDA when present. `--unet-init`
+continues an exported UNet + text encoder, `--decoder-init` fine-tunes only an exported VAE's
+decoder (its latent space stays), `--init-from` retrains only the concepts.
 
 The world's captions name patterns (`a blue striped square`, `a green star with a hole`,
 --pattern-mix of the scenes) on every shape and colour except the concepts' instances
 (`shapes.NOVEL`): the instances are new combinations of things the model can draw, as a real
 concept is for Stable Diffusion.
 
-One choice in the data worth knowing: in a fraction of the UNet's batches (--swap-mix) one
-attribute word's hidden-state row is taken from a dummy prompt (`* * square * * * *`) that names
-another value, and the target image shows that other value. Large CLIP-conditioned models carry
-a word's meaning in its own row; a 3-layer encoder trained from scratch on a handful of captions
-has no reason to, because its causal attention copies every word into all later rows. The mix
-teaches the small model what the large ones already do; it is part of training, not of AlignIT.
+Large CLIP-conditioned models read a word from its own row, ignore the padding rows (their text
+encoder is frozen; Toker et al., "Padding Tone", NAACL 2025) and put each word's cross-attention on
+what it drew. A 3-layer encoder trained jointly with a small UNet learns none of that by itself:
+its causal attention copies every word into all later rows, and the UNet read the whole prompt
+from the end-token rows with nearly even attention over the tokens. What the UNet's training does
+about it, each a share of the captions:
+
+* --swap-mix: one attribute word's row comes from a dummy prompt (`* * square * * * *`) naming
+  another value, and the target shows that value;
+* --pure-mix: every word's row comes from its own one-word prompt (the word, `*` elsewhere), so
+  no row carries another word;
+* --eot-mix: the rows from the end token on are another caption's, so they tell nothing about the
+  picture and the UNet learns to read nothing from them;
+* --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
+  evenly over the object's silhouette and each background word's over the rest, at the 16x16
+  layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
+  of the prompt, it broke colours and backgrounds for hundreds of steps.
+
+They are part of the base model's training, not of AlignIT: the concepts are trained with their
+own methods' objectives only.
 """
 from __future__ import annotations
 
@@ -32,20 +46,22 @@ import math
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from alignit_core.encoding import encode, token_embeddings  # noqa: E402
-from alignit_core.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERN_PHRASES, SHAPES, TEMPLATES, Scene,  # noqa: E402
-                                 classify, pattern_template, random_scene, render, styled, to_uint8)
+from alignit_core.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERN_PHRASES, PATTERNS, SHAPES, TEMPLATES, Scene,  # noqa: E402
+                                 classify, pattern_template, random_scene, render, styled, to_uint8,
+                                 training_triples)
 
 TOKENIZER_DIR = ROOT / "assets" / "clip-tokenizer"
 MODEL_NAME = "embedded-shapes"
@@ -65,11 +81,12 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def progress(stage: str, step: int, total: int, t0: float, loss: torch.Tensor) -> None:
+def progress(stage: str, step: int, total: int, t0: float, loss: torch.Tensor, **parts: torch.Tensor) -> None:
     if step % max(1, total // 20) == 0 or step == total:  # .item() syncs the GPU: only when printing
         rate = step / max(time.time() - t0, 1e-6)
         bar = "#" * int(20 * step / total)
-        log(f"{stage} [{bar:<20}] {step}/{total} {rate:.1f} it/s loss {loss.item():.4f}")
+        more = "".join(f" {k} {v.item():.4f}" for k, v in parts.items())
+        log(f"{stage} [{bar:<20}] {step}/{total} {rate:.2f} it/s loss {loss.item():.4f}{more}")
 
 
 def configs(smoke: bool):
@@ -190,10 +207,49 @@ def latent_scale(vae, device, seed: int) -> float:
 
 # ---------------------------------------------------------------------------------- UNet + text encoder
 
-def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0):
-    """Captions (ids), dummy-prompt rows to mix in, and the scenes the targets show."""
-    ids, dummy, swap_pos, targets = [], [], [], []
-    for _ in range(batch):
+OBJECT_WORDS = set(SHAPES) | {"striped", "hole"}
+
+
+def word_kind(caption: list[str], i: int) -> int:
+    """What caption word i draws: 1 the object (its colour, shape and pattern words), 2 the
+    background (its colour word and the word `background`), 0 nothing of its own (`a`, `on`, ...)."""
+    w = caption[i]
+    if w == "background" or (w in COLOURS and i + 1 < len(caption) and caption[i + 1] == "background"):
+        return 2
+    return 1 if w in OBJECT_WORDS or w in COLOURS else 0
+
+
+@dataclass
+class TextBatch:
+    """One batch of captions and what their conditioning is made of.
+
+    `ids` are the captions; a swapped sample (`swap_pos` >= 0) takes that row from `dummy`, a
+    prompt naming another value with `*` everywhere else, and its target shows that value. A
+    purified sample (`pure`) takes every word's row from its own one-word prompt (`pure_ids`, the
+    word at its position and `*` elsewhere; rows `pure_pos` of samples `pure_sample`), so no row
+    carries another word. From its end token on (`eos`), a sample takes the end-token and padding
+    rows of another caption of the batch (`eot_source`; -1: its own). `targets` are the scenes the
+    images show."""
+
+    ids: torch.Tensor  # (batch, 77)
+    dummy: torch.Tensor  # (batch, 77)
+    swap_pos: torch.Tensor  # (batch,), -1: no swap
+    eos: torch.Tensor  # (batch,) position of the end token
+    eot_source: torch.Tensor  # (batch,) sample whose end-token rows this one takes, -1: its own
+    pure_ids: torch.Tensor  # (rows, 77)
+    pure_sample: torch.Tensor  # (rows,)
+    pure_pos: torch.Tensor  # (rows,)
+    word_class: torch.Tensor  # (batch, 77): 1 a word of the object, 2 a word of the background, 0 other
+    targets: list[Scene]
+
+
+def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
+                 pure_mix: float = 0.0, eot_mix: float = 0.0) -> TextBatch:
+    """Captions, the rows to mix into their conditioning, and the scenes the targets show."""
+    ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
+    word_class = torch.zeros(batch, MAX_LEN, dtype=torch.long)
+    pure_ids, pure_sample, pure_pos = [], [], []
+    for b in range(batch):
         shown = random_scene(rng, patterned=pattern_mix)
         template = pattern_template(rng.choice(TEMPLATES), shown.pattern)
         words = template.split()
@@ -213,26 +269,175 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                 dummy_words = [STAR] * len(words)
                 dummy_words[pos - 1] = new
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
+        if words and pure_mix and rng.random() < pure_mix:
+            shown_words = [dummy_words[i] if i == pos - 1 else w for i, w in enumerate(caption)]
+            for i, w in enumerate(shown_words):
+                pure_ids.append(vocab.ids_of([w if j == i else STAR for j in range(len(caption))]))
+                pure_sample.append(b)
+                pure_pos.append(i + 1)
+            if dummy_words:  # the swapped word's row is already its one-word row; the picture shows it
+                shown = target
+            dummy_words, pos = [], -1
+        eot.append(bool(words) and bool(eot_mix) and rng.random() < eot_mix)
+        for i, w in enumerate(caption):
+            word_class[b, i + 1] = word_kind(caption, i)
         ids.append(vocab.ids_of(caption))
         dummy.append(vocab.ids_of(dummy_words))
         swap_pos.append(pos)
-        targets.append(target if pos > 0 else shown)
-    return torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), targets
+        eos.append(len(caption) + 1)
+        targets.append(target if dummy_words else shown)
+    captioned = [b for b in range(batch) if eos[b] > 1]
+    source = [rng.choice([c for c in captioned if c != b] or [-1]) if eot[b] else -1 for b in range(batch)]
+    pure = torch.tensor(pure_ids, dtype=torch.long).view(-1, MAX_LEN)
+    return TextBatch(torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), torch.tensor(eos),
+                     torch.tensor(source), pure, torch.tensor(pure_sample, dtype=torch.long),
+                     torch.tensor(pure_pos, dtype=torch.long), word_class, targets)
 
 
-def condition(te, ids, dummy, swap_pos):
-    """Encode captions; where swap_pos >= 0 that row comes from the dummy prompt's encoding."""
-    hidden = encode(te, ids).hidden
-    mixed = swap_pos >= 0
-    if mixed.any():
-        d = encode(te, dummy[mixed]).hidden
+def condition(te, batch: TextBatch) -> torch.Tensor:
+    """The batch's conditioning (batch, 77, dim): captions encoded, with the rows `batch` says
+    come from elsewhere (dummy prompts, one-word prompts, another caption's end rows)."""
+    device = token_embeddings(te).weight.device
+    encoded = encode(te, batch.ids.to(device)).hidden
+    hidden = encoded
+    swapped = batch.swap_pos.to(device) >= 0
+    if swapped.any():
+        d = encode(te, batch.dummy.to(device)[swapped]).hidden
         full = torch.zeros_like(hidden)
-        full[mixed] = d
-        rows = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-        idx = mixed.nonzero().squeeze(1)
-        rows[idx, swap_pos[idx]] = True
+        full[swapped] = d
+        rows = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=device)
+        idx = swapped.nonzero().squeeze(1)
+        rows[idx, batch.swap_pos.to(device)[idx]] = True
         hidden = torch.where(rows.unsqueeze(-1), full, hidden)
+    if len(batch.pure_ids):
+        pure = encode(te, batch.pure_ids.to(device)).hidden  # (rows, 77, dim)
+        picked = pure[torch.arange(len(pure), device=device), batch.pure_pos.to(device)]
+        hidden = hidden.index_put((batch.pure_sample.to(device), batch.pure_pos.to(device)), picked)
+    source = batch.eot_source.to(device)
+    if (source >= 0).any():
+        eos = batch.eos.to(device)
+        donor = source.clamp(min=0)
+        offset = torch.arange(MAX_LEN, device=device).view(1, -1) - eos.view(-1, 1)  # (batch, 77)
+        src_pos = (eos[donor].view(-1, 1) + offset).clamp(0, MAX_LEN - 1)
+        donated = encoded[donor.view(-1, 1), src_pos]  # (batch, 77, dim): the donor's end rows, aligned
+        replace = (offset >= 0) & (source >= 0).view(-1, 1)
+        hidden = torch.where(replace.unsqueeze(-1), donated, hidden)
     return hidden
+
+
+def silhouettes(scenes: list[Scene], sides, device) -> dict[int, torch.Tensor]:
+    """Each scene's object silhouette (holes filled) as the share of every cell it covers on a
+    side x side grid, per side: {side: (n, side * side)}."""
+    plain = [replace(sc, colour="white", background="black", pattern="plain") for sc in scenes]
+    alpha = (render(plain, size=4 * max(sides), device=device)[:, :1] + 1) / 2  # (n, 1, 64, 64)
+    return {side: F.interpolate(alpha, size=(side, side), mode="area").flatten(1) for side in sides}
+
+
+class LatentPool:
+    """VAE latents of a fixed set of scenes, `per_key` geometries for every (colour, shape,
+    background, pattern) the UNet's batches can ask for, and their silhouettes. On a CPU, encoding
+    each batch's pictures costs as much as the training step itself; the pool encodes them once
+    (and is kept in --work; the scenes are drawn again from the seed)."""
+
+    def __init__(self, vae, device, per_key: int, seed: int, work: Path, sides=(16,)):
+        rng = random.Random(seed * 7901)
+        self.keys, scenes = {}, []
+        for colour, shape, background in training_triples():
+            for pattern in ("plain",) + PATTERNS:
+                if (colour, shape, pattern) in NOVEL:
+                    continue
+                self.keys[(colour, shape, background, pattern)] = range(len(scenes), len(scenes) + per_key)
+                scenes += [styled(random_scene(rng, (colour, shape, background)), pattern=pattern)
+                           for _ in range(per_key)]
+        path = work / f"pool-{per_key}.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+            mean, std = saved["mean"], saved["std"]
+        else:
+            means, stds, t0 = [], [], time.time()
+            with torch.no_grad():
+                for i in range(0, len(scenes), 64):
+                    post = vae.encode(render(scenes[i:i + 64], device=device)).latent_dist
+                    means.append(post.mean.cpu()); stds.append(post.std.cpu())
+                    if i % 6400 == 0:
+                        log(f"latent pool {i}/{len(scenes)} ({time.time() - t0:.0f} s)")
+            mean, std = torch.cat(means), torch.cat(stds)
+            torch.save(dict(mean=mean, std=std), path)
+        self.mean, self.std = mean.to(device), std.to(device)
+        chunks = [silhouettes(scenes[i:i + 1024], sides, device) for i in range(0, len(scenes), 1024)]
+        self.masks = {side: torch.cat([c[side] for c in chunks]) for side in sides}
+
+    def draw(self, scenes: list[Scene], rng: random.Random, g: torch.Generator):
+        """Unscaled latents (n, 4, h, w) of pictures showing what `scenes` show (any geometry), and
+        their silhouettes {side: (n, side * side)}."""
+        idx = torch.tensor([rng.choice(self.keys[(s.colour, s.shape, s.background, s.pattern)]) for s in scenes],
+                           device=self.mean.device)
+        mean, std = self.mean[idx], self.std[idx]
+        return mean + std * torch.randn(mean.shape, generator=g, device=mean.device), \
+            {side: m[idx] for side, m in self.masks.items()}
+
+
+def scene_latents(vae, pool: LatentPool | None, scenes: list[Scene], rng: random.Random, g: torch.Generator,
+                  device, sides=(16,)):
+    """Unscaled latents of pictures of `scenes` and their silhouettes {side: (n, side * side)}:
+    from the pool when there is one, else encoded now."""
+    if pool is not None:
+        return pool.draw(scenes, rng, g)
+    with torch.no_grad():
+        post = vae.encode(render(scenes, device=device)).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=device)
+    return z, silhouettes(scenes, sides, device)
+
+
+class AttentionProbe:
+    """Cross-attention computed as diffusers' plain processor does, keeping each call's head-mean
+    probabilities (batch, pixels, tokens) in `maps` for the localisation loss."""
+
+    def __init__(self):
+        self.maps: list[torch.Tensor] = []
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (batch * heads, pixels, tokens)
+        self.maps.append(probs.view(b, attn.heads, n, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def probe_cross_attention(unet, sides=(16,)) -> AttentionProbe:
+    """Install one AttentionProbe on every cross-attention layer working at `sides` (latent 16x16)."""
+    probe = AttentionProbe()
+    n_down = len(unet.config.block_out_channels) - 1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and not name.startswith("mid_block"):
+            i = int(name.split(".")[1])
+            level = i if name.startswith("down_blocks") else n_down - i
+            if unet.config.sample_size // 2 ** level in sides:
+                module.set_processor(probe)
+    return probe
+
+
+def localisation_loss(maps: list[torch.Tensor], word_class: torch.Tensor, masks: dict[int, torch.Tensor]) -> torch.Tensor:
+    """How far each object or background word's attention, as a distribution over pixels, is from
+    being spread evenly over what the word draws (its object's silhouette, or the rest of the
+    picture): KL(even over the region || the word's attention), averaged over the probed layers
+    and the words; 0 when every pixel of the region, and no other, gets the same share. It asks
+    where a word's attention goes, not how much of each pixel's attention it gets."""
+    losses = []
+    words = word_class > 0  # (batch, 77)
+    for probs in maps:  # (batch, pixels, tokens)
+        side = math.isqrt(probs.shape[1])
+        cls = word_class[:, : probs.shape[2]]
+        obj = masks[side].unsqueeze(-1)  # (batch, pixels, 1)
+        region = torch.where((cls == 1).unsqueeze(1), obj, 1 - obj)  # (batch, pixels, tokens)
+        even = region / region.sum(1, keepdim=True).clamp_min(1e-8)
+        spread = probs / probs.sum(1, keepdim=True)
+        kl = (even * (torch.log(even.clamp_min(1e-8)) - torch.log(spread.clamp_min(1e-8)))).sum(1)  # (batch, tokens)
+        losses.append(kl[words[:, : probs.shape[2]]].mean())
+    return torch.stack(losses).mean()
 
 
 def unet_lr(args, step: int, total: int) -> float:
@@ -243,7 +448,7 @@ def unet_lr(args, step: int, total: int) -> float:
     return lr
 
 
-def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
+def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, pool=None):
     """Train the UNet and text encoder jointly, from scratch or (init) from an exported pair."""
     torch.manual_seed(args.seed)
     if init is None:
@@ -262,8 +467,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
         unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
     total = ck.get("total", args.unet_steps) if ck else args.unet_steps
+    probe = probe_cross_attention(unet) if args.attention_weight else AttentionProbe()
     t0, step = time.time(), start
-    while step < total:
+    while step < min(total, args.unet_stop or total):
         step += 1
         if args.unet_fit_seconds and step == start + 5:
             t_fit = time.time()
@@ -272,12 +478,10 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
             total = max(step, min(args.unet_steps, step + int(rate * (args.unet_fit_seconds - (time.time() - t0)))))
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
-        ids, dummy, swap_pos, scenes = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix)
-        ids, dummy, swap_pos = ids.to(device), dummy.to(device), swap_pos.to(device)
+        batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
-        with torch.no_grad():
-            post = vae.encode(render(scenes, device=device)).latent_dist
-            z0 = (post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=device)) * scale
+        z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
+        z0 = z0 * scale
         t = torch.randint(0, 1000, (z0.shape[0],), generator=g, device=device)
         eps = torch.randn(z0.shape, generator=g, device=device)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -286,18 +490,23 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cond = condition(te, ids, dummy, swap_pos)
+            cond = condition(te, batch)
+            probe.maps.clear()
             pred = unet(zt, t, encoder_hidden_states=cond).sample.float()
         loss = F.mse_loss(pred, eps)
+        parts = {}
+        if args.attention_weight and batch.word_class.any():
+            parts["localisation"] = localisation_loss(probe.maps, batch.word_class.to(device), masks)
+            loss = loss + args.attention_weight * parts["localisation"]
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        progress("unet", step, total, t0, loss)
+        progress("unet", step, total, t0, loss, **parts)
         over = time.time() - t0 > args.unet_seconds
-        if step % args.ckpt_every == 0 or step == total or over:
+        if step % args.ckpt_every == 0 or step == total or over or step == args.unet_stop:
             save_ckpt(args.work, "unet", dict(unet=unet.state_dict(), te=te.state_dict(), opt=opt.state_dict(),
                                               ema=[e.cpu() for e in ema], step=step, total=total))
             if over:
@@ -305,6 +514,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None):
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
+    unet.set_attn_processor(AttnProcessor2_0())  # the probe was for training only
     return unet.eval().requires_grad_(False), te.eval().requires_grad_(False)
 
 
@@ -333,30 +543,68 @@ def concept_ids(vocab: Vocab, words: list[str], token: str):
     return ids, pos
 
 
-def train_concept(args, device, name, kind, unet, te, vae, scale, vocab):
-    """Textual inversion (`ti`) learns one vector; Custom Diffusion (`cd`) learns one vector plus
-    every cross-attention layer's to_k/to_v, with prior preservation on captioned base-world images."""
+# What each concept method trains, and its learning rates: textual inversion one token vector;
+# Custom Diffusion that vector and every cross-attention layer's to_k/to_v, with prior preservation;
+# the text-encoder fine-tune (CatVersion-style: the customization lives in the text encoder's
+# self-attention keys and values of its last layers) those projections, the token standing for the
+# class word's own embedding. The fine-tuned encoder also encodes the empty prompt of the
+# customized model's guidance, so its training keeps that encoding (a squared-error term, like
+# DreamBooth's prior preservation): in a 3-layer encoder a few hundred steps move the start and
+# padding rows of every prompt, the empty one included, and guidance then cancels the concept.
+KINDS = {"ti": "textual_inversion", "cd": "custom_diffusion", "te": "text_encoder"}
+TE_LAYERS = (1, 2)  # the text encoder layers whose self-attention k/v a text-encoder concept fine-tunes
+
+
+def _te_params(te) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in te.named_parameters()
+            if any(f"layers.{i}.self_attn.{proj}." in n for i in TE_LAYERS for proj in ("k_proj", "v_proj"))}
+
+
+def concept_steps(text: str) -> dict[str, int]:
+    """`--concept-steps`: `400` for every kind, or `ti=1200,cd=400` (400 for a kind not named)."""
+    if "=" not in text:
+        return {kind: int(text) for kind in KINDS}
+    steps = dict.fromkeys(KINDS, 400)
+    for part in text.split(","):
+        kind, _, n = part.partition("=")
+        if kind.strip() not in KINDS:
+            raise argparse.ArgumentTypeError(f"unknown concept kind {kind.strip()!r} (one of {', '.join(KINDS)})")
+        steps[kind.strip()] = int(n)
+    return steps
+
+
+def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=None):
+    """Train one concept of `kind` (see KINDS) on its instance's reference images: the prompts
+    `a <token>` and `a photo of a <token>` (Custom Diffusion: `<token> <class word>`)."""
     info, token = INSTANCES[name], f"<{name}>"
     with torch.no_grad():
         refs = vae.encode(render(references(name), device=device)).latent_dist.mean * scale  # (n, 4, 16, 16)
     emb = token_embeddings(te).weight
-    init = emb[vocab.ids[info["class_word"]] if kind == "ti" else vocab.ids[STAR]].detach().clone()
-    vec = torch.nn.Parameter(init.clone())
-    groups = [dict(params=[vec], lr=5e-3)]
-    cd_unet = None
+    init = emb[vocab.ids[STAR] if kind == "cd" else vocab.ids[info["class_word"]]].detach().clone()
+    vec = torch.nn.Parameter(init.clone(), requires_grad=kind != "te")
+    groups = [dict(params=[vec], lr=5e-3)] if kind != "te" else []
+    model, encoder = unet, te
     if kind == "cd":
-        cd_unet = copy.deepcopy(unet)
-        kv = [p for n, p in cd_unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n]
+        model = copy.deepcopy(unet)
+        kv = [p for n, p in model.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n]
         for p in kv:
             p.requires_grad_(True)
         groups.append(dict(params=kv, lr=2e-4))
+    if kind == "te":
+        encoder = copy.deepcopy(te)
+        tuned = list(_te_params(encoder).values())
+        for p in tuned:
+            p.requires_grad_(True)
+        groups.append(dict(params=tuned, lr=args.te_concept_lr))
     opt = torch.optim.Adam(groups)
     sched = DDPMScheduler(**{k: v for k, v in noise_schedule().items() if k != "set_alpha_to_one"})
     alphas = sched.alphas_cumprod.to(device)
-    model = cd_unet or unet
     phrase = [token, info["class_word"]] if kind == "cd" else [token]
     prompts = [["a"] + phrase, ["a", "photo", "of", "a"] + phrase]
-    t0, total = time.time(), args.concept_steps
+    empty = torch.tensor([vocab.ids_of([])], device=device)
+    with torch.no_grad():
+        empty_rows = encode(te, empty).hidden
+    t0, total = time.time(), args.concept_steps[kind]
     for step in range(1, total + 1):
         rng = random.Random(args.seed * 31 + step)
         g = torch.Generator(device).manual_seed(args.seed * 31 + step)
@@ -368,22 +616,26 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab):
         vectors = vec.view(1, 1, -1).expand(b, MAX_LEN, -1)
         z0 = refs[torch.tensor([rng.randrange(len(refs)) for _ in range(b)], device=device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cond = encode(te, ids, vectors, mask).hidden
+            cond = encode(encoder, ids, vectors, mask).hidden
         loss = _diffusion_loss(model, z0, alphas, cond, g, device)
         if kind == "cd":  # prior preservation: the class as the base world draws it
-            p_ids, p_dummy, p_pos, p_scenes = sample_batch(rng, vocab, b, 0.0, args.pattern_mix)
+            prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix)
             with torch.no_grad():
-                p_cond = encode(te, p_ids.to(device)).hidden
-                p_z0 = vae.encode(render(p_scenes, device=device)).latent_dist.mean * scale
+                p_cond = encode(te, prior.ids.to(device)).hidden
+                p_z0 = scene_latents(vae, pool, prior.targets, rng, g, device)[0] * scale
             loss = loss + _diffusion_loss(model, p_z0, alphas, p_cond, g, device)
+        if kind == "te":  # the empty prompt kept: it is the unconditional half of guidance
+            loss = loss + F.mse_loss(encode(encoder, empty).hidden, empty_rows)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         progress(f"{kind}:{name}", step, total, t0, loss)
         if time.time() - t0 > args.concept_seconds:
             log(f"{kind}:{name}: stopped at step {step} by its time cap"); break
     out = {"token": token, "vector": vec.detach().cpu().float()}
     if kind == "cd":
-        out["kv"] = {n: p.detach().cpu().float() for n, p in cd_unet.named_parameters()
+        out["kv"] = {n: p.detach().cpu().float() for n, p in model.named_parameters()
                      if "attn2.to_k" in n or "attn2.to_v" in n}
+    if kind == "te":
+        out["text_encoder"] = {n: p.detach().cpu().float() for n, p in _te_params(encoder).items()}
     return out
 
 
@@ -413,7 +665,7 @@ def export(args, vae, unet, te, scale, concepts) -> None:
             refs.append(f"references/{i}.png")
         save_file({c["token"]: c["vector"].view(1, -1).to(torch.float16)}, folder / "learned_embeds.safetensors")
         manifest = dict(name=f"{name}-{kind}", token=c["token"], class_word=INSTANCES[name]["class_word"],
-                        kind="textual_inversion" if kind == "ti" else "custom_diffusion",
+                        kind=KINDS[kind],
                         weights="learned_embeds.safetensors", references=refs, model=MODEL_NAME,
                         example_prompt=INSTANCES[name]["example"])
         if kind == "cd":
@@ -424,6 +676,10 @@ def export(args, vae, unet, te, scale, concepts) -> None:
                 kv[f"{layer}.processor.{proj}_custom_diffusion.weight"] = w.to(torch.float16).contiguous()
             save_file(kv, folder / "pytorch_custom_diffusion_weights.safetensors")
             manifest["custom_diffusion"] = "pytorch_custom_diffusion_weights.safetensors"
+        if kind == "te":
+            save_file({n: w.to(torch.float16).contiguous() for n, w in c["text_encoder"].items()},
+                      folder / "text_encoder.safetensors")
+            manifest["text_encoder"] = "text_encoder.safetensors"
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"exported to {args.out}")
 
@@ -494,7 +750,19 @@ def main(argv=None) -> None:
     ap.add_argument("--swap-mix", type=float, default=0.2)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--pattern-mix", type=float, default=0.3, help="share of striped / holed training scenes")
-    ap.add_argument("--concept-steps", type=int, default=400)
+    ap.add_argument("--pure-mix", type=float, default=0.0,
+                    help="share of captions whose every word's row comes from its own one-word prompt")
+    ap.add_argument("--eot-mix", type=float, default=0.0,
+                    help="share of captions whose end-token and padding rows are another caption's")
+    ap.add_argument("--attention-weight", type=float, default=0.0,
+                    help="weight of the loss that spreads each object / background word's cross-attention "
+                         "over what it draws, at the 16x16 layers (the heat maps' resolution)")
+    ap.add_argument("--latent-pool", type=int, default=0, metavar="N",
+                    help="encode N pictures per (colour, shape, background, pattern) once and train on them "
+                         "(0: encode every batch; the pool pays on a CPU)")
+    ap.add_argument("--te-concept-lr", type=float, default=5e-4, help="learning rate of text-encoder concepts")
+    ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",
+                    help="steps per concept, one number or one per kind (e.g. ti=1200,cd=400,te=600; 400 where not given)")
     ap.add_argument("--concept-batch", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--ckpt-every", type=int, default=500)
@@ -502,6 +770,8 @@ def main(argv=None) -> None:
     ap.add_argument("--unet-seconds", type=float, default=float("inf"), help="time cap of the UNet stage")
     ap.add_argument("--concept-seconds", type=float, default=float("inf"), help="time cap per concept")
     ap.add_argument("--cosine", action="store_true", help="UNet learning rate decays (cosine) to a tenth")
+    ap.add_argument("--unet-stop", type=int, default=0, metavar="STEP",
+                    help="end the UNet stage after this step (its learning-rate schedule still spans --unet-steps)")
     ap.add_argument("--unet-fit-seconds", type=float, default=0.0,
                     help="set the UNet's step count after 25 steps so that the stage fits this many seconds")
     ap.add_argument("--unet-init", type=Path,
@@ -515,7 +785,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.smoke:
         args.vae_steps, args.vae_batch, args.unet_steps, args.unet_batch = 2, 2, 3, 4
-        args.concept_steps, args.concept_batch = 2, 2
+        args.concept_steps, args.concept_batch = concept_steps("2"), 2
     args.work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -529,26 +799,28 @@ def main(argv=None) -> None:
         vae.to(torch.float16).save_pretrained(args.out / MODEL_NAME / "vae")  # its scaling factor kept
         log(f"exported the VAE to {args.out / MODEL_NAME / 'vae'}")
         return
-    if args.init_from:  # continue from an exported model: concepts only
-        vae, unet, te, scale = load_exported(args.init_from, device)
-        unet.requires_grad_(False)
-        te.requires_grad_(False)
-    elif args.unet_init:  # continue an exported model's UNet + text encoder on its own VAE
-        vae, unet, te, scale = load_exported(args.unet_init, device)
-        unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, (unet, te))
+    init = args.init_from or args.unet_init
+    if init:  # an exported model: its VAE is kept
+        vae, unet, te, scale = load_exported(init, device)
     else:
         vae = train_vae(args, device, vae_cfg)
         scale = latent_scale(vae, device, args.seed)
         log(f"latent scale {scale:.4f}")
-        unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab)
+    pool = LatentPool(vae, device, args.latent_pool, args.seed, args.work) if args.latent_pool else None
+    if args.init_from:  # concepts only
+        unet.requires_grad_(False)
+        te.requires_grad_(False)
+    else:  # from scratch, or continuing an exported model's UNet + text encoder (--unet-init)
+        unet, te = train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab,
+                              (unet, te) if args.unet_init else None, pool)
     if not args.init_from:  # a concepts-only run leaves the model as it is
         quick_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 128)
         pattern_check(args, device, vae, unet, te, scale, vocab, n=8 if args.smoke else 64)
     concepts = {}
     for name in INSTANCES:
-        for kind in ("ti", "cd"):
+        for kind in KINDS:
             if args.concepts is None or f"{name}-{kind}" in args.concepts:
-                concepts[(name, kind)] = train_concept(args, device, name, kind, unet, te, vae, scale, vocab)
+                concepts[(name, kind)] = train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool)
     export(args, vae.float(), unet.float(), te.float(), scale, concepts)
 
 

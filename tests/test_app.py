@@ -156,6 +156,25 @@ def test_examples_are_the_papers_on_stable_diffusion_and_shapes_on_the_embedded_
     assert len(labels) == len(rows)
 
 
+def test_concept_examples_are_offered_where_the_protocol_says_alignit_works():
+    """A shipped concept's manifest says how often each method drew its example in the toy Table 1:
+    the demo offers an AlignIT example where AlignIT did in most seeds and more often than the customized
+    model, and says the rates in its label; a concept without rates (a visitor's) keeps its example."""
+    from dataclasses import replace
+
+    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True)
+    works = replace(_concept(), name="holed-star-cd", token="<holed-star>", example_prompt="a <holed-star> on a red background",
+                    example_rates=(0.0, 0.8))
+    fails = replace(_concept(), example_rates=(0.4, 0.5))  # half the seeds: not most
+    rows, labels = app.examples_for(shapes, {"holed-star-cd": works, "striped-ball-ti": fails})
+    alignit = [r[1] for r in rows if r[0] == app.ALIGNIT and not r[5]]
+    assert alignit == ["holed-star-cd"]
+    label = next(l for r, l in zip(rows, labels) if r[0] == app.ALIGNIT and r[1] == "holed-star-cd" and not r[5])
+    assert "all drawn in 0% → 80% of seeds" in label
+    assert rows[-1][1] == "holed-star-cd" and rows[-1][5] == "striped-ball-ti"  # the two-concept example
+    assert app._example_works(replace(fails, example_rates=None))
+
+
 def test_the_header_names_the_model_and_links_the_paper():
     shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True, chosen_because="embedded offline model")
     md = app.header_markdown(shapes)

@@ -92,7 +92,7 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
     # p replaces the concept by its class word; the class word's position is pre-selected
     star = page.locator("#positions label", has_text="2: star")
     expect(star.locator("input")).to_be_checked(timeout=30_000)
-    expect(page.locator("#prompt-texts")).to_contain_text("a star on a white background")
+    expect(page.locator("#prompt-texts")).to_contain_text("a star on a red background")
     expect(page.locator("#prompt-texts")).to_contain_text("<holed-star> star * * * *")
     expect(page.locator("#tokens")).to_contain_text("background")
     _screenshot(page, tmp_path, "app_initial.png")
@@ -184,13 +184,13 @@ def test_a_long_prompt_is_read_in_segments_generated_and_scored(page, tmp_path):
 
 def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     expect = _expect()
-    page.get_by_role("button", name="AlignIT · <striped-ball> · textual inversion").click()
-    expect(page.locator("#prompt textarea")).to_have_value("a <striped-ball> on a green background")
-    expect(page.locator("#positions label", has_text="2: circle").locator("input")).to_be_checked(timeout=30_000)
+    page.get_by_role("button", name=re.compile("AlignIT · <holed-star> · textual inversion")).click()
+    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> on a yellow background")
+    expect(page.locator("#positions label", has_text="2: star").locator("input")).to_be_checked(timeout=30_000)
     _results_shown(page)
     expect(page.locator("#image-0")).to_contain_text("customized baseline")
     expect(page.locator("#image-1")).to_contain_text("AlignIT")
-    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept striped-ball-ti --positions 2"))
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2"))
     # the base model on p as a third column, from the same seed
     first = _image_bytes(page, "#image-0")
     page.locator("#include-base label").click()
@@ -239,7 +239,7 @@ def _expect():
 def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
     expect = _expect()
     page.get_by_role("button", name=re.compile("AlignIT · two concepts")).click()
-    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> and a <striped-ball> on a white background")
+    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> and a <striped-ball> on a red background")
     for label in ("2: star", "5: circle"):  # each concept's position, pre-selected
         expect(page.locator("#positions label", has_text=label).locator("input")).to_be_checked(timeout=30_000)
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <holed-star>")

@@ -471,6 +471,8 @@ def test_custom_diffusion_baseline_differs_from_plain_token_embedding(tiny_sd, t
 EXPECTED = {"holed-star-cd": ("custom_diffusion", "star", "<holed-star>"),
             "holed-star-ti": ("textual_inversion", "star", "<holed-star>"),
             "striped-ball-cd": ("custom_diffusion", "circle", "<striped-ball>"),
+            "holed-star-te": ("text_encoder", "star", "<holed-star>"),
+            "striped-ball-te": ("text_encoder", "circle", "<striped-ball>"),
             "striped-ball-ti": ("textual_inversion", "circle", "<striped-ball>")}
 
 
@@ -479,7 +481,7 @@ def shipped(embedded):
     return {c.name: c for c in find_concepts(SHIPPED, embedded)}
 
 
-def test_find_concepts_returns_the_four_shipped_concepts(shipped, embedded):
+def test_find_concepts_returns_the_six_shipped_concepts(shipped, embedded):
     assert {n: (c.kind, c.class_word, c.token) for n, c in shipped.items()} == EXPECTED
     for c in shipped.values():
         assert c.n_vectors >= 1

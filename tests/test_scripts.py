@@ -12,17 +12,18 @@ def test_figure_script_draws_the_world_and_every_concept(tmp_path):
     main(["--steps", "2", "--out", str(out)])
     image = Image.open(out)
     assert image.width >= 6 * 128  # references x3, a photo of, customized, AlignIT
-    assert image.height >= 5 * 128  # patterned prompts + four concepts
+    assert image.height >= 7 * 128  # patterned prompts + six concepts
 
 
-def test_concept_rows_script_reports_five_conditionings_per_textual_inversion(capsys):
+def test_concept_rows_script_reports_five_conditionings_per_text_side_concept(capsys):
     from scripts.concept_rows import main
 
     main(["--seeds", "1", "--steps", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
-    assert len(rows) == 10
+    assert len(rows) == 20  # textual inversion and text-encoder fine-tune, both instances
     assert {r.split(" | ")[0] for r in rows} == {"| <holed-star>", "| <striped-ball>"}
-    assert all(r.endswith("/ 1 |") for r in rows)
+    assert {r.split(" | ")[1] for r in rows} == {"textual inversion", "text-encoder fine-tune"}
+    assert all(r.split(" | ")[3].endswith("/ 1") for r in rows)
 
 
 def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
@@ -37,7 +38,7 @@ def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
     measure(["--seeds", "1", "--steps", "2", "--prompts", "1", "--loras", str(folder)])
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith(("| colour |", "| shape |")) for line in lines) == 6
-    assert sum(line.startswith("| <") for line in lines) == 12  # four shipped concepts x three ways
+    assert sum(line.startswith("| <") for line in lines) == 18  # six shipped concepts x three ways
     lora = [line for line in lines if line.startswith("| ohwx (holed-star) |")]
     assert [line.split(" | ")[1] for line in lora] == ["customized baseline", "AlignIT, rest 0", "AlignIT, rest 0.25",
                                                       "AlignIT, rest 0.5", "AlignIT, rest 1"]

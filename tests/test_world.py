@@ -87,13 +87,15 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     gen = generate_swap(model, "a red circle", [("red", "blue")], Settings(seed=0, steps=2))
     assert set(gen.images) == {"baseline", "swapped"}
     concepts = find_concepts(tmp_path / "assets" / "concepts", model)
-    assert sorted(c.name for c in concepts) == ["holed-star-cd", "holed-star-ti", "striped-ball-cd", "striped-ball-ti"]
+    assert sorted(c.name for c in concepts) == [f"{i}-{k}" for i in ("holed-star", "striped-ball") for k in ("cd", "te", "ti")]
     # resuming from the finished checkpoints trains nothing more and exports again
     main(["--smoke", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work")])
     assert (tmp_path / "again" / "embedded-shapes" / "unet").is_dir()
-    # continuing the exported UNet (--unet-init) trains it further and exports only the concepts asked for
+    # continuing the exported UNet (--unet-init) trains it further, with model v4's mixes, attention loss and
+    # latent pool, and exports only the concepts asked for
     exported = tmp_path / "assets" / "embedded-shapes"
     main(["--smoke", "--unet-init", str(exported), "--cosine", "--concepts", "holed-star-cd",
+          "--pure-mix", "0.5", "--eot-mix", "1", "--attention-weight", "0.05", "--latent-pool", "1",
           "--out", str(tmp_path / "more"), "--work", str(tmp_path / "work-more")])
     before, after = (load_model(str(d / "embedded-shapes"), device="cpu") for d in (tmp_path / "assets", tmp_path / "more"))
     assert not torch.equal(before.unet.conv_in.weight, after.unet.conv_in.weight)
@@ -107,3 +109,14 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert torch.equal(old.encoder.conv_in.weight, new.encoder.conv_in.weight)
     assert not torch.equal(old.decoder.conv_out.weight, new.decoder.conv_out.weight)
     assert new.config.scaling_factor == old.config.scaling_factor
+
+
+def test_training_script_reads_steps_per_concept_kind():
+    import argparse
+
+    from scripts.train_embedded import concept_steps
+
+    assert concept_steps("300") == {"ti": 300, "cd": 300, "te": 300}
+    assert concept_steps("ti=1200,te=800") == {"ti": 1200, "cd": 400, "te": 800}
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown concept kind 'lora'"):
+        concept_steps("lora=5")
