@@ -120,3 +120,45 @@ def test_training_script_reads_steps_per_concept_kind():
     assert concept_steps("ti=1200,te=800") == {"ti": 1200, "cd": 400, "te": 800}
     with pytest.raises(argparse.ArgumentTypeError, match="unknown concept kind 'lora'"):
         concept_steps("lora=5")
+
+
+def test_object_mask_is_the_silhouette_with_its_hole_filled():
+    from alignit_core.shapes import object_mask
+
+    plain, holed = to_uint8(render([Scene("orange", "star", "purple"), Scene("orange", "star", "purple", pattern="holed")]))
+    mask = object_mask(plain)
+    assert 0.05 < mask.mean() < 0.5 and not mask[0].any()  # the object, not the border
+    assert mask[64, 64]  # the star's centre
+    held = object_mask(holed)
+    assert held[64, 64] and classify(holed).hole  # the hole shows the background, the mask covers it
+    assert abs(int(held.sum()) - int(mask.sum())) < 0.05 * mask.sum()
+    assert not object_mask(np.zeros((128, 128, 3), np.uint8) + np.array([40, 70, 220], np.uint8)).any()
+
+
+def test_word_map_iou_scores_a_map_on_its_mask_high_and_a_map_elsewhere_or_everywhere_low():
+    from alignit_core.evaluate import word_map_iou
+
+    mask = np.zeros((128, 128), bool)
+    mask[32:96, 32:96] = True
+    on = np.zeros((16, 16), np.float32)
+    on[4:12, 4:12] = 1.0
+    assert word_map_iou(on, mask) > 0.9
+    assert word_map_iou(1 - on, mask) < 0.05  # only the upsampled edge touches it
+    everywhere = np.random.default_rng(0).uniform(0.9, 1.0, (16, 16)).astype(np.float32)  # hot everywhere, noisy
+    assert word_map_iou(everywhere, mask) < 0.4
+
+
+def test_table1_intervals_are_paired_over_seeds_and_the_example_is_where_alignit_gains():
+    from alignit_core.evaluate import Table1
+
+    rng = np.random.default_rng(1)
+    base = rng.random((10, 3)) < 0.5  # seeds x prompts, noisy per seed
+    text = {"customized": base & np.array([True, True, False]), "alignit": base | np.array([False, False, True])}
+    fid = {"customized": np.ones((10, 3), bool), "alignit": np.ones((10, 3), bool)}
+    t = Table1(text, fid, ("a", "b", "c"))
+    gain = t.text_gain
+    assert gain.mean == pytest.approx(text["alignit"].mean() - text["customized"].mean())
+    assert gain.low <= gain.mean <= gain.high
+    assert t.fidelity_ratio.mean == 1.0 and t.fidelity_ratio.low == t.fidelity_ratio.high == 1.0  # paired: no spread
+    assert t.best_example()[0] == "c"  # the prompt where only AlignIT draws the background
+    assert t.n == 30
