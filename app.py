@@ -38,16 +38,17 @@ except ImportError:
 from alignit_core import (AlignITError, Concept, ConceptError, Generation, Prompt, PromptError, Settings,  # noqa: E402
                           concept_plan, find_concepts, generate_concept, generate_swap, load_concept, load_model,
                           parse_swap, read_prompt, scheduler_names, tokenize, word_swap_plan)
-from alignit_core.prompts import several_concepts_plan  # noqa: E402
-from alignit_core.cli import write_outputs  # noqa: E402
+from alignit_core.concept_prompts import several_concepts_plan  # noqa: E402
 from alignit_core.concepts import KIND_LABELS, MAX_EMBEDDING_BYTES  # noqa: E402
 from alignit_core.errors import short  # noqa: E402
-from alignit_core.generate import CAPTIONS, MAX_GUIDANCE, MAX_SEED, check_prompt, resolve, size_warning  # noqa: E402
+from alignit_core.generate import check_prompt, size_warning  # noqa: E402
 from alignit_core.maps import MAPS_FILE, entries, entry_maps  # noqa: E402
 from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
-from alignit_core.models import ASSETS, MAP_BLOCKS, SD15, accelerate  # noqa: E402
+from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
 from alignit_core.prompts import check_swaps  # noqa: E402
+from alignit_core.record import CAPTIONS, command, write_outputs  # noqa: E402
 from alignit_core.scores import MI_SAMPLES, AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
+from alignit_core.settings import MAP_BLOCKS, MAX_GUIDANCE, MAX_SEED, resolve  # noqa: E402
 from visualize import SCALE_NOTE, heatmap_row, large_map, swap_diagram, tile_at, token_chips  # noqa: E402
 
 PAPER = "https://arxiv.org/abs/2406.18893"
@@ -204,8 +205,9 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
             if not chosen:
                 return TokenView(read_prompt(model.tokenizer, text, long), problem="choose or upload a concept")
             if len(chosen) == 1:
-                cp = concept_plan(model.tokenizer, text, *chosen[0].words.fields, long)
-                return TokenView(cp.plan.target, (("", cp.plan.source),), cp.customized, cp.plan.positions)
+                prompts = concept_plan(model.tokenizer, text, chosen[0].words, long)
+                return TokenView(prompts.plan.target, (("", prompts.plan.source),), prompts.customized,
+                                 prompts.plan.positions)
             several = several_concepts_plan(model.tokenizer, text, [c.words for c in chosen])
             return TokenView(several.plans[0].target, tuple((c.token, plan.source) for c, plan in zip(chosen, several.plans)),
                              several.customized, tuple(sorted(pos for plan in several.plans for pos in plan.positions)))
@@ -397,38 +399,14 @@ def scores_markdown(report: AlignmentReport) -> str:
     return "\n".join(lines)
 
 
-def cli_command(gen: Generation, concepts: list[Concept], uploaded) -> str:
+def cli_command(gen: Generation, uploaded) -> str:
     """The `python -m alignit_core generate` line that reproduces `gen`; `uploaded`: the concepts
     that came from a visitor's file (named by that file)."""
-    s = gen.settings
-    args = ["python", "-m", "alignit_core", "generate", "--model", s["model"], "--prompt", s["prompt"]]
-    if s["mode"] == "alignit":
-        for concept in concepts:
-            args += ["--concept", f"{concept.name}.safetensors" if concept in uploaded else concept.name]
-        if len(concepts) == 1 and concepts[0] in uploaded:
-            args += ["--token", concepts[0].token, "--class-word", concepts[0].class_word]
-        scales = {c.scale for c in concepts if c.kind == "lora"} - {1.0}
-        if scales:
-            args += ["--lora-scale", f"{scales.pop():g}"]
-        args += ["--positions", *map(str, s["positions"])]
-        if "base" in gen.rows:
-            args.append("--base")
-    else:
-        args += [a for target, source in s["swaps"] for a in ("--swap", f"{target}={source}")]
-    args += ["--seed", str(s["seed"]), "--steps", str(s["steps"]), "--guidance", f"{s['guidance']:g}",
-             "--size", str(s["size"]), "--scheduler", s["scheduler"], "--swap-steps",
-             f"{s['swap_steps'][0]:g}", f"{s['swap_steps'][1]:g}", "--map-resolution", str(s["map_resolution"])]
-    if s["swap_uncond"]:
-        args.append("--swap-uncond")
-    if s.get("swap_kv", "kv") != "kv":
-        args += ["--swap-kv", s["swap_kv"]]
-    if s.get("swap_strength", 1.0) != 1.0:
-        args += ["--swap-strength", f"{s['swap_strength']:g}"]
-    if s.get("lora_rest", 0.0):
-        args += ["--lora-rest", f"{s['lora_rest']:g}"]
-    if s.get("long_prompt", "segments") != "segments":
-        args += ["--long-prompt", s["long_prompt"]]
-    return shlex.join(args + ["--out", "out/"])
+    concepts = gen.request.concepts
+    names = [f"{c.name}.safetensors" if c in uploaded else c.name for c in concepts]
+    extra = ["--token", concepts[0].token, "--class-word", concepts[0].class_word] \
+        if len(concepts) == 1 and concepts[0] in uploaded else []
+    return command(gen, names, extra)
 
 
 def map_resolutions(model, size) -> dict:
@@ -642,7 +620,7 @@ def gpu_seconds(mode: str, concepts: list, prompt: str, settings: Settings, posi
 def score_seconds(gen: Generation, *args, **kwargs) -> int:
     """How long scoring may hold a ZeroGPU GPU: per image, MI sample and text condition (the prompt,
     the empty prompt and each token left out), one UNet evaluation."""
-    size = gen.settings["size"]
+    size = gen.settings.size
     conditions = 2 + max(len(t) for t in gen.tokens.values())
     evaluations = len(gen.rows) * MI_SAMPLES * conditions * (size / 512) ** 2
     return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
@@ -798,22 +776,21 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     out = Path(gr.utils.get_upload_folder()) / "alignit" / uuid.uuid4().hex
     files = {p.name.removeprefix(prefix): p for prefix in [download_prefix(gen)]
              for p in write_outputs(gen, out, prefix)}
-    command = cli_command(gen, chosen if mode == ALIGNIT else [], set((uploaded or {}).values()))
+    line = cli_command(gen, set((uploaded or {}).values()))
     for warning in gen.warnings:
         gr.Warning(as_html(warning))
     shown = [str(files[f"{r}.png"]) for r in gen.rows]
     rows = heatmap_rows(gen, MapView(map_mode, map_by, bool(map_special)))
     release_memory()  # the run's activations and drawing buffers are free by now
-    return (*_pad(shown), *_pad(rows), str(files["heatmaps.png"]), str(files["settings.json"]), command, gen,
+    return (*_pad(shown), *_pad(rows), str(files["heatmaps.png"]), str(files["settings.json"]), line, gen,
             before_after(gen, shown), str(files[MAPS_FILE]))
 
 
 def download_prefix(gen: Generation) -> str:
     """What a downloaded file's name starts with: the concept(s) or "swap", and the seed, so that
     files of different runs neither collide nor look alike (`striped-ball-seed0-alignit.png`)."""
-    s = gen.settings
-    what = "-".join(c["token"].strip("<>") for c in s.get("concepts", ())) or "swap"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{what}-seed{s['seed']}-")
+    what = "-".join(c.token.strip("<>") for c in gen.request.concepts) or "swap"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{what}-seed{gen.settings.seed}-")
 
 
 def before_after(gen: Generation, shown: list[str]):
@@ -899,7 +876,7 @@ def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, pr
     """
     if gen is None:
         raise gr.Error("generate images first, then score them", title="Score error", print_exception=False)
-    concept = concepts.get(gen.settings.get("concept", {}).get("name"))
+    concept = gen.request.concepts[0] if gen.request.concepts else None
     refs = open_images(concept.references) if concept is not None and clip is not None else []
     run = run or partial(run_score, model, clip)
     try:

@@ -13,12 +13,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .concepts import Concept, find_concepts, load_concept  # noqa: E402
 from .errors import AlignITError, ConceptError, ModelError, PromptError, SettingsError  # noqa: E402
-from .generate import Generation, Settings, generate_concept, generate_swap, scheduler_names  # noqa: E402
+from .concept_prompts import ConceptWords, concept_plan  # noqa: E402
+from .generate import generate_concept, generate_swap  # noqa: E402
 from .models import Model, load_model  # noqa: E402
-from .prompts import (LONG_MODES, Prompt, SwapPlan, Token, concept_plan, parse_swap, positions_plan,  # noqa: E402
+from .record import Generation  # noqa: E402
+from .settings import LONG_MODES, Settings, scheduler_names  # noqa: E402
+from .prompts import (Prompt, SwapPlan, Token, parse_swap, positions_plan,  # noqa: E402
                       read_prompt, split_sentences, tokenize, word_swap_plan)
 
-__all__ = ["LONG_MODES", "AlignITError", "Concept", "ConceptError", "Generation", "Model", "ModelError", "Prompt", "PromptError",
+__all__ = ["LONG_MODES", "AlignITError", "Concept", "ConceptError", "ConceptWords", "Generation", "Model", "ModelError", "Prompt", "PromptError",
            "Settings", "SettingsError", "SwapPlan", "Token", "concept_plan", "find_concepts", "generate_concept",
            "generate_swap", "load_concept", "load_model", "parse_swap", "positions_plan", "read_prompt",
            "scheduler_names", "split_sentences", "tokenize", "word_swap_plan"]

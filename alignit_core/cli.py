@@ -15,12 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from PIL.PngImagePlugin import PngInfo
-
 from .errors import AlignITError, ConceptError
-from .generate import CAPTIONS, SWAP_KV, Generation, Settings, scheduler_names
-from .models import MAP_BLOCKS
-from .prompts import LONG_MODES
+from .record import write_outputs
+from .settings import add_arguments as add_settings_arguments
+from .settings import from_args
 from .sweep import add_arguments as add_eval_arguments
 
 CONCEPTS = Path(__file__).resolve().parents[1] / "assets" / "concepts"
@@ -44,34 +42,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--lora-scale", type=float, help="how much of a LoRA concept to apply (diffusers' adapter "
                                                         "weight; default: its manifest's scale, else 1)")
         p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-        p.add_argument("--long-prompt", choices=LONG_MODES, default="segments",
-                       help="prompts over 75 tokens: segments (LongAlign, every word kept), truncate, refuse")
-        if name == "generate":
+        if name == "tokens":
+            add_settings_arguments(p, only=("--long-prompt",))
+        else:
             p.add_argument("--swap", action="append", default=[], metavar="WORD=SOURCE|POS=SOURCE",
                            help="token swap: the rows of WORD (or position POS) come from SOURCE in p'")
             p.add_argument("--positions", type=str, nargs="+",
                            help="concept mode: swap these positions of p instead of the class word's")
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--steps", type=int)
-            p.add_argument("--guidance", type=float)
-            p.add_argument("--size", type=int)
-            p.add_argument("--scheduler", choices=scheduler_names())
             p.add_argument("--base", action="store_true", help="concept mode: add the base model on p")
-            p.add_argument("--swap-uncond", action="store_true", help="swap in both CFG halves")
-            p.add_argument("--swap-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
-                           help="fractions of the steps in which to swap")
-            p.add_argument("--swap-kv", choices=SWAP_KV, default="kv",
-                           help="swap keys and values (kv), keys only (k) or values only (v)")
-            p.add_argument("--swap-strength", type=float, default=1.0,
-                           help="0 = the row's own keys/values (no swap) .. 1 = the full swap")
-            p.add_argument("--lora-rest", type=float, default=0.0,
-                           help="AlignIT on a LoRA: how much of the LoRA beyond the concept's keys and values "
-                                "(0: the paper's AlignIT .. 1: all of it)")
-            p.add_argument("--map-resolution", type=int, help="side of the attention maps to record")
-            p.add_argument("--map-blocks", nargs="+", choices=MAP_BLOCKS, default=list(MAP_BLOCKS),
-                           help="the UNet's parts whose cross-attention layers (at --map-resolution) record maps")
-            p.add_argument("--map-steps", type=float, nargs=2, default=(0.0, 1.0), metavar=("START", "END"),
-                           help="fractions of the steps over which maps are recorded")
+            add_settings_arguments(p)
             p.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first call)")
             p.add_argument("--channels-last", action="store_true", help="channels-last memory layout for the UNet")
             p.add_argument("--out", required=True, type=Path)
@@ -92,52 +71,17 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
     return load_concept(path, model, token=token, class_word=class_word, lora_scale=lora_scale)
 
 
-def write_outputs(gen: Generation, out: Path, prefix: str = "") -> list[Path]:
-    """Write into `out`, each name starting with `prefix`: the row PNGs, heatmaps.png (the comparison
-    grid, columns named as in the demo, word-level maps), maps.safetensors and settings.json. Every
-    PNG carries the settings. Returns the paths."""
-    from visualize import comparison_grid, heatmap_row
-
-    from .maps import MAPS_FILE, entries, entry_maps, save_maps
-
-    out.mkdir(parents=True, exist_ok=True)
-    meta = PngInfo()
-    meta.add_text("alignit", json.dumps(gen.settings, ensure_ascii=False))
-    written = []
-    for name, image in gen.images.items():
-        image.save(out / f"{prefix}{name}.png", pnginfo=meta)
-        written.append(out / f"{prefix}{name}.png")
-    columns = []
-    for name, image in gen.images.items():
-        row = None
-        if name in gen.maps:
-            words = entries(gen.tokens[name])
-            lines = -(-len(words) // 8)  # as few lines as 8 tiles a line need, filled evenly
-            marked = {i for i, e in enumerate(words) if set(e.positions) & set(gen.swapped.get(name, ()))}
-            row = heatmap_row(image, entry_maps(gen.maps[name], words), [e.label for e in words], marked=marked,
-                              per_line=-(-len(words) // lines))
-        columns.append((CAPTIONS[name], image, row))
-    s = gen.settings
-    footer = (f"model {s['model']} · seed {s['seed']} · steps {s['steps']} · guidance {s['guidance']} · "
-              f"size {s['size']} · {s['scheduler']}\np: {s['p']}\np': {s['p_dummy']} · positions {s['positions']}")
-    comparison_grid(columns, s["prompt"], footer).save(out / f"{prefix}heatmaps.png", pnginfo=meta)
-    written.append(out / f"{prefix}heatmaps.png")
-    if gen.maps:
-        written.append(save_maps(gen, out / f"{prefix}{MAPS_FILE}"))
-    (out / f"{prefix}settings.json").write_text(gen.settings_json() + "\n")
-    return written + [out / f"{prefix}settings.json"]
-
-
 def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
+    from .concept_prompts import concept_plan, several_concepts_plan
     from .generate import check_prompt
-    from .prompts import concept_plan, read_prompt, several_concepts_plan
+    from .prompts import read_prompt
 
     prompt = check_prompt(prompt)
     if not concepts:
         table = [("p", read_prompt(model.tokenizer, prompt, long))]
     elif len(concepts) == 1:
-        cp = concept_plan(model.tokenizer, prompt, *concepts[0].words.fields, long)
-        table = [("customized", cp.customized), ("p", cp.plan.target), ("p'", cp.plan.source)]
+        prompts = concept_plan(model.tokenizer, prompt, concepts[0].words, long)
+        table = [("customized", prompts.customized), ("p", prompts.plan.target), ("p'", prompts.plan.source)]
     else:
         several = several_concepts_plan(model.tokenizer, prompt, [c.words for c in concepts])
         table = [("customized", several.customized), ("p", several.plans[0].target)]
@@ -178,12 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tokens":
             print(_tokens(model, args.prompt, concepts, args.long_prompt))
             return 0
-        settings = Settings(seed=args.seed, steps=args.steps, guidance=args.guidance, size=args.size,
-                            scheduler=args.scheduler, swap_uncond=args.swap_uncond,
-                            swap_start=args.swap_steps[0], swap_end=args.swap_steps[1],
-                            map_resolution=args.map_resolution, long_prompt=args.long_prompt,
-                            swap_kv=args.swap_kv, swap_strength=args.swap_strength, lora_rest=args.lora_rest,
-                            map_blocks=tuple(args.map_blocks), map_start=args.map_steps[0], map_end=args.map_steps[1])
+        settings = from_args(args)
         if concepts:
             if swaps:
                 raise AlignITError("--swap is for token-swap mode; with --concept use --positions")

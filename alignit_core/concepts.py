@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 
 from .errors import ConceptError, short
 from .lora import is_lora, read_lora
-from .prompts import ConceptWords
+from .concept_prompts import ConceptWords
 from .weights import Edit, LowRank, Replace, overlay
 
 KINDS = ("textual_inversion", "custom_diffusion", "text_encoder", "lora")

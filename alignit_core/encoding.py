@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from transformers.masking_utils import create_causal_mask
 
+from .errors import PromptError
+
 
 @dataclass
 class Encoded:
@@ -54,3 +56,21 @@ def encode(text_encoder, input_ids: torch.Tensor, vectors: torch.Tensor | None =
         eos = (input_ids == tm.config.eos_token_id).int().argmax(dim=-1)
     pooled = last[torch.arange(last.shape[0], device=last.device), eos]
     return Encoded(before_last if penultimate else last, pooled)
+
+
+def concept_vectors(ids: torch.Tensor, prompts: list, concept, encoder: int):
+    """(vectors (batch, tokens, dim), mask (batch, tokens)) writing `concept`'s vectors for text
+    encoder `encoder` at the positions each prompt (a prompts.Prompt) holds them; (None, None)
+    when no prompt holds any. Raises PromptError when a prompt holds vectors and no concept is given."""
+    if not any(p.vectors for p in prompts):
+        return None, None
+    if concept is None or not concept.vectors:
+        raise PromptError("the prompt holds concept vectors but no concept was given")
+    vec = concept.vectors[encoder]
+    vectors = torch.zeros(*ids.shape, vec.shape[1], device=ids.device, dtype=vec.dtype)
+    mask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    for j, p in enumerate(prompts):
+        for pos, k in p.vectors.items():
+            vectors[j, pos] = vec[k]
+            mask[j, pos] = True
+    return vectors, mask

@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generate import Row, Settings, generate_concept, resolve, run_rows
+from .conditioning import Row
+from .generate import generate_concept, run_rows
+from .settings import Settings, resolve
 from .prompts import tokenize, word_swap_plan
 from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask
 

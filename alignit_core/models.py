@@ -11,25 +11,19 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .attention import install
 from .errors import ModelError
+from .families import EMBEDDED_DEFAULTS, family_for
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = ASSETS / "embedded-shapes"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-MAP_BLOCKS = ("down", "mid", "up")  # the UNet's parts whose cross-attention layers can record maps
 HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
 log = logging.getLogger(__name__)
-
-
-def block_of(layer: str) -> str:
-    """"down", "mid" or "up": the part of the UNet a layer name (`up_blocks.1.attentions...`) lies in."""
-    return layer.split("_", 1)[0]
 
 
 @functools.cache
@@ -53,70 +47,48 @@ def hub_reachable() -> bool:
 
 @dataclass(eq=False)
 class Model:
-    """The parts of a Stable Diffusion pipeline the engine uses, read-only after loading."""
+    """A loaded pipeline: what people call it, where it came from, and its family object, which
+    holds the parts (tokenizers, text encoders, denoiser, VAE) and answers what differs between
+    families. Read-only after loading."""
 
     name: str  # shown to people; concept manifests name their model by it
     source: str  # what load_model() takes to load it again ("embedded", a folder, a hub id)
-    tokenizers: list
-    text_encoders: list
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    scheduler_config: dict
-    scheduler_name: str
-    is_xl: bool
+    family: object  # a families.* object
     device: torch.device
     dtype: torch.dtype
-    force_zeros_for_empty_prompt: bool = False
     chosen_because: str = ""
-    cross_attention_layers: dict = field(default_factory=dict)  # attn2 module name -> Attention
     accelerations: tuple[str, ...] = ()  # what accelerate() turned on
-    empty_encodings: dict = field(default_factory=dict, repr=False)  # the empty prompt per text stack
+
+    # the parts and sizes every module reads, as the family holds them
+    tokenizers = property(lambda self: self.family.tokenizers)
+    text_encoders = property(lambda self: self.family.text_encoders)
+    unet = property(lambda self: self.family.unet)
+    vae = property(lambda self: self.family.vae)
+    scheduler_config = property(lambda self: self.family.scheduler_config)
+    scheduler_name = property(lambda self: self.family.scheduler_name)
+    vae_scale = property(lambda self: self.family.vae_scale)
+    size_step = property(lambda self: self.family.size_step)
+    native_size = property(lambda self: self.family.native_size)
 
     @property
     def tokenizer(self):
         return self.tokenizers[0]
 
     @property
-    def vae_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def size_step(self) -> int:
-        """Image sizes must be multiples of this (the VAE and every UNet downsampling halve them)."""
-        return self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    @property
-    def native_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale
-
-    @property
     def is_embedded(self) -> bool:
         return self.name == EMBEDDED.name
 
-    def layer_side(self, name: str, size: int) -> int:
-        """Side length of cross-attention layer `name`'s maps for an image of `size` pixels."""
-        latent = size // self.vae_scale
-        n_down = len(self.unet.config.block_out_channels) - 1
-        if name.startswith("mid_block"):
-            return latent // 2 ** n_down
-        i = int(name.split(".")[1])
-        return latent // 2 ** (i if name.startswith("down_blocks") else n_down - i)
+    @property
+    def cross_attention_layers(self) -> dict:
+        """Cross-attention module name -> module: the layers that read the text."""
+        return self.family.maps.layers_by_name
 
     def attention_resolutions(self, size: int) -> list[int]:
         """Side lengths of the cross-attention maps for an image of `size` pixels."""
-        return sorted({self.layer_side(name, size) for name in self.cross_attention_layers})
-
-    def map_layers(self, side: int, size: int, blocks=MAP_BLOCKS) -> list[str]:
-        """The cross-attention layers whose maps are `side` x `side` at `size` px, in the UNet's
-        `blocks` (down, mid, up)."""
-        return [name for name in self.cross_attention_layers
-                if self.layer_side(name, size) == side and block_of(name) in blocks]
+        return self.family.maps.resolutions(size)
 
     def default_map_resolution(self, size: int) -> int:
-        """The cross-attention resolution nearest max(16, latent/4): 16x16 for SD 1.x at 512 px,
-        32x32 for SDXL at 1024 px, 16x16 for the embedded model."""
-        target = max(16, size // self.vae_scale // 4)
-        return min(self.attention_resolutions(size), key=lambda s: (abs(s - target), -s))
+        return self.family.maps.default_resolution(size)
 
 
 def _device(device: str | None) -> torch.device:
@@ -126,18 +98,8 @@ def _device(device: str | None) -> torch.device:
 
 
 def _from_pipeline(pipe, name: str, source: str, device: torch.device, dtype: torch.dtype, because: str) -> Model:
-    is_xl = getattr(pipe, "text_encoder_2", None) is not None
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if is_xl else [])
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if is_xl else [])
-    for m in encoders + [pipe.unet, pipe.vae]:
-        m.to(device).eval().requires_grad_(False)
-    layers = install(pipe.unet)
-    # `_use_default_values` would make from_config() drop values a pipeline fixed after loading
-    # (e.g. SD's steps_offset=1), so the scheduler we build per request would differ from pipe's.
-    scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
-    return Model(name, source, tokenizers, encoders, pipe.unet, pipe.vae, scheduler_config,
-                 type(pipe.scheduler).__name__, is_xl, device, dtype,
-                 bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)), because, layers)
+    defaults = EMBEDDED_DEFAULTS if name == EMBEDDED.name else None
+    return Model(name, source, family_for(pipe, device, defaults), device, dtype, because)
 
 
 def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype | None = None) -> Model:
@@ -180,8 +142,6 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
             raise ModelError(f"model {name!r} is not available offline (no local copy; the hub is not "
                              f"reachable). Use --model embedded or a local diffusers folder") from None
         raise ModelError(f"model {name!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}") from None
-    if not hasattr(pipe, "unet") or not hasattr(pipe, "text_encoder"):
-        raise ModelError(f"{name!r} is not a Stable Diffusion pipeline (it has no UNet and text encoder)")
     label = path.name if isinstance(path, Path) else name  # a folder is named by its last part
     return _from_pipeline(pipe, label, "embedded" if path == EMBEDDED else str(name), dev, dtype, because)
 

@@ -26,10 +26,11 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .errors import PromptError
+from .segments import pieces, split_sentences
+from .settings import LONG_MODES
 
 STAR = "*"
 PUNCTUATION = ".,;:!?\"'()[]"
-LONG_MODES = ("segments", "truncate", "refuse")  # what to do with a prompt over 75 tokens
 MAX_SEGMENT_ROWS = 4 * 77  # conditioning rows a segmented prompt may have (start tokens included)
 MAX_SWAPS = 75  # swaps in one request: as many as the positions CLIP reads in one segment
 MAX_SWAP_CHARS = 200  # one `WORD=SOURCE` swap: a word or position, and a source of a few words
@@ -151,7 +152,7 @@ def find_word(prompt: Prompt, tokenizer, word: str) -> tuple[int, ...]:
     return tuple(range(hits[0], hits[0] + n))
 
 
-def _dummy(tokenizer, length: int, pieces: list[tuple[int, Prompt, tuple[int, ...]]]) -> tuple:
+def _dummy_rows(tokenizer, length: int, pieces: list[tuple[int, Prompt, tuple[int, ...]]]) -> tuple:
     """Ids, tokens and vectors of a p' of `length` positions: `*` everywhere except the given
     (start position, source prompt, source positions) pieces."""
     star = tokenizer.convert_tokens_to_ids(STAR + "</w>")
@@ -167,8 +168,8 @@ def _dummy(tokenizer, length: int, pieces: list[tuple[int, Prompt, tuple[int, ..
     return ids, texts, vectors
 
 
-def _dummy_prompt(tokenizer, length: int, pieces, vector_token: str | None, n_vectors: int) -> Prompt:
-    ids, texts, vectors = _dummy(tokenizer, length, pieces)
+def dummy_prompt(tokenizer, length: int, pieces, vector_token: str | None, n_vectors: int) -> Prompt:
+    ids, texts, vectors = _dummy_rows(tokenizer, length, pieces)
     # Text of p' as a person would write it; multi-vector tokens collapse back into one word.
     words = [t for i, t in enumerate(texts[1:-1], 1) if not (i in vectors and vectors[i] > 0)]
     text = " ".join(words)
@@ -210,7 +211,7 @@ def _word_swap_one(tokenizer, text: str, swaps: list[tuple[str | int, str]]) -> 
             raise PromptError(f"swaps overlap at position(s) {sorted(set(covered) & set(positions))}")
         pieces.append((start, src, tuple(range(1, n_src + 1))))
         positions.extend(covered)
-    source = _dummy_prompt(tokenizer, len(p.ids), pieces, None, 0)
+    source = dummy_prompt(tokenizer, len(p.ids), pieces, None, 0)
     return SwapPlan(p, source, tuple(sorted(positions)))
 
 
@@ -252,39 +253,6 @@ def _check_position(p: Prompt, pos: int, content: list[int]) -> None:
                           f"choose a word's position")
 
 
-@dataclass(frozen=True)
-class ConceptPrompts:
-    customized: Prompt  # the prompt as the customization method reads it
-    plan: SwapPlan  # p, p' and the swapped positions
-
-
-def _concept_one(tokenizer, text: str, token: str, class_word: str, phrase: str,
-                 n_vectors: int) -> ConceptPrompts:
-    """concept_plan for a prompt of at most 75 tokens (one segment)."""
-    expanded = phrase.format(token=token, class_word=class_word)
-    already = phrase != "{token}" and expanded in text
-    customized_text = text if already else text.replace(token, expanded)
-    # a concept without vectors (a text-encoder fine-tune) reads its token as ordinary text
-    vtok = token if n_vectors else None
-    customized = tokenize(tokenizer, customized_text, vtok, n_vectors)
-    p_text = customized_text.replace(expanded, class_word)
-    p = tokenize(tokenizer, p_text)
-    # the concept phrase's positions in the customized prompt
-    before = tokenize(tokenizer, customized_text.split(expanded)[0].strip(), limit=False)
-    c_start = len(before.ids) - 1
-    c_len = len(tokenize(tokenizer, expanded, vtok, n_vectors, limit=False).ids) - 2
-    w_len = len(tokenize(tokenizer, class_word, limit=False).ids) - 2
-    w_last = c_start + w_len - 1  # class word sits where the phrase starts in p
-    start = w_last - c_len + 1
-    if start < 1:
-        raise PromptError(f"{token} needs {1 - start} more token(s) before it in the prompt to align "
-                          f"with {class_word!r}; add a word before it (e.g. 'a {token}')")
-    source = _dummy_prompt(tokenizer, len(p.ids), [(start, customized, tuple(range(c_start, c_start + c_len)))],
-                           vtok, n_vectors)
-    positions = tuple(range(max(start, c_start), w_last + 1))
-    return ConceptPrompts(customized, SwapPlan(p, source, positions))
-
-
 def check_swaps(swaps: list) -> None:
     """Refuse more than MAX_SWAPS swaps, or one longer than MAX_SWAP_CHARS written as `WORD=SOURCE`,
     before any is read. `swaps`: specs as typed, or (target, source) pairs."""
@@ -311,74 +279,6 @@ def parse_swap(spec: str) -> tuple[str | int, str]:
 
 # ------------------------------------------------------------------------------ long prompts
 
-_ABBREVIATIONS = {"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc", "fig", "figs", "no", "nos", "approx",
-                  "mt", "ft", "inc", "ltd", "co", "prof", "gen", "col", "lt", "sgt", "capt", "ca", "cf", "al",
-                  "vol", "ed", "rev", "ave", "blvd", "dept", "est", "jan", "feb", "mar", "apr", "jun", "jul",
-                  "aug", "sep", "sept", "oct", "nov", "dec", "mon", "tue", "wed", "thu", "fri", "sat", "sun"}
-_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of `text`. A full stop ends a sentence unless it closes an abbreviation
-    (`Dr.`, `e.g.`, `U.S.`) or an initial (`J.`); a decimal point (`3.5`) is never followed by a
-    space, so it never ends one."""
-    out, start = [], 0
-    for m in _END.finditer(text):
-        head = text[start:m.start()].split()
-        word = head[-1].lower() if head else ""
-        if m.group().startswith(".") and len(m.group().rstrip("\"'”’)]")) == 1:
-            if word in _ABBREVIATIONS or "." in word or (len(word) == 1 and word.isalpha()):
-                continue
-        sentence = text[start:m.end()].strip()
-        if sentence:
-            out.append(sentence)
-        start = m.end()
-    tail = text[start:].strip()
-    return out + ([tail] if tail else [])
-
-
-def _pieces(words: list[str], counts: list[int], limit: int) -> list[list[int]]:
-    """Word-index groups of at most `limit` tokens: sentences, then commas, then words."""
-    def pack(groups):  # consecutive groups merged while they fit
-        out = []
-        for g in groups:
-            if out and sum(counts[i] for i in out[-1] + g) <= limit:
-                out[-1] = out[-1] + g
-            else:
-                out.append(list(g))
-        return out
-
-    def split(group, ends):  # cut after words for which ends(word) is true
-        out, cur = [], []
-        for i in group:
-            cur.append(i)
-            if ends(words[i]):
-                out.append(cur)
-                cur = []
-        return out + ([cur] if cur else [])
-
-    sentences, at = [], 0
-    for sentence in split_sentences(" ".join(words)):
-        n = len(sentence.split())
-        sentences.append(list(range(at, at + n)))
-        at += n
-    result = []
-    for sentence in sentences:
-        if sum(counts[i] for i in sentence) <= limit:
-            result.append(sentence)
-            continue
-        for clause in split(sentence, lambda w: w.endswith((",", ";", ":"))):
-            if sum(counts[i] for i in clause) <= limit:
-                result.append(clause)
-                continue
-            for i in clause:
-                if counts[i] > limit:
-                    raise PromptError(f"the word {words[i][:40]!r} alone is {counts[i]} tokens; "
-                                      f"a segment holds at most {limit}")
-                result.append([i])
-    return pack(result)
-
-
 def fit(tokenizer, text: str, mode: str, count=None) -> tuple[list[str], str]:
     """How an over-long prompt is read: ([text], "") when it fits; segment texts in `segments`
     mode; ([kept text], dropped words) in `truncate` mode; a PromptError in `refuse` mode.
@@ -401,7 +301,7 @@ def fit(tokenizer, text: str, mode: str, count=None) -> tuple[list[str], str]:
             used += counts[kept]
             kept += 1
         return [" ".join(words[:kept])], " ".join(words[kept:])
-    groups = _pieces(words, counts, limit)
+    groups = pieces(words, counts, limit)
     rows = total + len(groups)
     if rows > MAX_SEGMENT_ROWS:
         raise PromptError(f"the prompt is {total} tokens long in {len(groups)} segments; segment mode reads at "
@@ -430,12 +330,12 @@ def read_prompt(tokenizer, text: str, long: str = "segments") -> Prompt:
     return join([tokenize(tokenizer, t) for t in texts], text)
 
 
-def _stars(tokenizer, like: Prompt) -> Prompt:
+def stars(tokenizer, like: Prompt) -> Prompt:
     """A p' segment with nothing swapped: `*` at every content position of `like`."""
-    return _dummy_prompt(tokenizer, len(like.ids), [], None, 0)
+    return dummy_prompt(tokenizer, len(like.ids), [], None, 0)
 
 
-def _global(p: Prompt, segment: int, positions) -> tuple[int, ...]:
+def global_positions(p: Prompt, segment: int, positions) -> tuple[int, ...]:
     return tuple(p.starts[segment] + q for q in positions)
 
 
@@ -474,9 +374,9 @@ def word_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], lon
         if k in local:
             plan = _word_swap_one(tokenizer, texts[k], local[k])
             sources.append(plan.source)
-            positions += _global(p, k, plan.positions)
+            positions += global_positions(p, k, plan.positions)
         else:
-            sources.append(_stars(tokenizer, part))
+            sources.append(stars(tokenizer, part))
     return SwapPlan(p, join(sources, " ".join(s.text for s in sources)), tuple(positions))
 
 
@@ -490,114 +390,3 @@ def _refuse_cut_words(tokenizer, kept: str, dropped: str, swaps) -> None:
                 raise PromptError(f"the word {target!r} was cut off: it lies beyond the {max_tokens(tokenizer)} "
                                   f"tokens this model reads (long-prompt mode 'truncate'); move it forward or use "
                                   f"long-prompt mode 'segments'")
-
-
-def concept_plan(tokenizer, text: str, token: str, class_word: str, phrase: str,
-                 n_vectors: int, long: str = "segments") -> ConceptPrompts:
-    """Build the customized prompt, p (concept phrase -> class word) and p' for a concept whose
-    prompt phrase is `phrase` (e.g. "{token}" or "{token} {class_word}"). Over 75 tokens, `long`
-    decides: segments (the concept's segment gets the concept's p', the others all `*`), truncate
-    (the concept token must survive) or refuse."""
-    count = text.count(token)
-    if count == 0:
-        raise PromptError(f"the concept token {token} is not in the prompt")
-    if count > 1:
-        raise PromptError(f"the concept token {token} appears {count} times; use it once")
-    expanded = phrase.format(token=token, class_word=class_word)
-    vtok = token if n_vectors else None
-
-    def tokens_of(word):  # the longer of the word as the customization and as p read it
-        if token not in word:
-            return len(tokenize(tokenizer, word, limit=False).ids) - 2
-        return max(len(tokenize(tokenizer, word.replace(token, expanded), vtok, n_vectors, limit=False).ids),
-                   len(tokenize(tokenizer, word.replace(token, class_word), limit=False).ids)) - 2
-
-    texts, dropped = fit(tokenizer, text, long, tokens_of)
-    if len(texts) == 1:
-        if token not in texts[0]:
-            raise PromptError(f"the concept token {token} lies beyond the {max_tokens(tokenizer)} tokens this "
-                              f"model reads; move it forward or use long-prompt mode 'segments'")
-        cp = _concept_one(tokenizer, texts[0], token, class_word, phrase, n_vectors)
-        if not dropped:
-            return cp
-        return ConceptPrompts(replace(cp.customized, dropped=dropped),
-                              replace(cp.plan, target=replace(cp.plan.target, dropped=dropped)))
-    custom, ps, sources, positions = [], [], [], ()
-    for k, t in enumerate(texts):
-        if token in t:
-            cp = _concept_one(tokenizer, t, token, class_word, phrase, n_vectors)
-            custom.append(cp.customized)
-            ps.append(cp.plan.target)
-            sources.append(cp.plan.source)
-            kk, local = k, cp.plan.positions
-        else:
-            part = tokenize(tokenizer, t)
-            custom.append(part)
-            ps.append(part)
-            sources.append(_stars(tokenizer, part))
-    p = join(ps, " ".join(x.text for x in ps))
-    return ConceptPrompts(join(custom, " ".join(x.text for x in custom)),
-                          SwapPlan(p, join(sources, " ".join(s.text for s in sources)), _global(p, kk, local)))
-
-
-@dataclass(frozen=True)
-class ConceptWords:
-    """How a concept is written: its token, class word, phrase and vector count (0: plain text)."""
-
-    token: str
-    class_word: str
-    phrase: str = "{token}"
-    n_vectors: int = 0
-
-    @property
-    def fields(self) -> tuple[str, str, str, int]:
-        """(token, class word, phrase, vector count), as concept_plan takes them."""
-        return self.token, self.class_word, self.phrase, self.n_vectors
-
-    @property
-    def expanded(self) -> str:
-        return self.phrase.format(token=self.token, class_word=self.class_word)
-
-    def as_class_word(self, text: str) -> str:
-        """`text` with this concept (its phrase if written out, else its token) replaced by its class word."""
-        if self.phrase != "{token}" and self.expanded in text:
-            return text.replace(self.expanded, self.class_word)
-        return text.replace(self.token, self.class_word)
-
-
-@dataclass(frozen=True)
-class SeveralConcepts:
-    """Several concepts in one prompt: the prompt as one customized model with all of them reads it,
-    and per concept its p' and positions (every plan has the same p)."""
-
-    customized: Prompt  # concept vectors numbered on in the concepts' order
-    plans: tuple[SwapPlan, ...]
-
-
-def several_concepts_plan(tokenizer, text: str, concepts: list[ConceptWords]) -> SeveralConcepts:
-    """p (every concept replaced by its class word) and, per concept, p' holding only that concept
-    (`*` everywhere else, the other concepts' class words included). Prompts of at most 75 tokens."""
-    tokens = [c.token for c in concepts]
-    for c in concepts:
-        if tokens.count(c.token) > 1:
-            raise PromptError(f"the concept token {c.token} is chosen twice; choose two different concepts")
-        if any(c.token in other for other in tokens if other != c.token):
-            raise PromptError(f"the concept token {c.token} is part of another concept's token; rename one of them")
-    plans = []
-    for c in concepts:
-        alone = text
-        for other in concepts:
-            if other is not c:
-                if text.count(other.token) != 1:
-                    raise PromptError(f"the concept token {other.token} must appear once in the prompt")
-                alone = other.as_class_word(alone)
-        plans.append(_concept_one(tokenizer, alone, c.token, c.class_word, c.phrase, c.n_vectors).plan)
-    if len({plan.target.ids for plan in plans}) != 1:
-        raise PromptError("the concepts' class words do not line up in one prompt; write each concept once, "
-                          "apart from the others")
-    customized = text
-    for c in concepts:
-        customized = customized if c.phrase != "{token}" and c.expanded in customized else \
-            customized.replace(c.token, c.expanded)
-    table = tuple((c.token, c.n_vectors) for c in concepts if c.n_vectors)
-    return SeveralConcepts(tokenize(tokenizer, customized, vector_tokens=table), tuple(plans))

@@ -44,7 +44,9 @@ import torch
 from PIL import Image
 
 from .errors import AlignITError, ModelError
-from .generate import Generation, _uncond_and_pad, encode_prompt, pad_segmented
+from .conditioning import empty_prompt, encode_prompt, pad_segmented
+from .noising import Noising
+from .record import Generation
 from .models import hub_reachable
 from .prompts import Prompt, read_prompt, word_swap_plan
 
@@ -56,55 +58,6 @@ CLIP_ID = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MASK_FILL = (0, 0, 0)  # what a masked reference shows outside the concept
-
-
-# ------------------------------------------------------------------------------ the forward process
-
-@dataclass(frozen=True)
-class Noising:
-    """The DDPM forward process of a model's scheduler, and its ε-parametrisation."""
-
-    betas: torch.Tensor  # (T,) float64
-    alphas_cumprod: torch.Tensor  # (T,) float64
-    prediction_type: str  # "epsilon" | "v_prediction" | "sample"
-
-    @classmethod
-    def of(cls, model) -> Noising:
-        from diffusers import DDPMScheduler
-
-        # any SD scheduler config describes the same training process; DDPM's reads it plainly
-        sched = DDPMScheduler.from_config(model.scheduler_config)
-        kind = sched.config.prediction_type
-        if kind not in ("epsilon", "v_prediction", "sample"):
-            raise ModelError(f"cannot score a model that predicts {kind!r}")
-        return cls(sched.betas.double(), sched.alphas_cumprod.double(), kind)
-
-    @property
-    def T(self) -> int:
-        return len(self.betas)
-
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        """k_t = T·β_t / (2(1−ᾱ_t)): the change of log-SNR per step, times T (t uniform)."""
-        return self.T * self.betas[t] / (2 * (1 - self.alphas_cumprod[t]))
-
-    def _coefficients(self, t: torch.Tensor, like: torch.Tensor):
-        a = self.alphas_cumprod[t].to(like.device, torch.float32).view(-1, *[1] * (like.ndim - 1))
-        return a.sqrt(), (1 - a).sqrt()
-
-    def noised(self, z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε, one t per batch row."""
-        sa, sb = self._coefficients(t, z0)
-        return sa * z0 + sb * eps
-
-    def to_epsilon(self, output: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The UNet's output as a noise prediction: ε = √ᾱ v + √(1−ᾱ) z_t for v-prediction,
-        (z_t − √ᾱ x̂0)/√(1−ᾱ) for x0-prediction."""
-        if self.prediction_type == "epsilon":
-            return output
-        sa, sb = self._coefficients(t, z_t)
-        if self.prediction_type == "v_prediction":
-            return sa * output + sb * z_t
-        return (z_t - sa * output) / sb
 
 
 def draw(noising: Noising, shape: tuple[int, ...], samples: int, seed: int = MI_SEED):
@@ -168,20 +121,19 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
     names = list(latents)
     z0 = torch.stack([latents[n].float() for n in names]).to(model.device)  # (r, C, h, w)
     r = len(names)
-    noising = Noising.of(model)
+    family = model.family
+    noising = family.noising()
     t_all, eps_all = draw(noising, tuple(z0.shape[1:]), samples, seed)
     k_all = noising.weight(t_all).float()
 
     cond, pooled = encode_prompt(model, prompt, None)
-    empty, pooled_empty, pad = _uncond_and_pad(model, None)
+    empty, pooled_empty, pad = empty_prompt(model)
     if prompt.parts:  # a long prompt's segment rows; ∅ and p padded alike, as in the generation
         cond, empty = pad_segmented(model, [cond, empty], [pad, pad])
     positions = list(prompt.content) if per_token else []
     # conditions: [∅, p, p with token k from ∅ ...]; each compared with p
     hidden = torch.stack([empty, cond] + [_condition_with_token_removed(cond, empty, k) for k in positions])
-    pooleds = None
-    if model.is_xl:  # the pooled text embedding is p's for every per-token condition
-        pooleds = torch.stack([pooled_empty, pooled] + [pooled] * len(positions))
+    pooleds = [pooled_empty, pooled] + [pooled] * len(positions)  # p's pooled text for every per-token condition
     n_cond = hidden.shape[0]
 
     value_sum = torch.zeros(samples, r, n_cond - 1)  # per sample, row, condition compared with p
@@ -197,13 +149,10 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
         z_t = noising.noised(z0.unsqueeze(0), eps.unsqueeze(1), t).reshape(s * r, *z0.shape[1:])
         tt = t.repeat_interleave(r).repeat(n_cond)  # batch layout: (condition, sample, row)
         enc = hidden.repeat_interleave(s * r, dim=0)
-        added = None
-        if model.is_xl:
-            side = z0.shape[-1] * model.vae_scale
-            time_ids = torch.tensor([[side, side, 0, 0, side, side]], device=model.device, dtype=enc.dtype)
-            added = {"text_embeds": pooleds.repeat_interleave(s * r, dim=0), "time_ids": time_ids.repeat(len(tt), 1)}
+        added = family.added_conditions([q for q in pooleds for _ in range(s * r)], z0.shape[-1] * model.vae_scale,
+                                        enc.dtype)
         x = z_t.repeat(n_cond, 1, 1, 1)
-        out = model.unet(x.to(model.dtype), tt, encoder_hidden_states=enc, added_cond_kwargs=added).sample.float()
+        out = family.predict(model.unet, x.to(model.dtype), tt, enc, added).float()
         eps_hat = noising.to_epsilon(out, x, tt).reshape(n_cond, s, r, *z0.shape[1:])
         # squared denoising error per latent pixel (channels summed): (n_cond, s, r, h, w)
         err = (eps.unsqueeze(1).unsqueeze(0) - eps_hat).pow(2).sum(3)
@@ -361,10 +310,10 @@ class AlignmentReport:
 def scoring_text(model, gen: Generation) -> str:
     """Concept mode: p (the concept replaced by its class word). Token swap: p with the swapped
     words replaced by their sources."""
-    s = gen.settings
-    if s.get("mode") == "swap" and s.get("swaps"):
-        return intended_text(model.tokenizer, s["p"], s["swaps"])
-    return s["p"]
+    req = gen.request
+    if req.mode == "swap" and req.swaps:
+        return intended_text(model.tokenizer, req.p.text, list(req.swaps))
+    return req.p.text
 
 
 def score_generation(model, gen: Generation, clip: Clip | None = None, references: list[Image.Image] = (),
@@ -375,12 +324,12 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     if not gen.latents:
         raise AlignITError("this generation kept no latents to score; generate again")
     text = scoring_text(model, gen)
-    prompt = read_prompt(model.tokenizer, text, gen.settings.get("long_prompt", "segments"))
+    prompt = read_prompt(model.tokenizer, text, gen.settings.long_prompt)
     mi = mi_scores(model, gen.latents, prompt, samples=samples, per_token=True, progress=progress)
     rows = list(gen.latents)
     reference = rows[0]
     diffs = {row: difference(mi[row], mi[reference]) for row in rows[1:]}
-    positions = tuple(gen.settings.get("positions", ()))
+    positions = gen.swapped[rows[-1]] if gen.mode == "swap" else gen.swapped["alignit"]
     if len(prompt.ids) != len(gen.tokens[rows[-1]]):
         positions = ()
     report = AlignmentReport(text, mi, reference, diffs, positions=positions, token_positions=tuple(prompt.content),

@@ -155,7 +155,7 @@ def plan(model, entries: list[Entry], prompts: int | None, seeds: int):
     """(jobs in key order, {(concept, prompt index): (prompt, p)}, [skipped (concept, index, reason)]).
     A prompt AlignIT cannot align (e.g. a two-token Custom Diffusion phrase at the very start) is
     skipped with the engine's reason; one over 75 tokens is read in segments."""
-    from .prompts import concept_plan
+    from .concept_prompts import concept_plan
 
     jobs, texts, skipped = [], {}, []
     for e in entries:
@@ -163,12 +163,11 @@ def plan(model, entries: list[Entry], prompts: int | None, seeds: int):
         for i, line in enumerate(e.prompts[:prompts]):
             text = line.replace("{}", c.token)
             try:
-                cp = concept_plan(model.tokenizer, text, c.token, c.class_word, c.phrase,
-                                  c.n_vectors if c.vectors else 0)
+                prompts = concept_plan(model.tokenizer, text, c.words)
             except PromptError as err:
                 skipped.append((e.name, i, str(err)))
                 continue
-            texts[(e.name, i)] = (text, cp.plan.target.text)
+            texts[(e.name, i)] = (text, prompts.plan.target.text)
             jobs += [Job(e.name, i, seed) for seed in range(seeds)]
     return sorted(jobs), texts, skipped
 
@@ -202,7 +201,7 @@ def run_job(model, entry: Entry, job: Job, texts: tuple[str, str], out: Path, se
 
     from . import generate as engine
     from . import scores
-    from .generate import Settings
+    from .settings import Settings
     from .prompts import read_prompt
 
     folder = out / job.folder
@@ -334,7 +333,7 @@ def _state(device: str | None):
 
 def _prepare(args, state):
     """Everything that can fail on the user's input, before anything is written."""
-    from .generate import Settings, resolve
+    from .settings import Settings, resolve
     from .models import load_model
 
     if args.seeds < 1 or (args.prompts is not None and args.prompts < 1):

@@ -1,0 +1,26 @@
+"""One object per model family: everything that differs between Stable Diffusion 1.x/2.x/SDXL
+and other denoisers, behind one set of questions the engine asks (see ARCHITECTURE.md).
+
+To add a family: a module here with a class that answers what `UNetFamily` answers (its
+docstrings are the contract), and a line in `FAMILIES`; `family_for` picks the first that accepts
+a loaded diffusers pipeline.
+"""
+from __future__ import annotations
+
+from ..errors import ModelError
+from .sd_unet import EMBEDDED_DEFAULTS, Defaults, UNetFamily
+
+FAMILIES = (UNetFamily,)
+
+
+def family_for(pipe, device, defaults: Defaults | None = None):
+    """The family object serving `pipe` (its parts moved to `device`). Raises ModelError when no
+    family knows the pipeline."""
+    for family in FAMILIES:
+        if family.accepts(pipe):
+            return family(pipe, device, defaults or Defaults())
+    raise ModelError(f"{type(pipe).__name__} is not a pipeline this engine knows (Stable Diffusion 1.x, 2.x "
+                     f"or SDXL: a UNet and a CLIP text encoder)")
+
+
+__all__ = ["EMBEDDED_DEFAULTS", "FAMILIES", "Defaults", "UNetFamily", "family_for"]
