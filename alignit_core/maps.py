@@ -66,5 +66,5 @@ def save_maps(gen, path: Path) -> Path:
             "words": {r: [t.word for t in gen.tokens[r]] for r in rows}}
     save_file({r: np.ascontiguousarray(gen.maps[r], dtype=np.float32) for r in rows}, str(path),
               metadata={**{k: json.dumps(v, ensure_ascii=False) for k, v in meta.items()},
-                        "settings": json.dumps(gen.settings, ensure_ascii=False)})
+                        "settings": json.dumps(gen.record(), ensure_ascii=False)})
     return path

@@ -163,11 +163,11 @@ def plan(model, entries: list[Entry], prompts: int | None, seeds: int):
         for i, line in enumerate(e.prompts[:prompts]):
             text = line.replace("{}", c.token)
             try:
-                prompts = concept_plan(model.tokenizer, text, c.words)
+                planned = concept_plan(model.tokenizer, text, c.words)
             except PromptError as err:
                 skipped.append((e.name, i, str(err)))
                 continue
-            texts[(e.name, i)] = (text, prompts.plan.target.text)
+            texts[(e.name, i)] = (text, planned.plan.target.text)
             jobs += [Job(e.name, i, seed) for seed in range(seeds)]
     return sorted(jobs), texts, skipped
 

@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignit_core import Settings, find_concepts, generate_concept, load_model, tokenize  # noqa: E402
-from alignit_core.generate import Row, resolve, run_rows  # noqa: E402
+from alignit_core.conditioning import Row  # noqa: E402
+from alignit_core.generate import run_rows  # noqa: E402
+from alignit_core.settings import resolve  # noqa: E402
 from visualize import comparison_grid  # noqa: E402
 
 PATTERNED = ("a blue striped square on a yellow background", "a green triangle with a hole on a black background",

@@ -30,7 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alignit_core import Settings, load_model, tokenize  # noqa: E402
-from alignit_core.generate import Row, resolve, run_rows  # noqa: E402
+from alignit_core.conditioning import Row  # noqa: E402
+from alignit_core.generate import run_rows  # noqa: E402
+from alignit_core.settings import resolve  # noqa: E402
 from alignit_core.models import EMBEDDED  # noqa: E402
 from alignit_core.shapes import render, to_uint8  # noqa: E402
 from scripts.train_embedded import INSTANCES, references  # noqa: E402

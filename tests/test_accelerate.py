@@ -35,7 +35,7 @@ def test_channels_last_gives_the_same_comparison(eager):
     assert model.accelerations == ("channels_last",)
     gen = generate_swap(model, *SWAP, Settings(seed=0, steps=3))
     _same_as_eager(gen, ref)
-    assert gen.settings["accelerations"] == ["channels_last"]
+    assert gen.record()["accelerations"] == ["channels_last"]
 
 
 def test_compiled_unet_keeps_swaps_exact_and_does_not_recompile_per_request(eager):
@@ -57,4 +57,4 @@ def test_compiled_unet_keeps_swaps_exact_and_does_not_recompile_per_request(eage
     other = generate_swap(model, "a red cat", [("cat", "dog"), ("red", "blue")], Settings(seed=1, steps=4))
     assert not np.array_equal(_pixels(other.images["baseline"]), _pixels(other.images["swapped"]))
     assert counters["stats"]["unique_graphs"] == graphs
-    assert gen.settings["accelerations"] == ["compile:aot_eager"]
+    assert gen.record()["accelerations"] == ["compile:aot_eager"]

@@ -111,24 +111,39 @@ def test_engine_errors_become_toasts_with_the_engines_message():
     assert err.message == "the word 'cat' is not in the prompt" and err.title == "Prompt error"
 
 
-def _generation(mode="swap", rows=("baseline", "swapped")) -> SimpleNamespace:
-    settings = {"model": "embedded-shapes", "mode": mode, "prompt": PROMPT, "seed": 7, "steps": 20,
-                "guidance": 5.0, "size": 128, "scheduler": "ddim", "swap_uncond": True, "swap_steps": [0.0, 0.5],
-                "map_resolution": 16, "positions": [2], "swaps": [["red", "yellow"], [6, "black"]]}
-    return SimpleNamespace(settings=settings, rows=list(rows))
+def _generation(tokenizer, mode="swap", rows=("baseline", "swapped")):
+    """A Generation as the engine returns one (no images), without running a model."""
+    from alignit_core import Settings, word_swap_plan
+    from alignit_core.concept_prompts import concept_plan
+    from alignit_core.record import Generation, Request
+
+    settings = Settings(seed=7, steps=20, guidance=5.0, size=128, scheduler="ddim", swap_uncond=True, swap_end=0.5,
+                        map_resolution=16)
+    if mode == "swap":
+        swaps = (("red", "yellow"), (6, "black"))
+        plan = word_swap_plan(tokenizer, PROMPT, list(swaps))
+        request = Request("swap", PROMPT, plan.target, ((plan, None),), swaps=swaps)
+    else:
+        concept = _concept()
+        prompts = concept_plan(tokenizer, concept.example_prompt, concept.words)
+        request = Request("alignit", concept.example_prompt, prompts.plan.target, ((prompts.plan, concept),),
+                          customized=prompts.customized)
+    swapped = {r: request.sources[0][0].positions if r in ("alignit", "swapped") else () for r in rows}
+    return Generation({r: None for r in rows}, {}, {}, swapped, settings, request, [],
+                      {"name": "embedded-shapes", "source": "embedded"})
 
 
-def test_the_cli_line_reproduces_a_token_swap():
-    line = app.cli_command(_generation(), [], uploaded=set())
+def test_the_cli_line_reproduces_a_token_swap(clip):
+    line = app.cli_command(_generation(clip.tokenizer), uploaded=set())
     args = cli_parser().parse_args(shlex.split(line)[3:])
     assert args.prompt == PROMPT and args.swap == ["red=yellow", "6=black"]
     assert (args.seed, args.steps, args.guidance, args.size, args.scheduler) == (7, 20, 5.0, 128, "ddim")
     assert args.swap_uncond and args.swap_steps == [0.0, 0.5] and args.map_resolution == 16
 
 
-def test_the_cli_line_reproduces_an_alignit_comparison_with_the_base_model():
-    gen = _generation("alignit", ("customized", "alignit", "base"))
-    args = cli_parser().parse_args(shlex.split(app.cli_command(gen, [_concept()], uploaded=set()))[3:])
+def test_the_cli_line_reproduces_an_alignit_comparison_with_the_base_model(clip):
+    gen = _generation(clip.tokenizer, "alignit", ("customized", "alignit", "base"))
+    args = cli_parser().parse_args(shlex.split(app.cli_command(gen, uploaded=set()))[3:])
     assert args.concept == ["striped-ball-ti"] and args.positions == ["2"] and args.base and args.swap == []
 
 
@@ -217,7 +232,7 @@ def test_truncate_mode_shows_what_the_model_will_not_read(clip, tiny_sd):
     assert not view.p.parts and len(view.p.ids) <= 77 and view.p.dropped
     assert f"will not read `{view.p.dropped}`" in app.prompts_markdown(view)
     *_, command, gen, _, _ = _run(tiny_sd, prompt=LONG, swaps="red=blue", long_prompt="truncate")
-    assert gen.warnings and gen.settings["dropped"] == view.p.dropped
+    assert gen.warnings and gen.record()["dropped"] == view.p.dropped
     assert "--long-prompt truncate" in command
     args = cli_parser().parse_args(shlex.split(command)[3:])
     assert args.long_prompt == "truncate"
@@ -228,7 +243,7 @@ def test_generate_returns_two_columns_and_reproducible_downloads(tiny_sd):
     images, maps = shown[:app.MAX_COLUMNS], shown[app.MAX_COLUMNS:]
     assert Image.open(images[0]).size == Image.open(images[1]).size and images[2] is None and maps[2] is None
     assert json.loads(Path(settings).read_text())["swaps"] == [["red", "yellow"]]
-    assert Image.open(grid).text["alignit"] == json.dumps(gen.settings, ensure_ascii=False)
+    assert Image.open(grid).text["alignit"] == json.dumps(gen.record(), ensure_ascii=False)
     assert "--swap red=yellow" in command and "--model tiny-sd" in command
     assert pair == (images[0], images[1]) and Path(maps_file).name.endswith("maps.safetensors")
 
@@ -347,7 +362,7 @@ def test_a_second_concept_joins_the_prompt_and_the_generation(tiny_sd, tmp_path)
     *_, command, gen, _, _ = _run(tiny_sd, uploaded=uploaded, mode=app.ALIGNIT, concept_key="uploaded:<a>",
                             second_concept="uploaded:<b>", prompt="a photo of a <a> and a <b>", swap_kv="k",
                             swap_strength=0.5)
-    assert [c["token"] for c in gen.settings["concepts"]] == ["<a>", "<b>"] and gen.swapped["alignit"] == (5, 8)
+    assert [c["token"] for c in gen.record()["concepts"]] == ["<a>", "<b>"] and gen.swapped["alignit"] == (5, 8)
     args = cli_parser().parse_args(shlex.split(command)[3:])
     assert args.concept == ["a.safetensors", "b.safetensors"] and args.token is None
     assert (args.swap_kv, args.swap_strength) == ("k", 0.5)
@@ -488,8 +503,9 @@ def test_the_gpu_time_asked_of_zerogpu_grows_with_steps_rows_and_pixels():
     assert seconds(steps=60, size=512) > sd15 and seconds(steps=30, size=768) > sd15
     assert seconds(app.ALIGNIT, True, steps=30, size=512) > seconds(app.ALIGNIT, False, steps=30, size=512) == sd15
     assert seconds(steps=150, size=1024) == app.GPU_MAX_S  # capped
-    gen = SimpleNamespace(settings={"size": 512}, rows=["customized", "alignit"], tokens={"alignit": [None] * 9})
-    more = SimpleNamespace(settings={"size": 512}, rows=["customized", "alignit"], tokens={"alignit": [None] * 20})
+    gen = SimpleNamespace(settings=app.Settings(size=512), rows=["customized", "alignit"], tokens={"alignit": [None] * 9})
+    more = SimpleNamespace(settings=app.Settings(size=512), rows=["customized", "alignit"],
+                           tokens={"alignit": [None] * 20})
     assert app.GPU_SETUP_S < app.score_seconds(gen) < app.score_seconds(more) <= app.GPU_MAX_S
 
 

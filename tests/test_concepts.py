@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from alignit_core import ConceptError, Settings, find_concepts, generate_concept, load_concept
-from alignit_core.generate import encode_prompt
-from alignit_core.prompts import concept_plan, tokenize
+from alignit_core.conditioning import encode_prompt
+from alignit_core.concept_prompts import concept_plan
+from alignit_core.prompts import tokenize
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "assets" / "concepts"
@@ -173,7 +174,7 @@ def test_custom_diffusion_rows_hold_at_every_step_when_the_swap_has_a_step_range
         seen[(layer, step)] = key.clone()
 
     generate_concept(tiny_sd, "a photo of a <new1> dog", c, Settings(seed=0, steps=4, swap_start=0.5), on_kv=on_kv)
-    cp = concept_plan(tiny_sd.tokenizer, "a photo of a <new1> dog", c.token, c.class_word, c.phrase, c.n_vectors)
+    cp = concept_plan(tiny_sd.tokenizer, "a photo of a <new1> dog", c.words)
     hidden, _ = encode_prompt(tiny_sd, cp.customized, c)
     pos = cp.plan.positions[0]
     for (layer, step), key in seen.items():  # batch: [uncond customized, uncond alignit, cond customized, cond alignit]
@@ -417,7 +418,7 @@ def test_custom_diffusion_rows_use_their_own_wk_and_alignit_uses_them_only_for_k
     layers = tiny_sd.cross_attention_layers
     assert set(seen) == {(layer, step) for layer in layers for step in (0, 1)}
 
-    cp = concept_plan(tiny_sd.tokenizer, prompt, concept.token, concept.class_word, concept.phrase, concept.n_vectors)
+    cp = concept_plan(tiny_sd.tokenizer, prompt, concept.words)
     p, p_dummy, swapped = cp.plan.target, cp.plan.source, cp.plan.positions
     assert cp.customized.text == "a photo of a <new1> dog" and p.text == "a photo of a dog"
     assert swapped == (5,) and gen.swapped["alignit"] == swapped
@@ -461,7 +462,7 @@ def test_custom_diffusion_baseline_differs_from_plain_token_embedding(tiny_sd, t
     s = Settings(steps=2, guidance=7.5)
     a = generate_concept(tiny_sd, "a photo of a <new1>", cd, s)
     b = generate_concept(tiny_sd, "a photo of a <new1>", ti, s)
-    assert a.settings["customized_prompt"] == b.settings["customized_prompt"] == "a photo of a <new1> dog"
+    assert a.record()["customized_prompt"] == b.record()["customized_prompt"] == "a photo of a <new1> dog"
     assert a.images["customized"].tobytes() != b.images["customized"].tobytes()
 
 
@@ -504,8 +505,8 @@ def test_shipped_concept_generates_customized_and_alignit_images_that_differ(shi
     a, b = gen.images["customized"], gen.images["alignit"]
     assert a.size == b.size == (embedded.native_size,) * 2
     assert a.tobytes() != b.tobytes()
-    assert gen.settings["p"] == c.example_prompt.replace(c.token, c.class_word)
-    assert gen.swapped["alignit"] and gen.settings["concept"]["kind"] == c.kind
+    assert gen.record()["p"] == c.example_prompt.replace(c.token, c.class_word)
+    assert gen.swapped["alignit"] and gen.record()["concept"]["kind"] == c.kind
 
 
 # ------------------------------------------------------------------------------ Custom Diffusion against diffusers
@@ -565,7 +566,7 @@ def test_custom_diffusion_crossattn_baseline_draws_what_diffusers_draws(tiny_sd,
     latent = torch.randn((1, 4, 8, 8), generator=torch.Generator("cpu").manual_seed(4))
     ref = pipe("a photo of a <new1> dog", num_inference_steps=4, guidance_scale=6.0, height=64, width=64,
                latents=latent, output_type="np").images[0]
-    plain = build_tiny_sd()(gen.settings["customized_prompt"].replace("<new1> ", ""), num_inference_steps=4,
+    plain = build_tiny_sd()(gen.record()["customized_prompt"].replace("<new1> ", ""), num_inference_steps=4,
                             guidance_scale=6.0, height=64, width=64, latents=latent, output_type="np").images[0]
     ours = np.asarray(gen.images["customized"], dtype=np.float64) / 255
     assert np.abs(ref - plain).mean() > 8 / 255  # the weights change the picture clearly

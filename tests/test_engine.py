@@ -60,7 +60,7 @@ def test_swap_step_range_limits_the_swap_to_those_steps(tiny_sd):
 
 
 def test_swap_rows_are_the_dummy_prompts_rows(tiny_sd):
-    from alignit_core.generate import encode_prompt
+    from alignit_core.conditioning import encode_prompt
 
     _, seen = _capture(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=0, steps=1))
     src, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, "* * zebra"), None)
@@ -130,7 +130,7 @@ def test_maps_come_from_the_chosen_blocks_and_steps_only(tiny_sd):
     np.testing.assert_allclose((early.maps["swapped"] + late.maps["swapped"]) / 2, everything.maps["swapped"],
                                rtol=1e-4, atol=1e-6)
     assert np.array_equal(_pixels(early.images["swapped"]), _pixels(everything.images["swapped"]))
-    assert everything.settings["map_blocks"] == ["down", "mid", "up"] and early.settings["map_steps"] == [0.0, 0.5]
+    assert everything.record()["map_blocks"] == ["down", "mid", "up"] and early.record()["map_steps"] == [0.0, 0.5]
     with pytest.raises(SettingsError, match="no cross-attention layer of the mid block"):
         run(map_blocks=("mid",))
     with pytest.raises(SettingsError, match="holds none of the 4 steps"):
@@ -178,7 +178,7 @@ def test_keys_and_values_are_projected_once_per_request(tiny_sd, swap_start, pro
     finally:
         for h in hooks:
             h.remove()
-    from alignit_core.generate import encode_prompt
+    from alignit_core.conditioning import encode_prompt
 
     src, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, "* * zebra"), None)
     assert set(calls.values()) == {projections}  # K' rows are part of the layer's own projection
@@ -189,7 +189,7 @@ def test_keys_and_values_are_projected_once_per_request(tiny_sd, swap_start, pro
 
 def test_settings_are_recorded_for_reproduction(tiny_sd):
     gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=7, steps=2, guidance=3.0))
-    s = gen.settings
+    s = gen.record()
     assert (s["seed"], s["steps"], s["guidance"], s["size"], s["scheduler"]) == (7, 2, 3.0, 64, "ddim")
     assert s["p"] == "a jumping dog" and s["p_dummy"] == "* * zebra" and s["positions"] == [3]
     assert [t["text"] for t in s["token_tables"]["swapped"]][1:4] == ["a", "jumping", "dog"]
@@ -252,7 +252,7 @@ def test_swapping_keys_only_leaves_the_values_untouched_and_vice_versa(tiny_sd, 
         assert torch.equal(kept[3], kept[2]), (layer, step)  # the other one is the baseline row's, bit for bit
         changed = (swapped[3] != swapped[2]).any(dim=-1).nonzero().flatten().tolist()
         assert changed == ([3] if step >= 2 else []), (layer, step)  # within the swap's step range only
-    assert gen.settings["swap_kv"] == swap_kv
+    assert gen.record()["swap_kv"] == swap_kv
     assert not np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from alignit_core import (Concept, PromptError, Settings, SettingsError, concept_plan, generate_concept,
+from alignit_core import (Concept, ConceptWords, PromptError, Settings, SettingsError, concept_plan, generate_concept,
                           generate_swap, positions_plan, read_prompt, split_sentences, tokenize, word_swap_plan)
-from alignit_core.generate import encode_prompt
+from alignit_core.conditioning import encode_prompt
 from alignit_core.prompts import MAX_SEGMENT_ROWS, fit
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "pink", "white", "black", "gray", "brown", "cyan"]
@@ -74,10 +74,10 @@ def test_refuse_mode_refuses_and_truncate_mode_drops_words_with_a_warning(tiny_s
         generate_swap(tiny_sd, "a red dot", [("red", "blue")], Settings(steps=1, long_prompt="chunks"))
     gen = generate_swap(tiny_sd, LONG, [("red", "blue")], Settings(seed=0, steps=2, long_prompt="truncate"))
     assert len(gen.warnings) == 1 and "dropped" in gen.warnings[0]
-    kept = gen.settings["p"]
+    kept = gen.record()["p"]
     assert _content_count(tiny_sd.tokenizer, kept) <= 75 and LONG.startswith(kept)
-    assert gen.settings["dropped"] == LONG[len(kept):].strip()
-    assert gen.settings["warnings"] == gen.warnings
+    assert gen.record()["dropped"] == LONG[len(kept):].strip()
+    assert gen.record()["warnings"] == gen.warnings
     alone = generate_swap(tiny_sd, kept, [("red", "blue")], Settings(seed=0, steps=2))
     assert np.array_equal(_pixels(gen.images["swapped"]), _pixels(alone.images["swapped"]))
     with pytest.raises(PromptError, match="the word 'cyan' was cut off"):  # cyan sits in the dropped tail
@@ -101,7 +101,7 @@ def test_short_prompts_take_the_normal_path_byte_for_byte(tiny_sd):
     assert widths == {77}
     assert a.images["swapped"].tobytes() == b.images["swapped"].tobytes()
     assert np.array_equal(a.maps["swapped"], b.maps["swapped"])
-    assert "segments" not in a.settings and a.warnings == []
+    assert "segments" not in a.record() and a.warnings == []
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -120,7 +120,7 @@ def test_token_table_positions_are_the_rows_of_the_conditioning(fixture, request
         for local in range(len(part.ids) - 1):  # start + content rows; the end token is dropped
             assert p.tokens[start + local].text == part.tokens[local].text
             assert torch.equal(hidden[start + local], alone[local])
-        if k == 0 and model.is_xl:
+        if k == 0 and model.family.pooled:
             assert torch.equal(pooled, part_pooled)
 
 
@@ -133,7 +133,7 @@ def test_identity_swap_on_a_long_prompt_is_bit_exact(fixture, request):
     assert np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
     assert np.array_equal(gen.maps["baseline"], gen.maps["swapped"])
     assert gen.maps["swapped"].shape[0] == len(p.ids)
-    assert gen.settings["segments"] == [part.text for part in p.parts]
+    assert gen.record()["segments"] == [part.text for part in p.parts]
 
 
 def test_a_swap_in_the_third_segment_changes_only_its_rows(tiny_sd):
@@ -184,7 +184,7 @@ def test_swap_targets_are_found_across_segments_and_checked_on_global_positions(
 def test_long_concept_prompt_puts_the_concept_rows_in_its_segment(tiny_sd):
     tok = tiny_sd.tokenizer
     text = LONG.replace("a purple square", "a <toy>")
-    cp = concept_plan(tok, text, "<toy>", "square", "{token}", 2)
+    cp = concept_plan(tok, text, ConceptWords("<toy>", "square", "{token}", 2))
     p, source, custom = cp.plan.target, cp.plan.source, cp.customized
     assert len(p.parts) >= 3 and len(custom.parts) == len(p.parts) and len(source.ids) == len(p.ids)
     (pos,) = cp.plan.positions
@@ -197,4 +197,4 @@ def test_long_concept_prompt_puts_the_concept_rows_in_its_segment(tiny_sd):
     assert gen.swapped["alignit"] == (pos,)
     assert not np.array_equal(_pixels(gen.images["alignit"]), _pixels(gen.images["base"]))
     with pytest.raises(PromptError, match="beyond the 75 tokens"):
-        concept_plan(tok, LONG.replace("a cyan square", "a <toy>"), "<toy>", "square", "{token}", 2, "truncate")
+        concept_plan(tok, LONG.replace("a cyan square", "a <toy>"), ConceptWords("<toy>", "square", "{token}", 2), "truncate")

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import app
 from alignit_core import ConceptError, Settings, generate_concept, generate_swap, load_concept
-from alignit_core.generate import encode_prompt
+from alignit_core.conditioning import encode_prompt
 from alignit_core.prompts import tokenize
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in", "conv1"]
@@ -138,7 +138,7 @@ def test_lora_customized_baseline_is_what_diffusers_draws(naming, sd_lora, tiny_
     concept = load_concept(sd_lora[naming], tiny_sd, token="sks", class_word="dog", lora_scale=0.7)
     assert concept.kind == "lora" and concept.phrase == "{token} {class_word}"
     gen = generate_concept(tiny_sd, "a photo of a sks", concept, FAST)
-    assert gen.settings["customized_prompt"] == "a photo of a sks dog" and gen.settings["p"] == "a photo of a dog"
+    assert gen.record()["customized_prompt"] == "a photo of a sks dog" and gen.record()["p"] == "a photo of a dog"
     ref = _reference(build_tiny_sd, sd_lora[naming], "a photo of a sks dog", 0.7)
     ours = np.asarray(gen.images["customized"], dtype=np.float64) / 255
     assert np.abs(ref - _plain(build_tiny_sd, "a photo of a sks dog")).mean() > 8 / 255  # the LoRA shows
@@ -188,7 +188,7 @@ def test_alignit_on_a_lora_takes_the_concepts_rows_from_the_lora_model_and_the_r
         seen[(layer, step)] = (key.clone(), value.clone())
 
     gen = generate_concept(tiny_sd, "a photo of a sks", concept, Settings(steps=1), on_kv=on_kv)
-    p_dummy, positions = gen.settings["p_dummy"], gen.settings["positions"]
+    p_dummy, positions = gen.record()["p_dummy"], gen.record()["positions"]
     assert p_dummy == "* * * sks dog" and positions == [5]
     enc_p, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, "a photo of a dog"), None)
     enc_dummy, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, p_dummy), concept)
@@ -218,7 +218,7 @@ def test_the_rest_of_the_lora_is_off_by_default_and_raises_only_what_is_beyond_t
     assert torch.equal(alignit(only_kv, 0.0)[0], alignit(only_kv, 1.0)[0])  # nothing beyond the keys and values
     full = save_diffusers(StableDiffusionPipeline, *peft_lora(build_tiny_sd()), tmp_path / "full")
     off, gen = alignit(full, 0.0)
-    assert gen.settings["lora_rest"] == 0.0
+    assert gen.record()["lora_rest"] == 0.0
     half, one = alignit(full, 0.5)[0], alignit(full, 1.0)[0]
     assert not torch.equal(off, half) and not torch.equal(half, one)
 
@@ -366,4 +366,4 @@ def test_the_demo_reproduces_an_uploaded_lora_from_the_command_line(sd_lora, tin
     *_, command, gen, _, _ = app.generate(tiny_sd, {}, **values, progress=lambda *a, **k: None)
     args = _parser().parse_args(shlex.split(command)[3:])
     assert (args.concept, args.token, args.class_word) == (["sks.safetensors"], "sks", "dog")
-    assert (args.lora_scale, args.lora_rest) == (0.5, 0.5) and gen.settings["concept"]["scale"] == 0.5
+    assert (args.lora_scale, args.lora_rest) == (0.5, 0.5) and gen.record()["concept"]["scale"] == 0.5

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from alignit_core import PromptError, concept_plan, parse_swap, tokenize, word_swap_plan
+from alignit_core import ConceptWords, PromptError, concept_plan, parse_swap, tokenize, word_swap_plan
 from alignit_core.prompts import check_positions, positions_plan
 
 
@@ -47,7 +47,7 @@ def test_banana_plate_swap_by_position(tok):
 
 
 def test_multi_vector_concept_spills_before_a_shorter_class_word(tok):
-    cp = concept_plan(tok, "a photo of a <cat-toy> in a garden", "<cat-toy>", "cat", "{token}", 3)
+    cp = concept_plan(tok, "a photo of a <cat-toy> in a garden", ConceptWords("<cat-toy>", "cat", "{token}", 3))
     assert [t.text for t in cp.customized.tokens[5:8]] == ["<cat-toy>", "<cat-toy>_1", "<cat-toy>_2"]
     assert cp.customized.vectors == {5: 0, 6: 1, 7: 2}
     assert cp.plan.target.text == "a photo of a cat in a garden"
@@ -58,7 +58,7 @@ def test_multi_vector_concept_spills_before_a_shorter_class_word(tok):
 
 
 def test_class_word_longer_than_the_concept_swaps_its_last_token(tok):
-    cp = concept_plan(tok, "a <sks> on the sofa", "<sks>", "teddy bear", "{token}", 1)
+    cp = concept_plan(tok, "a <sks> on the sofa", ConceptWords("<sks>", "teddy bear", "{token}", 1))
     assert cp.plan.target.text == "a teddy bear on the sofa"
     assert cp.plan.target.tokens[3].text == "bear"
     assert cp.plan.source.vectors == {3: 0}
@@ -66,7 +66,7 @@ def test_class_word_longer_than_the_concept_swaps_its_last_token(tok):
 
 
 def test_custom_diffusion_phrase_puts_modifier_before_the_class_word(tok):
-    cp = concept_plan(tok, "a <new1> on a green background", "<new1>", "circle", "{token} {class_word}", 1)
+    cp = concept_plan(tok, "a <new1> on a green background", ConceptWords("<new1>", "circle", "{token} {class_word}", 1))
     assert cp.customized.text == "a <new1> circle on a green background"
     assert cp.plan.target.text == "a circle on a green background"
     assert cp.plan.source.text == "<new1> circle * * * *"
@@ -75,7 +75,7 @@ def test_custom_diffusion_phrase_puts_modifier_before_the_class_word(tok):
 
 def test_concept_at_the_very_start_cannot_spill_and_says_so(tok):
     with pytest.raises(PromptError, match="add a word before it"):
-        concept_plan(tok, "<cat-toy> in a garden", "<cat-toy>", "cat", "{token}", 3)
+        concept_plan(tok, "<cat-toy> in a garden", ConceptWords("<cat-toy>", "cat", "{token}", 3))
 
 
 @pytest.mark.parametrize("text,message", [
@@ -84,7 +84,7 @@ def test_concept_at_the_very_start_cannot_spill_and_says_so(tok):
 ])
 def test_concept_token_must_appear_once(tok, text, message):
     with pytest.raises(PromptError, match=message):
-        concept_plan(tok, text, "<sks>", "cat", "{token}", 1)
+        concept_plan(tok, text, ConceptWords("<sks>", "cat", "{token}", 1))
 
 
 @pytest.mark.parametrize("positions,message", [
@@ -134,7 +134,7 @@ def test_parse_swap_shorthand():
 
 
 def test_text_encoder_concept_reads_its_token_as_words(tok):
-    cp = concept_plan(tok, "a photo of a sks dog", "sks", "dog", "{token} {class_word}", 0)
+    cp = concept_plan(tok, "a photo of a sks dog", ConceptWords("sks", "dog", "{token} {class_word}", 0))
     assert cp.customized.text == "a photo of a sks dog" and not cp.customized.vectors
     assert cp.plan.target.text == "a photo of a dog"
     assert cp.plan.source.text == "* * * sks dog"

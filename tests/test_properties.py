@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignit_core import AlignITError, concept_plan, read_prompt, tokenize, word_swap_plan
+from alignit_core import AlignITError, ConceptWords, concept_plan, read_prompt, tokenize, word_swap_plan
 from alignit_core.prompts import STAR, SwapPlan, check_positions, positions_plan
 
 SETTINGS = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -104,7 +104,7 @@ def test_concept_plans_are_consistent_or_a_clear_error(tok, words, at, glue, tai
     words.insert(at % (len(words) + 1), f"{glue}{token}{tail}")
     text = " ".join(words)
     try:
-        cp = concept_plan(tok, text, token, class_word, phrase, n_vectors, long_prompt)
+        cp = concept_plan(tok, text, ConceptWords(token, class_word, phrase, n_vectors), long_prompt)
     except AlignITError:
         return
     plan, vtok = cp.plan, (token if n_vectors else None)

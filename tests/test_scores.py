@@ -2,6 +2,7 @@
 per-token maps, and CLIP's arithmetic on a tiny random CLIPModel."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -11,7 +12,9 @@ import torch
 from PIL import Image
 
 from alignit_core import Concept, ModelError, Settings, generate_concept, generate_swap, read_prompt, tokenize
-from alignit_core.generate import Row, _uncond, encode_prompt, resolve, run_rows
+from alignit_core.conditioning import Row, empty_prompt, encode_prompt
+from alignit_core.generate import run_rows
+from alignit_core.settings import resolve
 from alignit_core.scores import (MASK_FILL, T_MIN, Clip, Noising, difference, draw, image_alignment, intended_text,
                                  load_clip, masked, mi_scores, overall, score_generation, text_alignment)
 from tests.conftest import TOKENIZER
@@ -23,8 +26,15 @@ def _latent(seed: int, shape=(4, 8, 8)) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ the forward process
 
+
+def _with_scheduler_config(model, config: dict):
+    """`model` as if its scheduler had been configured with `config` (same weights)."""
+    family = copy.copy(model.family)
+    family.scheduler_config = config
+    return dataclasses.replace(model, family=family)
+
 def test_k_t_and_z_t_match_a_hand_computation(tiny_sd):
-    noising = Noising.of(tiny_sd)
+    noising = tiny_sd.family.noising()
     betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2  # scaled_linear
     alphas_cumprod = np.cumprod(1 - betas)
     t = torch.tensor([51, 500, 999])
@@ -37,8 +47,8 @@ def test_k_t_and_z_t_match_a_hand_computation(tiny_sd):
 
 def test_v_prediction_is_converted_to_the_noise_it_implies(tiny_sd):
     config = {**tiny_sd.scheduler_config, "prediction_type": "v_prediction"}
-    model = dataclasses.replace(tiny_sd, scheduler_config=config)
-    noising = Noising.of(model)
+    model = _with_scheduler_config(tiny_sd, config)
+    noising = model.family.noising()
     assert noising.prediction_type == "v_prediction"
     t = torch.tensor([60, 400, 990])
     z0, eps = torch.stack([_latent(i) for i in range(3)]), torch.stack([_latent(10 + i) for i in range(3)])
@@ -49,7 +59,7 @@ def test_v_prediction_is_converted_to_the_noise_it_implies(tiny_sd):
 
 
 def test_timesteps_are_stratified_and_fixed_by_the_seed(tiny_sd):
-    noising = Noising.of(tiny_sd)
+    noising = tiny_sd.family.noising()
     t, eps = draw(noising, (4, 8, 8), 16, seed=3)
     assert t.min() >= T_MIN and t.max() <= 999 and eps.shape == (16, 4, 8, 8)
     edges = np.linspace(T_MIN, 1000, 17)
@@ -63,15 +73,15 @@ def test_timesteps_are_stratified_and_fixed_by_the_seed(tiny_sd):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_mi_score_is_the_hand_computed_difference_of_denoising_errors(tiny_sd, prediction):
-    model = dataclasses.replace(tiny_sd, scheduler_config={**tiny_sd.scheduler_config, "prediction_type": prediction})
+    model = _with_scheduler_config(tiny_sd, {**tiny_sd.scheduler_config, "prediction_type": prediction})
     prompt = tokenize(model.tokenizer, "a jumping dog")
     z0 = _latent(7)
     got = mi_scores(model, {"image": z0}, prompt, samples=3)["image"]
 
-    noising = Noising.of(model)
+    noising = model.family.noising()
     t, eps = draw(noising, (4, 8, 8), 3)
     cond, _ = encode_prompt(model, prompt, None)
-    empty, _ = _uncond(model, None)
+    empty, _ = empty_prompt(model)[:2]
     ac = noising.alphas_cumprod[t].float().view(3, 1, 1, 1)
     z_t = ac.sqrt() * z0 + (1 - ac).sqrt() * eps
     with torch.no_grad():
@@ -115,7 +125,7 @@ def test_a_long_prompt_is_scored_in_its_segments_with_a_value_per_token(tiny_sd)
     text = " ".join(f"Panel {i} shows a {c} square with thin stripes and a frame around it."
                     for i, c in enumerate(["red", "green", "blue", "yellow", "purple", "orange", "pink"]))
     gen = generate_swap(tiny_sd, text, [("pink", "zebra")], Settings(seed=0, steps=2))
-    assert len(gen.settings["segments"]) >= 2
+    assert len(gen.record()["segments"]) >= 2
     report = score_generation(tiny_sd, gen, samples=2)
     assert report.text == text.replace("pink", "zebra")
     p = read_prompt(tiny_sd.tokenizer, report.text)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from test_concepts import WIDTH, cd_weights, vec, write_concept
 
 from alignit_core import PromptError, Settings, generate_concept, load_concept
-from alignit_core.generate import encode_prompt
+from alignit_core.conditioning import encode_prompt
 from alignit_core.prompts import tokenize
 
 PROMPT = "a <cat-toy> next to a <new1>"
@@ -50,7 +50,7 @@ def test_each_concepts_rows_come_from_its_own_customized_model(tiny_sd, tmp_path
     every other row is the base model's projection of p."""
     ti, cd = _ti(tiny_sd, tmp_path / "ti"), _cd(tiny_sd, tmp_path / "cd")
     gen, seen = _capture(tiny_sd, PROMPT, [ti, cd])
-    s = gen.settings
+    s = gen.record()
     assert s["p"] == "a toy next to a dog" and s["customized_prompt"] == "a <cat-toy> next to a <new1> dog"
     by_token = {c["token"]: c for c in s["concepts"]}
     assert by_token["<cat-toy>"]["p_dummy"] == "<cat-toy> * * * *" and by_token["<cat-toy>"]["positions"] == [2]
@@ -75,7 +75,7 @@ def test_the_customized_baseline_is_one_model_holding_both_concepts(tiny_sd, tmp
     and projects every position with the Custom Diffusion weights."""
     ti, cd = _ti(tiny_sd, tmp_path / "ti"), _cd(tiny_sd, tmp_path / "cd")
     gen, seen = _capture(tiny_sd, PROMPT, [ti, cd])
-    customized = tokenize(tiny_sd.tokenizer, gen.settings["customized_prompt"],
+    customized = tokenize(tiny_sd.tokenizer, gen.record()["customized_prompt"],
                           vector_tokens=(("<cat-toy>", 2), ("<new1>", 1)))
     assert customized.vectors == {2: 0, 3: 1, 7: 2}
     assert [t.text for t in gen.tokens["customized"][1:9]] == ["a", "<cat-toy>", "<cat-toy>_1", "next", "to", "a",
@@ -99,7 +99,7 @@ def test_text_encoder_fine_tunes_and_mixed_kinds(tiny_sd, tmp_path):
     te, ti = _te(tiny_sd, tmp_path / "te", "sks", seed=42), _ti(tiny_sd, tmp_path / "ti")
     gen, seen = _capture(tiny_sd, "a photo of a sks with a <cat-toy>", [te, ti])
     assert gen.rows == ["customized", "alignit"] and gen.warnings == []
-    cv = next(c for c in gen.settings["concepts"] if c["token"] == "sks")
+    cv = next(c for c in gen.record()["concepts"] if c["token"] == "sks")
     enc_te, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, cv["p_dummy"]), te)
     enc_base, _ = encode_prompt(tiny_sd, tokenize(tiny_sd.tokenizer, cv["p_dummy"]), None)
     for (layer, _), (key, _) in seen.items():
@@ -117,7 +117,7 @@ def test_text_encoder_fine_tunes_and_mixed_kinds(tiny_sd, tmp_path):
 def test_positions_with_several_concepts_must_be_theirs(tiny_sd, tmp_path):
     ti, cd = _ti(tiny_sd, tmp_path / "ti"), _cd(tiny_sd, tmp_path / "cd")
     gen = generate_concept(tiny_sd, PROMPT, [ti, cd], Settings(steps=1), positions=[6])
-    assert gen.swapped["alignit"] == (6,) and [c["token"] for c in gen.settings["concepts"]] == ["<new1>"]
+    assert gen.swapped["alignit"] == (6,) and [c["token"] for c in gen.record()["concepts"]] == ["<new1>"]
     with pytest.raises(PromptError, match=r"position\(s\) \[3\] belong to no concept"):
         generate_concept(tiny_sd, PROMPT, [ti, cd], Settings(steps=1), positions=[2, 3])
     with pytest.raises(PromptError, match="chosen twice"):

@@ -90,7 +90,7 @@ def test_a_prompt_alignit_cannot_align_is_skipped_with_the_reason(tiny_sd):
 
 
 def test_a_prompt_over_75_tokens_is_generated_and_scored_in_segments(tiny_sd, tmp_path):
-    from alignit_core.generate import Settings, resolve
+    from alignit_core.settings import Settings, resolve
     from alignit_core.sweep import Scoring, run_job
 
     toy = Concept("toy", "<toy>", "dog", "textual_inversion", vectors=(torch.randn(1, 32),))
