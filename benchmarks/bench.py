@@ -23,19 +23,14 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from alignit_core import Settings, generate_swap, load_model, word_swap_plan  # noqa: E402
-from alignit_core.generate import Row, _condition, resolve  # noqa: E402
-from alignit_core.models import EMBEDDED, accelerate, from_components  # noqa: E402
+from alignit_core import Settings, generate_swap, load_model, word_swap_plan
+from alignit_core.generate import Row, _condition, resolve
+from alignit_core.models import EMBEDDED, accelerate, from_components
 
 TARGETS = {"R1": 1.03, "R2": 1.05, "R3": 1.10, "R4": 1.0, "R5": 0.01}
 GPU_TARGETS = {**TARGETS, "R2": 0.75}
@@ -132,7 +127,7 @@ def _speedups(model, pipe, args):
 
 
 def cpu_runs(args) -> list[dict]:
-    from conftest import build_tiny_sd
+    from alignit_core.testing import build_tiny_sd
     from diffusers import StableDiffusionPipeline
 
     runs = []

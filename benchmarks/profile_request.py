@@ -10,19 +10,13 @@ projected once and the maps recorded) against the whole request.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from alignit_core import Settings, generate_swap, load_model  # noqa: E402
-from alignit_core import attention, generate  # noqa: E402
-from alignit_core.models import from_components  # noqa: E402
+from alignit_core import Settings, generate_swap, load_model
+from alignit_core import attention, generate
+from alignit_core.models import from_components
 
 
 def _labelled(module, name: str, label: str):
@@ -43,7 +37,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.model == "tiny":
-        from conftest import build_tiny_sd
+        from alignit_core.testing import build_tiny_sd
 
         model, prompt, swaps = from_components(build_tiny_sd(), "tiny-sd"), "a jumping dog", [("dog", "zebra")]
     else:

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generate import Row, Settings, generate_concept, resolve, run_rows
-from .prompts import tokenize, word_swap_plan
+from ..generate import Row, Settings, generate_concept, resolve, run_rows
+from ..prompts import tokenize, word_swap_plan
 from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask
 
 
