@@ -153,7 +153,7 @@ def clip():
 
     from transformers import CLIPTokenizer
 
-    from tests.conftest import TOKENIZER
+    from alignit_core.testing import TOKENIZER
 
     return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
 

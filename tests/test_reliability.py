@@ -2,7 +2,7 @@
 untrusted concept files; a run that fails; a hundred runs in a row; and the served app with
 several visitors at once, one of whom cancels or leaves.
 
-Everything runs on the tiny SD pipeline (conftest), so a generation takes a few hundredths of a
+Everything runs on the tiny SD pipeline (alignit_core.testing), so a generation takes a few hundredths of a
 second; the served app paces each denoising step a little so that runs really overlap.
 """
 from __future__ import annotations
