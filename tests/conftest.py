@@ -1,5 +1,6 @@
 """Fixtures: the tiny random-weight SD 1.x / SDXL pipelines (alignit_core.testing) as loaded models,
-the embedded model, and the demo served as a visitor finds it."""
+the embedded model, the reliability tests' concept files and reference, and the demo served as a
+visitor finds it."""
 from __future__ import annotations
 
 import os
@@ -11,8 +12,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # spinning threads made one text encoding take 450 ms instead of 1.5 ms. Read when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import pytest  # noqa: E402
+import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from alignit_core import load_concept  # noqa: E402
 from alignit_core.testing import build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +70,77 @@ def run_at_once(jobs: list) -> list:
     for t in threads:
         t.join()
     return results
+
+
+# ------------------------------------------------------------------------------ the reliability tests' fixtures
+# (test_bad_input, test_untrusted_files, test_failed_runs, test_many_generations, test_served_app)
+
+@pytest.fixture(scope="module")
+def one_thread_per_run():
+    """One thread per run for a whole module (`pytestmark = pytest.mark.usefixtures(...)`): the tiny
+    model's thousands of small ops run 10-100x slower with an OpenMP team of two on a busy 2-core
+    machine (each op waits for both threads); one thread per run keeps these tests fast, and two
+    concurrent runs still use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
+    """Concept folders for the tiny SD: textual inversion `<toy>` and Custom Diffusion `<new1>` (class
+    word 'dog'), an SD 1.5-wide (768) embedding file `<wide>` and an SD 1.5 LoRA file; with the first
+    two loaded."""
+    from reliability import WIDTH
+
+    root = tmp_path_factory.mktemp("concepts")
+    g = torch.Generator().manual_seed(0)
+    toy = root / "toy"
+    toy.mkdir()
+    save_file({"<toy>": torch.randn(1, WIDTH, generator=g)}, str(toy / "learned_embeds.safetensors"))
+    (toy / "manifest.json").write_text(json.dumps({"token": "<toy>", "class_word": "dog", "kind": "textual_inversion",
+                                                   "weights": "learned_embeds.safetensors"}))
+    cd = root / "cd"
+    cd.mkdir()
+    save_file({"<new1>": torch.randn(1, WIDTH, generator=g)}, str(cd / "learned_embeds.safetensors"))
+    weights = {}
+    for layer, attn in tiny_sd.cross_attention_layers.items():
+        for w, name in ((attn.to_k.weight, "to_k"), (attn.to_v.weight, "to_v")):
+            w = w.detach().cpu()
+            weights[f"{layer}.processor.{name}_custom_diffusion.weight"] = w + 0.5 * torch.randn(w.shape, generator=g)
+    save_file(weights, str(cd / "pytorch_custom_diffusion_weights.safetensors"))
+    (cd / "manifest.json").write_text(json.dumps({
+        "token": "<new1>", "class_word": "dog", "kind": "custom_diffusion", "weights": "learned_embeds.safetensors",
+        "custom_diffusion": "pytorch_custom_diffusion_weights.safetensors"}))
+    wide = root / "wide.safetensors"
+    save_file({"<wide>": torch.randn(1, 768, generator=g)}, str(wide))
+    lora = root / "sd15_lora.safetensors"  # a kohya LoRA whose layer takes SD 1.5's 768-wide text
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 768), f"{layer}.lora_up.weight": torch.zeros(16, 4)},
+              str(lora))
+    hostile = {name: root / f"{name}.safetensors" for name in ("long_token", "float8", "huge_norm", "empty")}
+    vector = torch.randn(1, WIDTH, generator=g)
+    save_file({"<" + "x" * 99_998 + ">": vector}, str(hostile["long_token"]))
+    save_file({"<f8>": vector.to(torch.float8_e4m3fn)}, str(hostile["float8"]))
+    save_file({"<huge>": vector / vector.norm() * 1e38}, str(hostile["huge_norm"]))  # finite in float32
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                         for i in range(2_000)}, separators=(",", ":")).encode()  # under the upload limit, all header
+    hostile["empty"].write_bytes(len(header).to_bytes(8, "little") + header)
+    hostile["lora_huge"] = root / "lora_huge.safetensors"  # a LoRA update of norm 9e31 on a (16, 32) layer
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.ones(4, WIDTH), f"{layer}.lora_up.weight": torch.full((16, 4), 1e30)},
+              str(hostile["lora_huge"]))
+    return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, lora=lora, toy=load_concept(toy, tiny_sd),
+                           cd=load_concept(cd, tiny_sd), **hostile)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd) -> tuple:
+    """The model's fingerprint and the good request's pixels before any bad request."""
+    from reliability import fingerprint, good_pixels
+
+    return fingerprint(tiny_sd), good_pixels(tiny_sd)
 
 
 START_TIMEOUT_S = 240
