@@ -23,19 +23,15 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from alignit_core import Settings, generate_swap, load_model, word_swap_plan  # noqa: E402
-from alignit_core.generate import Row, _condition, resolve  # noqa: E402
-from alignit_core.models import EMBEDDED, accelerate, from_components  # noqa: E402
+from alignit_core import Settings, generate_swap, load_model, word_swap_plan
+from alignit_core.conditioning import Row, condition
+from alignit_core.settings import resolve
+from alignit_core.models import EMBEDDED, accelerate, from_components
 
 TARGETS = {"R1": 1.03, "R2": 1.05, "R3": 1.10, "R4": 1.0, "R5": 0.01}
 GPU_TARGETS = {**TARGETS, "R2": 0.75}
@@ -71,14 +67,14 @@ def peak(fn) -> int:
 
 
 def setup_time(model, prompt, swaps, settings) -> float:
-    """Everything an AlignIT request does before its first UNet step (`generate._condition`: the
+    """Everything an AlignIT request does before its first UNet step (`conditioning.condition`: the
     text encodings of p and p' in one batch, the empty prompt, the swap rows written into the
     conditioning), plus the plan that tokenizes p and builds p'."""
     settings = resolve(model, settings)
 
     def run():
         plan = word_swap_plan(model.tokenizer, prompt, swaps)
-        return _condition(model, [Row("swapped", plan.target, swap=plan)], settings)
+        return condition(model, [Row("swapped", plan.target, swap=plan)], settings)
     with torch.no_grad():
         run()
         return statistics.median(timed(run) for _ in range(5))
@@ -132,7 +128,7 @@ def _speedups(model, pipe, args):
 
 
 def cpu_runs(args) -> list[dict]:
-    from conftest import build_tiny_sd
+    from alignit_core.testing import build_tiny_sd
     from diffusers import StableDiffusionPipeline
 
     runs = []

@@ -7,20 +7,9 @@ shipped in assets/.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "clip-tokenizer"
-
-
-def _tokenizer(pad: str | None = None):
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77)
-    if pad:
-        tok.pad_token = pad
-    return tok
+from alignit_core.testing import clip_tokenizer
 
 
 def _clip_l():
@@ -56,7 +45,7 @@ def sd15(device: str = "cpu", dtype=torch.float32, seed: int = 0):
         te = CLIPTextModel(_clip_l())
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=_tokenizer(), unet=unet, scheduler=sched,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=clip_tokenizer(), unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return pipe.to(device, dtype)
 
@@ -84,6 +73,6 @@ def sdxl(device: str = "cpu", dtype=torch.float32, seed: int = 0):
         te2 = CLIPTextModelWithProjection(big_g)
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading")
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=_tokenizer(),
-                                     tokenizer_2=_tokenizer(pad="!"), unet=unet, scheduler=sched)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=clip_tokenizer(),
+                                     tokenizer_2=clip_tokenizer(pad="!"), unet=unet, scheduler=sched)
     return pipe.to(device, dtype)

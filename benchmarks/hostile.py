@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
 
 NORMAL_PROMPT = "a red circle on a blue background"
 LONG_PROMPT = " ".join([NORMAL_PROMPT] * 3100)[:100_000]  # 100,000 characters

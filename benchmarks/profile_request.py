@@ -10,19 +10,13 @@ projected once and the maps recorded) against the whole request.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-from alignit_core import Settings, generate_swap, load_model  # noqa: E402
-from alignit_core import attention, generate  # noqa: E402
-from alignit_core.models import from_components  # noqa: E402
+from alignit_core import Settings, generate_swap, load_model
+from alignit_core import attention, conditioning
+from alignit_core.models import from_components
 
 
 def _labelled(module, name: str, label: str):
@@ -43,15 +37,15 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     if args.model == "tiny":
-        from conftest import build_tiny_sd
+        from alignit_core.testing import build_tiny_sd
 
         model, prompt, swaps = from_components(build_tiny_sd(), "tiny-sd"), "a jumping dog", [("dog", "zebra")]
     else:
         model, prompt, swaps = load_model(args.model, device="cpu"), "a red circle on a blue background", [
             ("red", "yellow")]
-    _labelled(generate, "encode_prompts", "alignit: text encodings")
-    _labelled(generate, "request_kv", "alignit: swap rows into the conditioning")
-    _labelled(generate, "_decode", "vae decode")
+    _labelled(conditioning, "encode_prompts", "alignit: text encodings")
+    _labelled(conditioning, "request_kv", "alignit: swap rows into the conditioning")
+    _labelled(model.family, "decode", "vae decode")
     _labelled(attention, "_alignit_attention", "cross-attention (request K/V, SDPA, map recording)")
     settings = Settings(seed=0, steps=args.steps)
     generate_swap(model, prompt, swaps, settings)  # warm-up

@@ -15,20 +15,19 @@ each conditioning draws it too (same noise).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from alignit_core import find_concepts, load_model
+from alignit_core.concepts import KIND_LABELS
+from alignit_core.encoding import encode
+from alignit_core.toy.evaluate import fidelity
+from alignit_core.toy.instances import INSTANCES
+from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
+from alignit_core.toy.shapes import classify
 
-from alignit_core import find_concepts, load_model  # noqa: E402
-from alignit_core.concepts import KIND_LABELS  # noqa: E402
-from alignit_core.encoding import encode  # noqa: E402
-from alignit_core.evaluate import fidelity  # noqa: E402
-from alignit_core.shapes import classify  # noqa: E402
-from scripts.train_embedded import INSTANCES, MAX_LEN, load_exported, sample  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> None:

@@ -11,19 +11,17 @@ example prompt as customized baseline | AlignIT, all from the same seed.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from alignit_core import Settings, find_concepts, generate_concept, load_model, tokenize
+from alignit_core.conditioning import Row
+from alignit_core.generate import run_rows
+from alignit_core.settings import resolve
+from visualize import comparison_grid
 
-from alignit_core import Settings, find_concepts, generate_concept, load_model, tokenize  # noqa: E402
-from alignit_core.conditioning import Row  # noqa: E402
-from alignit_core.generate import run_rows  # noqa: E402
-from alignit_core.settings import resolve  # noqa: E402
-from visualize import comparison_grid  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 PATTERNED = ("a blue striped square on a yellow background", "a green triangle with a hole on a black background",
              "a black striped triangle on a orange background", "a white square with a hole on a blue background",

@@ -9,7 +9,7 @@ Keys only / values only / both (token swaps, `a {colour} {shape} on a {backgroun
 the object's silhouette in the swapped image against the baseline's (IoU of the pixels that are not
 background), i.e. how much of where and how big the object is stays; *background kept*. The shipped
 concepts, AlignIT with keys only / values only / both, `a <token> on a {background} background`:
-text alignment (the asked background drawn) and concept fidelity (alignit_core.evaluate.fidelity).
+text alignment (the asked background drawn) and concept fidelity (alignit_core.toy.evaluate.fidelity).
 
 The rest of a LoRA (folders from scripts/train_lora.py, whose manifest names the instance): AlignIT
 with `lora_rest` 0 (the paper's definition), 0.25, 0.5 and 1 (all of the LoRA but the other tokens'
@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from alignit_core import Settings, find_concepts, generate_concept, generate_swap, load_concept, load_model
+from alignit_core.toy.evaluate import fidelity, table1_prompts
+from alignit_core.toy.instances import INSTANCES
+from alignit_core.toy.shapes import COLOURS, classify
 
-from alignit_core import Settings, find_concepts, generate_concept, generate_swap, load_concept, load_model  # noqa: E402
-from alignit_core.evaluate import fidelity, table1_prompts  # noqa: E402
-from alignit_core.shapes import COLOURS, classify  # noqa: E402
-from scripts.train_embedded import INSTANCES  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SWAP_KV = {"kv": "keys and values", "k": "keys only", "v": "values only"}
 # (colour, shape, background), the swapped word, its source

@@ -4,7 +4,7 @@
     python scripts/table1.py --seeds 2       # quicker look
 
 Text alignment: the background colour the prompt asks for is the one drawn. Concept fidelity: the
-novel instance is reproduced (stripes / hole, see alignit_core.evaluate.fidelity). Prompts ask for
+novel instance is reproduced (stripes / hole, see alignit_core.toy.evaluate.fidelity). Prompts ask for
 every background except the reference images' own and the object's colours (the classifier cannot
 tell an object from a background of its colour). Each figure comes with its 95 % confidence
 interval from resampling seeds; AlignIT's gain in text alignment and its share of the baseline's
@@ -14,19 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from alignit_core import find_concepts, load_model  # noqa: E402
-from alignit_core.concepts import KIND_LABELS  # noqa: E402
-from alignit_core.evaluate import table1  # noqa: E402
-from alignit_core.models import EMBEDDED  # noqa: E402
-from scripts.train_embedded import INSTANCES  # noqa: E402
+from alignit_core import find_concepts, load_model
+from alignit_core.concepts import KIND_LABELS
+from alignit_core.models import EMBEDDED
+from alignit_core.toy.evaluate import table1
+from alignit_core.toy.instances import INSTANCES
 
 
 def main(argv=None) -> None:

@@ -44,7 +44,6 @@ import copy
 import json
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -56,26 +55,18 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from alignit_core.encoding import encode, token_embeddings
+from alignit_core.toy.instances import INSTANCES, references
+from alignit_core.toy.sampling import MAX_LEN, load_exported, noise_schedule, sample
+from alignit_core.toy.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERN_PHRASES, PATTERNS, SHAPES, TEMPLATES, Scene,
+                                     classify, pattern_template, random_scene, render, styled, to_uint8,
+                                     training_triples)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from alignit_core.encoding import encode, token_embeddings  # noqa: E402
-from alignit_core.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERN_PHRASES, PATTERNS, SHAPES, TEMPLATES, Scene,  # noqa: E402
-                                 classify, pattern_template, random_scene, render, styled, to_uint8,
-                                 training_triples)
 
 TOKENIZER_DIR = ROOT / "assets" / "clip-tokenizer"
 MODEL_NAME = "embedded-shapes"
-MAX_LEN = 77
 STAR = "*"
-
-# The novel instances the base world never draws, and the concepts trained from them.
-INSTANCES = {
-    "striped-ball": dict(scene=styled(Scene("red", "circle", "blue"), pattern="striped"),  # white stripes
-                         class_word="circle", example="a <striped-ball> on a green background"),
-    "holed-star": dict(scene=Scene("orange", "star", "purple", pattern="holed"),
-                       class_word="star", example="a <holed-star> on a white background"),
-}
-
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -102,12 +93,6 @@ def configs(smoke: bool):
                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32, 64, 64, 64),
                layers_per_block=1, latent_channels=4, sample_size=128, norm_num_groups=32)
     return te, unet, vae
-
-
-def noise_schedule() -> dict:
-    # Stable Diffusion's own schedule, so schedulers configured for SD behave the same here.
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
 class Vocab:
@@ -520,13 +505,6 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
 
 # ---------------------------------------------------------------------------------- concepts
 
-def references(name: str, n: int = 6) -> list[Scene]:
-    rng = random.Random(sum(map(ord, name)))
-    base = INSTANCES[name]["scene"]
-    return [replace(base, cx=rng.uniform(-0.1, 0.1), cy=rng.uniform(-0.1, 0.1), radius=rng.uniform(0.5, 0.6))
-            for _ in range(n)]
-
-
 def _diffusion_loss(unet, z0, alphas, cond, g, device):
     t = torch.randint(0, 1000, (z0.shape[0],), generator=g, device=device)
     eps = torch.randn(z0.shape, generator=g, device=device)
@@ -685,23 +663,6 @@ def export(args, vae, unet, te, scale, concepts) -> None:
 
 
 @torch.no_grad()
-def sample(vae, unet, te, scale, cond: torch.Tensor, guidance: float, seed: int, steps: int = 20):
-    """A plain DDIM loop with classifier-free guidance from conditioning rows (n, 77, dim) to
-    uint8 images (n, H, W, 3); the unconditional rows are the empty prompt's."""
-    n, device = cond.shape[0], cond.device
-    sched = DDIMScheduler(**noise_schedule())
-    sched.set_timesteps(steps)
-    c = te.config
-    empty = [c.bos_token_id, c.eos_token_id] + [c.pad_token_id] * (MAX_LEN - 2)  # Vocab.ids_of([])
-    uncond = encode(te, torch.tensor([empty] * n, device=device)).hidden
-    z = torch.randn((n, 4, 16, 16), generator=torch.Generator(device).manual_seed(seed), device=device)
-    for t in sched.timesteps:
-        eu, ec = unet(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample.chunk(2)
-        z = sched.step(eu + guidance * (ec - eu), t, z).prev_sample
-    return to_uint8(vae.decode(z / scale).sample.float())
-
-
-@torch.no_grad()
 def quick_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> None:
     """Held-out prompts through a plain DDIM loop, judged by the pixel classifier."""
     triples = [HELD_OUT[i % len(HELD_OUT)] for i in range(n)]
@@ -715,7 +676,7 @@ def quick_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> None:
 @torch.no_grad()
 def pattern_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> None:
     """The novel instances and other patterned objects, asked for by name (their phrases)."""
-    from alignit_core.evaluate import fidelity
+    from alignit_core.toy.evaluate import fidelity
     scenes = [styled(Scene(c, s, b), pattern=p) for c, s, b, p in
               [("red", "circle", "green", "striped"), ("orange", "star", "white", "holed"),
                ("blue", "square", "yellow", "striped"), ("green", "triangle", "black", "holed")]]
@@ -725,15 +686,6 @@ def pattern_check(args, device, vae, unet, te, scale, vocab, n: int = 64) -> Non
     for k in range(4):
         got = [fidelity(classify(im), sc) for im, sc in zip(images[k::4], scenes[k::4])]
         log(f"pattern check: {scenes[k].caption()!r} {sum(got)}/{len(got)}")
-
-
-def load_exported(folder: Path, device):
-    """(vae, unet, text encoder, latent scale) of an exported model folder, fp32, in eval mode."""
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).to(device)
-    te = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).to(device)
-    vae.eval().requires_grad_(False)
-    return vae, unet.eval(), te.eval(), vae.config.scaling_factor
 
 
 def main(argv=None) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -26,16 +25,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from alignit_core import Settings, load_model, tokenize
+from alignit_core.conditioning import Row
+from alignit_core.generate import run_rows
+from alignit_core.settings import resolve
+from alignit_core.models import EMBEDDED
+from alignit_core.toy.instances import INSTANCES, references
+from alignit_core.toy.shapes import render, to_uint8
 
-from alignit_core import Settings, load_model, tokenize  # noqa: E402
-from alignit_core.conditioning import Row  # noqa: E402
-from alignit_core.generate import run_rows  # noqa: E402
-from alignit_core.settings import resolve  # noqa: E402
-from alignit_core.models import EMBEDDED  # noqa: E402
-from alignit_core.shapes import render, to_uint8  # noqa: E402
-from scripts.train_embedded import INSTANCES, references  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # diffusers' DreamBooth-LoRA scripts' choice
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

@@ -1,8 +1,6 @@
-"""Fixtures: tiny random-weight SD 1.x / SDXL pipelines built from configs, and the embedded model.
-
-Tiny pipelines use the real CLIP BPE tokenizer (assets/clip-tokenizer) so positions behave as in
-SD 1.5, and a VAE with scale factor 8 like the real ones.
-"""
+"""Fixtures: the tiny random-weight SD 1.x / SDXL pipelines (alignit_core.testing) as loaded models,
+the embedded model, the reliability tests' concept files and reference, and the demo served as a
+visitor finds it."""
 from __future__ import annotations
 
 import os
@@ -14,71 +12,17 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # spinning threads made one text encoding take 450 ms instead of 1.5 ms. Read when torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from alignit_core import load_concept  # noqa: E402
+from alignit_core.testing import build_tiny_sd, build_tiny_sdxl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT / "assets" / "clip-tokenizer"
-
-
-def _tokenizer(pad: str | None = None):
-    from transformers import CLIPTokenizer
-
-    tok = CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77)
-    if pad:
-        tok.pad_token = pad
-    return tok
-
-
-def _text_config(hidden: int, projection: bool = False):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                          eos_token_id=49407, pad_token_id=49407, projection_dim=hidden if projection else 512)
-
-
-def _vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64)
-
-
-def build_tiny_sd():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=2, norm_num_groups=8)
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config(32)), tokenizer=_tokenizer(),
-                                   unet=unet, scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                                      beta_end=0.012, clip_sample=False,
-                                                                      set_alpha_to_one=False),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return pipe
-
-
-def build_tiny_sdxl():
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
-                                attention_head_dim=2, norm_num_groups=8, transformer_layers_per_block=(1, 1),
-                                addition_embed_type="text_time", addition_time_embed_dim=8,
-                                projection_class_embeddings_input_dim=6 * 8 + 32, use_linear_projection=True)
-    return StableDiffusionXLPipeline(vae=_vae(), text_encoder=CLIPTextModel(_text_config(32)),
-                                     text_encoder_2=CLIPTextModelWithProjection(_text_config(32, projection=True)),
-                                     tokenizer=_tokenizer(), tokenizer_2=_tokenizer(pad="!"), unet=unet,
-                                     scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
-                                                                      beta_end=0.012))
 
 
 @pytest.fixture(scope="session")
@@ -126,6 +70,77 @@ def run_at_once(jobs: list) -> list:
     for t in threads:
         t.join()
     return results
+
+
+# ------------------------------------------------------------------------------ the reliability tests' fixtures
+# (test_bad_input, test_untrusted_files, test_failed_runs, test_many_generations, test_served_app)
+
+@pytest.fixture(scope="module")
+def one_thread_per_run():
+    """One thread per run for a whole module (`pytestmark = pytest.mark.usefixtures(...)`): the tiny
+    model's thousands of small ops run 10-100x slower with an OpenMP team of two on a busy 2-core
+    machine (each op waits for both threads); one thread per run keeps these tests fast, and two
+    concurrent runs still use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def concepts(tiny_sd, tmp_path_factory) -> SimpleNamespace:
+    """Concept folders for the tiny SD: textual inversion `<toy>` and Custom Diffusion `<new1>` (class
+    word 'dog'), an SD 1.5-wide (768) embedding file `<wide>` and an SD 1.5 LoRA file; with the first
+    two loaded."""
+    from reliability import WIDTH
+
+    root = tmp_path_factory.mktemp("concepts")
+    g = torch.Generator().manual_seed(0)
+    toy = root / "toy"
+    toy.mkdir()
+    save_file({"<toy>": torch.randn(1, WIDTH, generator=g)}, str(toy / "learned_embeds.safetensors"))
+    (toy / "manifest.json").write_text(json.dumps({"token": "<toy>", "class_word": "dog", "kind": "textual_inversion",
+                                                   "weights": "learned_embeds.safetensors"}))
+    cd = root / "cd"
+    cd.mkdir()
+    save_file({"<new1>": torch.randn(1, WIDTH, generator=g)}, str(cd / "learned_embeds.safetensors"))
+    weights = {}
+    for layer, attn in tiny_sd.cross_attention_layers.items():
+        for w, name in ((attn.to_k.weight, "to_k"), (attn.to_v.weight, "to_v")):
+            w = w.detach().cpu()
+            weights[f"{layer}.processor.{name}_custom_diffusion.weight"] = w + 0.5 * torch.randn(w.shape, generator=g)
+    save_file(weights, str(cd / "pytorch_custom_diffusion_weights.safetensors"))
+    (cd / "manifest.json").write_text(json.dumps({
+        "token": "<new1>", "class_word": "dog", "kind": "custom_diffusion", "weights": "learned_embeds.safetensors",
+        "custom_diffusion": "pytorch_custom_diffusion_weights.safetensors"}))
+    wide = root / "wide.safetensors"
+    save_file({"<wide>": torch.randn(1, 768, generator=g)}, str(wide))
+    lora = root / "sd15_lora.safetensors"  # a kohya LoRA whose layer takes SD 1.5's 768-wide text
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.zeros(4, 768), f"{layer}.lora_up.weight": torch.zeros(16, 4)},
+              str(lora))
+    hostile = {name: root / f"{name}.safetensors" for name in ("long_token", "float8", "huge_norm", "empty")}
+    vector = torch.randn(1, WIDTH, generator=g)
+    save_file({"<" + "x" * 99_998 + ">": vector}, str(hostile["long_token"]))
+    save_file({"<f8>": vector.to(torch.float8_e4m3fn)}, str(hostile["float8"]))
+    save_file({"<huge>": vector / vector.norm() * 1e38}, str(hostile["huge_norm"]))  # finite in float32
+    header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}
+                         for i in range(2_000)}, separators=(",", ":")).encode()  # under the upload limit, all header
+    hostile["empty"].write_bytes(len(header).to_bytes(8, "little") + header)
+    hostile["lora_huge"] = root / "lora_huge.safetensors"  # a LoRA update of norm 9e31 on a (16, 32) layer
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{layer}.lora_down.weight": torch.ones(4, WIDTH), f"{layer}.lora_up.weight": torch.full((16, 4), 1e30)},
+              str(hostile["lora_huge"]))
+    return SimpleNamespace(toy_dir=toy, cd_dir=cd, wide=wide, lora=lora, toy=load_concept(toy, tiny_sd),
+                           cd=load_concept(cd, tiny_sd), **hostile)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_sd) -> tuple:
+    """The model's fingerprint and the good request's pixels before any bad request."""
+    from reliability import fingerprint, good_pixels
+
+    return fingerprint(tiny_sd), good_pixels(tiny_sd)
 
 
 START_TIMEOUT_S = 240

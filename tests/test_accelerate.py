@@ -7,7 +7,7 @@ import torch
 
 from alignit_core import Settings, generate_swap, positions_plan, tokenize
 from alignit_core.models import accelerate, from_components
-from tests.conftest import build_tiny_sd
+from alignit_core.testing import build_tiny_sd
 
 SWAP = ("a jumping dog", [("dog", "zebra")])
 

@@ -551,7 +551,7 @@ def diffusers_custom_diffusion(pipe, state: dict[str, torch.Tensor]):
 def test_custom_diffusion_crossattn_baseline_draws_what_diffusers_draws(tiny_sd, tmp_path):
     """A file trained with `--freeze_model crossattn` holds W_q and W_out beside W_k/W_v; the
     customized baseline applies them all, so it is the image diffusers' own processors draw."""
-    from conftest import build_tiny_sd
+    from alignit_core.testing import build_tiny_sd
 
     state = crossattn_state(tiny_sd)
     token_vec = vec(1, WIDTH, seed=31)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from alignit_core import Settings, generate_concept, generate_swap, tokenize
-from alignit_core.evaluate import held_out_quality, localisation, patterned_quality, reproduction, swap_semantics, table1
 from alignit_core.models import EMBEDDED
-from alignit_core.shapes import Scene, classify, styled
+from alignit_core.toy.evaluate import held_out_quality, localisation, patterned_quality, reproduction, swap_semantics, table1
+from alignit_core.toy.shapes import Scene, classify, styled
 
 COLOUR_SWAPS = [(("red", "circle", "blue"), "red", "yellow"), (("green", "square", "white"), "green", "purple"),
                 (("blue", "triangle", "orange"), "blue", "white"), (("yellow", "star", "black"), "yellow", "red"),
@@ -105,7 +105,7 @@ IOU_FLOOR = 0.65  # README: object words 0.79, pattern 0.76, background 0.93; a 
 
 def _concept(embedded, name):
     from alignit_core import load_concept
-    from scripts.train_embedded import INSTANCES
+    from alignit_core.toy.instances import INSTANCES
 
     concept = load_concept(Path("assets/concepts") / name, embedded)
     return concept, INSTANCES[concept.token.strip("<>")]["scene"]

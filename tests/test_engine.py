@@ -80,7 +80,7 @@ def test_sdxl_runs_a_swap_end_to_end(tiny_sdxl):
 
 
 def test_baseline_row_matches_plain_diffusers(tiny_sd):
-    from conftest import build_tiny_sd
+    from alignit_core.testing import build_tiny_sd
 
     gen = generate_swap(tiny_sd, "a jumping dog", [("dog", "zebra")], Settings(seed=5, steps=4, guidance=6.0))
     pipe = build_tiny_sd()  # same seed -> same weights, diffusers' own processors

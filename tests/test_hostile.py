@@ -2,7 +2,8 @@
 from what it costs least to read (a file's header, a text's length), with a message for people.
 
 The same refusals through the API, the CLI and the UI, with their words, are in the bad-input
-matrix of tests/test_reliability.py; the served app's concurrency and memory are there too.
+matrix of tests/test_bad_input.py; the served app's concurrency is in tests/test_served_app.py and
+memory over a hundred generations in tests/test_many_generations.py.
 """
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ def clip():
 
     from transformers import CLIPTokenizer
 
-    from tests.conftest import TOKENIZER
+    from alignit_core.testing import TOKENIZER
 
     return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
 

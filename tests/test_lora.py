@@ -13,13 +13,14 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny_sd, build_tiny_sdxl, run_at_once
+from conftest import run_at_once
 from safetensors.torch import save_file
 
 import app
 from alignit_core import ConceptError, Settings, generate_concept, generate_swap, load_concept
 from alignit_core.conditioning import encode_prompt
 from alignit_core.prompts import tokenize
+from alignit_core.testing import build_tiny_sd, build_tiny_sdxl
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "proj_in", "conv1"]
 TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

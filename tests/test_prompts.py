@@ -9,9 +9,9 @@ from alignit_core.prompts import check_positions, positions_plan
 
 @pytest.fixture(scope="module")
 def tok():
-    from conftest import _tokenizer
+    from alignit_core.testing import clip_tokenizer
 
-    return _tokenizer()
+    return clip_tokenizer()
 
 
 def test_positions_match_stable_diffusion(tok):

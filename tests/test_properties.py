@@ -35,9 +35,9 @@ TOKENS = ["<toy>", "<cat-toy>", "<new1>", "<x>", "<striped-ball>"]  # one word e
 
 @pytest.fixture(scope="module")
 def tok():
-    from conftest import _tokenizer
+    from alignit_core.testing import clip_tokenizer
 
-    return _tokenizer()
+    return clip_tokenizer()
 
 
 short = st.lists(st.sampled_from(WORDS), min_size=1, max_size=20)

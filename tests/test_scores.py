@@ -17,7 +17,7 @@ from alignit_core.generate import run_rows
 from alignit_core.settings import resolve
 from alignit_core.scores import (MASK_FILL, T_MIN, Clip, Noising, difference, draw, image_alignment, intended_text,
                                  load_clip, masked, mi_scores, overall, score_generation, text_alignment)
-from tests.conftest import TOKENIZER
+from alignit_core.testing import TOKENIZER
 
 
 def _latent(seed: int, shape=(4, 8, 8)) -> torch.Tensor:

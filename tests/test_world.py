@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from alignit_core.evaluate import fidelity
-from alignit_core.shapes import (HELD_OUT, NOVEL, PATTERNS, SHAPES, Scene, classify, random_scene, render,
-                                 styled, to_uint8, training_triples)
+from alignit_core.toy.evaluate import fidelity
+from alignit_core.toy.shapes import (HELD_OUT, NOVEL, PATTERNS, SHAPES, Scene, classify, random_scene, render,
+                                     styled, to_uint8, training_triples)
 
 
 def test_classifier_reads_rendered_scenes_exactly():
@@ -123,7 +123,7 @@ def test_training_script_reads_steps_per_concept_kind():
 
 
 def test_object_mask_is_the_silhouette_with_its_hole_filled():
-    from alignit_core.shapes import object_mask
+    from alignit_core.toy.shapes import object_mask
 
     plain, holed = to_uint8(render([Scene("orange", "star", "purple"), Scene("orange", "star", "purple", pattern="holed")]))
     mask = object_mask(plain)
@@ -136,7 +136,7 @@ def test_object_mask_is_the_silhouette_with_its_hole_filled():
 
 
 def test_word_map_iou_scores_a_map_on_its_mask_high_and_a_map_elsewhere_or_everywhere_low():
-    from alignit_core.evaluate import word_map_iou
+    from alignit_core.toy.evaluate import word_map_iou
 
     mask = np.zeros((128, 128), bool)
     mask[32:96, 32:96] = True
@@ -149,7 +149,7 @@ def test_word_map_iou_scores_a_map_on_its_mask_high_and_a_map_elsewhere_or_every
 
 
 def test_table1_intervals_are_paired_over_seeds_and_the_example_is_where_alignit_gains():
-    from alignit_core.evaluate import Table1
+    from alignit_core.toy.evaluate import Table1
 
     rng = np.random.default_rng(1)
     base = rng.random((10, 3)) < 0.5  # seeds x prompts, noisy per seed

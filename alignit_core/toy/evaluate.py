@@ -13,10 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .conditioning import Row
-from .generate import generate_concept, run_rows
-from .settings import Settings, resolve
-from .prompts import tokenize, word_swap_plan
+from ..conditioning import Row
+from ..generate import generate_concept, run_rows
+from ..prompts import tokenize, word_swap_plan
+from ..settings import Settings, resolve
 from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask
 
 
