@@ -19,7 +19,8 @@ from .models import Model, load_model  # noqa: E402
 from .record import Generation  # noqa: E402
 from .settings import LONG_MODES, Settings, scheduler_names  # noqa: E402
 from .prompts import (Prompt, SwapPlan, Token, parse_swap, positions_plan,  # noqa: E402
-                      read_prompt, split_sentences, tokenize, word_swap_plan)
+                      read_prompt, tokenize, word_swap_plan)
+from .segments import split_sentences  # noqa: E402
 
 __all__ = ["LONG_MODES", "AlignITError", "Concept", "ConceptError", "ConceptWords", "Generation", "Model", "ModelError", "Prompt", "PromptError",
            "Settings", "SettingsError", "SwapPlan", "Token", "concept_plan", "find_concepts", "generate_concept",

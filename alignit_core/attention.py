@@ -63,7 +63,7 @@ class MapStore:
 class CallState:
     """Everything one request asks of the attention layers."""
 
-    kv: RequestKV | None = None  # the request's conditioning, swapped copy, concept cells and strengths
+    request: RequestKV | None = None  # the request's conditioning, swapped copy, concept cells and strengths
     swap_steps: tuple[int, int] = (0, 10**9)  # swap during steps [start, end)
     maps: MapStore | None = None
     step: int = 0  # set by the denoising loop
@@ -79,9 +79,9 @@ class CallState:
         """(keys, values, version) of the layer at this step: projected on first use of a version,
         then reused (two versions when the swap covers only some steps). version is None when
         `context` is not this request's conditioning: then nothing is written or kept."""
-        if self.kv is None or context is not self.kv.context:
+        if self.request is None or context is not self.request.context:
             return (*project(attn, name, context, []), None)
-        version = (name, self.swapping and self.kv.swapped is not None)
+        version = (name, self.swapping and self.request.swapped is not None)
         hit = self._projected.get(version)
         if hit is None:
             hit = self._projected[version] = self._project(name, attn, version[1])
@@ -89,14 +89,14 @@ class CallState:
 
     def _project(self, name: str, attn, swapping: bool):
         if not swapping:
-            return project(attn, name, self.kv.context, [])
-        key, value = project(attn, name, self.kv.swapped, self.kv.custom)
-        if self.kv.strength == (1.0, 1.0):
+            return project(attn, name, self.request.context, [])
+        key, value = project(attn, name, self.request.swapped, self.request.custom)
+        if self.request.strength == (1.0, 1.0):
             return key, value
         own = self._projected.get((name, False))  # the row's own keys and values, kept if already made
         if own is None:
-            own = self._projected[(name, False)] = project(attn, name, self.kv.context, [])
-        (sk, sv), cells = self.kv.strength, self.kv.cells
+            own = self._projected[(name, False)] = project(attn, name, self.request.context, [])
+        (sk, sv), cells = self.request.strength, self.request.cells
         return blend(own[0], key, cells, sk), blend(own[1], value, cells, sv)
 
     def map_keys(self, version, k: torch.Tensor, scale: float) -> torch.Tensor:
@@ -181,15 +181,10 @@ def _alignit_attention(name: str, state: CallState, attn, query, context, attent
     return out
 
 
-def install(unet) -> dict:
-    """Put an AlignITProcessor on every attention module; return the cross-attention modules."""
+def install(denoiser) -> dict:
+    """Put an AlignITProcessor on every attention module of `denoiser`; return them by name."""
     from diffusers.models.attention_processor import Attention
 
-    processors, cross = {}, {}
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention):
-            processors[f"{name}.processor"] = AlignITProcessor(name)
-            if name.endswith("attn2"):
-                cross[name] = module
-    unet.set_attn_processor(processors)
-    return cross
+    modules = {name: m for name, m in denoiser.named_modules() if isinstance(m, Attention)}
+    denoiser.set_attn_processor({f"{name}.processor": AlignITProcessor(name) for name in modules})
+    return modules

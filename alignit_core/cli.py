@@ -11,7 +11,6 @@ Bad input exits with status 2 and one line on stderr; nothing is written.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from .sweep import add_arguments as add_eval_arguments
 CONCEPTS = Path(__file__).resolve().parents[1] / "assets" / "concepts"
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
+    """The `python -m alignit_core` argument parser (generate, tokens, eval)."""
     ap = argparse.ArgumentParser(prog="python -m alignit_core", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -98,7 +98,7 @@ def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.command == "eval":
         from .sweep import run_command
 

@@ -75,7 +75,7 @@ def concept_plan(tokenizer, text: str, words: ConceptWords, long: str = "segment
             return one
         return ConceptPrompts(replace(one.customized, dropped=dropped),
                               replace(one.plan, target=replace(one.plan.target, dropped=dropped)))
-    custom, ps, sources, positions = [], [], [], ()
+    custom, ps, sources = [], [], []
     for k, t in enumerate(texts):
         if token in t:
             one = _concept_one(tokenizer, t, token, class_word, phrase, n_vectors)

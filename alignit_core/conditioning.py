@@ -154,11 +154,11 @@ def condition(model, rows: list[Row], settings: Settings, on_kv=None) -> Conditi
             edits.setdefault(name, []).append((both, edit))
         for plan, concept in row.sources:
             src, _ = enc(plan.source, concept)
-            kv = concept.kv if concept is not None and concept.kv else None
+            edits_kv = concept.key_value_edits if concept is not None and concept.key_value_edits else None
             batch = (r + i, i) if settings.swap_uncond else (r + i,)
-            swaps.append(RowWrite(batch, plan.positions, src, kv))
+            swaps.append(RowWrite(batch, plan.positions, src, edits_kv))
     steps, strength = settings.steps, settings.swap_strength
-    state = CallState(kv=request_kv(hidden, swaps, (strength if "k" in settings.swap_kv else 0.0,
+    state = CallState(request=request_kv(hidden, swaps, (strength if "k" in settings.swap_kv else 0.0,
                                                     strength if "v" in settings.swap_kv else 0.0)),
                       swap_steps=(round(settings.swap_start * steps), round(settings.swap_end * steps)),
                       on_kv=on_kv)
@@ -180,7 +180,7 @@ def _lora_rest(row: Row, rest: float) -> list[tuple[str, LowRank]]:
     out = []
     for _, concept in row.sources:
         if concept is not None and concept.kind == "lora":
-            keys_values = {f"{layer}.to_{x}" for layer in concept.kv for x in "kv"}
+            keys_values = {f"{layer}.to_{x}" for layer in concept.key_value_edits for x in "kv"}
             out += [(name, edit.scaled(rest)) for name, edit in concept.unet.items() if name not in keys_values]
     return out
 

@@ -27,7 +27,7 @@ class RowWrite:
     batch: tuple[int, ...]  # batch indices (either CFG half)
     positions: tuple[int, ...]  # token positions
     hidden: torch.Tensor  # (tokens, dim) encoder states the rows come from
-    kv: dict | None = None  # {layer: (key edit, value edit)}, an edit None for the layer's own weights
+    edits: dict | None = None  # {layer: (key edit, value edit)}, an edit None for the layer's own weights
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class CustomCells:
 
     batch: torch.Tensor  # (n,) long
     token: torch.Tensor  # (n,) long
-    kv: dict  # {layer: (key edit | None, value edit | None)}
+    edits: dict  # {layer: (key edit | None, value edit | None)}
 
 
 @dataclass
@@ -69,8 +69,8 @@ def request_kv(context: torch.Tensor, swaps: list[RowWrite], strength: tuple[flo
             plan.swapped[b, t] = w.hidden.to(context.dtype)[t]
             every[0].append(b)
             every[1].append(t)
-            if w.kv:
-                plan.custom.append(CustomCells(b, t, w.kv))
+            if w.edits:
+                plan.custom.append(CustomCells(b, t, w.edits))
         plan.cells = torch.cat(every[0]), torch.cat(every[1])
     return plan
 
@@ -81,8 +81,8 @@ def project(attn, layer: str, x: torch.Tensor, custom: list[CustomCells]):
         x = attn.norm_encoder_hidden_states(x)
     key, value = attn.to_k(x), attn.to_v(x)  # (batch, tokens, inner)
     for c in custom:
-        if layer in c.kv:
-            edit_k, edit_v = c.kv[layer]
+        if layer in c.edits:
+            edit_k, edit_v = c.edits[layer]
             rows = x[c.batch, c.token]
             if edit_k is not None:
                 key[c.batch, c.token] = edit_k(attn.to_k, rows).to(key.dtype)

@@ -22,11 +22,10 @@ segment all `*` except the swapped words.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 
 from .errors import PromptError
-from .segments import pieces, split_sentences
+from .segments import pieces
 from .settings import LONG_MODES
 
 STAR = "*"

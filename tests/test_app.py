@@ -14,7 +14,7 @@ from PIL import Image
 
 import app
 from alignit_core import Concept, PromptError, Token
-from alignit_core.cli import _parser as cli_parser
+from alignit_core.cli import parser as cli_parser
 from alignit_core.testing import TOKENIZER
 
 PROMPT = "a red circle on a blue background"

@@ -63,7 +63,7 @@ def test_diffusers_learned_embeds_safetensors_loads_the_written_vectors(tiny_sd,
     assert (c.token, c.class_word, c.kind, c.name) == ("<cat-toy>", "toy", "textual_inversion", "toy")
     assert c.n_vectors == 2 and len(c.vectors) == 1
     torch.testing.assert_close(c.vectors[0].cpu(), v, rtol=0, atol=0)
-    assert c.kv == {} and c.text_encoders == ()
+    assert c.key_value_edits == {} and c.text_encoders == ()
 
 
 def test_sd_concepts_library_bin_single_vector_becomes_one_row(tiny_sd, tmp_path):
@@ -151,10 +151,10 @@ def test_adobe_delta_bin_custom_diffusion_loads_kv_and_modifier_token(tiny_sd, t
                            token="<new1>", class_word="dog", kind="custom_diffusion", custom_diffusion="delta.bin")
     c = load_concept(folder, tiny_sd)
     assert c.kind == "custom_diffusion" and c.phrase == "{token} {class_word}"
-    assert set(c.kv) == set(tiny_sd.cross_attention_layers)
+    assert set(c.key_value_edits) == set(tiny_sd.cross_attention_layers)
     for layer, (wk, wv) in w.items():
-        torch.testing.assert_close(c.kv[layer][0].weight.cpu(), wk, rtol=0, atol=0)
-        torch.testing.assert_close(c.kv[layer][1].weight.cpu(), wv, rtol=0, atol=0)
+        torch.testing.assert_close(c.key_value_edits[layer][0].weight.cpu(), wk, rtol=0, atol=0)
+        torch.testing.assert_close(c.key_value_edits[layer][1].weight.cpu(), wv, rtol=0, atol=0)
     torch.testing.assert_close(c.vectors[0].cpu(), token_vec.reshape(1, WIDTH), rtol=0, atol=0)
 
 
@@ -198,10 +198,10 @@ def test_diffusers_custom_diffusion_weights_with_token_in_learned_embeds(tiny_sd
                            token="<new1>", class_word="dog", kind="custom_diffusion",
                            weights="learned_embeds.safetensors", custom_diffusion=name)
     c = load_concept(folder, tiny_sd)
-    assert set(c.kv) == set(w)
+    assert set(c.key_value_edits) == set(w)
     for layer, (wk, wv) in w.items():
-        torch.testing.assert_close(c.kv[layer][0].weight.cpu(), wk, rtol=0, atol=0)
-        torch.testing.assert_close(c.kv[layer][1].weight.cpu(), wv, rtol=0, atol=0)
+        torch.testing.assert_close(c.key_value_edits[layer][0].weight.cpu(), wk, rtol=0, atol=0)
+        torch.testing.assert_close(c.key_value_edits[layer][1].weight.cpu(), wv, rtol=0, atol=0)
     torch.testing.assert_close(c.vectors[0].cpu(), token_vec, rtol=0, atol=0)
 
 
@@ -431,7 +431,7 @@ def test_custom_diffusion_rows_use_their_own_wk_and_alignit_uses_them_only_for_k
     # batch: [uncond customized, uncond alignit, cond customized, cond alignit]
     for (layer, step), (key, value) in seen.items():
         attn = layers[layer]
-        wk, wv = (edit.weight for edit in concept.kv[layer])
+        wk, wv = (edit.weight for edit in concept.key_value_edits[layer])
         assert key.shape[0] == 4
         for got, w_new, w_base in ((key, wk, attn.to_k.weight), (value, wv, attn.to_v.weight)):
             # customized row, both CFG halves: the concept's weights on every position
@@ -486,9 +486,9 @@ def test_find_concepts_returns_the_six_shipped_concepts(shipped, embedded):
     assert {n: (c.kind, c.class_word, c.token) for n, c in shipped.items()} == EXPECTED
     for c in shipped.values():
         assert c.n_vectors >= 1
-        assert bool(c.kv) == (c.kind == "custom_diffusion")
-        if c.kv:
-            assert set(c.kv) <= set(embedded.cross_attention_layers)
+        assert bool(c.key_value_edits) == (c.kind == "custom_diffusion")
+        if c.key_value_edits:
+            assert set(c.key_value_edits) <= set(embedded.cross_attention_layers)
         assert c.references and all(r.is_file() for r in c.references)
         assert c.token in c.example_prompt
 

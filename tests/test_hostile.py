@@ -18,11 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import alignit_core.concepts as concepts_module
+import alignit_core.concept_files as concept_files
 import alignit_core.lora as lora_module
 import app
 from alignit_core import ConceptError, PromptError, Settings, generate_concept, load_concept
-from alignit_core.concepts import MAX_LORA_TENSORS, MAX_NORM_RATIO, MAX_TENSORS, MAX_WORD_CHARS
+from alignit_core.concept_files import MAX_LORA_TENSORS, MAX_TENSORS
+from alignit_core.concepts import MAX_NORM_RATIO, MAX_WORD_CHARS
 from alignit_core.memory import release_memory
 
 WIDTH = 32  # the tiny SD's text-encoder width
@@ -44,7 +45,7 @@ def empty(count: int) -> dict:
 @pytest.fixture
 def never_loaded(monkeypatch):
     """Fail the test if any tensor of a safetensors file is loaded."""
-    monkeypatch.setattr(concepts_module, "load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
+    monkeypatch.setattr(concept_files, "load_file", lambda *a, **k: pytest.fail("a tensor was loaded"))
 
 
 @pytest.fixture
@@ -308,7 +309,7 @@ def test_a_lora_named_by_its_manifest_is_judged_by_its_header_first(tiny_sd, tmp
 def test_an_embedding_is_capped_at_1_mib_and_a_lora_may_be_larger(tiny_sd, tmp_path, monkeypatch):
     big = tmp_path / "learned_embeds.safetensors"
     save_file({"<toy>": torch.zeros(20_000, WIDTH)}, str(big))  # 2.4 MiB
-    monkeypatch.setattr(concepts_module, "load_file", lambda *a, **k: pytest.fail("the embedding was loaded"))
+    monkeypatch.setattr(concept_files, "load_file", lambda *a, **k: pytest.fail("the embedding was loaded"))
     with pytest.raises(app.gr.Error, match=r"textual-inversion file learned_embeds.safetensors is 2.4 MiB; "
                                            r"the limit is 1 MiB"):
         app.add_concept(tiny_sd, {}, {}, str(big), "", "dog")

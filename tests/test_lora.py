@@ -357,7 +357,7 @@ def test_the_command_line_takes_a_lora_file_its_scale_and_the_rest(sd_lora, tiny
 def test_the_demo_reproduces_an_uploaded_lora_from_the_command_line(sd_lora, tiny_sd):
     import shlex
 
-    from alignit_core.cli import _parser
+    from alignit_core.cli import parser as cli_parser
 
     uploaded, *_ = app.add_concept(tiny_sd, {}, {}, str(sd_lora["kohya"]), "", "", 0.5)
     values = dict(uploaded=uploaded, mode=app.ALIGNIT, concept_key="uploaded:sks", prompt="a photo of a sks",
@@ -365,6 +365,6 @@ def test_the_demo_reproduces_an_uploaded_lora_from_the_command_line(sd_lora, tin
                   swap_start=0.0, swap_end=1.0, map_resolution=None, include_base=False, map_mode="overlay",
                   lora_rest=0.5)
     *_, command, gen, _, _ = app.generate(tiny_sd, {}, **values, progress=lambda *a, **k: None)
-    args = _parser().parse_args(shlex.split(command)[3:])
+    args = cli_parser().parse_args(shlex.split(command)[3:])
     assert (args.concept, args.token, args.class_word) == (["sks.safetensors"], "sks", "dog")
     assert (args.lora_scale, args.lora_rest) == (0.5, 0.5) and gen.record()["concept"]["scale"] == 0.5

@@ -63,7 +63,7 @@ def test_each_concepts_rows_come_from_its_own_customized_model(tiny_sd, tmp_path
     close = dict(rtol=1e-4, atol=1e-5)
     for (layer, _), (key, value) in seen.items():  # batch: [uncond customized, uncond alignit, cond customized, cond alignit]
         attn = tiny_sd.cross_attention_layers[layer]
-        for got, base, edit in ((key, attn.to_k, cd.kv[layer][0]), (value, attn.to_v, cd.kv[layer][1])):
+        for got, base, edit in ((key, attn.to_k, cd.key_value_edits[layer][0]), (value, attn.to_v, cd.key_value_edits[layer][1])):
             torch.testing.assert_close(got[3, [0, 1, 3, 4, 5, 7]], base(enc_p)[[0, 1, 3, 4, 5, 7]], **close)
             torch.testing.assert_close(got[3, 2], base(enc_ti)[2], **close)
             torch.testing.assert_close(got[3, 6], F.linear(enc_cd, edit.weight)[6], **close)
@@ -90,7 +90,7 @@ def test_the_customized_baseline_is_one_model_holding_both_concepts(tiny_sd, tmp
 
     hidden = encode(tiny_sd.text_encoders[0], ids, vectors, mask).hidden[0]
     for (layer, _), (key, _) in seen.items():
-        torch.testing.assert_close(key[2], F.linear(hidden, cd.kv[layer][0].weight), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(key[2], F.linear(hidden, cd.key_value_edits[layer][0].weight), rtol=1e-4, atol=1e-5)
 
 
 def test_text_encoder_fine_tunes_and_mixed_kinds(tiny_sd, tmp_path):

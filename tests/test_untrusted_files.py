@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 import app
-import alignit_core.concepts as concepts_module
+import alignit_core.concept_files as concept_files
 from alignit_core import ConceptError, load_concept
 from reliability import WIDTH, assert_intact
 
@@ -79,7 +79,7 @@ def test_an_upload_over_the_size_cap_is_refused_before_it_is_read(tiny_sd, tmp_p
     save_file({"<x>": torch.zeros(16, WIDTH)}, str(path))
     assert path.stat().st_size > 1024
     monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", 1024)
-    monkeypatch.setattr(concepts_module, "load_file", lambda *a: pytest.fail("the oversized file was read"))
+    monkeypatch.setattr(concept_files, "load_file", lambda *a: pytest.fail("the oversized file was read"))
     with pytest.raises(gr.Error, match="the limit is"):
         app.add_concept(tiny_sd, {}, {}, str(path), "", "cat")
 
@@ -128,8 +128,8 @@ def test_a_manifest_path_out_of_its_folder_is_refused_unread(role, escape, tiny_
     manifest = {"token": "<x>", "class_word": "dog", "kind": kind, "weights": "learned_embeds.safetensors", role: ref}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     read = []
-    real = concepts_module.load_file
-    monkeypatch.setattr(concepts_module, "load_file", lambda p, *a: (read.append(Path(p).resolve()), real(p, *a))[1])
+    real = concept_files.load_file
+    monkeypatch.setattr(concept_files, "load_file", lambda p, *a: (read.append(Path(p).resolve()), real(p, *a))[1])
     with pytest.raises(ConceptError, match="outside the concept folder"):
         load_concept(folder, tiny_sd)
     assert outside.resolve() not in read

@@ -97,7 +97,9 @@ class UNetFamily:
         self.scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
         self.scheduler_name = type(pipe.scheduler).__name__
         self.zeros_for_empty_prompt = bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False))
-        self.maps = MapLayers(pipe.unet, install(pipe.unet), self.vae_scale)
+        # the layers that read the text: cross-attention (attn2), not the UNet's self-attention
+        cross = {name: m for name, m in install(pipe.unet).items() if m.is_cross_attention}
+        self.maps = MapLayers(pipe.unet, cross, self.vae_scale)
         self._defaults = defaults
         self._empty: dict = {}  # (encoder ids, device, dtype) -> (weakref to the first encoder, encodings)
 
