@@ -89,10 +89,29 @@ def _vae(latent_channels: int, seed: int, full: bool = False, sd3: bool = True):
                          use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035).eval()
 
 
-def tiny_sd3(t5: bool = False, seed: int = 0, full: bool = False, dtype=torch.float32):
+def tiny_sd3(t5: bool = False, seed: int = 0, full: bool = False, dtype=torch.float32, device="cpu"):
     """A StableDiffusion3Pipeline: CLIP-L and CLIP-G (with projection), optionally T5, a transformer
     with QK-RMSNorm and a dual-attention (SD3.5) first block, a flow-matching scheduler. Tiny: 32 px
-    images, 8x8 image tokens, 3 joint blocks. `full`: SD3.5-medium's shapes (1024 px), always with T5."""
+    images, 8x8 image tokens, 3 joint blocks. `full`: SD3.5-medium's shapes (1024 px), always with
+    T5. Weights are made on `device` (a full-size model is best made on the GPU), then cast to `dtype`."""
+    with torch.device(device):
+        return _ready(_sd3(t5, seed, full), dtype)
+
+
+def tiny_flux(seed: int = 0, full: bool = False, dtype=torch.float32, device="cpu"):
+    """A FluxPipeline (guidance-distilled, like Flux-dev): a tiny CLIP for the pooled vector, a tiny
+    T5 for the text tokens, 2 joint + 2 single-stream blocks, 32 px images (8x8 image tokens).
+    `full`: Flux-dev's shapes (1024 px)."""
+    with torch.device(device):
+        return _ready(_flux(seed, full), dtype)
+
+
+def _ready(pipe, dtype):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def _sd3(t5: bool, seed: int, full: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     t5 = t5 or full
@@ -123,14 +142,10 @@ def tiny_sd3(t5: bool = False, seed: int = 0, full: bool = False, dtype=torch.fl
         vae=_vae(4, seed + 4, full=full), text_encoder=clip_l, tokenizer=clip_tokenizer(),
         text_encoder_2=clip_g, tokenizer_2=clip_tokenizer(),
         text_encoder_3=te3, tokenizer_3=t5_tokenizer() if t5 else None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return pipe
 
 
-def tiny_flux(seed: int = 0, full: bool = False, dtype=torch.float32):
-    """A FluxPipeline (guidance-distilled, like Flux-dev): a tiny CLIP for the pooled vector, a tiny
-    T5 for the text tokens, 2 joint + 2 single-stream blocks, 32 px images (8x8 image tokens).
-    `full`: Flux-dev's shapes (1024 px)."""
+def _flux(seed: int, full: bool):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     if full:
@@ -155,8 +170,7 @@ def tiny_flux(seed: int = 0, full: bool = False, dtype=torch.float32):
     pipe = FluxPipeline(transformer=transformer.eval(), scheduler=scheduler, vae=_vae(4, seed + 3, full, sd3=False),
                         text_encoder=clip, tokenizer=clip_tokenizer(), text_encoder_2=t5,
                         tokenizer_2=t5_tokenizer())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    return pipe
 
 
 def perturbed_copy(module: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:

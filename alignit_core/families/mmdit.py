@@ -252,14 +252,15 @@ def _fractions(start: float, end: float, steps: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), settings: MMDiTSettings = MMDiTSettings(),
-                   on_kv=None) -> MMDiTGeneration:
-    """Baseline (| swapped), one batch. `on_kv(KVRecord)` sees every block's keys and values at
-    every step before and after the swap (read-only; tests). Raises PromptError, SettingsError."""
+                   include_baseline: bool = True, on_kv=None) -> MMDiTGeneration:
+    """Baseline | swapped, one batch (no swaps: the baseline alone; `include_baseline=False`: the
+    swapped row alone). `on_kv(KVRecord)` sees every block's keys and values at every step before
+    and after the swap (read-only; tests). Raises PromptError, SettingsError."""
     text = _check_prompt(text)
     s = resolve(model, settings)
     p = _tables(model, text, s.text_tokens)
     plans = [_plan(model, p, swap, s) for swap in swaps]
-    names = ["baseline"] + (["swapped"] if plans else [])
+    names = (["baseline"] if include_baseline or not plans else []) + (["swapped"] if plans else [])
     r, sd3 = len(names), model.family == "sd3"
     cfg = sd3 and s.guidance > 1  # SD3's pipeline guides only above 1
     cond, pooled = model.encode(text, s.text_tokens)
@@ -279,7 +280,7 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
         transformer = branch.transformer if branch is not None and branch.transformer is not None else model.transformer
         source_hidden, _ = model.encode(plan.swap.source, s.text_tokens, branch)
         state.sides.append(SideStream(
-            row=first_cond + 1, start=transformer.context_embedder(source_hidden),
+            row=first_cond + names.index("swapped"), start=transformer.context_embedder(source_hidden),
             targets=torch.tensor(plan.targets, device=device), sources=torch.tensor(plan.sources, device=device),
             joint=list(transformer.transformer_blocks), single=list(getattr(transformer, "single_transformer_blocks", []))))
     grid = s.size // model.size_step  # image tokens per side
@@ -300,7 +301,7 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
             maps[name] = every[k, : len(primary.ids)]
             if t5 is not None:
                 t5_maps[name] = every[k, CLIP_ROWS: CLIP_ROWS + len(t5.ids)]
-    swapped = {"baseline": {}}
+    swapped = {"baseline": {}} if "baseline" in names else {}
     if plans:
         swapped["swapped"] = {seg: tuple(sorted({q for plan in plans for q in plan.positions.get(seg, ())}))
                               for seg in ("clip", "t5") if any(seg in plan.positions for plan in plans)}
