@@ -232,9 +232,8 @@ def _plan(model: MMDiTModel, p: tuple, swap: MMDiTSwap, s: MMDiTSettings) -> _Pl
         for table, what in ((primary, "p"), (src_primary, "p'")):
             if pos not in table.content:
                 c = table.content
-                raise PromptError(f"position {pos} is not one of {what}'s tokens ({what} = {table.text!r} has "
-                                  f"tokens at {c[0]}..{c[-1]}" + (f"; {c[0] - 1} is its start token" if c[0] else "")
-                                  + ")")
+                raise PromptError(f"position {pos} is not a token of {what} ({table.text!r} has its tokens at "
+                                  f"{c[0]}..{c[-1]}" + (f"; {c[0] - 1} is the start token" if c[0] else "") + ")")
     name = "t5" if model.family == "flux" else "clip"
     targets, sources, written = list(positions), list(positions), {name: tuple(sorted(set(positions)))}
     if t5 is not None and s.swap_t5:

@@ -173,15 +173,25 @@ def _sd3_side_qkv(state: MMDiTState, side: SideStream, index: int):
     return q, k, v, mods
 
 
-def _sd3_side_update(side: SideStream, index: int, q, k, v, mods, image_key, image_value):
+def _linear_as_on_a_slice(linear, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """`linear(x)` as torch computes it on the text slice of a `batch`-row output: its fused path
+    (addmm, bias inside) is taken only for a contiguous 3-D input, which that slice is only for one
+    row; otherwise a matmul, then the bias added: the same in fp32 on CPU, not in bf16."""
+    if batch == 1:
+        return linear(x)
+    return torch.matmul(x, linear.weight.t()) + linear.bias
+
+
+def _sd3_side_update(side: SideStream, index: int, q, k, v, mods, image_key, image_value, batch: int):
     """Carry the side text past block `index`: attention to [main row's image ; own text], then the
-    block's context output, gate, feed-forward, as JointTransformerBlock.forward does."""
+    block's context output, gate, feed-forward, as JointTransformerBlock.forward does (`batch`: the
+    main batch's rows, on which the output projection's rounding depends)."""
     block = side.joint[index]
     gate, shift_mlp, scale_mlp, gate_mlp = mods
     out = F.scaled_dot_product_attention(q, torch.cat([image_key, k], dim=2), torch.cat([image_value, v], dim=2),
                                          dropout_p=0.0, is_causal=False)
     out = out.transpose(1, 2).reshape(1, -1, out.shape[1] * out.shape[3]).to(q.dtype)
-    h = side.hidden + gate.unsqueeze(1) * block.attn.to_add_out(out)
+    h = side.hidden + gate.unsqueeze(1) * _linear_as_on_a_slice(block.attn.to_add_out, out, batch)
     normed = block.norm2_context(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
     side.hidden = h + gate_mlp.unsqueeze(1) * block.ff_context(normed)
 
@@ -234,7 +244,8 @@ class SD3Processor:
             state.maps.add(query, text_k)
         if state is not None and state.side_advances(i) and not attn.context_pre_only:
             for side, (q, k, v, mods) in zip(state.sides, side_qkv):
-                _sd3_side_update(side, i, q, k, v, mods, key[side.row: side.row + 1], value[side.row: side.row + 1])
+                _sd3_side_update(side, i, q, k, v, mods, key[side.row: side.row + 1],
+                                 value[side.row: side.row + 1], batch)
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * out.shape[-1]).to(query.dtype)
         image, text = out[:, :pixels], out[:, pixels:]
         if not attn.context_pre_only:
