@@ -1,7 +1,7 @@
 """Side-stream AlignIT on SD3 / Flux against the plain diffusers pipelines, in one process.
 
     python benchmarks/mmdit.py                      # CPU: the tiny random-weight SD3 (+T5) and Flux pipelines
-    python benchmarks/mmdit.py --full --steps 10    # GPU: SD3.5-medium and Flux-dev shapes, random weights, bf16, 1024 px
+    python benchmarks/mmdit.py --full --steps 10    # GPU: SD3.5-medium / Flux-dev shapes, random weights, bf16, 1024 px
 
 Each time is the median of --reps repetitions after one warm-up, the two sides alternating, same
 pipeline, scheduler, steps, size and seed:

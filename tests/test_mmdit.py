@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignit_core.errors import PromptError, SettingsError
+from alignit_core.errors import ConceptError, PromptError, SettingsError
 from alignit_core.families.mmdit import MMDiTModel, MMDiTSettings, MMDiTSwap, TextBranch, generate_mmdit
 from alignit_core.families.mmdit_attention import FluxProcessor, SD3Processor
 from alignit_core.testing_mmdit import perturbed_copy, t5_tokenizer, tiny_flux, tiny_sd3
@@ -261,6 +261,23 @@ def test_bad_input_is_refused_with_clear_errors(pipes):
                        (dict(swap_start=0.8, swap_end=0.2), "swap step range"), (dict(text_tokens=0), "text tokens")):
         with pytest.raises(SettingsError, match=match):
             generate_mmdit(model, P, [], _settings("sd3", **bad))
+    with pytest.raises(SettingsError, match="to 64"):  # 16 image tokens a side: the position embeddings' limit
+        generate_mmdit(model, P, [], _settings("sd3", size=128))
+    flux = MMDiTModel.from_pipeline(pipes("flux"))
+    with pytest.raises(ConceptError, match="another architecture"):
+        generate_mmdit(model, P, [MMDiTSwap((5,), SOURCE, TextBranch(transformer=flux.transformer))], s)
+    with pytest.raises(ConceptError, match="3 entries"):
+        generate_mmdit(model, P, [MMDiTSwap((5,), SOURCE, TextBranch(text_encoders=(None,)))], s)
+
+
+def test_flux_rope_is_the_identity_on_text_rows(pipes):
+    """Flux's text positions are all zero: cos 1, sin 0, so RoPE leaves text keys bit for bit."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    transformer = pipes("flux").transformer
+    cos, sin = transformer.pos_embed(torch.zeros(24, 3))
+    x = torch.randn(2, 24, 2, 16)
+    assert torch.equal(apply_rotary_emb(x, (cos, sin), sequence_dim=1), x)
 
 
 def test_the_tiny_t5_tokenizer_reads_words():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import PromptError, SettingsError
+from ..errors import ConceptError, PromptError, SettingsError
 from .mmdit_attention import SWAP_KV, MapSums, MMDiTState, SideStream, install
 from .mmdit_text import CLIP_ROWS, TokenTable, clip_table, encode_flux, encode_sd3, t5_table, word_pairs
 
@@ -137,6 +137,26 @@ class MMDiTModel:
             return self.transformer.config.sample_size * self.pipe.vae_scale_factor
         return self.pipe.default_sample_size * self.pipe.vae_scale_factor
 
+    @property
+    def largest_size(self) -> int:
+        """4x the native size; SD3's position embeddings also cap the image tokens per side."""
+        largest = 4 * self.native_size
+        cap = self.transformer.config.get("pos_embed_max_size") if self.family == "sd3" else None
+        return min(largest, cap * self.size_step) if cap else largest
+
+    def check_branch(self, branch: TextBranch) -> None:
+        """Raises ConceptError when a customized text branch does not fit this model."""
+        t = branch.transformer
+        if t is not None and (type(t) is not type(self.transformer) or len(t.transformer_blocks) != self.joint_blocks
+                              or len(getattr(t, "single_transformer_blocks", ())) != self.blocks - self.joint_blocks
+                              or t.config.get("joint_attention_dim") != self.transformer.config.joint_attention_dim):
+            raise ConceptError(f"the customized text branch's transformer ({type(t).__name__}) has another "
+                               f"architecture than this model's {type(self.transformer).__name__}")
+        encoders = branch.text_encoders
+        if encoders is not None and len(encoders) != len(self.text_encoders):
+            raise ConceptError(f"give the customized text encoders as {len(self.text_encoders)} entries in the "
+                               f"pipeline's order (None for the model's own), got {len(encoders)}")
+
     def encode(self, text: str, text_rows: int, branch: TextBranch | None = None):
         own = self.text_encoders
         custom = branch.text_encoders if branch is not None and branch.text_encoders else (None,) * len(own)
@@ -183,9 +203,9 @@ def resolve(model: MMDiTModel, s: MMDiTSettings) -> MMDiTSettings:
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or not 0 <= guidance <= MAX_GUIDANCE:
         raise SettingsError(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g}")
-    step = model.size_step
-    if not _whole(size) or size % step or not step <= size <= 4 * model.native_size:
-        raise SettingsError(f"size must be a multiple of {step} pixels from {step} to {4 * model.native_size}")
+    step, largest = model.size_step, model.largest_size
+    if not _whole(size) or size % step or not step <= size <= largest:
+        raise SettingsError(f"size must be a multiple of {step} pixels from {step} to {largest}")
     if not _whole(rows) or not 1 <= rows <= MAX_TEXT_TOKENS:
         raise SettingsError(f"text tokens (T5 rows) must be a whole number from 1 to {MAX_TEXT_TOKENS}")
     if s.swap_kv not in SWAP_KV:
@@ -226,6 +246,8 @@ def _plan(model: MMDiTModel, p: tuple, swap: MMDiTSwap, s: MMDiTSettings) -> _Pl
     positions = tuple(swap.positions) if isinstance(swap.positions, (tuple, list)) else None
     if not positions or not all(_whole(x) for x in positions):
         raise PromptError(f"name the positions to swap as whole numbers, e.g. (5,); got {swap.positions!r}")
+    if swap.branch is not None:
+        model.check_branch(swap.branch)
     primary, t5 = p
     src_primary, src_t5 = _tables(model, source, s.text_tokens)
     for pos in positions:
@@ -281,12 +303,14 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
         state.sides.append(SideStream(
             row=first_cond + names.index("swapped"), start=transformer.context_embedder(source_hidden),
             targets=torch.tensor(plan.targets, device=device), sources=torch.tensor(plan.sources, device=device),
-            joint=list(transformer.transformer_blocks), single=list(getattr(transformer, "single_transformer_blocks", []))))
+            joint=list(transformer.transformer_blocks),
+            single=list(getattr(transformer, "single_transformer_blocks", []))))
     grid = s.size // model.size_step  # image tokens per side
     if s.record_maps:
         state.maps = MapSums(tuple(range(first_cond, first_cond + r)),
                              torch.zeros(r, grid * grid, hidden.shape[1], device=device, dtype=torch.float32),
-                             _blocks(model, s.map_blocks, "heat-map blocks"), _fractions(s.map_start, s.map_end, s.steps))
+                             _blocks(model, s.map_blocks, "heat-map blocks"),
+                             _fractions(s.map_start, s.map_end, s.steps))
     run = _denoise_sd3 if sd3 else _denoise_flux
     latents = run(model, state, hidden, pooled, r, cfg, s)
     images = [_decode(model, latents[k: k + 1], s.size) for k in range(r)]
@@ -314,7 +338,8 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
 def _described(model: MMDiTModel, text: str, plans: list[_Plan], s: MMDiTSettings) -> dict:
     return {"family": model.family, "prompt": text, **{k: v for k, v in asdict(s).items()},
             "swaps": [{"positions": list(plan.swap.positions), "source": plan.swap.source,
-                       "customized": plan.swap.branch is not None, "written": {k: list(v) for k, v in plan.positions.items()}}
+                       "customized": plan.swap.branch is not None,
+                       "written": {k: list(v) for k, v in plan.positions.items()}}
                       for plan in plans]}
 
 

@@ -140,11 +140,12 @@ def _modulated(norm, x, shift, scale):
 
 def _write(key, value, sides, side_kv, mode: str, seq_dim: int):
     """Main text keys/values with each side stream's rows written at its targets (in place)."""
+    dim = seq_dim - 1  # the token dimension once the batch row is selected
     for side, (k, v) in zip(sides, side_kv):
         if "k" in mode:
-            key.select(0, side.row).index_copy_(seq_dim - 1, side.targets, k[0].index_select(seq_dim - 1, side.sources))
+            key.select(0, side.row).index_copy_(dim, side.targets, k[0].index_select(dim, side.sources))
         if "v" in mode:
-            value.select(0, side.row).index_copy_(seq_dim - 1, side.targets, v[0].index_select(seq_dim - 1, side.sources))
+            value.select(0, side.row).index_copy_(dim, side.targets, v[0].index_select(dim, side.sources))
 
 
 # ------------------------------------------------------------------------------ SD3 (JointTransformerBlock)
