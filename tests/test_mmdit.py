@@ -1,6 +1,7 @@
 """Side-stream AlignIT on MMDiT (SD3, SD3 with T5, Flux), on tiny random-weight pipelines."""
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -158,6 +159,19 @@ def test_swap_steps_and_blocks_limit_where_rows_are_written(pipes):
     _, seen = _recorded(model, "sd3", swap_blocks=(1,), swap_start=0.34, swap_end=1.0)
     for (block, step), r in seen.items():
         assert torch.equal(r.key, r.swapped_key) == (block != 1 or step == 0), (block, step)
+
+
+def test_the_swapped_row_alone(pipes):
+    """Without the baseline: one row, the same picture as the pair's swapped row up to rounding (a
+    batch's size changes how CPU kernels round the timestep embedding's linear layers)."""
+    model = MMDiTModel.from_pipeline(pipes("flux"))
+    swaps = [MMDiTSwap((4,), SOURCE)]
+    pair = generate_mmdit(model, P, swaps, _settings("flux"))
+    alone = generate_mmdit(model, P, swaps, _settings("flux"), include_baseline=False)
+    assert list(alone.images) == ["swapped"] and list(alone.maps) == ["swapped"]
+    assert torch.allclose(alone.latents["swapped"], pair.latents["swapped"], atol=1e-4)
+    assert json.loads(json.dumps(pair.settings))["swaps"][0] == {"positions": [4], "source": SOURCE,
+                                                                "customized": False, "written": {"t5": [4]}}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
