@@ -299,3 +299,37 @@ def test_the_tiny_t5_tokenizer_reads_words():
     pieces = tok.convert_ids_to_tokens(tok("a photo of a dog").input_ids)
     assert pieces == ["▁a", "▁photo", "▁of", "▁a", "▁dog", "</s>"]
     assert tok.convert_ids_to_tokens(tok(SOURCE).input_ids)[-2] == "▁cat"
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_full_size_architectures_run_the_side_stream_on_the_meta_device(name):
+    """SD3.5-medium (24 blocks, dual attention in 13) and Flux-dev (19 joint + 38 single blocks) at
+    1024 px, shapes only: every block swaps and records, the side stream goes through all of them."""
+    from alignit_core.families.mmdit_attention import MapSums, MMDiTState, SideStream
+
+    meta, bf16 = torch.device("meta"), torch.bfloat16
+    pipe = (tiny_sd3 if name == "sd3" else tiny_flux)(full=True, dtype=bf16, device=meta)
+    model = MMDiTModel.from_pipeline(pipe)
+    tr = model.transformer
+    text, batch = (77 + 256, 4) if name == "sd3" else (512, 2)
+    side = SideStream(row=batch - 1, start=tr.context_embedder(torch.zeros(1, text, 4096, device=meta, dtype=bf16)),
+                      targets=torch.tensor([5], device=meta), sources=torch.tensor([5], device=meta),
+                      joint=list(tr.transformer_blocks), single=list(getattr(tr, "single_transformer_blocks", [])))
+    every = frozenset(range(model.blocks))
+    state = MMDiTState(sides=[side], swap_blocks=every, text_tokens=text,
+                       maps=MapSums((batch - 1,), torch.zeros(1, 4096, text, device=meta), every, (0, 1)))
+    state.begin_step(0)
+    zeros = dict(device=meta, dtype=bf16)
+    with torch.no_grad():
+        if name == "sd3":
+            out = tr(hidden_states=torch.zeros(batch, 16, 128, 128, **zeros), timestep=torch.ones(batch, device=meta),
+                     encoder_hidden_states=torch.zeros(batch, text, 4096, **zeros),
+                     pooled_projections=torch.zeros(batch, 2048, **zeros), joint_attention_kwargs={"alignit": state})
+        else:
+            out = tr(hidden_states=torch.zeros(batch, 4096, 64, **zeros), timestep=torch.ones(batch, device=meta),
+                     guidance=torch.ones(batch, device=meta),
+                     encoder_hidden_states=torch.zeros(batch, text, 4096, **zeros),
+                     pooled_projections=torch.zeros(batch, 768, **zeros), txt_ids=torch.zeros(text, 3, device=meta),
+                     img_ids=torch.zeros(4096, 3, device=meta), joint_attention_kwargs={"alignit": state})
+    assert out.sample.shape[0] == batch and state.maps.added == model.blocks == (24 if name == "sd3" else 57)
+    assert side.hidden.shape == (1, text, tr.inner_dim)
