@@ -276,7 +276,8 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
                    include_baseline: bool = True, on_kv=None) -> MMDiTGeneration:
     """Baseline | swapped, one batch (no swaps: the baseline alone; `include_baseline=False`: the
     swapped row alone). `on_kv(KVRecord)` sees every block's keys and values at every step before
-    and after the swap (read-only; tests). Raises PromptError, SettingsError."""
+    and after the swap (read-only; tests). Raises PromptError, SettingsError, ConceptError (a
+    customized branch that does not fit the model)."""
     text = _check_prompt(text)
     s = resolve(model, settings)
     p = _tables(model, text, s.text_tokens)
