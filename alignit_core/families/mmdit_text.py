@@ -1,0 +1,120 @@
+"""Text on MMDiT pipelines: token tables of p and p', which joint-text rows a swap writes, and the
+pipelines' own text encodings (op for op, so a run without a swap is bit-identical to the pipeline).
+
+SD3's joint text is [CLIP rows (77: CLIP-L and CLIP-G states side by side, zero-padded to T5's
+width) ; T5 rows (`text_tokens` of them; zeros when the pipeline has no T5)]. Flux's is the T5 rows
+alone; its CLIP gives only the pooled vector. People choose positions in the *primary* table (CLIP
+for SD3, T5 for Flux: the tokens the model reads as rows); on SD3 the T5 rows of the same words are
+swapped too, paired word by word and right-aligned (the last token of a word is its head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import PromptError
+from ..prompts import Token, tokenize
+
+CLIP_ROWS = 77
+
+
+@dataclass(frozen=True)
+class TokenTable:
+    """A prompt as one tokenizer reads it: ids without padding, one Token per id."""
+
+    text: str
+    ids: tuple[int, ...]
+    tokens: tuple[Token, ...]
+
+    @property
+    def content(self) -> list[int]:
+        """Positions of the prompt's own tokens (no start, end or padding)."""
+        return [t.position for t in self.tokens if t.word_index >= 0]
+
+    def of_word(self, word_index: int) -> list[int]:
+        return [t.position for t in self.tokens if t.word_index == word_index]
+
+
+def clip_table(tokenizer, text: str) -> TokenTable:
+    """CLIP's reading of `text` (the project's word-by-word table, checked against the tokenizer's
+    own reading of the whole text, which is what the pipeline encodes). Raises PromptError past 75
+    tokens (the pipelines cut CLIP there)."""
+    p = tokenize(tokenizer, text)
+    whole = tokenizer(text, truncation=False).input_ids
+    if list(p.ids) != list(whole):
+        raise PromptError(f"CLIP reads {text!r} differently word by word and as a whole; reword it "
+                          f"(e.g. separate punctuation with spaces)")
+    return TokenTable(text, p.ids, p.tokens)
+
+
+def t5_table(tokenizer, text: str, rows: int) -> TokenTable:
+    """T5's reading of `text` (no start token; the end token `</s>` last). Raises PromptError when
+    it needs more than the `rows` the model reads."""
+    enc = tokenizer(text, return_offsets_mapping=True, truncation=False)
+    if len(enc.input_ids) > rows:
+        raise PromptError(f"the prompt is {len(enc.input_ids)} T5 tokens long; this model reads {rows} "
+                          f"(raise the text-token setting or shorten the prompt)")
+    spans, at = [], 0
+    for word in text.split():  # the character span of each whitespace-separated word
+        at = text.index(word, at)
+        spans.append((at, at + len(word)))
+        at += len(word)
+    words = text.split()
+    tokens = []
+    for pos, (tid, (a, b)) in enumerate(zip(enc.input_ids, enc.offset_mapping)):
+        w = next((k for k, (s, e) in enumerate(spans) if s <= a < e), -1) if b > a else -1
+        piece = tokenizer.convert_ids_to_tokens(tid)
+        tokens.append(Token(pos, piece.lstrip("▁") or piece, words[w] if w >= 0 else "", w))
+    return TokenTable(text, tuple(enc.input_ids), tuple(tokens))
+
+
+def word_pairs(p: TokenTable, source: TokenTable, words: list[int]) -> list[tuple[int, int]]:
+    """(position in p, position in p') for the tokens of `words` (word indices), right-aligned per
+    word; a word p' lacks is left out."""
+    pairs = []
+    for w in words:
+        a, b = p.of_word(w), source.of_word(w)
+        n = min(len(a), len(b))
+        pairs += list(zip(a[len(a) - n:], b[len(b) - n:]))
+    return pairs
+
+
+# ------------------------------------------------------------------------------ encodings
+
+def _ids(tokenizer, text: str, length: int, device) -> torch.Tensor:
+    return tokenizer(text, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_sd3(pipe, text: str, encoders, t5_rows: int):
+    """(hidden (1, 77 + t5_rows, joint dim), pooled (1, pooled dim)) exactly as
+    StableDiffusion3Pipeline.encode_prompt computes them for one prompt (no clip skip)."""
+    device, dtype = pipe._execution_device, encoders[0].dtype
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders[:2]):
+        out = encoder(_ids(tokenizer, text, pipe.tokenizer_max_length, device), output_hidden_states=True)
+        pooled.append(out[0])
+        hidden.append(out.hidden_states[-2].to(dtype=dtype, device=device))
+    clip = torch.cat(hidden, dim=-1)
+    t5 = encoders[2]
+    if t5 is None:
+        t5_hidden = torch.zeros((1, t5_rows, pipe.transformer.config.joint_attention_dim), device=device, dtype=dtype)
+    else:
+        t5_hidden = t5(_ids(pipe.tokenizer_3, text, t5_rows, device))[0].to(dtype=t5.dtype, device=device)
+    clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5_hidden], dim=-2), torch.cat(pooled, dim=-1)
+
+
+@torch.no_grad()
+def encode_flux(pipe, text: str, encoders, t5_rows: int):
+    """(hidden (1, t5_rows, joint dim), pooled (1, pooled dim)) exactly as FluxPipeline.encode_prompt
+    computes them for one prompt."""
+    device = pipe._execution_device
+    clip, t5 = encoders
+    pooled = clip(_ids(pipe.tokenizer, text, pipe.tokenizer_max_length, device), output_hidden_states=False)
+    pooled = pooled.pooler_output.to(dtype=clip.dtype, device=device)
+    hidden = t5(_ids(pipe.tokenizer_2, text, t5_rows, device), output_hidden_states=False)[0]
+    return hidden.to(dtype=t5.dtype, device=device), pooled
