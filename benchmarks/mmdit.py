@@ -30,10 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from alignit_core.families.mmdit import MMDiTModel, MMDiTSettings, MMDiTSwap, generate_mmdit  # noqa: E402
 from alignit_core.testing_mmdit import tiny_flux, tiny_sd3  # noqa: E402
 
