@@ -31,7 +31,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 from alignit_core.families.mmdit import MMDiTModel, MMDiTSettings, MMDiTSwap, generate_mmdit  # noqa: E402
-from alignit_core.testing_mmdit import tiny_flux, tiny_sd3  # noqa: E402
+from alignit_core.testing import tiny_flux, tiny_sd3  # noqa: E402
 
 PROMPT, SOURCE, DOG = "a photo of a dog", "* * * * cat", {"sd3": 5, "flux": 4}
 

@@ -11,7 +11,7 @@ import torch
 from alignit_core.errors import ConceptError, PromptError, SettingsError
 from alignit_core.families.mmdit import MMDiTModel, MMDiTSettings, MMDiTSwap, TextBranch, generate_mmdit
 from alignit_core.families.mmdit_attention import FluxProcessor, SD3Processor
-from alignit_core.testing_mmdit import perturbed_copy, t5_tokenizer, tiny_flux, tiny_sd3
+from alignit_core.testing import perturbed_copy, t5_tokenizer, tiny_flux, tiny_sd3
 
 P = "a photo of a dog"  # CLIP: dog at 5; T5: dog at 4
 ROWS = {"sd3": 16, "sd3_t5": 16, "flux": 24}  # T5 rows read
