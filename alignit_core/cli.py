@@ -74,11 +74,9 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
 def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
     from .concept_prompts import concept_plan, several_concepts_plan
     from .generate import check_prompt
-    from .prompts import read_prompt
-
     prompt = check_prompt(prompt)
     if not concepts:
-        table = [("p", read_prompt(model.tokenizer, prompt, long))]
+        table = [("p", model.family.prompt(prompt, long))]
     elif len(concepts) == 1:
         prompts = concept_plan(model.tokenizer, prompt, concepts[0].words, long)
         table = [("customized", prompts.customized), ("p", prompts.plan.target), ("p'", prompts.plan.source)]
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_command(args)
     try:
-        from .generate import generate_concept, generate_swap
+        from .generate import check_concepts, generate_concept, generate_swap
         from .models import load_model
         from .prompts import parse_swap
 
@@ -118,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.concept) > 1 and (args.token or args.class_word):
             raise AlignITError("--token and --class-word name one bare embedding file; give each of several "
                                "concepts as a folder or manifest")
+        if args.concept:
+            check_concepts(model)
         concepts = [_concept(arg, model, args.token, args.class_word, args.lora_scale) for arg in args.concept]
         if args.command == "tokens":
             print(_tokens(model, args.prompt, concepts, args.long_prompt))

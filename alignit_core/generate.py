@@ -20,7 +20,7 @@ from .concepts import Concept, one_model
 from .conditioning import Row, condition
 from .errors import ConceptError, ModelError, PromptError
 from .concept_prompts import concept_plan, several_concepts_plan
-from .prompts import SwapPlan, check_positions, max_tokens, positions_plan, word_swap_plan
+from .prompts import SwapPlan, check_positions, max_tokens, positions_plan
 from .record import Generation, Request
 from .settings import SCHEDULERS, Settings, resolve
 
@@ -36,8 +36,11 @@ def run_rows(model, rows: list[Row], settings: Settings, progress=None, on_kv=No
     """Denoise all rows in one batch. Returns (PIL images, {row: (tokens, side, side) maps},
     bytes held by the map store, final latents (rows, C, h, w) on the CPU). A run that fails
     (an exception in a callback, out of memory) hands its GPU memory back before raising, so the
-    model serves the next request; running out of GPU memory raises ModelError."""
+    model serves the next request; running out of GPU memory raises ModelError. A family with its
+    own loop (MMDiT: side streams through every block and step) denoises the rows itself."""
     try:
+        if model.family.own_loop:
+            return model.family.denoise(rows, settings, progress, on_kv)
         return _denoise(model, rows, settings, progress, on_kv)
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
@@ -132,6 +135,7 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
     model's p' (which holds only that concept); the customized baseline is the one model holding them
     all (concepts.one_model), left out with a warning where none does; `positions`, if given, must be
     among the concepts' own. Prompts of at most 75 tokens."""
+    check_concepts(model)
     concepts = [concept] if isinstance(concept, Concept) else list(concept)
     if not concepts:
         raise ConceptError("choose a concept")
@@ -160,6 +164,12 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
                    warnings)
 
 
+def check_concepts(model) -> None:
+    """ConceptError when the model's family takes no concepts (SD3 and Flux, so far)."""
+    if model.family.concept_refusal:
+        raise ConceptError(model.family.concept_refusal)
+
+
 def _chosen(pairs: list[tuple[SwapPlan, Concept]], positions) -> list[tuple[SwapPlan, Concept]]:
     """Each concept's plan narrowed to the chosen positions (None: all of them); a concept left
     with none is not swapped. Raises PromptError for a position that is no concept's."""
@@ -181,7 +191,7 @@ def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = 
     or give a ready `plan` (e.g. `positions_plan(p, p, [3])` for an identity swap)."""
     text = check_prompt(text)
     settings = resolve(model, settings)
-    plan = plan or word_swap_plan(model.tokenizer, text, swaps or [], settings.long_prompt)
+    plan = plan or model.family.swap_plan(text, swaps or [], settings.long_prompt)
     rows = ([Row("baseline", plan.target)] if include_baseline else []) + [Row("swapped", plan.target, swap=plan)]
     result = run_rows(model, rows, settings, progress, on_kv)
     request = Request("swap", text, plan.target, ((plan, None),), swaps=tuple(tuple(x) for x in swaps or ()))

@@ -7,6 +7,7 @@ processor is installed once here on every attention module; nothing is changed a
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import urllib.error
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .families import EMBEDDED_DEFAULTS, family_for
+from .families import EMBEDDED_DEFAULTS, UNetFamily, family_for
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = ASSETS / "embedded-shapes"
@@ -72,6 +73,7 @@ class Model:
 
     @property
     def tokenizer(self):
+        """The tokenizer of the table whose positions swaps name: CLIP's (SD 1.x/2.x, SDXL, SD3), T5's (Flux)."""
         return self.tokenizers[0]
 
     @property
@@ -102,8 +104,24 @@ def _from_pipeline(pipe, name: str, source: str, device: torch.device, dtype: to
     return Model(name, source, family_for(pipe, device, defaults), device, dtype, because)
 
 
+def _loading_arguments(path) -> dict:
+    """What from_pretrained needs for `path`: no safety checker; and for a local folder, the parts
+    its model_index.json lists as null passed as None (an SD3 saved without T5 lists
+    `text_encoder_3`/`tokenizer_3` so, and diffusers loads it only then). Pipelines without a
+    safety checker (SD3, Flux) are not told about one."""
+    unet = {"safety_checker": None, "requires_safety_checker": False}
+    index = Path(path) / "model_index.json"
+    try:
+        listed = json.loads(index.read_text()) if isinstance(path, Path) and index.is_file() else {}
+    except (OSError, ValueError):
+        listed = {}
+    absent = {k: None for k, v in listed.items() if not k.startswith("_") and v in (None, [None, None])}
+    return absent if "transformer" in listed else {**unet, **absent}
+
+
 def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype | None = None) -> Model:
-    """Load `name`: "auto", "embedded", a local diffusers folder or a hub id. Raises ModelError."""
+    """Load `name`: "auto", "embedded", a local diffusers folder or a hub id (SD 1.x/2.x, SDXL,
+    SD3, Flux). Raises ModelError."""
     from diffusers import DiffusionPipeline
 
     dev = _device(device)
@@ -136,7 +154,7 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
             path, because = name, f"hub id {name}"
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=offline,
-                                                 safety_checker=None, requires_safety_checker=False)
+                                                 **_loading_arguments(path))
     except Exception as e:
         if isinstance(path, str) and offline:
             raise ModelError(f"model {name!r} is not available offline (no local copy; the hub is not "
@@ -148,8 +166,8 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
 
 def from_components(pipe, name: str = "custom") -> Model:
     """Wrap an already built diffusers pipeline (tests build tiny ones from configs)."""
-    dev = pipe.unet.device
-    return _from_pipeline(pipe, name, name, dev, pipe.unet.dtype, "built in memory")
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    return _from_pipeline(pipe, name, name, denoiser.device, denoiser.dtype, "built in memory")
 
 
 def accelerate(model: Model, compile: bool = False, channels_last: bool = False,
@@ -158,7 +176,11 @@ def accelerate(model: Model, compile: bool = False, channels_last: bool = False,
     memory layout for the UNet's convolutions, and `torch.compile` of the UNet. The request-specific
     part of each cross-attention layer (K/V writes, map recording) stays eager, so compiled graphs
     never specialise on a request: the first call compiles (minutes on a CPU), later calls with
-    other prompts, swaps and concepts reuse the graphs. Images match eager ones within 1/255."""
+    other prompts, swaps and concepts reuse the graphs. Images match eager ones within 1/255.
+    Raises ModelError on a model without a UNet (SD3, Flux)."""
+    if not isinstance(model.family, UNetFamily):
+        raise ModelError("--compile and --channels-last apply to UNet models (SD 1.x, 2.x, SDXL); "
+                         f"{model.name} has a transformer")
     on = list(model.accelerations)
     if channels_last and "channels_last" not in on:
         model.unet.to(memory_format=torch.channels_last)

@@ -323,6 +323,7 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     Raises AlignITError when `gen` kept no latents."""
     if not gen.latents:
         raise AlignITError("this generation kept no latents to score; generate again")
+    model.family.noising()  # a model the MI score does not fit (rectified flow) says so here
     text = scoring_text(model, gen)
     prompt = read_prompt(model.tokenizer, text, gen.settings.long_prompt)
     mi = mi_scores(model, gen.latents, prompt, samples=samples, per_token=True, progress=progress)

@@ -185,8 +185,10 @@ def _number(x, low: float, high: float) -> bool:
 
 
 def resolve(model, s: Settings) -> Settings:
-    """`s` with the model's defaults filled in, every value checked. Raises SettingsError."""
-    defaults = model.family.defaults()
+    """`s` with the model's defaults filled in, every value checked; the model's family refuses
+    what it cannot honour (SD3/Flux: UNet schedulers, swap_uncond, ...). Raises SettingsError."""
+    family = model.family
+    defaults = family.defaults()
     steps = defaults.steps if s.steps is None else s.steps
     guidance = defaults.guidance if s.guidance is None else s.guidance
     size = model.native_size if s.size is None else s.size
@@ -196,17 +198,19 @@ def resolve(model, s: Settings) -> Settings:
         raise SettingsError(f"steps must be a whole number from 1 to {MAX_STEPS}")
     if not _number(guidance, 0, MAX_GUIDANCE):
         raise SettingsError(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g}")
-    cap = 2 * model.native_size
-    if isinstance(size, bool) or not isinstance(size, int) or size % 8 or not 64 <= size <= cap:
-        raise SettingsError(f"size must be a multiple of 8 from 64 to {cap} pixels")
+    low, cap = family.size_range()
+    if isinstance(size, bool) or not isinstance(size, int) or size % 8 or not low <= size <= cap:
+        raise SettingsError(f"size must be a multiple of 8 from {low} to {cap} pixels")
     if size % model.size_step:
         raise SettingsError(f"size must be a multiple of {model.size_step} for this model")
-    scheduler = s.scheduler or next((k for k, v in SCHEDULERS.items() if v == model.scheduler_name), "ddim")
+    family.check(s, size)
+    names = family.schedulers
+    scheduler = s.scheduler or next((k for k in names if SCHEDULERS[k] == model.scheduler_name), names[0])
     if scheduler not in SCHEDULERS:
         raise SettingsError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if not (0 <= s.swap_start < s.swap_end <= 1):
         raise SettingsError("the swap step range must satisfy 0 <= start < end <= 1")
-    maps = model.family.maps
+    maps = family.maps
     res = s.map_resolution or maps.default_resolution(size)
     if res not in maps.resolutions(size):
         raise SettingsError(f"no cross-attention layer works at {res}x{res}; "

@@ -8,19 +8,20 @@ a loaded diffusers pipeline.
 from __future__ import annotations
 
 from ..errors import ModelError
+from .mmdit_family import MMDiTFamily
 from .sd_unet import EMBEDDED_DEFAULTS, Defaults, UNetFamily
 
-FAMILIES = (UNetFamily,)
+FAMILIES = (UNetFamily, MMDiTFamily)
 
 
 def family_for(pipe, device, defaults: Defaults | None = None):
-    """The family object serving `pipe` (its parts moved to `device`). Raises ModelError when no
-    family knows the pipeline."""
+    """The family object serving `pipe` (its parts moved to `device`); `defaults` None: the family's
+    own. Raises ModelError when no family knows the pipeline."""
     for family in FAMILIES:
         if family.accepts(pipe):
-            return family(pipe, device, defaults or Defaults())
+            return family(pipe, device, defaults)
     raise ModelError(f"{type(pipe).__name__} is not a pipeline this engine knows (Stable Diffusion 1.x, 2.x "
-                     f"or SDXL: a UNet and a CLIP text encoder)")
+                     f"or SDXL: a UNet and a CLIP text encoder; SD3 or Flux: an MMDiT transformer)")
 
 
-__all__ = ["EMBEDDED_DEFAULTS", "FAMILIES", "Defaults", "UNetFamily", "family_for"]
+__all__ = ["EMBEDDED_DEFAULTS", "FAMILIES", "Defaults", "MMDiTFamily", "UNetFamily", "family_for"]

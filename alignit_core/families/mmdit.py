@@ -12,9 +12,9 @@ weights differ, and/or customized text encoders) that encodes and carries p'. Th
 conditional CFG half only (Flux-dev is guidance-distilled: no unconditional half); the side stream
 is modulated by the main row's timestep embedding (its pooled text is the main row's, p's).
 
-The denoising loop is written out (not `pipe(...)`): a pipeline object keeps per-call state. It
-follows each pipeline's latents, scheduler and guidance op for op; rows are decoded one at a time
-(a CPU VAE batch of identical latents can decode 1e-6 apart row to row).
+The denoising loops (mmdit_loop.py) are written out (not `pipe(...)`): a pipeline object keeps
+per-call state. They follow each pipeline's latents, scheduler and guidance op for op. The engine's
+`load_model` / `generate_swap` reach this through `MMDiTFamily` (mmdit_family.py).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..errors import ConceptError, PromptError, SettingsError
 from .mmdit_attention import SWAP_KV, MapSums, MMDiTState, SideStream, install
+from .mmdit_loop import decode, denoise_flux, denoise_sd3
 from .mmdit_text import CLIP_ROWS, TokenTable, clip_table, encode_flux, encode_sd3, t5_table, word_pairs
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
@@ -35,6 +36,9 @@ MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 4000
 MAX_TEXT_TOKENS = 512  # T5 rows: the pipelines' own limit (Flux reads 512, SD3 256 by default)
+DEFAULT_STEPS = 28  # the pipelines' own defaults
+DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}
+DEFAULT_TEXT_TOKENS = {"sd3": 256, "flux": 512}
 
 
 @dataclass(frozen=True)
@@ -47,11 +51,13 @@ class TextBranch:
 
 @dataclass(frozen=True)
 class MMDiTSwap:
-    """Rows of p at `positions` (primary token table) taken from p' = `source` at the same positions."""
+    """Rows of p at `positions` (primary token table) taken from p' = `source` at `source_positions`
+    (None: the same positions; else one per position, in order: Flux's T5 words need not line up)."""
 
     positions: tuple[int, ...]
     source: str
     branch: TextBranch | None = None
+    source_positions: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,10 +198,10 @@ def _blocks(model: MMDiTModel, chosen, what: str) -> frozenset[int]:
 
 def resolve(model: MMDiTModel, s: MMDiTSettings) -> MMDiTSettings:
     """Defaults filled in and every setting checked. Raises SettingsError."""
-    steps = 28 if s.steps is None else s.steps
-    guidance = (7.0 if model.family == "sd3" else 3.5) if s.guidance is None else s.guidance
+    steps = DEFAULT_STEPS if s.steps is None else s.steps
+    guidance = DEFAULT_GUIDANCE[model.family] if s.guidance is None else s.guidance
     size = model.native_size if s.size is None else s.size
-    rows = (256 if model.family == "sd3" else 512) if s.text_tokens is None else s.text_tokens
+    rows = DEFAULT_TEXT_TOKENS[model.family] if s.text_tokens is None else s.text_tokens
     if not _whole(s.seed) or not 0 <= s.seed <= MAX_SEED:
         raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}")
     if not _whole(steps) or not 1 <= steps <= MAX_STEPS:
@@ -233,7 +239,7 @@ class _Plan:
     positions: dict  # segment -> positions of p written
 
 
-def _tables(model: MMDiTModel, text: str, rows: int) -> tuple[TokenTable, TokenTable | None]:
+def tables(model: MMDiTModel, text: str, rows: int) -> tuple[TokenTable, TokenTable | None]:
     """(primary table, SD3's T5 table or None)."""
     if model.family == "flux":
         return t5_table(model.pipe.tokenizer_2, text, rows), None
@@ -243,28 +249,38 @@ def _tables(model: MMDiTModel, text: str, rows: int) -> tuple[TokenTable, TokenT
 
 def _plan(model: MMDiTModel, p: tuple, swap: MMDiTSwap, s: MMDiTSettings) -> _Plan:
     source = _check_prompt(swap.source, "the source prompt p'")
-    positions = tuple(swap.positions) if isinstance(swap.positions, (tuple, list)) else None
-    if not positions or not all(_whole(x) for x in positions):
-        raise PromptError(f"name the positions to swap as whole numbers, e.g. (5,); got {swap.positions!r}")
+    positions = _positions(swap.positions)
+    read = positions if swap.source_positions is None else _positions(swap.source_positions)
+    if len(read) != len(positions):
+        raise PromptError(f"give one source position per swapped position: {len(positions)} positions, "
+                          f"{len(read)} source positions")
     if swap.branch is not None:
         model.check_branch(swap.branch)
     primary, t5 = p
-    src_primary, src_t5 = _tables(model, source, s.text_tokens)
-    for pos in positions:
-        for table, what in ((primary, "p"), (src_primary, "p'")):
-            if pos not in table.content:
+    src_primary, src_t5 = tables(model, source, s.text_tokens)
+    for pos, src in zip(positions, read):
+        for table, what, q in ((primary, "p", pos), (src_primary, "p'", src)):
+            if q not in table.content:
                 c = table.content
-                raise PromptError(f"position {pos} is not a token of {what} ({table.text!r} has its tokens at "
+                raise PromptError(f"position {q} is not a token of {what} ({table.text!r} has its tokens at "
                                   f"{c[0]}..{c[-1]}" + (f"; {c[0] - 1} is the start token" if c[0] else "") + ")")
     name = "t5" if model.family == "flux" else "clip"
-    targets, sources, written = list(positions), list(positions), {name: tuple(sorted(set(positions)))}
+    targets, sources, written = list(positions), list(read), {name: tuple(sorted(set(positions)))}
     if t5 is not None and s.swap_t5:
-        words = sorted({primary.tokens[pos].word_index for pos in positions})
+        words = sorted({(primary.tokens[pos].word_index, src_primary.tokens[src].word_index)
+                        for pos, src in zip(positions, read)})
         pairs = word_pairs(t5, src_t5, words)
         targets += [CLIP_ROWS + a for a, _ in pairs]
         sources += [CLIP_ROWS + b for _, b in pairs]
         written["t5"] = tuple(a for a, _ in pairs)
     return _Plan(swap, tuple(targets), tuple(sources), written)
+
+
+def _positions(given) -> tuple[int, ...]:
+    positions = tuple(given) if isinstance(given, (tuple, list)) else None
+    if not positions or not all(_whole(x) for x in positions):
+        raise PromptError(f"name the positions to swap as whole numbers, e.g. (5,); got {given!r}")
+    return positions
 
 
 def _fractions(start: float, end: float, steps: int) -> tuple[int, int]:
@@ -273,14 +289,14 @@ def _fractions(start: float, end: float, steps: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), settings: MMDiTSettings = MMDiTSettings(),
-                   include_baseline: bool = True, on_kv=None) -> MMDiTGeneration:
+                   include_baseline: bool = True, on_kv=None, progress=None) -> MMDiTGeneration:
     """Baseline | swapped, one batch (no swaps: the baseline alone; `include_baseline=False`: the
     swapped row alone). `on_kv(KVRecord)` sees every block's keys and values at every step before
-    and after the swap (read-only; tests). Raises PromptError, SettingsError, ConceptError (a
+    and after the swap (read-only; tests); `progress(done, total)` is called after each step. Raises PromptError, SettingsError, ConceptError (a
     customized branch that does not fit the model)."""
     text = _check_prompt(text)
     s = resolve(model, settings)
-    p = _tables(model, text, s.text_tokens)
+    p = tables(model, text, s.text_tokens)
     plans = [_plan(model, p, swap, s) for swap in swaps]
     names = (["baseline"] if include_baseline or not plans else []) + (["swapped"] if plans else [])
     r, sd3 = len(names), model.family == "sd3"
@@ -312,9 +328,9 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
                              torch.zeros(r, grid * grid, hidden.shape[1], device=device, dtype=torch.float32),
                              _blocks(model, s.map_blocks, "heat-map blocks"),
                              _fractions(s.map_start, s.map_end, s.steps))
-    run = _denoise_sd3 if sd3 else _denoise_flux
-    latents = run(model, state, hidden, pooled, r, cfg, s)
-    images = [_decode(model, latents[k: k + 1], s.size) for k in range(r)]
+    run = denoise_sd3 if sd3 else denoise_flux
+    latents = run(model, state, hidden, pooled, r, cfg, s, progress)
+    images = [decode(model, latents[k: k + 1], s.size) for k in range(r)]
 
     primary, t5 = p
     maps, t5_maps, text_maps = {}, {}, {}
@@ -342,89 +358,3 @@ def _described(model: MMDiTModel, text: str, plans: list[_Plan], s: MMDiTSetting
                        "customized": plan.swap.branch is not None,
                        "written": {k: list(v) for k, v in plan.positions.items()}}
                       for plan in plans]}
-
-
-def _initial_latent(model: MMDiTModel, channels: int, side: int, seed: int, dtype, device) -> torch.Tensor:
-    """The seed's latent, drawn as the pipelines draw it from a CPU generator (1, C, side, side)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor((1, channels, side, side), generator=torch.Generator("cpu").manual_seed(seed),
-                        device=device, dtype=dtype)
-
-
-def _denoise_sd3(model, state, hidden, pooled, r, cfg, s):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
-
-    pipe, transformer = model.pipe, model.transformer
-    side = s.size // pipe.vae_scale_factor
-    latents = _initial_latent(model, transformer.config.in_channels, side, s.seed, hidden.dtype, hidden.device)
-    latents = latents.repeat(r, 1, 1, 1)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    kwargs = {}
-    if sched.config.get("use_dynamic_shifting", None):
-        patch = transformer.config.patch_size
-        c = sched.config
-        kwargs["mu"] = calculate_shift((side // patch) ** 2, c.get("base_image_seq_len", 256),
-                                       c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5),
-                                       c.get("max_shift", 1.16))
-    timesteps, _ = retrieve_timesteps(sched, s.steps, hidden.device, **kwargs)
-    for i, t in enumerate(timesteps):
-        state.begin_step(i)
-        x = torch.cat([latents] * 2) if cfg else latents
-        noise = transformer(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=hidden,
-                            pooled_projections=pooled, joint_attention_kwargs={"alignit": state}, return_dict=False)[0]
-        if cfg:
-            uncond, cond = noise.chunk(2)
-            noise = uncond + s.guidance * (cond - uncond)
-        latents = sched.step(noise, t, latents, return_dict=False)[0]
-    return latents
-
-
-def _denoise_flux(model, state, hidden, pooled, r, cfg, s):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
-
-    pipe, transformer = model.pipe, model.transformer
-    side = 2 * (s.size // (pipe.vae_scale_factor * 2))
-    channels = transformer.config.in_channels // 4
-    z = _initial_latent(model, channels, side, s.seed, hidden.dtype, hidden.device)
-    # packed 2x2: (1, (side/2)^2, 4C); image ids (row, column) per packed token
-    latents = z.view(1, channels, side // 2, 2, side // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    latents = latents.reshape(1, (side // 2) ** 2, channels * 4).repeat(r, 1, 1)
-    ids = torch.zeros(side // 2, side // 2, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(side // 2)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(side // 2)[None, :]
-    image_ids = ids.reshape(-1, 3).to(device=hidden.device, dtype=hidden.dtype)
-    text_ids = torch.zeros(hidden.shape[1], 3).to(device=hidden.device, dtype=pipe.text_encoder.dtype)
-    sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / s.steps, s.steps)
-    c = sched.config
-    mu = calculate_shift(latents.shape[1], c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-    timesteps, _ = retrieve_timesteps(sched, s.steps, hidden.device, sigmas=sigmas, mu=mu)
-    guidance = None
-    if transformer.config.guidance_embeds:
-        guidance = torch.full([1], s.guidance, device=hidden.device, dtype=torch.float32).expand(r)
-    sched.set_begin_index(0)
-    for i, t in enumerate(timesteps):
-        state.begin_step(i)
-        timestep = t.expand(r).to(latents.dtype)
-        noise = transformer(hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
-                            pooled_projections=pooled, encoder_hidden_states=hidden, txt_ids=text_ids,
-                            img_ids=image_ids, joint_attention_kwargs={"alignit": state}, return_dict=False)[0]
-        latents = sched.step(noise, t, latents, return_dict=False)[0]
-    return latents
-
-
-def _decode(model: MMDiTModel, latents: torch.Tensor, size: int) -> Image.Image:
-    """One row's latent -> PIL image, as the pipeline decodes (one row at a time)."""
-    pipe = model.pipe
-    if model.family == "flux":
-        b, n, c = latents.shape
-        side = 2 * (size // (pipe.vae_scale_factor * 2))
-        latents = latents.view(b, side // 2, side // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        latents = latents.reshape(b, c // 4, side, side)
-    z = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
-    image = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")[0]

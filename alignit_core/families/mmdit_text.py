@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PromptError
-from ..prompts import Token, tokenize
+from ..prompts import PUNCTUATION, STAR, Token, tokenize
 
 CLIP_ROWS = 77
 
@@ -70,12 +70,12 @@ def t5_table(tokenizer, text: str, rows: int) -> TokenTable:
     return TokenTable(text, tuple(enc.input_ids), tuple(tokens))
 
 
-def word_pairs(p: TokenTable, source: TokenTable, words: list[int]) -> list[tuple[int, int]]:
-    """(position in p, position in p') for the tokens of `words` (word indices), right-aligned per
-    word; a word p' lacks is left out."""
+def word_pairs(p: TokenTable, source: TokenTable, words: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(position in p, position in p') for the tokens of `words` ((word index in p, in p') pairs),
+    right-aligned per word; a word p' lacks is left out."""
     pairs = []
-    for w in words:
-        a, b = p.of_word(w), source.of_word(w)
+    for w, w_source in words:
+        a, b = p.of_word(w), source.of_word(w_source)
         n = min(len(a), len(b))
         pairs += list(zip(a[len(a) - n:], b[len(b) - n:]))
     return pairs
@@ -118,3 +118,59 @@ def encode_flux(pipe, text: str, encoders, t5_rows: int):
     pooled = pooled.pooler_output.to(dtype=clip.dtype, device=device)
     hidden = t5(_ids(pipe.tokenizer_2, text, t5_rows, device), output_hidden_states=False)[0]
     return hidden.to(dtype=t5.dtype, device=device), pooled
+
+
+# ------------------------------------------------------------------------------ word swaps on T5 (Flux)
+
+def _lexical(table: TokenTable, word: int) -> list[int]:
+    """The positions of a word's tokens that are not punctuation alone (`dog.` -> `▁dog`)."""
+    return [q for q in table.of_word(word) if table.tokens[q].text.strip(PUNCTUATION + "▁")]
+
+
+def t5_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], rows: int):
+    """Token swaps on T5's reading of `text` (Flux's primary table): (p, p', written positions of p,
+    the positions of p' they read, in pairs). p' is every word `*` but each swapped word, written as
+    its source in its place. A word's tokens and its source's are paired right-aligned, as SD3's T5
+    rows are (`word_pairs`: the last token is the head; T5 reads both ways, so it carries the whole
+    word): a source longer than the word gives its last tokens. A position names the tokens of its
+    word up to it. `*` and the words differ in T5 tokens, so p' is read at its own positions.
+    Raises PromptError."""
+    p = t5_table(tokenizer, text, rows)
+    words, chosen = text.split(), {}  # word index of p -> (source, its written tokens of p)
+    for target, source in swaps:
+        source = " ".join(str(source).split())
+        if not source:
+            raise PromptError(f"the swap source for {target!r} is empty")
+        if isinstance(target, int):
+            c = p.content
+            if target not in c:
+                raise PromptError(f"position {target} is not a token of the prompt (T5 reads it as positions "
+                                  f"{c[0]}..{c[-1]}, the first word at {c[0]}; `tokens` shows them)")
+            w = p.tokens[target].word_index
+            own = [q for q in p.of_word(w) if q <= target]
+        else:
+            bare = target.strip(PUNCTUATION) or target
+            hits = [k for k, x in enumerate(words) if x.strip(PUNCTUATION) == bare or x == target]
+            if not hits:
+                raise PromptError(f"the word {target!r} is not in the prompt")
+            if len(hits) > 1:
+                raise PromptError(f"the word {target!r} occurs {len(hits)} times in the prompt; "
+                                  f"choose one by position (POS=SOURCE)")
+            w = hits[0]
+            own = _lexical(p, w) or p.of_word(w)
+        if w in chosen:
+            raise PromptError(f"two swaps name the word {words[w]!r}; give it one source")
+        chosen[w] = (source, own)
+    dummy, slots = [], {}  # p' words; word index of p -> p''s word indices of its source
+    for k in range(len(words)):
+        source = chosen[k][0] if k in chosen else STAR
+        slots[k] = range(len(dummy), len(dummy) + len(source.split()))
+        dummy += source.split()
+    src = t5_table(tokenizer, " ".join(dummy), rows)
+    pairs = []
+    for w, (source, own) in sorted(chosen.items()):
+        read = [q for v in slots[w] for q in _lexical(src, v)] or [q for v in slots[w] for q in src.of_word(v)]
+        n = min(len(own), len(read))
+        pairs += list(zip(own[len(own) - n:], read[len(read) - n:]))
+    pairs.sort()
+    return p, src, tuple(a for a, _ in pairs), tuple(b for _, b in pairs)

@@ -22,8 +22,8 @@ from PIL import Image
 from ..attention import install
 from ..encoding import concept_vectors, encode
 from ..noising import Noising
-from ..prompts import Prompt, padded, tokenize
-from ..settings import MAP_BLOCKS
+from ..prompts import Prompt, SwapPlan, padded, read_prompt, tokenize, word_swap_plan
+from ..settings import MAP_BLOCKS, SCHEDULERS, Settings
 
 
 @dataclass(frozen=True)
@@ -80,12 +80,15 @@ class UNetFamily:
     Read-only after construction, except the empty-prompt cache."""
 
     name = "sd-unet"
+    own_loop = False  # the engine's batched loop (generate.py) runs the rows; True: the family's `denoise`
+    concept_refusal = ""  # why the family takes no concepts ("": it takes them)
+    schedulers = tuple(SCHEDULERS)  # the samplers it runs, by their Settings name
 
     @staticmethod
     def accepts(pipe) -> bool:
-        return hasattr(pipe, "unet") and hasattr(pipe, "text_encoder")
+        return getattr(pipe, "unet", None) is not None and hasattr(pipe, "text_encoder")
 
-    def __init__(self, pipe, device: torch.device, defaults: Defaults = Defaults()):
+    def __init__(self, pipe, device: torch.device, defaults: Defaults | None = None):
         self.pooled = getattr(pipe, "text_encoder_2", None) is not None  # SDXL: pooled text and size conditions
         self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if self.pooled else [])
         self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if self.pooled else [])
@@ -100,7 +103,7 @@ class UNetFamily:
         # the layers that read the text: cross-attention (attn2), not the UNet's self-attention
         cross = {name: m for name, m in install(pipe.unet).items() if m.is_cross_attention}
         self.maps = MapLayers(pipe.unet, cross, self.vae_scale)
-        self._defaults = defaults
+        self._defaults = defaults or Defaults()
         self._empty: dict = {}  # (encoder ids, device, dtype) -> (weakref to the first encoder, encodings)
 
     # ---------------------------------------------------------------- sizes and defaults
@@ -118,8 +121,25 @@ class UNetFamily:
     def native_size(self) -> int:
         return self.unet.config.sample_size * self.vae_scale
 
+    def size_range(self) -> tuple[int, int]:
+        """(smallest, largest) image side in pixels."""
+        return 64, 2 * self.native_size
+
     def defaults(self) -> Defaults:
         return self._defaults
+
+    def check(self, s: Settings, size: int) -> None:
+        """Raises SettingsError for a setting the family cannot honour; every one applies to a UNet."""
+
+    # ---------------------------------------------------------------- prompts and swaps
+
+    def prompt(self, text: str, long: str = "segments") -> Prompt:
+        """The token table of `text` as the model reads it (long prompts per `long`)."""
+        return read_prompt(self.tokenizers[0], text, long)
+
+    def swap_plan(self, text: str, swaps: list, long: str = "segments") -> SwapPlan:
+        """Word and position swaps (target, source) as p, p' and the rows written. Raises PromptError."""
+        return word_swap_plan(self.tokenizers[0], text, swaps, long)
 
     # ---------------------------------------------------------------- text
 

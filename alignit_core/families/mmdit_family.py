@@ -1,0 +1,190 @@
+"""SD3 and Flux as a family of the engine: `load_model` finds them and `generate_swap` runs them.
+
+The engine's own loop (generate.py) is one batched UNet call whose text conditioning is fixed per
+request. An MMDiT's text stream changes in every block, so this family runs its own loop
+(`own_loop`): the rows a token-swap request builds become one `MMDiTSwap` for `generate_mmdit`
+(mmdit.py), and its images, maps and latents go back to the engine, which makes the `Generation`.
+Settings the side stream has no use for are refused (`check`); concepts and the MI score are not
+offered yet (`concept_refusal`, `noising`).
+
+Token tables: SD3's primary table is CLIP's (the project's own word swaps apply as on SD 1.x);
+Flux reads T5 rows only, so its table and word swaps are T5's (`model.tokenizer` is T5's there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ModelError, PromptError, SettingsError
+from ..prompts import Prompt, SwapPlan, check_swaps, tokenize, word_swap_plan
+from ..settings import MAP_BLOCKS, Settings
+from .mmdit import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_TOKENS, FAMILIES, MMDiTModel, MMDiTSettings,
+                    MMDiTSwap, generate_mmdit)
+from .mmdit_text import t5_swap_plan, t5_table
+from .sd_unet import Defaults
+
+TITLES = {"sd3": "SD3", "flux": "Flux"}
+SAMPLER = "euler"  # flow matching's Euler method: the one sampler of both pipelines
+
+
+@dataclass(frozen=True)
+class TokenSwapPlan(SwapPlan):
+    """A swap plan whose p' rows are read at `source_positions` (one per position, in order) instead
+    of at the same positions: Flux's T5 words line up word by word, not position by position."""
+
+    source_positions: tuple[int, ...] = ()
+
+
+def as_prompt(table) -> Prompt:
+    """A token table of mmdit_text as the engine's Prompt (ids and tokens, no segments)."""
+    return Prompt(table.text, table.ids, table.tokens)
+
+
+class ImageTokenMaps:
+    """Where an MMDiT's heat maps come from: every block's image-query x text-key attention,
+    renormalised over the text columns, on the image-token grid (one resolution per size)."""
+
+    def __init__(self, transformer, size_step: int):
+        blocks = list(transformer.transformer_blocks) + list(getattr(transformer, "single_transformer_blocks", []))
+        names = [f"transformer_blocks.{i}.attn" for i in range(len(transformer.transformer_blocks))]
+        names += [f"single_transformer_blocks.{i}.attn" for i in range(len(blocks) - len(names))]
+        self.layers_by_name = {name: block.attn for name, block in zip(names, blocks)}
+        self.size_step = size_step
+
+    def resolutions(self, size: int) -> list[int]:
+        return [size // self.size_step]
+
+    def default_resolution(self, size: int) -> int:
+        return size // self.size_step
+
+    def layers(self, side: int, size: int, blocks=MAP_BLOCKS) -> list[str]:
+        """Every block at the image-token grid (MMDiT has no down/mid/up parts), else none."""
+        return list(self.layers_by_name) if side == size // self.size_step else []
+
+
+class MMDiTFamily:
+    """An SD3 / SD3.5 or Flux pipeline with side-stream AlignIT installed, answering what the engine
+    asks (UNetFamily's docstrings are the contract). Text encoding, noise and decoding are the
+    loop's own (mmdit.py), so `encode`, `empty`, `predict` and their kin are not offered."""
+
+    name = "mmdit"
+    own_loop = True  # generate.run_rows hands the rows to `denoise`
+    concept_refusal = ("concepts on SD3 and Flux (textual inversion, LoRA, Custom Diffusion) are not supported "
+                       "yet; token swaps are (generate_swap, --swap WORD=SOURCE)")
+    schedulers = (SAMPLER,)
+
+    @staticmethod
+    def accepts(pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ in FAMILIES
+
+    def __init__(self, pipe, device: torch.device, defaults: Defaults | None = None):
+        for part in pipe.components.values():
+            if isinstance(part, torch.nn.Module):
+                part.to(device).eval().requires_grad_(False)
+        self.mmdit = MMDiTModel.from_pipeline(pipe)  # installs the processors once
+        self.kind, self.device, self.pipe = self.mmdit.family, device, pipe
+        self.title = TITLES[self.kind]
+        self._defaults = defaults or Defaults(DEFAULT_STEPS, DEFAULT_GUIDANCE[self.kind])
+        self.scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
+        self.scheduler_name = type(pipe.scheduler).__name__
+        self.maps = ImageTokenMaps(pipe.transformer, self.size_step)
+
+    # ---------------------------------------------------------------- parts, sizes and defaults
+
+    @property
+    def tokenizers(self) -> list:
+        """The primary table's tokenizer first: SD3 CLIP-L, CLIP-G (, T5); Flux T5, then CLIP."""
+        p = self.pipe
+        if self.kind == "flux":
+            return [p.tokenizer_2, p.tokenizer]
+        return [p.tokenizer, p.tokenizer_2] + ([p.tokenizer_3] if p.text_encoder_3 is not None else [])
+
+    @property
+    def text_encoders(self) -> list:
+        """In the order of `tokenizers`."""
+        p = self.pipe
+        if self.kind == "flux":
+            return [p.text_encoder_2, p.text_encoder]
+        return [p.text_encoder, p.text_encoder_2] + ([p.text_encoder_3] if p.text_encoder_3 is not None else [])
+
+    transformer = property(lambda self: self.pipe.transformer)
+    vae = property(lambda self: self.pipe.vae)
+    vae_scale = property(lambda self: self.pipe.vae_scale_factor)
+    size_step = property(lambda self: self.mmdit.size_step)
+    native_size = property(lambda self: self.mmdit.native_size)
+
+    def size_range(self) -> tuple[int, int]:
+        """(smallest, largest) image side in pixels."""
+        return -(-self.size_step // 8) * 8, self.mmdit.largest_size
+
+    def defaults(self) -> Defaults:
+        return self._defaults
+
+    def check(self, s: Settings, size: int) -> None:
+        """Raises SettingsError for a setting that has no meaning on SD3/Flux (README, "SD3 and Flux")."""
+        grid = size // self.size_step
+        refused = [
+            (s.scheduler not in (None, SAMPLER), f"{self.title} samples with flow matching's Euler method "
+             f"('{SAMPLER}'); the {s.scheduler!r} scheduler is for UNet (noise-prediction) models"),
+            (s.swap_uncond, f"on {self.title} the side stream writes the conditional half only (swap_uncond is for "
+             f"UNet models)"),
+            (s.swap_strength != 1, f"on {self.title} the side stream's rows replace p's whole; the swap strength "
+             f"(blending keys and values) is for UNet models"),
+            (s.lora_rest != 0, "the rest of a LoRA applies to concepts, which SD3 and Flux do not take yet"),
+            (tuple(s.map_blocks or ()) != MAP_BLOCKS, f"{self.title}'s heat maps average every transformer block; "
+             f"the UNet parts (down, mid, up) do not apply"),
+            (s.map_resolution not in (None, grid), f"{self.title}'s heat maps are on the image-token grid: "
+             f"{grid}x{grid} at {size} px, not {s.map_resolution}x{s.map_resolution}"),
+        ]
+        for wrong, why in refused:
+            if wrong:
+                raise SettingsError(why)
+
+    # ---------------------------------------------------------------- prompts and swaps
+
+    def prompt(self, text: str, long: str = "segments") -> Prompt:
+        """The primary token table of `text` (CLIP's on SD3, T5's on Flux). Longer prompts than the
+        model reads are refused whatever `long` says. Raises PromptError."""
+        if self.kind == "flux":
+            return as_prompt(t5_table(self.tokenizers[0], text, DEFAULT_TEXT_TOKENS["flux"]))
+        return tokenize(self.tokenizers[0], text)
+
+    def swap_plan(self, text: str, swaps: list, long: str = "segments") -> SwapPlan:
+        """Word and position swaps (target, source) as p, p' and the rows written. Raises PromptError."""
+        check_swaps(swaps)
+        if self.kind == "sd3":
+            self.prompt(text)  # the prompt's length, said as this model's (CLIP reads 75 tokens)
+            return word_swap_plan(self.tokenizers[0], text, swaps, "refuse")
+        if not swaps:
+            raise PromptError("no swap given: name a word or position and a source, e.g. dog=zebra")
+        p, source, positions, read = t5_swap_plan(self.tokenizers[0], text, swaps, DEFAULT_TEXT_TOKENS["flux"])
+        return TokenSwapPlan(as_prompt(p), as_prompt(source), positions, read)
+
+    # ---------------------------------------------------------------- denoising
+
+    def denoise(self, rows: list, settings: Settings, progress=None, on_kv=None):
+        """The rows of a token swap ("baseline" and/or "swapped") for resolved `settings`: (images,
+        {row: (tokens, side, side) maps of the primary table}, bytes of the map sums, final latents
+        per row, CPU). `on_kv(KVRecord)` sees every block's keys and values (mmdit_attention)."""
+        names = [row.name for row in rows]
+        swapped = [row for row in rows if row.sources]
+        if names not in (["baseline", "swapped"], ["swapped"]) or len(swapped[0].sources) != 1 \
+                or swapped[0].sources[0][1] is not None:
+            raise ModelError(f"{self.title} runs token swaps (a baseline and a swapped row, no concept); got rows "
+                             f"{names}")
+        plan = swapped[0].swap
+        read = plan.source_positions if isinstance(plan, TokenSwapPlan) else None
+        swap = MMDiTSwap(tuple(plan.positions), plan.source.text, source_positions=read)
+        s = settings
+        mmdit = MMDiTSettings(seed=s.seed, steps=s.steps, guidance=s.guidance, size=s.size, swap_start=s.swap_start,
+                              swap_end=s.swap_end, swap_kv=s.swap_kv, record_maps=s.record_maps,
+                              map_start=s.map_start, map_end=s.map_end)
+        gen = generate_mmdit(self.mmdit, plan.target.text, [swap], mmdit, include_baseline="baseline" in names,
+                             on_kv=on_kv, progress=progress)
+        store_bytes = sum(m.nbytes for m in gen.text_maps.values())
+        return [gen.images[n] for n in names], gen.maps, store_bytes, [gen.latents[n] for n in names]
+
+    def noising(self):
+        raise ModelError(f"the MI score needs a DDPM (noise-prediction) model; {self.title} is a rectified-flow "
+                         f"model (it predicts a velocity from noise to image), so it is not scored")
