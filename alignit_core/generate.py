@@ -188,7 +188,9 @@ def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = 
                   settings: Settings = Settings(), plan: SwapPlan | None = None,
                   include_baseline: bool = True, progress=None, on_kv=None) -> Generation:
     """Token swap: baseline | swapped, one batch. `swaps` are (word or position, source word);
-    or give a ready `plan` (e.g. `positions_plan(p, p, [3])` for an identity swap)."""
+    or give a ready `plan` (e.g. `positions_plan(p, p, [3])` for an identity swap). `on_kv` sees the
+    keys and values of every attention layer and step (UNet: `(layer, step, key, value)`; SD3 and
+    Flux: a `KVRecord` per block and step, before and after the swap)."""
     text = check_prompt(text)
     settings = resolve(model, settings)
     plan = plan or model.family.swap_plan(text, swaps or [], settings.long_prompt)

@@ -15,6 +15,7 @@ from alignit_core.cli import main
 from alignit_core.errors import ConceptError, ModelError, PromptError, SettingsError
 from alignit_core.families import MMDiTFamily, UNetFamily
 from alignit_core.families.mmdit import MMDiTSettings, MMDiTSwap, generate_mmdit
+from alignit_core.models import from_components
 from alignit_core.prompts import SwapPlan
 from alignit_core.record import command
 from alignit_core.scores import mi_scores, score_generation
@@ -62,6 +63,8 @@ def test_a_saved_sd3_without_t5_and_a_flux_folder_load_as_mmdit_models(folders, 
 def test_the_unet_family_rejects_mmdit_pipelines():
     assert not UNetFamily.accepts(tiny_sd3()) and not UNetFamily.accepts(tiny_flux())
     assert MMDiTFamily.accepts(tiny_sd3()) and MMDiTFamily.accepts(tiny_flux())
+    built = from_components(tiny_sd3(t5=True))  # a pipeline built in memory wraps as one loaded does
+    assert built.family.kind == "sd3" and len(built.tokenizers) == 3 and "T5" in type(built.tokenizers[2]).__name__
 
 
 def test_settings_resolve_to_the_family_defaults_and_refuse_what_does_not_apply(sd3, flux):

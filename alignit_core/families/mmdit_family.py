@@ -92,22 +92,14 @@ class MMDiTFamily:
 
     # ---------------------------------------------------------------- parts, sizes and defaults
 
-    @property
-    def tokenizers(self) -> list:
-        """The primary table's tokenizer first: SD3 CLIP-L, CLIP-G (, T5); Flux T5, then CLIP."""
-        p = self.pipe
-        if self.kind == "flux":
-            return [p.tokenizer_2, p.tokenizer]
-        return [p.tokenizer, p.tokenizer_2] + ([p.tokenizer_3] if p.text_encoder_3 is not None else [])
+    def _parts(self, kind: str) -> list:
+        """The pipeline's tokenizers or text encoders (`kind`), the primary table's first: SD3 CLIP-L,
+        CLIP-G (, T5 when it has one); Flux T5, then CLIP."""
+        order = ("_2", "") if self.kind == "flux" else ("", "_2", "_3")
+        return [getattr(self.pipe, kind + k) for k in order if getattr(self.pipe, "text_encoder" + k) is not None]
 
-    @property
-    def text_encoders(self) -> list:
-        """In the order of `tokenizers`."""
-        p = self.pipe
-        if self.kind == "flux":
-            return [p.text_encoder_2, p.text_encoder]
-        return [p.text_encoder, p.text_encoder_2] + ([p.text_encoder_3] if p.text_encoder_3 is not None else [])
-
+    tokenizers = property(lambda self: self._parts("tokenizer"))
+    text_encoders = property(lambda self: self._parts("text_encoder"))
     transformer = property(lambda self: self.pipe.transformer)
     vae = property(lambda self: self.pipe.vae)
     vae_scale = property(lambda self: self.pipe.vae_scale_factor)
