@@ -15,7 +15,7 @@ from alignit_core import Concept, ModelError, Settings, generate_concept, genera
 from alignit_core.conditioning import Row, empty_prompt, encode_prompt
 from alignit_core.generate import run_rows
 from alignit_core.settings import resolve
-from alignit_core.scores import (MASK_FILL, T_MIN, Clip, Noising, difference, draw, image_alignment, intended_text,
+from alignit_core.scores import (MASK_FILL, T_MIN, Clip, difference, draw, image_alignment, intended_text,
                                  load_clip, masked, mi_scores, overall, score_generation, text_alignment)
 from alignit_core.testing import TOKENIZER
 
