@@ -2,9 +2,11 @@
 
     python app.py [--model auto|embedded|FOLDER|HUB_ID] [--port 7860] [--host 127.0.0.1] [--share]
 
-All tensor work goes through `alignit_core`, all drawing through `visualize`. The only state
-shared between visitors is the model and the concept registry, loaded once in `main`; concepts a
-visitor uploads and the last generation live in that visitor's `gr.State`, for STATE_TTL_S.
+All tensor work goes through `alignit_core`, all drawing through `visualize`. What the page shows is
+computed without gradio in `alignit_core.views` (token view, swaps box, concepts, examples) and
+`alignit_core.result_views` (heat maps, scores); here it becomes components and updates. The only
+state shared between visitors is the model and the concept registry, loaded once in `main`; concepts
+a visitor uploads and the last generation live in that visitor's `gr.State`, for STATE_TTL_S.
 """
 from __future__ import annotations
 
@@ -633,13 +635,13 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     [map_res, size_text], show_progress="hidden", **private)
         map_view = [map_mode, map_by, map_special]
         large = [big_row, big_word, big]
+        show_large = dict(fn=large_map_view, inputs=[last, *map_view, big_row, big_word], outputs=large,
+                          show_progress="hidden", **private)
         for control in map_view:
             control.change(redraw_maps, [last] + map_view, maps, **private)
-            control.change(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden",
-                           **private)
-        big_row.input(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden", **private)
-        big_word.input(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden",
-                       **private)
+            control.change(**show_large)
+        big_row.input(**show_large)
+        big_word.input(**show_large)
         for column, heat in enumerate(maps):
             heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
         scored = gr.State(None, time_to_live=STATE_TTL_S)

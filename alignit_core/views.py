@@ -1,6 +1,7 @@
-"""What the demo shows of its inputs, computed without gradio: the swaps box and the position boxes
-kept in step, the token view and its table, the p / p′ / swapped-rows text, the concept card and
-pickers, the examples, the request the page's inputs make, and how long a run may hold a GPU.
+"""What the demo shows of its inputs, computed without gradio: the page's texts, the swaps box and
+the position boxes kept in step, the token view and its table, the p / p′ / swapped-rows text, the
+concept card and pickers, the examples, the request the page's inputs make (the examples' cache
+key), and how long a run may hold a ZeroGPU GPU.
 
 Plain values in, plain values out (text, tuples, a DataFrame, HTML); `app.py` turns them into gradio
 components and updates. `python -m alignit_core tokens` prints the same token table (`token_rows`).

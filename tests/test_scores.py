@@ -135,7 +135,7 @@ def test_a_long_prompt_is_scored_in_its_segments_with_a_value_per_token(tiny_sd)
     assert report.positions == gen.swapped["swapped"] and report.token_positions == tuple(p.content)
     (pos,) = report.positions  # the swapped word's value and map, found through token_positions
     assert report.mi["swapped"].tokens[report.token_positions.index(pos)] == "zebra"
-    from alignit_core import result_views  # the demo's table keeps the swapped token and the ones the images differ on most
+    from alignit_core import result_views  # the demo's table: the swapped token and those the images differ on most
 
     table = result_views.scores_markdown(report)
     rows = [line for line in table.splitlines() if line.startswith("| MI of")]

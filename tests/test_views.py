@@ -313,7 +313,8 @@ def test_clicking_a_tile_picks_its_word_and_the_large_map_defaults_to_the_swappe
     assert results.clicked_map(gen, view, 1, 1, 1) is None  # the margin
     assert results.large_map_pick(gen, view, "baseline", "red")[::2] == ("baseline", "red")
     row, labels, label = results.large_map_pick(gen, view)
-    assert (row, label) == ("swapped", "red") and labels[:2] == ["a #1", "red"]  # by default the swapped word of the swapped image
+    # by default the swapped word of the swapped image
+    assert (row, label) == ("swapped", "red") and labels[:2] == ["a #1", "red"]
 
 
 def test_the_before_after_pair_is_the_baseline_and_the_changed_image():
