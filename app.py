@@ -40,14 +40,15 @@ from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
 from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
 from alignit_core.record import CAPTIONS, write_outputs  # noqa: E402
 from alignit_core.result_views import (MapView, before_after, big_map, clicked_map, cli_command,  # noqa: E402
-                                       download_prefix, heatmap_rows, large_map_pick, mi_rows, scores_markdown)
+                                       download_prefix, heatmap_rows, large_map_pick, mi_rows, score_seconds,
+                                       scores_markdown)
 from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
 from alignit_core.settings import MAP_BLOCKS, MAX_GUIDANCE, MAX_SEED, resolve  # noqa: E402
 from alignit_core.views import (ALIGNIT, SWAP, TABLE_COLUMNS, WHAT, PageRequest, as_html, chips_html,  # noqa: E402
                                 chosen_concepts, concept_card, concept_choices, concepts_asked, diagram_html,
                                 example_requests, examples_for, find_concept, gpu_seconds, header_markdown,
                                 map_resolutions, mode_switched, position_choices, prompts_markdown, read_request,
-                                score_seconds, second_choices, size_note, starting_prompt, sync_swaps, token_table,
+                                second_choices, size_note, starting_prompt, sync_swaps, token_table,
                                 token_view)
 from visualize import SCALE_NOTE  # noqa: E402
 

@@ -14,8 +14,8 @@ from visualize import heatmap_row, large_map, tile_at
 
 from .maps import entries, entry_maps
 from .record import CAPTIONS, Generation, command
-from .scores import AlignmentReport
-from .views import plain
+from .scores import MI_SAMPLES, AlignmentReport
+from .views import GPU_MAX_S, GPU_SETUP_S, GPU_UNET_S, plain
 
 MAX_TOKEN_ROWS = 16  # per-token MI rows in the score table; a longer prompt shows those that differ most
 TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, so that a row fits its column
@@ -154,3 +154,12 @@ def scores_markdown(report: AlignmentReport) -> str:
     lines += ["", "Under each image: where each word of the text helps the denoiser predict the noise "
                   "(per-token MI; where a word contradicts the image the map is negative and shows as 0)."]
     return "\n".join(lines)
+
+
+def score_seconds(gen: Generation, *args, **kwargs) -> int:
+    """How long scoring may hold a ZeroGPU GPU: per image, MI sample and text condition (the prompt,
+    the empty prompt and each token left out), one UNet evaluation."""
+    size = gen.settings.size
+    conditions = 2 + max(len(t) for t in gen.tokens.values())
+    evaluations = len(gen.rows) * MI_SAMPLES * conditions * (size / 512) ** 2
+    return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))

@@ -21,8 +21,6 @@ from .concepts import KIND_LABELS, Concept
 from .errors import AlignITError, ConceptError, PromptError, short
 from .generate import check_prompt, size_warning
 from .prompts import Prompt, check_swaps, parse_swap, read_prompt, word_swap_plan
-from .record import Generation
-from .scores import MI_SAMPLES
 from .settings import Settings, resolve
 
 PAPER = "https://arxiv.org/abs/2406.18893"
@@ -443,11 +441,3 @@ def gpu_seconds(mode: str, concepts: list, prompt: str, settings: Settings, posi
     evaluations = 2 * rows * settings.steps * (settings.size / 512) ** 2
     return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
 
-
-def score_seconds(gen: Generation, *args, **kwargs) -> int:
-    """How long scoring may hold a ZeroGPU GPU: per image, MI sample and text condition (the prompt,
-    the empty prompt and each token left out), one UNet evaluation."""
-    size = gen.settings.size
-    conditions = 2 + max(len(t) for t in gen.tokens.values())
-    evaluations = len(gen.rows) * MI_SAMPLES * conditions * (size / 512) ** 2
-    return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
