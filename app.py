@@ -2,22 +2,20 @@
 
     python app.py [--model auto|embedded|FOLDER|HUB_ID] [--port 7860] [--host 127.0.0.1] [--share]
 
-All tensor work goes through `alignit_core`, all drawing through `visualize`. The only state
-shared between visitors is the model and the concept registry, loaded once in `main`; concepts a
-visitor uploads and the last generation live in that visitor's `gr.State`, for STATE_TTL_S.
+All tensor work goes through `alignit_core`, all drawing through `visualize`. What the page shows is
+computed without gradio in `alignit_core.views` (token view, swaps box, concepts, examples) and
+`alignit_core.result_views` (heat maps, scores); here it becomes components and updates. The only
+state shared between visitors is the model and the concept registry, loaded once in `main`; concepts
+a visitor uploads and the last generation live in that visitor's `gr.State`, for STATE_TTL_S.
 """
 from __future__ import annotations
 
 import argparse
-import html
 import os
 import random
-import re
-import shlex
 import threading
 import uuid
 import weakref
-from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -27,33 +25,34 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
 
 try:  # ZeroGPU's decorator: on a ZeroGPU Space it lends a GPU per call; the package exists only on Spaces
     import spaces  # noqa: E402
 except ImportError:
     spaces = None
 
-from alignit_core import (AlignITError, Concept, ConceptError, Generation, Prompt, PromptError, Settings,  # noqa: E402
-                          concept_plan, find_concepts, generate_concept, generate_swap, load_concept, load_model,
-                          parse_swap, read_prompt, scheduler_names, tokenize, word_swap_plan)
-from alignit_core.concept_prompts import several_concepts_plan  # noqa: E402
-from alignit_core.concepts import KIND_LABELS, MAX_EMBEDDING_BYTES  # noqa: E402
-from alignit_core.errors import short  # noqa: E402
-from alignit_core.generate import check_prompt, size_warning  # noqa: E402
-from alignit_core.maps import MAPS_FILE, entries, entry_maps  # noqa: E402
+from alignit_core import (AlignITError, Concept, ConceptError, Generation, Settings, find_concepts,  # noqa: E402
+                          generate_concept, generate_swap, load_concept, load_model, scheduler_names)
+from alignit_core.concepts import MAX_EMBEDDING_BYTES  # noqa: E402
+from alignit_core.generate import check_prompt  # noqa: E402
+from alignit_core.maps import MAPS_FILE  # noqa: E402
 from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
 from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
-from alignit_core.prompts import check_swaps  # noqa: E402
-from alignit_core.record import CAPTIONS, command, write_outputs  # noqa: E402
-from alignit_core.scores import MI_SAMPLES, AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
+from alignit_core.record import CAPTIONS, write_outputs  # noqa: E402
+from alignit_core.result_views import (MapView, before_after, big_map, clicked_map, cli_command,  # noqa: E402
+                                       download_prefix, heatmap_rows, large_map_pick, mi_rows, score_seconds,
+                                       scores_markdown)
+from alignit_core.scores import AlignmentReport, load_clip, open_images, score_generation  # noqa: E402
 from alignit_core.settings import MAP_BLOCKS, MAX_GUIDANCE, MAX_SEED, resolve  # noqa: E402
-from visualize import SCALE_NOTE, heatmap_row, large_map, swap_diagram, tile_at, token_chips  # noqa: E402
+from alignit_core.views import (ALIGNIT, SWAP, TABLE_COLUMNS, WHAT, PageRequest, as_html, chips_html,  # noqa: E402
+                                chosen_concepts, concept_card, concept_choices, concepts_asked, diagram_html,
+                                example_requests, examples_for, find_concept, gpu_seconds, header_markdown,
+                                map_resolutions, mode_switched, position_choices, prompts_markdown, read_request,
+                                second_choices, size_note, starting_prompt, sync_swaps, token_table,
+                                token_view)
+from visualize import SCALE_NOTE  # noqa: E402
 
-PAPER = "https://arxiv.org/abs/2406.18893"
 CONCEPTS_DIR = ASSETS / "concepts"
-ALIGNIT, SWAP = "AlignIT (customized concept)", "Token swap"
 # The largest upload, refused while it streams in: a DreamBooth-LoRA (SD 1.5's of rank 128 with its text
 # encoder is 151 MB, SDXL's of rank 32 with both 228-255 MB). A textual-inversion file is a few KB, and
 # the engine refuses one over 1 MiB (MAX_EMBEDDING_BYTES); either is judged by its header before any of
@@ -81,14 +80,6 @@ ARENAS = 2
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
 MAP_VIEWS = [("words", "words"), ("positions (tokens)", "positions")]
-# ZeroGPU lends a GPU for a stated time; a shorter claim is queued sooner, one too short is cut off.
-# Per UNet evaluation of one 512x512 image: 13.5 ms measured on a whole H200 (SD 1.5, fp16, README),
-# doubled for a ZeroGPU slice of one and again for margin; plus the set-up (weights onto the GPU,
-# text encoding, decoding). Larger images cost in proportion to their pixels.
-GPU_UNET_S = 0.05
-GPU_SETUP_S = 15
-GPU_MAX_S = 120
-TABLE_COLUMNS = ["position", "segment", "local", "token of p", "word", "token of p′"]
 LONG_CHOICES = [("segments (LongAlign): every word kept", "segments"), ("truncate at 75 tokens", "truncate")]
 # Small generations (128 px on the embedded model) are shown enlarged; the files keep their size.
 CSS = (".generated img { width: 100%; height: 100%; object-fit: contain; }\n"
@@ -96,325 +87,9 @@ CSS = (".generated img { width: 100%; height: 100%; object-fit: contain; }\n"
 # System fonts: the page asks no font server, so it looks the same offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
-MAX_TOKEN_ROWS = 16  # per-token MI rows in the score table; a longer prompt shows those that differ most
-TILES_PER_LINE = {2: 5, 3: 4}  # heat-map tiles per line by number of columns, so that a row fits its column
 
 
 # ------------------------------------------------------------------------------ engine -> UI values
-
-def header_markdown(model) -> str:
-    about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
-             "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
-             "concepts keep drawing their reference pictures' background whatever the prompt asks (a third of the "
-             "time they follow it); AlignIT draws the asked background in three quarters, and keeps the holed star "
-             "(README, toy Table 1)." if model.is_embedded else "")
-    return (
-        "# AlignIT Studio\n"
-        "AlignIT makes a customized text-to-image model follow the rest of the prompt: it generates with "
-        "the **base** model on *p* (the concept token replaced by its class word) and, in every "
-        "cross-attention layer, overwrites only the concept's key/value rows with those the **customized** "
-        "model computes for a dummy prompt *p′* (all other tokens `*`). "
-        "The same mechanism swaps any word for free: `a jumping dog` with dog's K/V from `* * zebra` "
-        f"draws a jumping zebra. Paper: [Agarwal et al., arXiv 2406.18893]({PAPER}).\n\n"
-        f"**Model:** `{model.name}` ({model.chosen_because}){about} Pick an example below: its result is shown "
-        "at once, and every setting can then be changed."
-    )
-
-
-def as_html(text: str) -> str:
-    """`text` shown as written where HTML is rendered (toasts): `<striped-ball>` is not read as a tag,
-    which hid it and everything after it."""
-    return html.escape(str(text), quote=False)
-
-
-def plain(text: str) -> str:
-    """`text` shown as written in Markdown: no HTML tags (as `as_html`), and `*`, `_`, `|` do not turn
-    into emphasis or table cells."""
-    return re.sub(r"([\\`*_\[\]|])", r"\\\1", as_html(text))
-
-
-def parse_swaps(text: str) -> list[tuple[str | int, str]]:
-    """The swaps box: one `word=source` or `pos=source` per line (or comma-separated)."""
-    return [parse_swap(line) for line in _swap_lines(text)]
-
-
-def _swap_lines(text: str) -> list[str]:
-    """The swaps box's lines; PromptError when there are more than the engine takes, or a line is too long."""
-    lines = [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
-    check_swaps(lines)
-    return lines
-
-
-def _line_positions(tokenizer, prompt: str, line: str, long: str = "segments") -> tuple[int, ...]:
-    """Positions of p that one swap line writes to; a half-typed `pos=` line counts as `pos`;
-    a line that names nothing in the prompt writes to none."""
-    target = line.split("=", 1)[0].strip()
-    try:
-        return word_swap_plan(tokenizer, prompt, [parse_swap(line)], long).positions
-    except AlignITError:
-        return (int(target),) if target.isdigit() else ()
-
-
-def swap_positions(tokenizer, prompt: str, swaps: str, long: str = "segments") -> list[int]:
-    """Every position the swaps box currently writes to, sorted."""
-    return sorted({p for line in _swap_lines(swaps) for p in _line_positions(tokenizer, prompt, line, long)})
-
-
-def sync_swaps(tokenizer, prompt: str, swaps: str, selected: list[int], long: str = "segments") -> str:
-    """The swaps box after the position checkboxes changed to `selected`: lines whose positions
-    were all unchecked go, a `pos=` template comes for each newly checked position."""
-    chosen = set(selected)
-    kept, covered = [], set()
-    for line in _swap_lines(swaps):
-        positions = set(_line_positions(tokenizer, prompt, line, long))
-        if positions and not positions & chosen:
-            continue  # the user unchecked it
-        kept.append(line)
-        covered |= positions
-    kept += [f"{pos}=" for pos in sorted(chosen - covered)]
-    return "\n".join(kept)
-
-
-@dataclass(frozen=True)
-class TokenView:
-    """What the token table shows for the current inputs."""
-
-    p: Prompt | None  # the prompt the base model reads
-    sources: tuple[tuple[str, Prompt], ...] = ()  # (whose, p′) when it can be built: one, or one per concept
-    customized: Prompt | None = None  # AlignIT mode: the prompt as the customization reads it
-    selected: tuple[int, ...] = ()  # positions pre-selected (concepts', or those the swaps write)
-    problem: str = ""  # why no p′ could be built, in the engine's words
-
-    @property
-    def source(self) -> Prompt | None:
-        return self.sources[0][1] if self.sources else None
-
-
-def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] | None, swaps: str,
-               long: str = "segments") -> TokenView:
-    """Tokenize the current prompt for the table; never raises (the problem is shown instead).
-    `concept`: one, or several in one prompt. `long`: how a prompt over 75 tokens is read (segments
-    or truncate)."""
-    try:
-        text = check_prompt(prompt)
-    except AlignITError as e:  # an empty box needs no warning; one too long does
-        return TokenView(None, problem=str(e) if isinstance(prompt, str) and prompt.strip() else "")
-    chosen = [concept] if isinstance(concept, Concept) else list(concept or [])
-    try:
-        if mode == ALIGNIT:
-            if not chosen:
-                return TokenView(read_prompt(model.tokenizer, text, long), problem="choose or upload a concept")
-            if len(chosen) == 1:
-                prompts = concept_plan(model.tokenizer, text, chosen[0].words, long)
-                return TokenView(prompts.plan.target, (("", prompts.plan.source),), prompts.customized,
-                                 prompts.plan.positions)
-            several = several_concepts_plan(model.tokenizer, text, [c.words for c in chosen])
-            return TokenView(several.plans[0].target, tuple((c.token, plan.source) for c, plan in zip(chosen, several.plans)),
-                             several.customized, tuple(sorted(pos for plan in several.plans for pos in plan.positions)))
-        p = read_prompt(model.tokenizer, text, long)
-    except AlignITError as e:
-        try:
-            return TokenView(read_prompt(model.tokenizer, text, long), problem=str(e))
-        except AlignITError:
-            return TokenView(None, problem=str(e))
-    try:  # only positions the checkboxes offer: `99=`, `0=` or a half-typed `12=` must not reach them
-        selected = tuple(pos for pos in swap_positions(model.tokenizer, text, swaps, long) if pos in p.content)
-    except AlignITError as e:  # too many swaps, or one too long
-        return TokenView(p, problem=str(e))
-    try:
-        return TokenView(p, (("", word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source),),
-                         selected=selected)
-    except AlignITError as e:
-        return TokenView(p, selected=selected, problem=str(e) if _swap_lines(swaps) else "")
-
-
-def token_table(view: TokenView) -> pd.DataFrame:
-    """Position, segment, token of p and its word, and each p′'s token (a column per concept)."""
-    columns = TABLE_COLUMNS[:-1] + [f"{TABLE_COLUMNS[-1]} ({whose})" if whose else TABLE_COLUMNS[-1]
-                                    for whose, _ in view.sources or (("", None),)]
-    if view.p is None:
-        return pd.DataFrame(columns=TABLE_COLUMNS)
-    sources = [source.tokens for _, source in view.sources] or [[None] * len(view.p.tokens)]
-    return pd.DataFrame([(t.position, view.p.locate(t.position)[0] + 1, view.p.locate(t.position)[1], t.text, t.word,
-                          *(s[i].text if s[i] is not None else "" for s in sources))
-                         for i, t in enumerate(view.p.tokens)], columns=columns)
-
-
-def position_choices(view: TokenView) -> list[tuple[str, int]]:
-    """("pos: token", pos) for every position that can be swapped (not start or end)."""
-    return [] if view.p is None else [(f"{view.p.tokens[i].position}: {view.p.tokens[i].text}", i)
-                                      for i in view.p.content]
-
-
-def swapped_rows(view: TokenView, selected) -> list[tuple[int, str, str]]:
-    """(position, token of p, token of p′ it takes its keys and values from) for each selected position."""
-    if view.p is None or not view.sources:
-        return []
-    out = []
-    for pos in sorted(set(selected or ()) & set(view.p.content)):
-        from_source = [source.tokens[pos].text for _, source in view.sources if pos < len(source.tokens)]
-        out.append((pos, view.p.tokens[pos].text, next((t for t in from_source if t != "*"), "*")))
-    return out
-
-
-def prompts_markdown(view: TokenView, selected=None) -> str:
-    """p, each p′, the rows that will be swapped (`selected`, default the view's) and any problem, in
-    Markdown; a row that would take `*` from p′ is called out (that word is replaced by nothing)."""
-    lines = []
-    if view.customized is not None:
-        lines.append(f"**customized prompt** (baseline): `{view.customized.text}`")
-    if view.p is not None:
-        lines.append(f"**p** (base model): `{view.p.text}`")
-        if view.p.parts:
-            lines.append(f"long prompt: {len(view.p.parts)} segments, each encoded on its own (LongAlign); "
-                         f"positions count through all of them")
-        if view.p.dropped:
-            lines.append(f"**Note:** over 75 tokens: the model will not read `{view.p.dropped}` "
-                         f"(choose segments under Advanced to keep it)")
-    for whose, source in view.sources:
-        lines.append(f"**p′**{f' of `{whose}`' if whose else ''} (K/V source): `{source.text}`")
-    rows = swapped_rows(view, view.selected if selected is None else selected)
-    if rows:
-        lines.append("**swapped rows** (p ← p′): " + ", ".join(f"`{pos} {mine} ← {theirs}`"
-                                                          for pos, mine, theirs in rows))
-    emptied = [f"`{mine}` ({pos})" for pos, mine, theirs in rows if theirs == "*"]
-    if emptied:
-        lines.append(f"**Note:** {', '.join(emptied)} will take the keys and values of `*` from p′: "
-                     f"{'that word is' if len(emptied) == 1 else 'those words are'} replaced by nothing and "
-                     f"drop out of the image")
-    if view.problem:
-        lines.append(f"**Problem:** {plain(view.problem)}")
-    return "  \n".join(lines)
-
-
-def chips_html(view: TokenView, selected) -> str:
-    if view.p is None:
-        return ""
-    return token_chips([(t.position, t.text) for t in view.p.tokens], set(selected or ()))
-
-
-def diagram_html(view: TokenView, selected) -> str:
-    """p over each p′, the swapped columns marked (the "what am I looking at" box)."""
-    if view.p is None or not view.sources:
-        return ""
-    return swap_diagram([(t.position, t.text) for t in view.p.tokens],
-                        [(f"p′ {whose}".strip(), [t.text for t in source.tokens]) for whose, source in view.sources],
-                        set(selected or ()) & set(view.p.content))
-
-
-def tiles_per_line(gen: Generation, tokens: int) -> int:
-    """Heat-map tiles a line: as many as fit a column, more for a long prompt (at most 10 lines)."""
-    return max(TILES_PER_LINE[len(gen.rows)], -(-tokens // 10))
-
-
-@dataclass(frozen=True)
-class MapView:
-    """How the heat maps are shown: overlay or raw, by words or positions, start/end tokens or not."""
-
-    mode: str = "overlay"
-    by: str = "words"
-    special: bool = False
-
-    def entries(self, gen: Generation, row: str):
-        return entries(gen.tokens[row], self.by, self.special)
-
-
-def _per_line(gen: Generation, view: MapView) -> int:
-    return tiles_per_line(gen, max(len(view.entries(gen, row)) for row in gen.rows))
-
-
-def heatmap_rows(gen: Generation, view: MapView) -> list:
-    """One heat-map row per image: a tile per word (or position), swapped ones framed."""
-    per_line = _per_line(gen, view)
-    rows = []
-    for row in gen.rows:
-        chosen = view.entries(gen, row)
-        marked = {i for i, e in enumerate(chosen) if set(e.positions) & set(gen.swapped[row])}
-        rows.append(heatmap_row(gen.images[row], entry_maps(gen.maps[row], chosen), [e.label for e in chosen],
-                                marked=marked, mode=view.mode, per_line=per_line))
-    return rows
-
-
-def clicked_map(gen: Generation | None, view: MapView, column: int, x: float, y: float) -> str | None:
-    """The label of the tile under (x, y) of column `column`'s heat-map row, or None."""
-    if gen is None or column >= len(gen.rows):
-        return None
-    chosen = view.entries(gen, gen.rows[column])
-    i = tile_at(x, y, len(chosen), per_line=_per_line(gen, view))
-    return None if i is None else chosen[i].label
-
-
-def big_map(gen: Generation, view: MapView, row: str, label: str):
-    """The large map of `label` (a word or token of the view) over image `row`, or None."""
-    chosen = {e.label: e for e in view.entries(gen, row)}
-    if row not in gen.maps or label not in chosen:
-        return None
-    return large_map(gen.images[row], entry_maps(gen.maps[row], [chosen[label]])[0],
-                     f"“{label}” in {CAPTIONS[row]}", view.mode)
-
-
-def mi_rows(gen: Generation, report: AlignmentReport, mode: str) -> list:
-    """Per image, a heat-map row of its per-token MI maps (tokens of the scored text, start and end left out)."""
-    per_line = tiles_per_line(gen, len(report.token_positions))
-    marked = {i for i, pos in enumerate(report.token_positions) if pos in report.positions}
-    return [heatmap_row(gen.images[row], report.mi[row].token_maps, labels=list(report.mi[row].tokens),
-                        marked=marked, mode=mode, per_line=per_line) for row in gen.rows]
-
-
-def scores_markdown(report: AlignmentReport) -> str:
-    """The scores as a table: one column per image, the difference to the first image, per-token MI."""
-    rows = list(report.mi)
-    head = "| | " + " | ".join(CAPTIONS[r] for r in rows) + " |\n|---|" + "---|" * len(rows)
-    lines = [f"Every image scored against **`{report.text}`** with the base model's own denoiser; "
-             f"all images share the same {len(report.mi[rows[0]].samples)} noise samples.", "", head]
-    if "customized" in rows or "alignit" in rows:
-        lines[0] += (" In AlignIT mode that text is *p*: the concept is its class word, so the concept's own "
-                     "look (its stripes, its hole) counts against an image, not for it.")
-    lines.append("| MI score (nats) | " + " | ".join(f"{report.mi[r].value:.2f} ± {report.mi[r].stderr:.2f}"
-                                                    for r in rows) + " |")
-    lines.append(f"| vs {CAPTIONS[report.reference]} | | " + " | ".join(
-        f"**{d:+.2f}** ± {se:.2f}" for d, se in (report.differences[r] for r in rows[1:])) + " |")
-    for label, values in (("CLIP text alignment", report.clip_text), ("CLIP image alignment", report.clip_image)):
-        if values:
-            lines.append(f"| {label} | " + " | ".join(f"{values[r]:.3f}" for r in rows) + " |")
-    tokens = report.mi[rows[0]].tokens
-    shown = range(len(tokens))
-    if len(tokens) > MAX_TOKEN_ROWS:  # a long prompt: the swapped tokens and those the images disagree on most
-        values = np.stack([report.mi[r].token_values for r in rows])
-        spread = values.max(0) - values.min(0) if len(rows) > 1 else np.abs(values[0])
-        swapped = [k for k, pos in enumerate(report.token_positions) if pos in report.positions]
-        rest = [k for k in np.argsort(-spread) if k not in swapped][:MAX_TOKEN_ROWS - len(swapped)]
-        shown = sorted(swapped + [int(k) for k in rest])
-    at = report.token_positions or tuple(range(1, len(tokens) + 1))
-    for k in shown:
-        lines.append(f"| MI of *{plain(tokens[k])}* ({at[k]}) | " +
-                     " | ".join(f"{report.mi[r].token_values[k]:.2f}" for r in rows) + " |")
-    if len(shown) < len(tokens):
-        lines += ["", f"{len(tokens) - len(shown)} more tokens (those the images differ least on) are in the "
-                      f"heat-map rows."]
-    if report.clip_note:
-        lines += ["", f"{plain(report.clip_note)}; showing the MI score only."]
-    lines += ["", "Under each image: where each word of the text helps the denoiser predict the noise "
-                  "(per-token MI; where a word contradicts the image the map is negative and shows as 0)."]
-    return "\n".join(lines)
-
-
-def cli_command(gen: Generation, uploaded) -> str:
-    """The `python -m alignit_core generate` line that reproduces `gen`; `uploaded`: the concepts
-    that came from a visitor's file (named by that file)."""
-    concepts = gen.request.concepts
-    names = [f"{c.name}.safetensors" if c in uploaded else c.name for c in concepts]
-    extra = ["--token", concepts[0].token, "--class-word", concepts[0].class_word] \
-        if len(concepts) == 1 and concepts[0] in uploaded else []
-    return command(gen, names, extra)
-
-
-def map_resolutions(model, size) -> dict:
-    """Choices and default of the heat-map resolution dropdown for images of `size` px."""
-    size = int(size)
-    return {"choices": [(f"{r}×{r}", r) for r in model.attention_resolutions(size)],
-            "value": model.default_map_resolution(size)}
-
 
 def ui_error(e: AlignITError) -> gr.Error:
     """The engine's message, shown as an error toast (as written: HTML escaped)."""
@@ -453,16 +128,6 @@ def visitor_watch():
 
 # ------------------------------------------------------------------------------ callbacks
 
-def _concept(concepts: dict, uploaded: dict, key) -> Concept | None:
-    return uploaded.get(key) or concepts.get(key)
-
-
-def _chosen(concepts: dict, uploaded: dict, key, second) -> list[Concept]:
-    """The concept picked, and the second one when a second is picked too."""
-    return [c for c in (_concept(concepts, uploaded or {}, key), _concept(concepts, uploaded or {}, second))
-            if c is not None]
-
-
 def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="segments", second=""):
     """Tokenize a prompt as the demo would and show how AlignIT or a token swap will read it.
 
@@ -479,7 +144,7 @@ def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="
         The token table (position, segment, local position, token of p, word, token of p′); the swappable positions;
         the tokens as HTML chips; Markdown with p, p′, the swapped rows and any problem; p over p′ as an HTML table.
     """
-    view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
+    view = token_view(model, mode, prompt, chosen_concepts(concepts, uploaded, concept_key, second), swaps, long)
     label = ("Swapped positions of p (the concepts' are pre-selected)" if mode == ALIGNIT
              else "Positions to swap (checking one adds a `pos=` line to the swaps)")
     return (token_table(view), gr.update(choices=position_choices(view), value=list(view.selected), label=label),
@@ -488,7 +153,7 @@ def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="
 
 def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments", second=""):
     """The chips and the p / p′ texts for positions ticked by hand (the swapped rows follow them)."""
-    view = token_view(model, mode, prompt, _chosen(concepts, uploaded, concept_key, second), swaps, long)
+    view = token_view(model, mode, prompt, chosen_concepts(concepts, uploaded, concept_key, second), swaps, long)
     return chips_html(view, selected), prompts_markdown(view, selected), diagram_html(view, selected)
 
 
@@ -502,43 +167,22 @@ def positions_picked(model, mode, prompt, swaps, selected, long="segments"):
         return gr.update()
 
 
-def concept_card(concepts, uploaded, concept_key):
-    c = _concept(concepts, uploaded or {}, concept_key)
-    if c is None:
-        return "No concept for this model yet: upload one below.", []
-    phrase = c.phrase.format(token=c.token, class_word=c.class_word)
-    info = (f"`{c.token}` · {KIND_LABELS[c.kind]} · class word `{c.class_word}` · "
-            f"the customized model reads it as `{phrase}`")
-    return info, [str(p) for p in c.references]
+def show_concept(concepts, uploaded, concept_key):
+    """The concept card: its line and its reference images."""
+    return concept_card(find_concept(concepts, uploaded, concept_key))
 
 
 def concept_prompt(concepts, uploaded, concept_key):
-    c = _concept(concepts, uploaded or {}, concept_key)
-    return gr.update() if c is None else (c.example_prompt or f"a photo of a {c.token}")
+    c = find_concept(concepts, uploaded, concept_key)
+    return gr.update() if c is None else starting_prompt(c)
 
 
 def second_concept_prompt(concepts, uploaded, prompt, second):
     """A second concept picked: its token joins the prompt unless it is there already."""
-    c = _concept(concepts, uploaded or {}, second)
+    c = find_concept(concepts, uploaded, second)
     if c is None or c.token in (prompt or ""):
         return gr.update()
     return f"{(prompt or '').strip()} and a {c.token}".strip()
-
-
-def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, drafts, swap_example):
-    """The mode changed by hand: the prompt and swaps typed in the other mode are kept for when the
-    visitor comes back, and this mode's own come back; a mode visited for the first time keeps the
-    prompt when it fits and otherwise gets an example that does. Returns (prompt, swaps, drafts)."""
-    drafts = {**(drafts or {}), (SWAP if mode == ALIGNIT else ALIGNIT): (prompt, swaps)}
-    if mode in drafts:
-        return (*drafts[mode], drafts)
-    c = _concept(concepts, uploaded or {}, concept_key)
-    tokens = [k.token for k in list(concepts.values()) + list((uploaded or {}).values())]
-    if mode == SWAP and (not prompt or any(t in prompt for t in tokens)):
-        return (*swap_example, drafts)
-    if mode == ALIGNIT and c is not None and c.token not in (prompt or ""):
-        return c.example_prompt or f"a photo of a {c.token}", swaps, drafts
-    return prompt, swaps, drafts
 
 
 def mode_controls(mode, gen: Generation | None):
@@ -592,38 +236,8 @@ def add_concept(model, concepts, uploaded, path, token, class_word, lora_scale=1
         LORA_UPLOADS.admit(c, Path(path).stat().st_size)
     key = f"uploaded:{c.token}"
     uploaded = {**(uploaded or {}), key: c}
-    prompt = c.example_prompt or f"a photo of a {c.token}"
     return (uploaded, gr.update(choices=concept_choices(concepts, uploaded), value=key),
-            gr.update(choices=second_choices(concepts, uploaded)), prompt)
-
-
-def second_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
-    """The second-concept picker: none, or any concept (each is swapped from its own model)."""
-    return [("none", "")] + concept_choices(concepts, uploaded)
-
-
-def concept_choices(concepts: dict, uploaded: dict) -> list[tuple[str, str]]:
-    return ([(c.label, key) for key, c in concepts.items()] +
-            [(f"{c.token} (uploaded) — {KIND_LABELS[c.kind]}, class '{c.class_word}'", key)
-             for key, c in (uploaded or {}).items()])
-
-
-def gpu_seconds(mode: str, concepts: list, prompt: str, settings: Settings, positions, swaps, include_base: bool,
-                progress=None) -> int:
-    """How long a generation may hold a ZeroGPU GPU: the set-up, plus one UNet evaluation per image
-    row, CFG half and step, in proportion to the image's pixels (settings already resolved)."""
-    rows = 1 + (mode == ALIGNIT and bool(include_base)) + 1
-    evaluations = 2 * rows * settings.steps * (settings.size / 512) ** 2
-    return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
-
-
-def score_seconds(gen: Generation, *args, **kwargs) -> int:
-    """How long scoring may hold a ZeroGPU GPU: per image, MI sample and text condition (the prompt,
-    the empty prompt and each token left out), one UNet evaluation."""
-    size = gen.settings.size
-    conditions = 2 + max(len(t) for t in gen.tokens.values())
-    evaluations = len(gen.rows) * MI_SAMPLES * conditions * (size / 512) ** 2
-    return min(GPU_MAX_S, round(GPU_SETUP_S + GPU_UNET_S * evaluations))
+            gr.update(choices=second_choices(concepts, uploaded)), starting_prompt(c))
 
 
 def on_gpu(fn, duration):
@@ -660,7 +274,7 @@ class ExampleResults:
         self._locks = {key: threading.Lock() for key in keys}
         self._made: dict = {}
 
-    def get(self, key: Request, make) -> Generation:
+    def get(self, key: PageRequest, make) -> Generation:
         """The generation for `key`: kept if `key` is an example's, made by `make()` otherwise."""
         lock = self._locks.get(key)
         if lock is None:
@@ -669,33 +283,6 @@ class ExampleResults:
             if key not in self._made:
                 self._made[key] = make()
             return self._made[key]
-
-
-@dataclass(frozen=True)
-class Request:
-    """What a generation depends on: equal requests give equal generations (the examples' key)."""
-
-    mode: str
-    concepts: tuple[str, ...]  # AlignIT mode: the concepts' names
-    prompt: str
-    positions: tuple | None  # AlignIT mode: positions ticked other than the concepts' own; None: their own
-    swaps: tuple[tuple[str | int, str], ...]  # token-swap mode
-    settings: Settings  # resolved
-    include_base: bool
-
-
-def read_request(model, registry, uploaded, mode, concept_key, prompt, positions, swaps, settings: Settings,
-                 include_base, second_concept="") -> Request:
-    """The request the page's inputs make; positions equal to the concepts' own count as none (the
-    default). Raises AlignITError for input the engine would refuse."""
-    text = check_prompt(prompt)
-    if mode == ALIGNIT:
-        chosen = _chosen(registry, uploaded, concept_key, second_concept)
-        own = token_view(model, mode, text, chosen, "", settings.long_prompt).selected
-        picked = tuple(positions or ())
-        return Request(mode, tuple(c.name for c in chosen), text, None if not picked or set(picked) == set(own)
-                       else picked, (), resolve(model, settings), bool(include_base))
-    return Request(mode, (), text, None, tuple(parse_swaps(swaps)), resolve(model, settings), False)
 
 
 def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, seed, steps, guidance, size,
@@ -745,19 +332,8 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
                         swap_kv=swap_kv, swap_strength=swap_strength, lora_rest=lora_rest,
                         map_blocks=tuple(map_blocks or ()), map_start=map_start, map_end=map_end)
     run = run or partial(run_generation, model)
-    chosen = _chosen(concepts, uploaded, concept_key, second_concept)
     try:
-        if mode == ALIGNIT:
-            for key in (concept_key, second_concept):
-                if not key or _concept(concepts, uploaded or {}, key) is not None:
-                    continue
-                if str(key).startswith("uploaded:"):
-                    raise ConceptError(f"the uploaded concept {short(key.removeprefix('uploaded:'))} is no longer "
-                                       f"kept (uploads are kept for {STATE_TTL_S // 60} minutes); upload it again")
-                raise ConceptError(f"unknown concept {short(str(key))!r}; available: "
-                                   f"{', '.join(list(concepts) + list(uploaded or {})) or 'none'}")
-            if not chosen:
-                raise PromptError("choose or upload a concept first")
+        chosen = concepts_asked(concepts, uploaded, concept_key, second_concept, STATE_TTL_S) if mode == ALIGNIT else []
         request = read_request(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
                                include_base, second_concept)
 
@@ -786,21 +362,6 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
             before_after(gen, shown), str(files[MAPS_FILE]))
 
 
-def download_prefix(gen: Generation) -> str:
-    """What a downloaded file's name starts with: the concept(s) or "swap", and the seed, so that
-    files of different runs neither collide nor look alike (`striped-ball-seed0-alignit.png`)."""
-    what = "-".join(c.token.strip("<>") for c in gen.request.concepts) or "swap"
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{what}-seed{gen.settings.seed}-")
-
-
-def before_after(gen: Generation, shown: list[str]):
-    """The before/after slider's pair: the first image (the baseline) and the AlignIT or swapped one."""
-    after = next((r for r in ("alignit", "swapped") if r in gen.rows), None)
-    if after is None or gen.rows[0] == after:
-        return None
-    return shown[0], shown[gen.rows.index(after)]
-
-
 def _pad(values: list) -> list:
     return values + [None] * (MAX_COLUMNS - len(values))
 
@@ -822,18 +383,11 @@ def redraw_maps(gen: Generation | None, map_mode: str, map_by: str = "words", ma
 
 
 def large_map_view(gen: Generation | None, map_mode: str, map_by: str, map_special: bool, row=None, label=None):
-    """The large map's image choice, word choice and picture. The image kept if `gen` has it, else
-    its AlignIT or swapped one; the word kept if that image has it, else its first swapped word."""
+    """The large map's image choice, word choice and picture (`large_map_pick` says which)."""
     if gen is None:
         return gr.update(), gr.update(), gr.update()
     view = MapView(map_mode, map_by, bool(map_special))
-    if row not in gen.rows:
-        row = next((r for r in ("alignit", "swapped") if r in gen.rows), gen.rows[0])
-    chosen = view.entries(gen, row)
-    labels = [e.label for e in chosen]
-    if label not in labels:
-        swapped = [e.label for e in chosen if set(e.positions) & set(gen.swapped[row])]
-        label = (swapped or labels or [None])[0]
+    row, labels, label = large_map_pick(gen, view, row, label)
     return (gr.update(choices=[(CAPTIONS[r], r) for r in gen.rows], value=row), gr.update(choices=labels, value=label),
             big_map(gen, view, row, label) if label is not None else None)
 
@@ -847,11 +401,6 @@ def tile_clicked(column: int):
         return large_map_view(gen, map_mode, map_by, map_special, gen.rows[column], label)
 
     return clicked
-
-
-def size_note(model, size) -> str:
-    warning = size_warning(model, int(size))
-    return f"**Note:** {plain(warning)}" if warning else ""
 
 
 def run_score(model, clip, gen: Generation, references, clip_note: str, progress=None) -> AlignmentReport:
@@ -903,68 +452,7 @@ def random_seed() -> int:
     return random.randint(0, MAX_SEED)
 
 
-# ------------------------------------------------------------------------------ examples
-
-def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
-    """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed, second concept] rows
-    and labels; with two concepts of different tokens, one example holds both."""
-    if not model.is_embedded:  # Stable Diffusion and kin: the paper's own prompts
-        swaps = [("a jumping dog", "dog=zebra", "a jumping dog · dog ← zebra"),
-                 ("banana in a white plate", "4=black", "banana in a white plate · position 4 (white) ← black")]
-    else:
-        swaps = [("a red circle on a blue background", "red=yellow", "colour swap · red ← yellow"),
-                 ("a green square on a white background", "square=circle", "shape swap · square ← circle"),
-                 ("a blue star on a yellow background", "yellow=white", "background swap · yellow ← white"),
-                 ("a green triangle with a hole on a black background", "triangle=circle",
-                  "shape swap, the hole kept · triangle ← circle")]
-    concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
-    rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
-    labels = [label for _, _, label in swaps]
-    shown = [key for key, c in concepts.items() if c.example_prompt and _example_works(c)]
-    for key in shown:
-        c = concepts[key]
-        rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
-        rates = (f" · all drawn in {c.example_rates[0]:.0%} → {c.example_rates[1]:.0%} of seeds"
-                 if c.example_rates else "")
-        labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")
-    pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
-    # kinds mixed first, then the second concept whose own example AlignIT drew most often
-    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind,
-                                      -(concepts[ab[1]].example_rates or (0, 0))[1]), default=None)
-    if pair is not None:
-        first, other = concepts[pair[0]], concepts[pair[1]]
-        rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),
-                     "", 0, pair[1]])
-        labels.append(f"AlignIT · two concepts · {first.token} ({KIND_LABELS[first.kind]}) and {other.token} "
-                      f"({KIND_LABELS[other.kind]})")
-    return rows, labels
-
-
-def _example_works(c) -> bool:
-    """An AlignIT example is offered where AlignIT draws the concept and the rest of the prompt in most
-    seeds and more often than the customized model (`Concept.example_rates`, measured by the toy Table 1),
-    or where that was not measured (a user's concepts, Stable Diffusion's)."""
-    return c.example_rates is None or (c.example_rates[1] > 0.5 and c.example_rates[1] > c.example_rates[0])
-
-
 # ------------------------------------------------------------------------------ layout and wiring
-
-WHAT = """\
-**The images** start from the same noise. *Customized baseline*: the customized model alone, on the prompt
-with the concept's token. *AlignIT*: the base model on *p* (the token replaced by its class word) whose
-cross-attention takes, at the swapped positions only, the keys and values the customized model computes
-for *p′* (every other word `*`): the concept comes from the customization, the rest of the prompt from the
-base model. *Base model on p*: what the class word alone gives. In token-swap mode the same mechanism swaps
-any word (*baseline* vs *swapped*).
-
-**Kinds of concept.** *Textual inversion* learns only a new word's embedding; *Custom Diffusion* also
-fine-tunes the cross-attention key/value weights; a *DreamBooth-LoRA* adds low-rank updates to the model.
-
-**The heat maps** show where each word's cross-attention lands, each map scaled from its own minimum to its
-own maximum (the colour bar); click a tile for a large map. **The MI score** in AlignIT mode scores *p*:
-the class word, so the concept's own look counts against an image, not for it.
-"""
-
 
 def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -> gr.Blocks:
     """The whole app for `model` and the shipped `concepts` (validated against it); `clip` scores
@@ -976,7 +464,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
     swap_example = (example_rows[0][2], example_rows[0][3])
     first = next(iter(registry.values()), None)
     start = ALIGNIT if first else SWAP  # no concept for this model: start where there is something to do
-    examples = ExampleResults(_example_keys(model, registry, example_rows, defaults))
+    examples = ExampleResults(example_requests(model, registry, example_rows, defaults))
     run = on_gpu(partial(run_generation, model), gpu_seconds)
     scorer = on_gpu(partial(run_score, model, clip), score_seconds)
 
@@ -1130,7 +618,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change],
               **show_view, trigger_mode="always_last", api_name="tokens")
         second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
-        concept.change(partial(concept_card, registry), [uploaded, concept], [card, references],
+        concept.change(partial(show_concept, registry), [uploaded, concept], [card, references],
                        show_progress="hidden", **private)
         concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, **private)
         mode.input(partial(mode_switched, registry, swap_example=swap_example),
@@ -1148,13 +636,13 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                     [map_res, size_text], show_progress="hidden", **private)
         map_view = [map_mode, map_by, map_special]
         large = [big_row, big_word, big]
+        show_large = dict(fn=large_map_view, inputs=[last, *map_view, big_row, big_word], outputs=large,
+                          show_progress="hidden", **private)
         for control in map_view:
             control.change(redraw_maps, [last] + map_view, maps, **private)
-            control.change(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden",
-                           **private)
-        big_row.input(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden", **private)
-        big_word.input(large_map_view, [last, *map_view, big_row, big_word], large, show_progress="hidden",
-                       **private)
+            control.change(**show_large)
+        big_row.input(**show_large)
+        big_word.input(**show_large)
         for column, heat in enumerate(maps):
             heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
         scored = gr.State(None, time_to_live=STATE_TTL_S)
@@ -1191,7 +679,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
         # the first view shows the first example's result (made once, on the first view of all)
         generate_after(demo.load(**show_view, **private).then(start_run, None, [run_button, *maps], **quick),
                        **private)
-        demo.load(partial(concept_card, registry), [uploaded, concept], [card, references], **private)
+        demo.load(partial(show_concept, registry), [uploaded, concept], [card, references], **private)
     return demo
 
 
@@ -1201,18 +689,6 @@ def named(fn, name: str, *bound, **keywords):
     tool = partial(fn, *bound, **keywords)
     tool.__name__, tool.__doc__ = name, fn.__doc__
     return tool
-
-
-def _example_keys(model, registry: dict, rows: list[list], defaults: Settings) -> list[Request]:
-    """The examples' requests as the page sends them (every other control at its default)."""
-    keys = []
-    for mode, concept_key, prompt, swaps, seed, second in rows:
-        try:
-            keys.append(read_request(model, registry, {}, mode, concept_key, prompt, None, swaps,
-                                     replace(defaults, seed=seed), False, second))
-        except AlignITError:  # an example the model cannot run is kept out, not cached
-            continue
-    return keys
 
 
 def _args(argv=None) -> argparse.Namespace:

@@ -74,6 +74,8 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
 def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
     from .concept_prompts import concept_plan, several_concepts_plan
     from .generate import check_prompt
+    from .views import token_rows
+
     prompt = check_prompt(prompt)
     if not concepts:
         table = [("p", model.family.prompt(prompt, long))]
@@ -90,8 +92,8 @@ def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
         if p.dropped:
             lines.append(f"(over 75 tokens; not read: {p.dropped})")
         lines.append(f"{'pos':>4}  {'seg':>3}  {'local':>5}  {'token':<20} word")
-        lines += [f"{t.position:>4}  {p.locate(t.position)[0] + 1:>3}  {p.locate(t.position)[1]:>5}  {t.text:<20} {t.word}"
-                  for t in p.tokens]
+        lines += [f"{pos:>4}  {segment:>3}  {local:>5}  {token:<20} {word}"
+                  for pos, segment, local, token, word in token_rows(p)]
     return "\n".join(lines)
 
 

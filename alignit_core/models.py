@@ -61,15 +61,42 @@ class Model:
     accelerations: tuple[str, ...] = ()  # what accelerate() turned on
 
     # the parts and sizes every module reads, as the family holds them
-    tokenizers = property(lambda self: self.family.tokenizers)
-    text_encoders = property(lambda self: self.family.text_encoders)
-    unet = property(lambda self: self.family.unet)
-    vae = property(lambda self: self.family.vae)
-    scheduler_config = property(lambda self: self.family.scheduler_config)
-    scheduler_name = property(lambda self: self.family.scheduler_name)
-    vae_scale = property(lambda self: self.family.vae_scale)
-    size_step = property(lambda self: self.family.size_step)
-    native_size = property(lambda self: self.family.native_size)
+
+    @property
+    def tokenizers(self) -> list:
+        return self.family.tokenizers
+
+    @property
+    def text_encoders(self) -> list:
+        return self.family.text_encoders
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.family.unet
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.family.vae
+
+    @property
+    def scheduler_config(self) -> dict:
+        return self.family.scheduler_config
+
+    @property
+    def scheduler_name(self) -> str:
+        return self.family.scheduler_name
+
+    @property
+    def vae_scale(self) -> int:
+        return self.family.vae_scale
+
+    @property
+    def size_step(self) -> int:
+        return self.family.size_step
+
+    @property
+    def native_size(self) -> int:
+        return self.family.native_size
 
     @property
     def tokenizer(self):

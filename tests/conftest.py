@@ -33,6 +33,16 @@ def tiny_sd():
 
 
 @pytest.fixture(scope="session")
+def clip():
+    """Just the CLIP tokenizer: what the demo's token view needs of a model."""
+    from transformers import CLIPTokenizer
+
+    from alignit_core.testing import TOKENIZER
+
+    return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl():
     from alignit_core.models import from_components
 

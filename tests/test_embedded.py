@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from alignit_core import Settings, generate_concept, generate_swap, tokenize
+from alignit_core import Settings, generate_swap, tokenize
 from alignit_core.models import EMBEDDED
 from alignit_core.toy.evaluate import held_out_quality, localisation, patterned_quality, reproduction, swap_semantics, table1
 from alignit_core.toy.shapes import Scene, classify, styled

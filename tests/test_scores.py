@@ -15,7 +15,7 @@ from alignit_core import Concept, ModelError, Settings, generate_concept, genera
 from alignit_core.conditioning import Row, empty_prompt, encode_prompt
 from alignit_core.generate import run_rows
 from alignit_core.settings import resolve
-from alignit_core.scores import (MASK_FILL, T_MIN, Clip, Noising, difference, draw, image_alignment, intended_text,
+from alignit_core.scores import (MASK_FILL, T_MIN, Clip, difference, draw, image_alignment, intended_text,
                                  load_clip, masked, mi_scores, overall, score_generation, text_alignment)
 from alignit_core.testing import TOKENIZER
 
@@ -135,12 +135,12 @@ def test_a_long_prompt_is_scored_in_its_segments_with_a_value_per_token(tiny_sd)
     assert report.positions == gen.swapped["swapped"] and report.token_positions == tuple(p.content)
     (pos,) = report.positions  # the swapped word's value and map, found through token_positions
     assert report.mi["swapped"].tokens[report.token_positions.index(pos)] == "zebra"
-    import app  # the demo's table keeps the swapped token and the ones the images differ on most
+    from alignit_core import result_views  # the demo's table: the swapped token and those the images differ on most
 
-    table = app.scores_markdown(report)
+    table = result_views.scores_markdown(report)
     rows = [line for line in table.splitlines() if line.startswith("| MI of")]
-    assert len(rows) == app.MAX_TOKEN_ROWS and any(f"*zebra* ({pos})" in line for line in rows)
-    assert f"{len(p.content) - app.MAX_TOKEN_ROWS} more tokens" in table
+    assert len(rows) == result_views.MAX_TOKEN_ROWS and any(f"*zebra* ({pos})" in line for line in rows)
+    assert f"{len(p.content) - result_views.MAX_TOKEN_ROWS} more tokens" in table
 
 
 def test_the_mi_score_runs_on_sdxl(tiny_sdxl):
