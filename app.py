@@ -32,7 +32,7 @@ except ImportError:
     spaces = None
 
 from alignit_core import (AlignITError, Concept, ConceptError, Generation, Settings, find_concepts,  # noqa: E402
-                          generate_concept, generate_swap, load_concept, load_model, scheduler_names)
+                          generate_concept, generate_swap, load_concept, load_model)
 from alignit_core.concepts import MAX_EMBEDDING_BYTES  # noqa: E402
 from alignit_core.generate import check_prompt  # noqa: E402
 from alignit_core.maps import MAPS_FILE  # noqa: E402
@@ -460,6 +460,8 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
     registry = {c.name: c for c in concepts}
     defaults = resolve(model, Settings())
     size_step = model.size_step
+    low, high = model.family.size_range()
+    unet = not model.family.own_loop  # SD3 / Flux: token swaps with keys/values chosen per block, no UNet knobs
     example_rows, example_labels = examples_for(model, registry)
     swap_example = (example_rows[0][2], example_rows[0][3])
     first = next(iter(registry.values()), None)
@@ -523,18 +525,19 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                 steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
                 guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
                 with gr.Row():
-                    size = gr.Slider(64, 2 * model.native_size, value=defaults.size, step=size_step, elem_id="size",
+                    size = gr.Slider(low, high, value=defaults.size, step=size_step, elem_id="size",
                                      label=f"Image size (px; the model was trained at {model.native_size})")
-                    scheduler = gr.Dropdown(scheduler_names(), value=defaults.scheduler, label="Scheduler")
+                    scheduler = gr.Dropdown(list(model.family.schedulers), value=defaults.scheduler, label="Scheduler")
                 size_text = gr.Markdown(elem_id="size-note")
                 with gr.Accordion("Advanced", open=False):
-                    swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)")
+                    swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)",
+                                              visible=unet)
                     with gr.Row():
                         swap_kv = gr.Radio([("keys and values", "kv"), ("keys only", "k"), ("values only", "v")],
                                            value="kv", label="Swap", elem_id="swap-kv")
-                        swap_strength = gr.Slider(0, 1, value=1, step=0.05, elem_id="swap-strength",
+                        swap_strength = gr.Slider(0, 1, value=1, step=0.05, elem_id="swap-strength", visible=unet,
                                                   label="Swap strength (0: no swap, 1: the full swap)")
-                    lora_rest = gr.Slider(0, 1, value=0, step=0.05, elem_id="lora-rest",
+                    lora_rest = gr.Slider(0, 1, value=0, step=0.05, elem_id="lora-rest", visible=unet,
                                           label="AlignIT on a LoRA: the rest of the LoRA (0: only the concept's keys "
                                                 "and values, as the paper; 1: all but the other tokens' keys and values)")
                     with gr.Row():
@@ -544,7 +547,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
                         map_res = gr.Dropdown(**map_resolutions(model, defaults.size), elem_id="map-res",
                                               label="Heat maps from the cross-attention layers at")
                         map_blocks = gr.CheckboxGroup([("down", "down"), ("mid", "mid"), ("up", "up")],
-                                                      value=list(MAP_BLOCKS), elem_id="map-blocks",
+                                                      value=list(MAP_BLOCKS), elem_id="map-blocks", visible=unet,
                                                       label="in the UNet's blocks")
                     with gr.Row():
                         map_start = gr.Slider(0, 1, value=0, step=0.05, label="Heat maps from (fraction of steps)",

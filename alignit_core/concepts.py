@@ -116,7 +116,10 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion or
     LoRA file (then `token`/`class_word` name it; a LoRA's may come from its training metadata), and
     validate it against `model`. `lora_scale`: how much of a LoRA to apply (diffusers' adapter
-    weight; default the manifest's `scale`, else 1). Raises ConceptError."""
+    weight; default the manifest's `scale`, else 1). Raises ConceptError (also for a model whose
+    family takes no concepts yet: SD3, Flux)."""
+    if model.family.concept_refusal:
+        raise ConceptError(model.family.concept_refusal)
     path = Path(source)
     if not path.exists():
         raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
@@ -349,6 +352,8 @@ def _check_weight_norm(edit: Edit, layer: torch.nn.Module, name: str, model_name
 def find_concepts(folder: str | Path, model) -> list[Concept]:
     """Every concept folder under `folder` made for `model` (manifest 'model' field, or any)."""
     out = []
+    if model.family.concept_refusal:
+        return out
     for manifest in sorted(Path(folder).glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
         if m.get("model") in (None, model.name):

@@ -205,7 +205,7 @@ def accelerate(model: Model, compile: bool = False, channels_last: bool = False,
     never specialise on a request: the first call compiles (minutes on a CPU), later calls with
     other prompts, swaps and concepts reuse the graphs. Images match eager ones within 1/255.
     Raises ModelError on a model without a UNet (SD3, Flux)."""
-    if not isinstance(model.family, UNetFamily):
+    if (compile or channels_last) and not isinstance(model.family, UNetFamily):
         raise ModelError("--compile and --channels-last apply to UNet models (SD 1.x, 2.x, SDXL); "
                          f"{model.name} has a transformer")
     on = list(model.accelerations)

@@ -207,3 +207,25 @@ def test_the_cli_exits_2_with_a_clear_message_on_bad_input(folders, tmp_path, ca
                  "--device", "cpu", "--out", str(tmp_path / "out"), *extra])
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_load_concept_refuses_mmdit_models_before_reading_a_file(sd3, tmp_path):
+    from alignit_core import find_concepts, load_concept
+
+    with pytest.raises(ConceptError, match="not supported yet; token swaps are"):
+        load_concept(tmp_path / "nothing-here", sd3)
+    assert find_concepts("assets/concepts", sd3) == []
+
+
+def test_the_demo_serves_token_swaps_on_sd3(sd3):
+    """The page builds for an SD3 model (its size range, its one sampler, no UNet-only knobs) and its
+    generate callback draws a swap whose images differ, with maps under each."""
+    import app
+
+    app.build_demo(sd3, [])
+    *shown, grid, settings, line, gen, pair, maps = app.generate(
+        sd3, {}, {}, app.SWAP, None, P, [], "dog=cat", 1, 3, 7.0, 32, "euler", False, 0.0, 1.0, None, False,
+        "overlay", progress=lambda *a, **k: None)
+    assert gen.rows == ["baseline", "swapped"] and shown[0] is not None and shown[1] is not None
+    assert not np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
+    assert set(gen.maps) == {"baseline", "swapped"} and line.startswith("python -m alignit_core generate")
