@@ -149,17 +149,6 @@ def test_every_vector_of_a_multi_vector_embedding_is_measured(tiny_sd, tmp_path)
 
 # ------------------------------------------------------------------------------ the token table
 
-@pytest.fixture(scope="module")
-def clip():
-    from types import SimpleNamespace
-
-    from transformers import CLIPTokenizer
-
-    from alignit_core.testing import TOKENIZER
-
-    return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
-
-
 @pytest.fixture
 def plans(monkeypatch) -> list:
     """Swap plans the token view builds; the test fails past 100 (one per swap line would be 20,000)."""
