@@ -55,7 +55,7 @@ def t5_table(tokenizer, text: str, rows: int) -> TokenTable:
     enc = tokenizer(text, return_offsets_mapping=True, truncation=False)
     if len(enc.input_ids) > rows:
         raise PromptError(f"the prompt is {len(enc.input_ids)} T5 tokens long; this model reads {rows} "
-                          f"(raise the text-token setting or shorten the prompt)")
+                          f"(shorten the prompt)")
     spans, at = [], 0
     for word in text.split():  # the character span of each whitespace-separated word
         at = text.index(word, at)
