@@ -20,7 +20,7 @@ from .concepts import Concept, one_model
 from .conditioning import Row, condition
 from .errors import ConceptError, ModelError, PromptError
 from .concept_prompts import several_concepts_plan
-from .prompts import SwapPlan, check_positions, max_tokens, positions_plan
+from .prompts import SwapPlan, check_positions, max_tokens
 from .record import Generation, Request
 from .settings import SCHEDULERS, Settings, resolve
 
@@ -145,7 +145,7 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
     if len(concepts) == 1:
         prompts = model.family.concept_plan(text, concepts[0].words, settings.long_prompt)
         customized, whole, plan = prompts.customized, concepts[0], prompts.plan
-        pairs = [(positions_plan(plan.target, plan.source, positions) if positions is not None else plan, whole)]
+        pairs = [(model.family.concept_positions(plan, positions) if positions is not None else plan, whole)]
     else:
         several = several_concepts_plan(model.tokenizer, text, [c.words for c in concepts])
         customized, pairs = several.customized, _chosen(list(zip(several.plans, concepts)), positions)

@@ -5,6 +5,7 @@ concept kinds). Tiny random-weight pipelines saved to temporary folders; seconds
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -150,6 +151,20 @@ def test_alignit_writes_only_the_class_words_keys_and_values(models, tmp_path, n
         gap = (after[half] - base[half + 1]).abs().amax((-1, -2))  # the AlignIT row against the base row
         others = [i for i in range(len(gap)) if i not in rows]
         assert (gap[rows] > 1e-3).all() and (gap[others] < 1e-4).all()
+
+
+def test_chosen_positions_on_flux_are_among_the_concepts_own(models, tmp_path):
+    from alignit_core.errors import PromptError
+
+    flux = models["flux"]
+    concept = load_concept(_concept_folder(tmp_path, "chosen", _random(flux, n=2)), flux)
+    whole = generate_concept(flux, "a fluffy <tok>", concept, Settings(**FAST), include_customized=False)
+    own = list(whole.swapped["alignit"])
+    chosen = generate_concept(flux, "a fluffy <tok>", concept, Settings(**FAST), positions=own,
+                              include_customized=False)
+    assert torch.equal(chosen.latents["alignit"], whole.latents["alignit"])
+    with pytest.raises(PromptError, match=re.escape(f"choose among its positions {own}, not [0]")):
+        generate_concept(flux, "a fluffy <tok>", concept, Settings(**FAST), positions=[0])
 
 
 def test_files_of_the_wrong_layout_or_width_are_refused_clearly(models, tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
 from ..errors import ConceptError, ModelError, PromptError, SettingsError
-from ..prompts import Prompt, SwapPlan, check_swaps, tokenize, word_swap_plan
+from ..prompts import Prompt, SwapPlan, check_swaps, positions_plan, tokenize, word_swap_plan
 from ..settings import MAP_BLOCKS, Settings
 from .mmdit import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_TOKENS, FAMILIES, MMDiTModel, MMDiTRow,
                     MMDiTSettings, MMDiTSwap, TextBranch, generate_rows)
@@ -172,6 +172,24 @@ class MMDiTFamily:
         table, p, source, positions, read = t5_concept_plan(self.tokenizers[0], text, words,
                                                             DEFAULT_TEXT_TOKENS["flux"])
         return ConceptPrompts(as_prompt(table), TokenSwapPlan(as_prompt(p), as_prompt(source), positions, read))
+
+    def concept_positions(self, plan: SwapPlan, positions: list[int]) -> SwapPlan:
+        """A concept's plan with the swapped positions of p chosen by hand: on SD3 any of p's (p' is read
+        at the same ones); on Flux among the concept's own (its words pair with p''s word by word).
+        Raises PromptError."""
+        if not isinstance(plan, TokenSwapPlan):
+            return positions_plan(plan.target, plan.source, positions)
+        chosen = set()
+        for raw in positions:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise PromptError(f"position {raw!r} is not a whole number")
+            chosen.add(raw)
+        outside = sorted(chosen - set(plan.positions))
+        if not chosen or outside:
+            raise PromptError(f"on {self.title} a concept's rows pair with p's word by word: choose among its "
+                              f"positions {list(plan.positions)}" + (f", not {outside}" if outside else ""))
+        kept = [(a, b) for a, b in zip(plan.positions, plan.source_positions) if a in chosen]
+        return TokenSwapPlan(plan.target, plan.source, tuple(a for a, _ in kept), tuple(b for _, b in kept))
 
     # ---------------------------------------------------------------- denoising
 

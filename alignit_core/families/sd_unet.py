@@ -23,7 +23,7 @@ from ..attention import install
 from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
 from ..encoding import concept_vectors, encode
 from ..noising import Noising
-from ..prompts import Prompt, SwapPlan, padded, read_prompt, tokenize, word_swap_plan
+from ..prompts import Prompt, SwapPlan, padded, positions_plan, read_prompt, tokenize, word_swap_plan
 from ..settings import MAP_BLOCKS, SCHEDULERS, Settings
 
 
@@ -150,6 +150,11 @@ class UNetFamily:
         """The customized prompt, p and p' (with the swapped positions) of one concept written as
         `words`; `long` decides past 75 tokens (concept_prompts.concept_plan). Raises PromptError."""
         return concept_plan(self.tokenizers[0], text, words, long)
+
+    def concept_positions(self, plan: SwapPlan, positions: list[int]) -> SwapPlan:
+        """A concept's plan with the swapped positions of p chosen by hand (any of p's; p' is read at
+        the same ones). Raises PromptError."""
+        return positions_plan(plan.target, plan.source, positions)
 
     def swap_plan(self, text: str, swaps: list, long: str = "segments") -> SwapPlan:
         """Word and position swaps (target, source) as p, p' and the rows written. Raises PromptError."""
