@@ -72,17 +72,18 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
 
 
 def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
-    from .concept_prompts import concept_plan, several_concepts_plan
-    from .generate import check_prompt
+    from .concept_prompts import several_concepts_plan
+    from .generate import check_concepts, check_prompt
     from .views import token_rows
 
     prompt = check_prompt(prompt)
     if not concepts:
         table = [("p", model.family.prompt(prompt, long))]
     elif len(concepts) == 1:
-        prompts = concept_plan(model.tokenizer, prompt, concepts[0].words, long)
+        prompts = model.family.concept_plan(prompt, concepts[0].words, long)
         table = [("customized", prompts.customized), ("p", prompts.plan.target), ("p'", prompts.plan.source)]
     else:
+        check_concepts(model, concepts)
         several = several_concepts_plan(model.tokenizer, prompt, [c.words for c in concepts])
         table = [("customized", several.customized), ("p", several.plans[0].target)]
         table += [(f"p'[{c.token}]", plan.source) for c, plan in zip(concepts, several.plans)]
@@ -118,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(args.concept) > 1 and (args.token or args.class_word):
             raise AlignITError("--token and --class-word name one bare embedding file; give each of several "
                                "concepts as a folder or manifest")
-        if args.concept:
-            check_concepts(model)
         concepts = [_concept(arg, model, args.token, args.class_word, args.lora_scale) for arg in args.concept]
+        check_concepts(model, concepts)
         if args.command == "tokens":
             print(_tokens(model, args.prompt, concepts, args.long_prompt))
             return 0

@@ -146,9 +146,17 @@ def checked_tensor(x, what: str) -> torch.Tensor:
 A1111_KEYS = {"string_to_param", "string_to_token", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
 
 
-def read_embeddings(data: dict, token: str | None) -> tuple[str, list[torch.Tensor], list[str]]:
+def read_embeddings(data: dict, token: str | None, keys: tuple[str, ...] | None = None
+                    ) -> tuple[str, list[torch.Tensor], list[str]]:
     """(token, per-encoder (n, dim) vectors, warnings about keys not used) from any supported
-    textual-inversion layout."""
+    textual-inversion layout. `keys`: the per-text-encoder entries a model reads, in its order (SD3:
+    `clip_l`, `clip_g` (, `t5`); Flux: `clip_l`, `t5`); None: SDXL's `clip_l`, `clip_g` when present."""
+    if keys is not None and "clip_l" in data:  # SD3 / Flux: one entry per text encoder
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise ConceptError(f"the textual-inversion file has no {' or '.join(repr(k) for k in missing)} entry; "
+                               f"this model's text encoders read {', '.join(keys)}")
+        return token or "<concept>", [checked_tensor(data[k], k) for k in keys], unused_keys(data, set(keys))
     if "string_to_param" in data:  # A1111
         params = data["string_to_param"]
         if not isinstance(params, dict) or len(params) != 1:

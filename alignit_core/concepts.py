@@ -3,7 +3,8 @@
 Formats read (each written by the tests in that exact layout first):
 
 * textual inversion: diffusers / sd-concepts-library `learned_embeds.safetensors` or `.bin`
-  (`{token: (n, dim) or (dim,)}`), SDXL's `{"clip_l": ..., "clip_g": ...}`, and A1111 `.pt`
+  (`{token: (n, dim) or (dim,)}`), SDXL's `{"clip_l": ..., "clip_g": ...}` (SD3's with `"t5"` when T5
+  was trained; Flux's `{"clip_l": ..., "t5": ...}`), and A1111 `.pt`
   (`{"string_to_param": {"*": (n, dim)}, "name": ...}`);
 * Custom Diffusion: Adobe's `delta.bin` (`{"unet": {"<layer>.to_k.weight": W, ...},
   "modifier_token": {token: vec}}`) and diffusers' `pytorch_custom_diffusion_weights.{bin,safetensors}`
@@ -116,10 +117,8 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     """Load a concept folder (with manifest.json), a manifest path, or a bare textual-inversion or
     LoRA file (then `token`/`class_word` name it; a LoRA's may come from its training metadata), and
     validate it against `model`. `lora_scale`: how much of a LoRA to apply (diffusers' adapter
-    weight; default the manifest's `scale`, else 1). Raises ConceptError (also for a model whose
-    family takes no concepts yet: SD3, Flux)."""
-    if model.family.concept_refusal:
-        raise ConceptError(model.family.concept_refusal)
+    weight; default the manifest's `scale`, else 1). Raises ConceptError (also for a kind the model's
+    family does not take yet: SD3 and Flux take textual inversion alone)."""
     path = Path(source)
     if not path.exists():
         raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
@@ -131,7 +130,7 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
                                  1.0 if lora_scale is None else lora_scale, {})
         if not class_word:
             raise ConceptError("a bare embedding file needs a class word (e.g. 'cat')")
-        tok, vectors, warnings = _read_embeddings_file(path, allow_pickle, max_bytes, token)
+        tok, vectors, warnings = _read_embeddings_file(path, allow_pickle, max_bytes, token, model)
         return _bind(Concept(path.stem, tok, class_word, "textual_inversion", vectors=tuple(vectors),
                              warnings=tuple(warnings)), model)
     if not path.is_file():
@@ -153,9 +152,11 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     kind = m["kind"]
     if kind not in KINDS:
         raise ConceptError(f"unknown concept kind {kind!r}; expected one of {', '.join(KINDS)}")
+    _check_kind(kind, model)
     vectors, unet, encoders, tok, warnings = (), {}, (), m["token"], []
     if m.get("weights"):
-        tok, vecs, warnings = _read_embeddings_file(_inside(folder, m["weights"]), allow_pickle, max_bytes, m["token"])
+        tok, vecs, warnings = _read_embeddings_file(_inside(folder, m["weights"]), allow_pickle, max_bytes, m["token"],
+                                                    model)
         vectors = tuple(vecs)
     if kind == "custom_diffusion":
         if not m.get("custom_diffusion"):
@@ -185,10 +186,10 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     return _bind(concept, model)
 
 
-def _read_embeddings_file(path: Path, allow_pickle: bool, max_bytes: int, token: str | None):
-    """read_embeddings of a textual-inversion file, refused past MAX_EMBEDDING_BYTES."""
+def _read_embeddings_file(path: Path, allow_pickle: bool, max_bytes: int, token: str | None, model):
+    """read_embeddings of a textual-inversion file for `model`, refused past MAX_EMBEDDING_BYTES."""
     return read_embeddings(read_file(path, allow_pickle, min(max_bytes, MAX_EMBEDDING_BYTES), "textual-inversion file"),
-                           token)
+                           token, model.family.concept_keys)
 
 
 def _holds_lora(path: Path, max_bytes: int) -> bool:
@@ -201,6 +202,7 @@ def _holds_lora(path: Path, max_bytes: int) -> bool:
 
 def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_word, scale, m: dict) -> Concept:
     """A DreamBooth-LoRA concept from its file; the trigger and class word as given, else the file's."""
+    _check_kind("lora", model)
     if path.suffix != ".safetensors":
         raise ConceptError(f"{path.name}: a LoRA is read from .safetensors only")
     check_file(path, max_bytes, "LoRA file")
@@ -222,16 +224,25 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
     return _bind(concept, model)
 
 
+def _check_kind(kind: str, model) -> None:
+    """ConceptError when `model`'s family does not take concepts of `kind` (SD3 and Flux: all but
+    textual inversion, so far)."""
+    kinds = model.family.concept_kinds
+    if kinds is not None and kind not in kinds:
+        raise ConceptError(model.family.concept_refusal)
+
+
 def _bind(c: Concept, model) -> Concept:
     """Check lengths, shapes and norms against `model`, move tensors to its device/dtype, build
     fine-tuned encoders."""
+    _check_kind(c.kind, model)
     for what, word in (("token", c.token), ("class word", c.class_word)):
         if len(word) > MAX_WORD_CHARS:
             raise ConceptError(f"the {what} {short(word, 24)} is {len(word)} characters; "
                                f"the limit is {MAX_WORD_CHARS}")
     if not c.token.strip() or any(ch.isspace() for ch in c.token):
         raise ConceptError(f"concept token {c.token!r} must be one word without spaces")
-    widths = [te.config.hidden_size for te in model.text_encoders]
+    widths = [te.get_input_embeddings().weight.shape[1] for te in model.concept_encoders]
     vectors = []
     for i, v in enumerate(c.vectors):
         v = v.reshape(1, -1) if v.ndim == 1 else v
@@ -241,13 +252,15 @@ def _bind(c: Concept, model) -> Concept:
     if vectors and len(vectors) != len(widths):
         raise ConceptError(f"{c.token} has embeddings for {len(vectors)} text encoder(s); "
                            f"{model.name} has {len(widths)}")
-    for v, w in zip(vectors, widths):
+    for k, (v, w) in enumerate(zip(vectors, widths)):
         if v.shape[1] != w:
+            which = "text encoder" if len(widths) == 1 else \
+                f"text encoder {k + 1} ({type(model.concept_encoders[k]).__name__})"
             raise ConceptError(f"the embedding of {c.token} is {v.shape[1]} wide but {model.name}'s "
-                               f"text encoder is {w} wide: the concept is for another model")
+                               f"{which} is {w} wide: the concept is for another model")
     if len({v.shape[0] for v in vectors}) > 1:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
-    for v, encoder in zip(vectors, model.text_encoders):
+    for v, encoder in zip(vectors, model.concept_encoders):
         _check_norm(c.token, v, encoder, model.name)
     unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
     if c.kind == "lora":
@@ -350,13 +363,12 @@ def _check_weight_norm(edit: Edit, layer: torch.nn.Module, name: str, model_name
 
 
 def find_concepts(folder: str | Path, model) -> list[Concept]:
-    """Every concept folder under `folder` made for `model` (manifest 'model' field, or any)."""
-    out = []
-    if model.family.concept_refusal:
-        return out
+    """Every concept folder under `folder` made for `model` (manifest 'model' field, or any) of a kind
+    its family takes."""
+    out, kinds = [], model.family.concept_kinds
     for manifest in sorted(Path(folder).glob("*/manifest.json")):
         m = json.loads(manifest.read_text())
-        if m.get("model") in (None, model.name):
+        if m.get("model") in (None, model.name) and (kinds is None or m.get("kind") in kinds):
             out.append(load_concept(manifest, model))
     return out
 

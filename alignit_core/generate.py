@@ -19,8 +19,8 @@ import torch
 from .concepts import Concept, one_model
 from .conditioning import Row, condition
 from .errors import ConceptError, ModelError, PromptError
-from .concept_prompts import concept_plan, several_concepts_plan
-from .prompts import SwapPlan, check_positions, max_tokens, positions_plan
+from .concept_prompts import several_concepts_plan
+from .prompts import SwapPlan, check_positions, max_tokens
 from .record import Generation, Request
 from .settings import SCHEDULERS, Settings, resolve
 
@@ -135,17 +135,17 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
     model's p' (which holds only that concept); the customized baseline is the one model holding them
     all (concepts.one_model), left out with a warning where none does; `positions`, if given, must be
     among the concepts' own. Prompts of at most 75 tokens."""
-    check_concepts(model)
     concepts = [concept] if isinstance(concept, Concept) else list(concept)
     if not concepts:
         raise ConceptError("choose a concept")
+    check_concepts(model, concepts)
     text = check_prompt(text)
     settings = resolve(model, settings)
     warnings = [w for c in concepts for w in c.warnings]
     if len(concepts) == 1:
-        prompts = concept_plan(model.tokenizer, text, concepts[0].words, settings.long_prompt)
+        prompts = model.family.concept_plan(text, concepts[0].words, settings.long_prompt)
         customized, whole, plan = prompts.customized, concepts[0], prompts.plan
-        pairs = [(positions_plan(plan.target, plan.source, positions) if positions is not None else plan, whole)]
+        pairs = [(model.family.concept_positions(plan, positions) if positions is not None else plan, whole)]
     else:
         several = several_concepts_plan(model.tokenizer, text, [c.words for c in concepts])
         customized, pairs = several.customized, _chosen(list(zip(several.plans, concepts)), positions)
@@ -164,10 +164,14 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
                    warnings)
 
 
-def check_concepts(model) -> None:
-    """ConceptError when the model's family takes no concepts (SD3 and Flux, so far)."""
-    if model.family.concept_refusal:
+def check_concepts(model, concepts: list[Concept] = ()) -> None:
+    """ConceptError when the model's family does not take one of `concepts`' kinds (SD3 and Flux take
+    textual inversion alone, so far) or several concepts in one prompt."""
+    kinds = model.family.concept_kinds
+    if kinds is not None and any(c.kind not in kinds for c in concepts):
         raise ConceptError(model.family.concept_refusal)
+    if len(concepts) > 1 and model.family.several_concepts_refusal:
+        raise ConceptError(model.family.several_concepts_refusal)
 
 
 def _chosen(pairs: list[tuple[SwapPlan, Concept]], positions) -> list[tuple[SwapPlan, Concept]]:

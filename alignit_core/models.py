@@ -71,6 +71,11 @@ class Model:
         return self.family.text_encoders
 
     @property
+    def concept_encoders(self) -> list:
+        """The text encoders a textual-inversion concept holds vectors for, in its files' order."""
+        return self.family.concept_encoders
+
+    @property
     def unet(self) -> torch.nn.Module:
         return self.family.unet
 

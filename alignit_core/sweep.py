@@ -155,15 +155,13 @@ def plan(model, entries: list[Entry], prompts: int | None, seeds: int):
     """(jobs in key order, {(concept, prompt index): (prompt, p)}, [skipped (concept, index, reason)]).
     A prompt AlignIT cannot align (e.g. a two-token Custom Diffusion phrase at the very start) is
     skipped with the engine's reason; one over 75 tokens is read in segments."""
-    from .concept_prompts import concept_plan
-
     jobs, texts, skipped = [], {}, []
     for e in entries:
         c = e.concept
         for i, line in enumerate(e.prompts[:prompts]):
             text = line.replace("{}", c.token)
             try:
-                planned = concept_plan(model.tokenizer, text, c.words)
+                planned = model.family.concept_plan(text, c.words)
             except PromptError as err:
                 skipped.append((e.name, i, str(err)))
                 continue

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import pandas as pd
 from visualize import swap_diagram, token_chips
 
-from .concept_prompts import concept_plan, several_concepts_plan
+from .concept_prompts import several_concepts_plan
 from .concepts import KIND_LABELS, Concept
 from .errors import AlignITError, ConceptError, PromptError, short
 from .generate import check_prompt, size_warning
@@ -183,7 +183,7 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
             if not chosen:
                 return TokenView(read_prompt(model.tokenizer, text, long), problem="choose or upload a concept")
             if len(chosen) == 1:
-                prompts = concept_plan(model.tokenizer, text, chosen[0].words, long)
+                prompts = model.family.concept_plan(text, chosen[0].words, long)
                 return TokenView(prompts.plan.target, (("", prompts.plan.source),), prompts.customized,
                                  prompts.plan.positions)
             several = several_concepts_plan(model.tokenizer, text, [c.words for c in chosen])

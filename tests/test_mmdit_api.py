@@ -1,5 +1,5 @@
 """SD3 and Flux like any other model: load_model on a saved folder, generate_swap, the CLI, and the
-clear refusals (concepts, the MI score, UNet-only settings). Tiny random-weight pipelines saved to
+clear refusals (concepts other than textual inversion, the MI score, UNet-only settings). Tiny random-weight pipelines saved to
 temporary folders; seconds each."""
 from __future__ import annotations
 
@@ -167,9 +167,11 @@ def test_swaps_that_cannot_be_planned_are_refused_clearly(sd3, flux):
         generate_swap(flux, P, [], Settings(**FAST))
 
 
-def test_concepts_and_the_mi_score_are_refused_on_mmdit(sd3):
-    with pytest.raises(ConceptError, match="not supported yet; token swaps are"):
-        generate_concept(sd3, "a <cat-toy> on a table", [], Settings(**FAST))
+def test_lora_concepts_and_the_mi_score_are_refused_on_mmdit(sd3):
+    from alignit_core.concepts import Concept
+
+    with pytest.raises(ConceptError, match="not supported yet; textual inversion and token swaps are"):
+        generate_concept(sd3, "a sks on a table", Concept("x", "sks", "dog", "lora"), Settings(**FAST))
     gen = generate_swap(sd3, P, [("dog", "cat")], Settings(**FAST))
     with pytest.raises(ModelError, match="DDPM .*rectified-flow"):
         score_generation(sd3, gen)
@@ -198,7 +200,8 @@ def test_the_cli_writes_its_files_for_an_sd3_folder_and_its_line_reproduces_them
 
 @pytest.mark.parametrize("extra, message", [
     (["--swap", "9=zebra"], "position 9 is outside the prompt"),
-    (["--concept", "striped-ball-ti"], "concepts on SD3 and Flux"),
+    (["--concept", "striped-ball-ti"], "<striped-ball> has embeddings for 1 text encoder(s); sd3 has 2"),
+    (["--concept", "striped-ball-cd"], "Custom Diffusion and text-encoder concepts on SD3/Flux are not supported"),
     (["--scheduler", "ddim", "--swap", "dog=zebra"], "flow matching's Euler"),
     (["--compile", "--swap", "dog=zebra"], "apply to UNet models"),
 ])
@@ -209,12 +212,13 @@ def test_the_cli_exits_2_with_a_clear_message_on_bad_input(folders, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_load_concept_refuses_mmdit_models_before_reading_a_file(sd3, tmp_path):
+def test_load_concept_refuses_a_lora_on_mmdit_before_reading_its_file(sd3, tmp_path):
     from alignit_core import find_concepts, load_concept
 
-    with pytest.raises(ConceptError, match="not supported yet; token swaps are"):
-        load_concept(tmp_path / "nothing-here", sd3)
-    assert find_concepts("assets/concepts", sd3) == []
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "lora", "lora": "nothing-here.safetensors"}))
+    with pytest.raises(ConceptError, match="not supported yet; textual inversion and token swaps are"):
+        load_concept(tmp_path, sd3)
+    assert find_concepts("assets/concepts", sd3) == []  # the shipped concepts are the embedded model's
 
 
 def test_the_demo_serves_token_swaps_on_sd3(sd3):

@@ -11,6 +11,9 @@ positions replace them, and optionally a customized text branch (a transformer w
 weights differ, and/or customized text encoders) that encodes and carries p'. The swap acts in the
 conditional CFG half only (Flux-dev is guidance-distilled: no unconditional half); the side stream
 is modulated by the main row's timestep embedding (its pooled text is the main row's, p's).
+`generate_rows` runs any rows (`MMDiTRow`): a textual-inversion concept's "customized" row encodes
+its prompt with the concept's vectors written in (`MMDiTRow.vectors`), and AlignIT's side stream
+carries p' through the text branch that writes them (`TextBranch.vectors`).
 
 The denoising loops (mmdit_loop.py) are written out (not `pipe(...)`): a pipeline object keeps
 per-call state. They follow each pipeline's latents, scheduler and guidance op for op. The engine's
@@ -28,7 +31,8 @@ from PIL import Image
 from ..errors import ConceptError, PromptError, SettingsError
 from .mmdit_attention import SWAP_KV, MapSums, MMDiTState, SideStream, install
 from .mmdit_loop import decode, denoise_flux, denoise_sd3
-from .mmdit_text import CLIP_ROWS, TokenTable, clip_table, encode_flux, encode_sd3, t5_table, word_pairs
+from .mmdit_text import (CLIP_ROWS, ConceptVectors, TokenTable, clip_table, encode_flux, encode_sd3, t5_table,
+                         word_pairs)
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 MAX_STEPS = 150
@@ -47,6 +51,7 @@ class TextBranch:
 
     transformer: object | None = None  # same architecture; its context_embedder and per-block text weights are used
     text_encoders: tuple | None = None  # in the pipeline's order (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5); None = own
+    vectors: ConceptVectors | None = None  # a textual-inversion concept's vectors, written where p' holds its token
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,17 @@ class MMDiTSwap:
     source: str
     branch: TextBranch | None = None
     source_positions: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MMDiTRow:
+    """One image of the batch: `text` through the model's text encoders (a concept's `vectors`
+    written in where it holds the concept's token), its rows written by the side streams of `swaps`."""
+
+    name: str
+    text: str
+    vectors: ConceptVectors | None = None
+    swaps: tuple[MMDiTSwap, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,12 +178,17 @@ class MMDiTModel:
         if encoders is not None and len(encoders) != len(self.text_encoders):
             raise ConceptError(f"give the customized text encoders as {len(self.text_encoders)} entries in the "
                                f"pipeline's order (None for the model's own), got {len(encoders)}")
+        present = [e for e in self.text_encoders if e is not None]
+        if branch.vectors is not None and len(branch.vectors.vectors) != len(present):
+            raise ConceptError(f"give a concept's vectors for each of the {len(present)} text encoders in the "
+                               f"pipeline's order, got {len(branch.vectors.vectors)}")
 
     def encode(self, text: str, text_rows: int, branch: TextBranch | None = None):
         own = self.text_encoders
         custom = branch.text_encoders if branch is not None and branch.text_encoders else (None,) * len(own)
         encoders = tuple(c if c is not None else o for c, o in zip(custom, own))
-        return (encode_sd3 if self.family == "sd3" else encode_flux)(self.pipe, text, encoders, text_rows)
+        vectors = branch.vectors if branch is not None else None
+        return (encode_sd3 if self.family == "sd3" else encode_flux)(self.pipe, text, encoders, text_rows, vectors)
 
     def uncond(self, text_rows: int):
         if text_rows not in self._uncond:
@@ -239,12 +260,13 @@ class _Plan:
     positions: dict  # segment -> positions of p written
 
 
-def tables(model: MMDiTModel, text: str, rows: int) -> tuple[TokenTable, TokenTable | None]:
-    """(primary table, SD3's T5 table or None)."""
+def tables(model: MMDiTModel, text: str, rows: int, concept: ConceptVectors | None = None
+           ) -> tuple[TokenTable, TokenTable | None]:
+    """(primary table, SD3's T5 table or None); a concept's token read as its vectors' positions."""
     if model.family == "flux":
-        return t5_table(model.pipe.tokenizer_2, text, rows), None
-    t5 = t5_table(model.pipe.tokenizer_3, text, rows) if model.pipe.text_encoder_3 is not None else None
-    return clip_table(model.pipe.tokenizer, text), t5
+        return t5_table(model.pipe.tokenizer_2, text, rows, concept), None
+    t5 = t5_table(model.pipe.tokenizer_3, text, rows, concept) if model.pipe.text_encoder_3 is not None else None
+    return clip_table(model.pipe.tokenizer, text, concept), t5
 
 
 def _plan(model: MMDiTModel, p: tuple, swap: MMDiTSwap, s: MMDiTSettings) -> _Plan:
@@ -257,7 +279,7 @@ def _plan(model: MMDiTModel, p: tuple, swap: MMDiTSwap, s: MMDiTSettings) -> _Pl
     if swap.branch is not None:
         model.check_branch(swap.branch)
     primary, t5 = p
-    src_primary, src_t5 = tables(model, source, s.text_tokens)
+    src_primary, src_t5 = tables(model, source, s.text_tokens, swap.branch.vectors if swap.branch else None)
     for pos, src in zip(positions, read):
         for table, what, q in ((primary, "p", pos), (src_primary, "p'", src)):
             if q not in table.content:
@@ -287,22 +309,38 @@ def _fractions(start: float, end: float, steps: int) -> tuple[int, int]:
     return round(start * steps), round(end * steps)
 
 
-@torch.no_grad()
 def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), settings: MMDiTSettings = MMDiTSettings(),
                    include_baseline: bool = True, on_kv=None, progress=None) -> MMDiTGeneration:
     """Baseline | swapped, one batch (no swaps: the baseline alone; `include_baseline=False`: the
     swapped row alone). `on_kv(KVRecord)` sees every block's keys and values at every step before
     and after the swap (read-only; tests); `progress(done, total)` is called after each step. Raises PromptError, SettingsError, ConceptError (a
     customized branch that does not fit the model)."""
-    text = _check_prompt(text)
+    rows = [MMDiTRow("baseline", text)] if include_baseline or not swaps else []
+    rows += [MMDiTRow("swapped", text, swaps=tuple(swaps))] if swaps else []
+    return generate_rows(model, rows, settings, on_kv, progress)
+
+
+@torch.no_grad()
+def generate_rows(model: MMDiTModel, rows: list[MMDiTRow], settings: MMDiTSettings = MMDiTSettings(), on_kv=None,
+                  progress=None) -> MMDiTGeneration:
+    """Any rows in one batch from one seed's initial latent (e.g. a concept's: the customized row,
+    AlignIT's, the base model's); each distinct (text, vectors) is encoded once. Raises as generate_mmdit."""
+    names = [row.name for row in rows]
+    if not rows or len(set(names)) != len(names):
+        raise SettingsError(f"give one or more rows with distinct names, got {names}")
+    texts = [_check_prompt(row.text) for row in rows]
     s = resolve(model, settings)
-    p = tables(model, text, s.text_tokens)
-    plans = [_plan(model, p, swap, s) for swap in swaps]
-    names = (["baseline"] if include_baseline or not plans else []) + (["swapped"] if plans else [])
-    r, sd3 = len(names), model.family == "sd3"
+    tabs = [tables(model, t, s.text_tokens, row.vectors) for t, row in zip(texts, rows)]
+    plans = [[_plan(model, tab, swap, s) for swap in row.swaps] for tab, row in zip(tabs, rows)]
+    r, sd3 = len(rows), model.family == "sd3"
     cfg = sd3 and s.guidance > 1  # SD3's pipeline guides only above 1
-    cond, pooled = model.encode(text, s.text_tokens)
-    hidden, pooled = cond.repeat(r, 1, 1), pooled.repeat(r, 1)
+    encoded: dict = {}
+    for t, row in zip(texts, rows):
+        key = (t, id(row.vectors))
+        if key not in encoded:
+            encoded[key] = model.encode(t, s.text_tokens, TextBranch(vectors=row.vectors) if row.vectors else None)
+    hidden = torch.cat([encoded[(t, id(row.vectors))][0] for t, row in zip(texts, rows)])
+    pooled = torch.cat([encoded[(t, id(row.vectors))][1] for t, row in zip(texts, rows)])
     if cfg:
         un_hidden, un_pooled = model.uncond(s.text_tokens)
         hidden = torch.cat([un_hidden.repeat(r, 1, 1), hidden])
@@ -313,15 +351,17 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
     state = MMDiTState(swap_blocks=_blocks(model, s.swap_blocks, "swap blocks"),
                        swap_steps=_fractions(s.swap_start, s.swap_end, s.steps), swap_kv=s.swap_kv, on_kv=on_kv,
                        text_tokens=hidden.shape[1])
-    for plan in plans:
-        branch = plan.swap.branch
-        transformer = branch.transformer if branch is not None and branch.transformer is not None else model.transformer
-        source_hidden, _ = model.encode(plan.swap.source, s.text_tokens, branch)
-        state.sides.append(SideStream(
-            row=first_cond + names.index("swapped"), start=transformer.context_embedder(source_hidden),
-            targets=torch.tensor(plan.targets, device=device), sources=torch.tensor(plan.sources, device=device),
-            joint=list(transformer.transformer_blocks),
-            single=list(getattr(transformer, "single_transformer_blocks", []))))
+    for k, row_plans in enumerate(plans):
+        for plan in row_plans:
+            branch = plan.swap.branch
+            transformer = branch.transformer if branch is not None and branch.transformer is not None \
+                else model.transformer
+            source_hidden, _ = model.encode(plan.swap.source, s.text_tokens, branch)
+            state.sides.append(SideStream(
+                row=first_cond + k, start=transformer.context_embedder(source_hidden),
+                targets=torch.tensor(plan.targets, device=device), sources=torch.tensor(plan.sources, device=device),
+                joint=list(transformer.transformer_blocks),
+                single=list(getattr(transformer, "single_transformer_blocks", []))))
     grid = s.size // model.size_step  # image tokens per side
     if s.record_maps:
         state.maps = MapSums(tuple(range(first_cond, first_cond + r)),
@@ -332,24 +372,27 @@ def generate_mmdit(model: MMDiTModel, text: str, swaps: list[MMDiTSwap] = (), se
     latents = run(model, state, hidden, pooled, r, cfg, s, progress)
     images = [decode(model, latents[k: k + 1], s.size) for k in range(r)]
 
-    primary, t5 = p
     maps, t5_maps, text_maps = {}, {}, {}
     if state.maps is not None:
         every = state.maps.maps().reshape(r, hidden.shape[1], grid, grid).cpu().numpy().astype(np.float32)
         for k, name in enumerate(names):
+            primary, t5 = tabs[k]
             text_maps[name] = every[k]
             maps[name] = every[k, : len(primary.ids)]
             if t5 is not None:
                 t5_maps[name] = every[k, CLIP_ROWS: CLIP_ROWS + len(t5.ids)]
-    swapped = {"baseline": {}} if "baseline" in names else {}
-    if plans:
-        swapped["swapped"] = {seg: tuple(sorted({q for plan in plans for q in plan.positions.get(seg, ())}))
-                              for seg in ("clip", "t5") if any(seg in plan.positions for plan in plans)}
+    swapped = {name: {seg: tuple(sorted({q for plan in row_plans for q in plan.positions.get(seg, ())}))
+                      for seg in ("clip", "t5") if any(seg in plan.positions for plan in row_plans)}
+               for name, row_plans in zip(names, plans)}
+    main = next((k for k, row_plans in enumerate(plans) if row_plans), 0)  # the row of p (swapped), else the first
+    primary, t5 = tabs[main]
+    every_plan = [plan for row_plans in plans for plan in row_plans]
     batch = hidden.shape[0]
     return MMDiTGeneration(
         dict(zip(names, images)), maps, t5_maps, text_maps, primary.tokens, t5.tokens if t5 is not None else (),
-        swapped, _described(model, text, plans, s), {n: latents[k].float().cpu() for k, n in enumerate(names)},
-        main_tokens=batch * (grid * grid + hidden.shape[1]), side_tokens=len(plans) * hidden.shape[1])
+        swapped, _described(model, texts[main], every_plan, s),
+        {n: latents[k].float().cpu() for k, n in enumerate(names)},
+        main_tokens=batch * (grid * grid + hidden.shape[1]), side_tokens=len(every_plan) * hidden.shape[1])
 
 
 def _described(model: MMDiTModel, text: str, plans: list[_Plan], s: MMDiTSettings) -> dict:

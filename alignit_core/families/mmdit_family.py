@@ -2,10 +2,12 @@
 
 The engine's own loop (generate.py) is one batched UNet call whose text conditioning is fixed per
 request. An MMDiT's text stream changes in every block, so this family runs its own loop
-(`own_loop`): the rows a token-swap request builds become one `MMDiTSwap` for `generate_mmdit`
-(mmdit.py), and its images, maps and latents go back to the engine, which makes the `Generation`.
-Settings the side stream has no use for are refused (`check`); concepts and the MI score are not
-offered yet (`concept_refusal`, `noising`).
+(`own_loop`): the rows a request builds become `MMDiTRow`s for `generate_rows` (mmdit.py), and its
+images, maps and latents go back to the engine, which makes the `Generation`.
+Settings the side stream has no use for are refused (`check`); textual-inversion concepts run as a
+customized row (the concept's vectors written into the text encoders' token embeddings) and an
+AlignIT row whose side stream carries p' through them; other concept kinds and the MI score are not
+offered yet (`concept_kinds`, `concept_refusal`, `noising`).
 
 Token tables: SD3's primary table is CLIP's (the project's own word swaps apply as on SD 1.x);
 Flux reads T5 rows only, so its table and word swaps are T5's (`model.tokenizer` is T5's there).
@@ -16,12 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ModelError, PromptError, SettingsError
-from ..prompts import Prompt, SwapPlan, check_swaps, tokenize, word_swap_plan
+from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
+from ..errors import ConceptError, ModelError, PromptError, SettingsError
+from ..prompts import Prompt, SwapPlan, check_swaps, positions_plan, tokenize, word_swap_plan
 from ..settings import MAP_BLOCKS, Settings
-from .mmdit import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_TOKENS, FAMILIES, MMDiTModel, MMDiTSettings,
-                    MMDiTSwap, generate_mmdit)
-from .mmdit_text import t5_swap_plan, t5_table
+from .mmdit import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_TOKENS, FAMILIES, MMDiTModel, MMDiTRow,
+                    MMDiTSettings, MMDiTSwap, TextBranch, generate_rows)
+from .mmdit_text import ConceptVectors, t5_concept_plan, t5_swap_plan, t5_table
 from .sd_unet import Defaults
 
 TITLES = {"sd3": "SD3", "flux": "Flux"}
@@ -37,8 +40,8 @@ class TokenSwapPlan(SwapPlan):
 
 
 def as_prompt(table) -> Prompt:
-    """A token table of mmdit_text as the engine's Prompt (ids and tokens, no segments)."""
-    return Prompt(table.text, table.ids, table.tokens)
+    """A token table of mmdit_text as the engine's Prompt (ids, tokens and vector positions, no segments)."""
+    return Prompt(table.text, table.ids, table.tokens, dict(table.vectors))
 
 
 class ImageTokenMaps:
@@ -70,8 +73,10 @@ class MMDiTFamily:
 
     name = "mmdit"
     own_loop = True  # generate.run_rows hands the rows to `denoise`
-    concept_refusal = ("concepts on SD3 and Flux (textual inversion, LoRA, Custom Diffusion) are not supported "
-                       "yet; token swaps are (generate_swap, --swap WORD=SOURCE)")
+    concept_kinds = ("textual_inversion",)  # the concept kinds it takes (None: all)
+    concept_refusal = ("LoRA, Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; "
+                       "textual inversion and token swaps are")
+    several_concepts_refusal = "SD3 and Flux take one concept per prompt so far; choose one"
     schedulers = (SAMPLER,)
 
     @staticmethod
@@ -100,6 +105,12 @@ class MMDiTFamily:
 
     tokenizers = property(lambda self: self._parts("tokenizer"))
     text_encoders = property(lambda self: self._parts("text_encoder"))
+    # what a textual-inversion concept holds vectors for, in the pipeline's order (SD3: CLIP-L, CLIP-G
+    # (, T5); Flux: CLIP (its pooled vector), T5)
+    concept_encoders = property(lambda self: [e for e in self.mmdit.text_encoders if e is not None])
+    # their entries in a textual-inversion file (SD3's `t5` only when it has T5: otherwise left unused)
+    concept_keys = property(lambda self: ("clip_l", "t5") if self.kind == "flux" else
+                            ("clip_l", "clip_g") + (("t5",) if self.pipe.text_encoder_3 is not None else ()))
     transformer = property(lambda self: self.pipe.transformer)
     vae = property(lambda self: self.pipe.vae)
     vae_scale = property(lambda self: self.pipe.vae_scale_factor)
@@ -123,7 +134,7 @@ class MMDiTFamily:
              f"UNet models)"),
             (s.swap_strength != 1, f"on {self.title} the side stream's rows replace p's whole; the swap strength "
              f"(blending keys and values) is for UNet models"),
-            (s.lora_rest != 0, "the rest of a LoRA applies to concepts, which SD3 and Flux do not take yet"),
+            (s.lora_rest != 0, "the rest of a LoRA applies to LoRA concepts, which SD3 and Flux do not take yet"),
             (tuple(s.map_blocks or ()) != MAP_BLOCKS, f"{self.title}'s heat maps average every transformer block; "
              f"the UNet parts (down, mid, up) do not apply"),
             (s.map_resolution not in (None, grid), f"{self.title}'s heat maps are on the image-token grid: "
@@ -153,29 +164,67 @@ class MMDiTFamily:
         p, source, positions, read = t5_swap_plan(self.tokenizers[0], text, swaps, DEFAULT_TEXT_TOKENS["flux"])
         return TokenSwapPlan(as_prompt(p), as_prompt(source), positions, read)
 
+    def concept_plan(self, text: str, words: ConceptWords, long: str = "segments") -> ConceptPrompts:
+        """The customized prompt, p and p' of one concept: on SD3 CLIP's, planned as on SD 1.x (up to
+        75 tokens whatever `long` says); on Flux T5's, word by word (t5_concept_plan). Raises PromptError."""
+        if self.kind == "sd3":
+            return concept_plan(self.tokenizers[0], text, words, "refuse")
+        table, p, source, positions, read = t5_concept_plan(self.tokenizers[0], text, words,
+                                                            DEFAULT_TEXT_TOKENS["flux"])
+        return ConceptPrompts(as_prompt(table), TokenSwapPlan(as_prompt(p), as_prompt(source), positions, read))
+
+    def concept_positions(self, plan: SwapPlan, positions: list[int]) -> SwapPlan:
+        """A concept's plan with the swapped positions of p chosen by hand: on SD3 any of p's (p' is read
+        at the same ones); on Flux among the concept's own (its words pair with p''s word by word).
+        Raises PromptError."""
+        if not isinstance(plan, TokenSwapPlan):
+            return positions_plan(plan.target, plan.source, positions)
+        chosen = set()
+        for raw in positions:
+            if isinstance(raw, bool) or not isinstance(raw, int):
+                raise PromptError(f"position {raw!r} is not a whole number")
+            chosen.add(raw)
+        outside = sorted(chosen - set(plan.positions))
+        if not chosen or outside:
+            raise PromptError(f"on {self.title} a concept's rows pair with p's word by word: choose among its "
+                              f"positions {list(plan.positions)}" + (f", not {outside}" if outside else ""))
+        kept = [(a, b) for a, b in zip(plan.positions, plan.source_positions) if a in chosen]
+        return TokenSwapPlan(plan.target, plan.source, tuple(a for a, _ in kept), tuple(b for _, b in kept))
+
     # ---------------------------------------------------------------- denoising
 
     def denoise(self, rows: list, settings: Settings, progress=None, on_kv=None):
-        """The rows of a token swap ("baseline" and/or "swapped") for resolved `settings`: (images,
-        {row: (tokens, side, side) maps of the primary table}, bytes of the map sums, final latents
-        per row, CPU). `on_kv(KVRecord)` sees every block's keys and values (mmdit_attention)."""
-        names = [row.name for row in rows]
-        swapped = [row for row in rows if row.sources]
-        if names not in (["baseline", "swapped"], ["swapped"]) or len(swapped[0].sources) != 1 \
-                or swapped[0].sources[0][1] is not None:
-            raise ModelError(f"{self.title} runs token swaps (a baseline and a swapped row, no concept); got rows "
-                             f"{names}")
-        plan = swapped[0].swap
-        read = plan.source_positions if isinstance(plan, TokenSwapPlan) else None
-        swap = MMDiTSwap(tuple(plan.positions), plan.source.text, source_positions=read)
+        """The engine's rows (a token swap's "baseline" / "swapped"; a concept's "customized", "alignit",
+        "base") for resolved `settings`: (images, {row: (tokens, side, side) maps of the primary
+        table}, bytes of the map sums, final latents per row, CPU). A row's `concept` writes its
+        vectors into the row's own encoding; a swap's concept into p''s, which the side stream
+        carries. `on_kv(KVRecord)` sees every block's keys and values (mmdit_attention). Raises
+        ConceptError for a concept of a kind it does not take."""
         s = settings
         mmdit = MMDiTSettings(seed=s.seed, steps=s.steps, guidance=s.guidance, size=s.size, swap_start=s.swap_start,
                               swap_end=s.swap_end, swap_kv=s.swap_kv, record_maps=s.record_maps,
                               map_start=s.map_start, map_end=s.map_end)
-        gen = generate_mmdit(self.mmdit, plan.target.text, [swap], mmdit, include_baseline="baseline" in names,
-                             on_kv=on_kv, progress=progress)
+        gen = generate_rows(self.mmdit, [self._row(row) for row in rows], mmdit, on_kv=on_kv, progress=progress)
+        names = [row.name for row in rows]
         store_bytes = sum(m.nbytes for m in gen.text_maps.values())
         return [gen.images[n] for n in names], gen.maps, store_bytes, [gen.latents[n] for n in names]
+
+    def _vectors(self, concept) -> ConceptVectors | None:
+        if concept is None:
+            return None
+        if concept.kind not in self.concept_kinds or not concept.vectors:
+            raise ConceptError(self.concept_refusal)
+        return ConceptVectors(concept.token, tuple(concept.vectors))
+
+    def _row(self, row) -> MMDiTRow:
+        """An engine Row as generate_rows' row: its prompt's text, its concept's vectors, its swaps."""
+        swaps = []
+        for plan, concept in row.sources:
+            vectors = self._vectors(concept)
+            read = plan.source_positions if isinstance(plan, TokenSwapPlan) else None
+            swaps.append(MMDiTSwap(tuple(plan.positions), plan.source.text,
+                                   TextBranch(vectors=vectors) if vectors is not None else None, read))
+        return MMDiTRow(row.name, row.prompt.text, self._vectors(row.concept), tuple(swaps))
 
     def noising(self):
         raise ModelError(f"the MI score needs a DDPM (noise-prediction) model; {self.title} is a rectified-flow "

@@ -9,11 +9,12 @@ swapped too, paired word by word and right-aligned (the last token of a word is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from ..encoding import encode
 from ..errors import PromptError
 from ..prompts import PUNCTUATION, STAR, Token, tokenize
 
@@ -27,6 +28,7 @@ class TokenTable:
     text: str
     ids: tuple[int, ...]
     tokens: tuple[Token, ...]
+    vectors: dict = field(default_factory=dict)  # position -> concept vector index (its token's rows)
 
     @property
     def content(self) -> list[int]:
@@ -37,10 +39,30 @@ class TokenTable:
         return [t.position for t in self.tokens if t.word_index == word_index]
 
 
-def clip_table(tokenizer, text: str) -> TokenTable:
+@dataclass(frozen=True, eq=False)
+class ConceptVectors:
+    """A textual-inversion concept on an MMDiT's text encoders: its token as prompts write it and its
+    vectors, one (n, width) tensor per text encoder in the pipeline's order (SD3: CLIP-L, CLIP-G (, T5);
+    Flux: CLIP, T5), written into the token embeddings where a prompt holds the token."""
+
+    token: str
+    vectors: tuple
+
+    @property
+    def n(self) -> int:
+        return self.vectors[0].shape[0]
+
+    def held_by(self, text: str) -> ConceptVectors | None:
+        return self if self.token in text else None
+
+
+def clip_table(tokenizer, text: str, concept: ConceptVectors | None = None) -> TokenTable:
     """CLIP's reading of `text` (the project's word-by-word table, checked against the tokenizer's
-    own reading of the whole text, which is what the pipeline encodes). Raises PromptError past 75
-    tokens (the pipelines cut CLIP there)."""
+    own reading of the whole text, which is what the pipeline encodes; a concept's token is its
+    vectors' positions). Raises PromptError past 75 tokens (the pipelines cut CLIP there)."""
+    if concept is not None and concept.token in text:
+        p = tokenize(tokenizer, text, concept.token, concept.n)
+        return TokenTable(text, p.ids, p.tokens, dict(p.vectors))
     p = tokenize(tokenizer, text)
     whole = tokenizer(text, truncation=False).input_ids
     if list(p.ids) != list(whole):
@@ -49,9 +71,12 @@ def clip_table(tokenizer, text: str) -> TokenTable:
     return TokenTable(text, p.ids, p.tokens)
 
 
-def t5_table(tokenizer, text: str, rows: int) -> TokenTable:
-    """T5's reading of `text` (no start token; the end token `</s>` last). Raises PromptError when
-    it needs more than the `rows` the model reads."""
+def t5_table(tokenizer, text: str, rows: int, concept: ConceptVectors | None = None) -> TokenTable:
+    """T5's reading of `text` (no start token; the end token `</s>` last; a concept's token is read
+    as `*` and stands for its vectors' positions). Raises PromptError when it needs more than the
+    `rows` the model reads."""
+    if concept is not None and concept.token in text:
+        return _t5_concept_table(tokenizer, text, rows, concept)
     enc = tokenizer(text, return_offsets_mapping=True, truncation=False)
     if len(enc.input_ids) > rows:
         raise PromptError(f"the prompt is {len(enc.input_ids)} T5 tokens long; this model reads {rows} "
@@ -88,13 +113,48 @@ def _ids(tokenizer, text: str, length: int, device) -> torch.Tensor:
                      return_tensors="pt").input_ids.to(device)
 
 
+def _written(tokenizer, table: TokenTable, length: int, vectors: torch.Tensor, device):
+    """(ids (1, length) padded as the tokenizer pads, vectors (1, length, width), mask (1, length)):
+    a concept's vectors at `table`'s vector positions."""
+    ids = torch.tensor([list(table.ids) + [tokenizer.pad_token_id] * (length - len(table.ids))], device=device)
+    written = torch.zeros(*ids.shape, vectors.shape[1], device=device, dtype=vectors.dtype)
+    mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+    for pos, k in table.vectors.items():
+        written[0, pos], mask[0, pos] = vectors[k], True
+    return ids, written, mask
+
+
+def _clip_written(pipe, tokenizer, encoder, text: str, concept: ConceptVectors, k: int, device):
+    """CLIP encoder `k` (pipeline order) run from token embeddings with the concept's vectors written in."""
+    ids, written, mask = _written(tokenizer, clip_table(tokenizer, text, concept), pipe.tokenizer_max_length,
+                                  concept.vectors[k], device)
+    return encode(encoder, ids, written, mask, penultimate=True)
+
+
+def _t5_run(t5, tokenizer, text: str, rows: int, concept: ConceptVectors | None, k: int, device):
+    """T5's last hidden state of `text` (1, rows, width); with a concept held by `text`, from
+    `inputs_embeds` with its vectors written in."""
+    if concept is None:
+        return t5(_ids(tokenizer, text, rows, device))[0]
+    ids, written, mask = _written(tokenizer, t5_table(tokenizer, text, rows, concept), rows, concept.vectors[k], device)
+    embeds = t5.get_input_embeddings()(ids)
+    return t5(inputs_embeds=torch.where(mask.unsqueeze(-1), written.to(embeds.dtype), embeds))[0]
+
+
 @torch.no_grad()
-def encode_sd3(pipe, text: str, encoders, t5_rows: int):
+def encode_sd3(pipe, text: str, encoders, t5_rows: int, concept: ConceptVectors | None = None):
     """(hidden (1, 77 + t5_rows, joint dim), pooled (1, pooled dim)) exactly as
-    StableDiffusion3Pipeline.encode_prompt computes them for one prompt (no clip skip)."""
+    StableDiffusion3Pipeline.encode_prompt computes them for one prompt (no clip skip); with a
+    `concept` whose token `text` holds, its vectors written into each encoder's token embeddings."""
     device, dtype = pipe._execution_device, encoders[0].dtype
+    concept = concept.held_by(text) if concept is not None else None
     hidden, pooled = [], []
-    for tokenizer, encoder in zip((pipe.tokenizer, pipe.tokenizer_2), encoders[:2]):
+    for k, (tokenizer, encoder) in enumerate(zip((pipe.tokenizer, pipe.tokenizer_2), encoders[:2])):
+        if concept is not None:
+            out = _clip_written(pipe, tokenizer, encoder, text, concept, k, device)
+            pooled.append(encoder.text_projection(out.pooled))
+            hidden.append(out.hidden.to(dtype=dtype, device=device))
+            continue
         out = encoder(_ids(tokenizer, text, pipe.tokenizer_max_length, device), output_hidden_states=True)
         pooled.append(out[0])
         hidden.append(out.hidden_states[-2].to(dtype=dtype, device=device))
@@ -103,17 +163,22 @@ def encode_sd3(pipe, text: str, encoders, t5_rows: int):
     if t5 is None:
         t5_hidden = torch.zeros((1, t5_rows, pipe.transformer.config.joint_attention_dim), device=device, dtype=dtype)
     else:
-        t5_hidden = t5(_ids(pipe.tokenizer_3, text, t5_rows, device))[0].to(dtype=t5.dtype, device=device)
+        t5_hidden = _t5_run(t5, pipe.tokenizer_3, text, t5_rows, concept, 2, device).to(dtype=t5.dtype, device=device)
     clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5_hidden], dim=-2), torch.cat(pooled, dim=-1)
 
 
 @torch.no_grad()
-def encode_flux(pipe, text: str, encoders, t5_rows: int):
+def encode_flux(pipe, text: str, encoders, t5_rows: int, concept: ConceptVectors | None = None):
     """(hidden (1, t5_rows, joint dim), pooled (1, pooled dim)) exactly as FluxPipeline.encode_prompt
-    computes them for one prompt."""
+    computes them for one prompt; with a `concept` whose token `text` holds, its vectors written in."""
     device = pipe._execution_device
     clip, t5 = encoders
+    concept = concept.held_by(text) if concept is not None else None
+    if concept is not None:
+        pooled = _clip_written(pipe, pipe.tokenizer, clip, text, concept, 0, device).pooled.to(dtype=clip.dtype)
+        hidden = _t5_run(t5, pipe.tokenizer_2, text, t5_rows, concept, 1, device)
+        return hidden.to(dtype=t5.dtype, device=device), pooled
     pooled = clip(_ids(pipe.tokenizer, text, pipe.tokenizer_max_length, device), output_hidden_states=False)
     pooled = pooled.pooler_output.to(dtype=clip.dtype, device=device)
     hidden = t5(_ids(pipe.tokenizer_2, text, t5_rows, device), output_hidden_states=False)[0]
@@ -174,3 +239,60 @@ def t5_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], rows:
         pairs += list(zip(own[len(own) - n:], read[len(read) - n:]))
     pairs.sort()
     return p, src, tuple(a for a, _ in pairs), tuple(b for _, b in pairs)
+
+
+# ------------------------------------------------------------------------------ concepts on T5
+
+def _t5_concept_table(tokenizer, text: str, rows: int, concept: ConceptVectors) -> TokenTable:
+    """t5_table of `text` whose concept token (once, in one word) is read as `*` and then stands
+    for its n vectors' positions (numbered 0..n-1 in order)."""
+    words = text.split()
+    if text.count(concept.token) != 1:
+        raise PromptError(f"the concept token {concept.token} must appear once in the prompt")
+    w = next(k for k, word in enumerate(words) if concept.token in word)
+    n = concept.n
+    read = t5_table(tokenizer, text.replace(concept.token, STAR), rows - n + 1)
+    stars = [t.position for t in read.tokens if t.word_index == w and t.text == STAR]
+    if len(stars) != 1:
+        raise PromptError(f"T5 does not read {words[w]!r} with {concept.token} as one token; "
+                          f"separate the concept token from what surrounds it with spaces")
+    q = stars[0]
+    ids = read.ids[:q] + (read.ids[q],) * n + read.ids[q + 1:]
+    tokens = [replace(t, word=words[t.word_index] if t.word_index >= 0 else "") for t in read.tokens[:q]]
+    tokens += [Token(q + k, concept.token if k == 0 else f"{concept.token}_{k}", words[w], w) for k in range(n)]
+    tokens += [replace(t, position=t.position + n - 1, word=words[t.word_index] if t.word_index >= 0 else "")
+               for t in read.tokens[q + 1:]]
+    return TokenTable(text, ids, tuple(tokens), {q + k: k for k in range(n)})
+
+
+def t5_concept_plan(tokenizer, text: str, words, rows: int):
+    """A concept on T5's reading (Flux's primary table), planned word by word as `t5_swap_plan`
+    plans swaps: (customized table, p, p', written positions of p, the positions of p' they read).
+    p is the concept (its phrase, e.g. `{token}`) replaced by its class word; p' is `*` for every
+    other word and the concept's words as the customized prompt writes them; the class word's
+    tokens and the concept's (its vectors last) are paired right-aligned. `words` is a
+    concept_prompts.ConceptWords. Raises PromptError."""
+    token, class_word = words.token, words.class_word
+    count = text.count(token)
+    if count != 1:
+        raise PromptError(f"the concept token {token} is not in the prompt" if not count else
+                          f"the concept token {token} appears {count} times; use it once")
+    expanded = words.expanded
+    customized = text if words.phrase != "{token}" and expanded in text else text.replace(token, expanded)
+    concept = ConceptVectors(token, (torch.zeros(max(words.n_vectors, 1), 1),))
+    p_text = customized.replace(expanded, class_word)
+    prefix = customized.split(expanded)[0]
+    start = len(prefix.split()) - (1 if prefix and not prefix[-1].isspace() else 0)
+    p_words, c_words = p_text.split(), customized.split()
+    n_class = len(p_words) - (len(c_words) - len(expanded.split()))  # the class word's words in p
+    n_concept = len(c_words) - len(p_words) + n_class
+    source = [STAR] * start + c_words[start:start + n_concept] + [STAR] * (len(p_words) - start - n_class)
+    table = t5_table(tokenizer, customized, rows, concept)
+    p = t5_table(tokenizer, p_text, rows)
+    src = t5_table(tokenizer, " ".join(source), rows, concept)
+    own = [q for w in range(start, start + n_class) for q in (_lexical(p, w) or p.of_word(w))]
+    read = [q for w in range(start, start + n_concept) for q in (_lexical(src, w) or src.of_word(w))]
+    n = min(len(own), len(read))
+    if not n:
+        raise PromptError(f"the class word {class_word!r} has no tokens to write {token} into")
+    return table, p, src, tuple(own[len(own) - n:]), tuple(read[len(read) - n:])

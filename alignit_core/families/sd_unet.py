@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 
 from ..attention import install
+from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
 from ..encoding import concept_vectors, encode
 from ..noising import Noising
-from ..prompts import Prompt, SwapPlan, padded, read_prompt, tokenize, word_swap_plan
+from ..prompts import Prompt, SwapPlan, padded, positions_plan, read_prompt, tokenize, word_swap_plan
 from ..settings import MAP_BLOCKS, SCHEDULERS, Settings
 
 
@@ -81,7 +82,10 @@ class UNetFamily:
 
     name = "sd-unet"
     own_loop = False  # the engine's batched loop (generate.py) runs the rows; True: the family's `denoise`
-    concept_refusal = ""  # why the family takes no concepts ("": it takes them)
+    concept_kinds = None  # the concept kinds it takes (None: all of concepts.KINDS)
+    concept_refusal = ""  # why it takes no concepts of the other kinds
+    several_concepts_refusal = ""  # why it takes no prompt with several concepts ("": it takes them)
+    concept_keys = None  # a textual-inversion file's per-encoder entries it reads (None: SDXL's clip_l, clip_g)
     schedulers = tuple(SCHEDULERS)  # the samplers it runs, by their Settings name
 
     @staticmethod
@@ -136,6 +140,21 @@ class UNetFamily:
     def prompt(self, text: str, long: str = "segments") -> Prompt:
         """The token table of `text` as the model reads it (long prompts per `long`)."""
         return read_prompt(self.tokenizers[0], text, long)
+
+    @property
+    def concept_encoders(self) -> list:
+        """The text encoders a textual-inversion concept holds vectors for, in its files' order."""
+        return self.text_encoders
+
+    def concept_plan(self, text: str, words: ConceptWords, long: str = "segments") -> ConceptPrompts:
+        """The customized prompt, p and p' (with the swapped positions) of one concept written as
+        `words`; `long` decides past 75 tokens (concept_prompts.concept_plan). Raises PromptError."""
+        return concept_plan(self.tokenizers[0], text, words, long)
+
+    def concept_positions(self, plan: SwapPlan, positions: list[int]) -> SwapPlan:
+        """A concept's plan with the swapped positions of p chosen by hand (any of p's; p' is read at
+        the same ones). Raises PromptError."""
+        return positions_plan(plan.target, plan.source, positions)
 
     def swap_plan(self, text: str, swaps: list, long: str = "segments") -> SwapPlan:
         """Word and position swaps (target, source) as p, p' and the rows written. Raises PromptError."""
