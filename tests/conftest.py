@@ -33,13 +33,10 @@ def tiny_sd():
 
 
 @pytest.fixture(scope="session")
-def clip():
-    """Just the CLIP tokenizer: what the demo's token view needs of a model."""
-    from transformers import CLIPTokenizer
-
-    from alignit_core.testing import TOKENIZER
-
-    return SimpleNamespace(tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER, model_max_length=77))
+def clip(tiny_sd):
+    """A model whose prompts read as SD 1.5's (CLIP BPE, 77 positions): what the demo's token view
+    needs of a model (its tokenizer and its family's prompt planning)."""
+    return tiny_sd
 
 
 @pytest.fixture(scope="session")
