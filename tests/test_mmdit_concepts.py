@@ -228,3 +228,26 @@ def test_generate_rows_keeps_generate_mmdit(models):
                                                                                  swaps=(swap,))], MMDiTSettings(**FAST))
     for row in ("baseline", "swapped"):
         assert torch.equal(a.latents[row], b.latents[row])
+
+
+def test_the_demo_takes_an_uploaded_textual_inversion_on_sd3(tmp_path):
+    """On an SD3 model the page accepts a textual-inversion upload and draws the customized baseline,
+    AlignIT (the concept's rows at the class word's position) and the base model on p."""
+    import app
+    from alignit_core.models import from_components
+    from alignit_core.testing import tiny_sd3
+
+    model = from_components(tiny_sd3(), "tiny-sd3")
+    widths = [e.get_input_embeddings().weight.shape[1] for e in model.text_encoders[:2]]
+    g = torch.Generator().manual_seed(0)
+    save_file({"clip_l": torch.randn(1, widths[0], generator=g), "clip_g": torch.randn(1, widths[1], generator=g)},
+              str(tmp_path / "tok.safetensors"))
+    uploaded, *_, prompt = app.add_concept(model, {}, {}, str(tmp_path / "tok.safetensors"), "<tok>", "dog")
+    assert prompt == "a photo of a <tok>"
+    *shown, grid, settings, line, gen, pair, maps = app.generate(
+        model, {}, uploaded, app.ALIGNIT, "uploaded:<tok>", "a photo of a <tok> on the grass", [], "", 1, 3, 7.0, 32,
+        "euler", False, 0.0, 1.0, None, True, "overlay", progress=lambda *a, **k: None)
+    assert gen.rows == ["customized", "alignit", "base"] and gen.swapped["alignit"] == (5,)
+    pixels = [np.asarray(gen.images[r]).astype(int) for r in gen.rows]
+    assert np.abs(pixels[0] - pixels[1]).mean() > 0.5  # AlignIT is not the customized baseline
+    assert "--concept tok.safetensors" in line
