@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads made the tiny
@@ -32,30 +30,9 @@ import torch  # noqa: E402
 
 from alignit_core.families.mmdit import MMDiTModel, MMDiTSettings, MMDiTSwap, generate_mmdit  # noqa: E402
 from alignit_core.testing import tiny_flux, tiny_sd3  # noqa: E402
+from bench import alternate  # noqa: E402  (run as a script, benchmarks/ is on the path)
 
 PROMPT, SOURCE, DOG = "a photo of a dog", "* * * * cat", {"sd3": 5, "flux": 4}
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(fn) -> float:
-    _sync()
-    t = time.perf_counter()
-    fn()
-    _sync()
-    return time.perf_counter() - t
-
-
-def alternate(a, b, reps: int) -> tuple[float, float]:
-    a(), b()  # warm-up
-    ta, tb = [], []
-    for _ in range(reps):
-        ta.append(timed(a))
-        tb.append(timed(b))
-    return statistics.median(ta), statistics.median(tb)
 
 
 def measure(name: str, pipe, size: int, steps: int, rows: int, reps: int) -> dict:
