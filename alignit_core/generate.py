@@ -20,13 +20,9 @@ from .concepts import Concept, one_model
 from .conditioning import Row, condition
 from .errors import ConceptError, ModelError, PromptError
 from .concept_prompts import several_concepts_plan
-from .prompts import SwapPlan, check_positions, max_tokens
+from .prompts import MAX_PROMPT_CHARS, SwapPlan, check_positions, max_tokens
 from .record import Generation, Request
 from .settings import SCHEDULERS, Settings, resolve
-
-# Segment mode reads at most 308 positions, about 1,200 characters of English; a prompt past this
-# is refused before it is tokenized, in every long-prompt mode (truncate would read 75 tokens of it).
-MAX_PROMPT_CHARS = 4000
 
 
 

@@ -31,6 +31,9 @@ from .settings import LONG_MODES
 STAR = "*"
 PUNCTUATION = ".,;:!?\"'()[]"
 MAX_SEGMENT_ROWS = 4 * 77  # conditioning rows a segmented prompt may have (start tokens included)
+# Segment mode reads at most 308 positions, about 1,200 characters of English; a prompt past this
+# is refused before it is tokenized, in every long-prompt mode (truncate would read 75 tokens of it).
+MAX_PROMPT_CHARS = 4000
 MAX_SWAPS = 75  # swaps in one request: as many as the positions CLIP reads in one segment
 MAX_SWAP_CHARS = 200  # one `WORD=SOURCE` swap: a word or position, and a source of a few words
 

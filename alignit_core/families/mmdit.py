@@ -29,16 +29,14 @@ import torch
 from PIL import Image
 
 from ..errors import ConceptError, PromptError, SettingsError
-from .mmdit_attention import SWAP_KV, MapSums, MMDiTState, SideStream, install
+from ..prompts import MAX_PROMPT_CHARS
+from ..settings import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SWAP_KV
+from .mmdit_attention import MapSums, MMDiTState, SideStream, install
 from .mmdit_loop import decode, denoise_flux, denoise_sd3
 from .mmdit_text import (CLIP_ROWS, ConceptVectors, TokenTable, clip_table, encode_flux, encode_sd3, t5_table,
                          word_pairs)
 
 FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-MAX_STEPS = 150
-MAX_GUIDANCE = 30.0
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 4000
 MAX_TEXT_TOKENS = 512  # T5 rows: the pipelines' own limit (Flux reads 512, SD3 256 by default)
 DEFAULT_STEPS = 28  # the pipelines' own defaults
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}

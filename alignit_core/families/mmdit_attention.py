@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-SWAP_KV = ("kv", "k", "v")  # swap keys and values, keys only, values only
 MAP_HEADS_AT_ONCE = 8  # heads whose fp32 scores a recording block holds at once (full size: 8 x 4096 x 589)
 
 
