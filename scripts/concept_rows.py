@@ -35,10 +35,12 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=10.0)
+    ap.add_argument("--assets", type=Path, default=ROOT / "assets",
+                    help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
     args = ap.parse_args(argv)
-    folder = ROOT / "assets" / "embedded-shapes"
+    folder = args.assets / "embedded-shapes"
     vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
-    model = load_model("embedded")
+    model = load_model(str(folder))
     tok = model.tokenizer
 
     def ids(text: str) -> torch.Tensor:
@@ -46,7 +48,7 @@ def main(argv=None) -> None:
 
     print("| concept | kind | conditioning | instance drawn | where the customized prompt draws it |")
     print("|---|---|---|---|---|")
-    for concept in find_concepts(ROOT / "assets" / "concepts", model):
+    for concept in find_concepts(args.assets / "concepts", model):
         if concept.kind not in ("textual_inversion", "text_encoder"):
             continue
         inst = INSTANCES[concept.token.strip("<>")]

@@ -101,7 +101,7 @@ class Vocab:
     def __init__(self, tokenizer: CLIPTokenizer):
         text = " ".join(TEMPLATES + tuple(PATTERN_PHRASES.values()))
         words = set(text.replace("{c}", "").replace("{s}", "").replace("{b}", "").split())
-        words |= set(COLOURS) | set(SHAPES) | {STAR}
+        words |= set(COLOURS) | set(SHAPES) | {STAR} | {w for t in CONCEPT_TEMPLATES for w in t.split() if w != "{}"}
         self.ids = {}
         for w in words:
             ids = tokenizer(w).input_ids[1:-1]
@@ -529,6 +529,18 @@ def concept_ids(vocab: Vocab, words: list[str], token: str):
 # customized model's guidance, so its training keeps that encoding (a squared-error term, like
 # DreamBooth's prior preservation): in a 3-layer encoder a few hundred steps move the start and
 # padding rows of every prompt, the empty one included, and guidance then cancels the concept.
+# The prompts concepts are trained on: textual inversion's own phrasings (Gal et al.'s template list, the
+# one-token ones; Custom Diffusion and CatVersion train on such lists too). Their adjectives are words the
+# world never captions, so the token meets many contexts, as it does in a real model's training.
+CONCEPT_TEMPLATES = (
+    "a {}", "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
+    "a photo of a clean {}", "a photo of a dirty {}", "a dark photo of the {}", "a photo of my {}",
+    "a photo of the cool {}", "a bright photo of the {}", "a cropped photo of a {}", "a photo of the {}",
+    "a good photo of the {}", "a photo of one {}", "a rendition of the {}", "a photo of the clean {}",
+    "a rendition of a {}", "a photo of a nice {}", "a good photo of a {}", "a photo of the nice {}",
+    "a photo of the small {}", "a photo of the weird {}", "a photo of the large {}", "a photo of a cool {}",
+    "a photo of a small {}",
+)
 KINDS = {"ti": "textual_inversion", "cd": "custom_diffusion", "te": "text_encoder"}
 TE_LAYERS = (1, 2)  # the text encoder layers whose self-attention k/v a text-encoder concept fine-tunes
 
@@ -578,7 +590,10 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
     sched = DDPMScheduler(**{k: v for k, v in noise_schedule().items() if k != "set_alpha_to_one"})
     alphas = sched.alphas_cumprod.to(device)
     phrase = [token, info["class_word"]] if kind == "cd" else [token]
-    prompts = [["a"] + phrase, ["a", "photo", "of", "a"] + phrase]
+    if args.concept_prompts == "templates":
+        prompts = [t.replace("{}", " ".join(phrase)).split() for t in CONCEPT_TEMPLATES]
+    else:
+        prompts = [["a"] + phrase, ["a", "photo", "of", "a"] + phrase]
     empty = torch.tensor([vocab.ids_of([])], device=device)
     with torch.no_grad():
         empty_rows = encode(te, empty).hidden
@@ -715,6 +730,9 @@ def main(argv=None) -> None:
     ap.add_argument("--te-concept-lr", type=float, default=5e-4, help="learning rate of text-encoder concepts")
     ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",
                     help="steps per concept, one number or one per kind (e.g. ti=1200,cd=400,te=600; 400 where not given)")
+    ap.add_argument("--concept-prompts", choices=("templates", "two"), default="templates",
+                    help="the concepts' training prompts: textual inversion's template list, or only "
+                         "`a <token>` and `a photo of a <token>` (the concepts of model v4)")
     ap.add_argument("--concept-batch", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--ckpt-every", type=int, default=500)
