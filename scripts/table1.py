@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -28,18 +29,20 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--assets", type=Path, default=EMBEDDED.parent,
+                    help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
     ap.add_argument("--only", nargs="+", help="concept folder names to evaluate (default: all)")
     ap.add_argument("--write-examples", action="store_true",
                     help="set each concept's example_prompt (its manifest) to the prompt where AlignIT gains most, "
                          "and example_rates to how often each method draws it all there (the demo offers an "
                          "AlignIT example only where AlignIT does in most seeds)")
     args = ap.parse_args(argv)
-    model = load_model("embedded")
+    model = load_model(str(args.assets / "embedded-shapes"))
     print("| concept | kind | text alignment: customized → AlignIT | gain (paired) | "
           "concept fidelity: customized → AlignIT | AlignIT / customized | n |")
     print("|---|---|---|---|---|---|---|")
     texts, examples = [], []
-    for concept in find_concepts(EMBEDDED.parent / "concepts", model):
+    for concept in find_concepts(args.assets / "concepts", model):
         if args.only and concept.name not in args.only:
             continue
         instance = INSTANCES[concept.token.strip("<>")]["scene"]
@@ -56,7 +59,7 @@ def main(argv=None) -> None:
     for concept, (prompt, before, after) in examples:
         print(f"| {concept.name} | `{prompt}` | {before:.2f} | {after:.2f} |")
         if args.write_examples:
-            manifest = EMBEDDED.parent / "concepts" / concept.name / "manifest.json"
+            manifest = args.assets / "concepts" / concept.name / "manifest.json"
             data = json.loads(manifest.read_text())
             data["example_prompt"] = prompt
             data["example_rates"] = [round(before, 3), round(after, 3)]

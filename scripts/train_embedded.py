@@ -397,9 +397,9 @@ def probe_cross_attention(unet, sides=(16,)) -> AttentionProbe:
     probe = AttentionProbe()
     n_down = len(unet.config.block_out_channels) - 1
     for name, module in unet.named_modules():
-        if name.endswith("attn2") and not name.startswith("mid_block"):
-            i = int(name.split(".")[1])
-            level = i if name.startswith("down_blocks") else n_down - i
+        if name.endswith("attn2") and (not name.startswith("mid_block") or len(sides) > 1):
+            i = 0 if name.startswith("mid_block") else int(name.split(".")[1])
+            level = n_down if name.startswith("mid_block") else i if name.startswith("down_blocks") else n_down - i
             if unet.config.sample_size // 2 ** level in sides:
                 module.set_processor(probe)
     return probe
@@ -423,6 +423,19 @@ def localisation_loss(maps: list[torch.Tensor], word_class: torch.Tensor, masks:
         kl = (even * (torch.log(even.clamp_min(1e-8)) - torch.log(spread.clamp_min(1e-8)))).sum(1)  # (batch, tokens)
         losses.append(kl[words[:, : probs.shape[2]]].mean())
     return torch.stack(losses).mean()
+
+
+def end_share(maps: list[torch.Tensor], eos: torch.Tensor) -> torch.Tensor:
+    """The share of cross-attention that goes to the end-of-text and padding rows, averaged over
+    pixels, samples and the probed layers. Stable Diffusion's UNet gives most of it to the start
+    token, whose row is the same for every prompt (a sink that carries nothing), and little to the
+    padding; a jointly trained model makes the end rows its sink, and whatever later writes into
+    them (a text-encoder fine-tune) is read everywhere."""
+    shares = []
+    for probs in maps:  # (batch, pixels, tokens)
+        end = torch.arange(probs.shape[2], device=probs.device).view(1, -1) >= eos.view(-1, 1)  # (batch, tokens)
+        shares.append((probs * end.unsqueeze(1)).sum(-1).mean())
+    return torch.stack(shares).mean()
 
 
 def unet_lr(args, step: int, total: int) -> float:
@@ -452,7 +465,8 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
     total = ck.get("total", args.unet_steps) if ck else args.unet_steps
-    probe = probe_cross_attention(unet) if args.attention_weight else AttentionProbe()
+    probe = (probe_cross_attention(unet, sides=(4, 8, 16) if args.eot_attention_weight else (16,))
+             if args.attention_weight or args.eot_attention_weight else AttentionProbe())
     t0, step = time.time(), start
     while step < min(total, args.unet_stop or total):
         step += 1
@@ -481,8 +495,12 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         loss = F.mse_loss(pred, eps)
         parts = {}
         if args.attention_weight and batch.word_class.any():
-            parts["localisation"] = localisation_loss(probe.maps, batch.word_class.to(device), masks)
+            maps16 = [m for m in probe.maps if m.shape[1] == 16 * 16]
+            parts["localisation"] = localisation_loss(maps16, batch.word_class.to(device), masks)
             loss = loss + args.attention_weight * parts["localisation"]
+        if args.eot_attention_weight:
+            parts["end_share"] = end_share(probe.maps, batch.eos.to(device))
+            loss = loss + args.eot_attention_weight * parts["end_share"]
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -579,7 +597,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         kv = [p for n, p in model.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n]
         for p in kv:
             p.requires_grad_(True)
-        groups.append(dict(params=kv, lr=2e-4))
+        groups.append(dict(params=kv, lr=args.cd_kv_lr))
     if kind == "te":
         encoder = copy.deepcopy(te)
         tuned = list(_te_params(encoder).values())
@@ -724,10 +742,15 @@ def main(argv=None) -> None:
     ap.add_argument("--attention-weight", type=float, default=0.0,
                     help="weight of the loss that spreads each object / background word's cross-attention "
                          "over what it draws, at the 16x16 layers (the heat maps' resolution)")
+    ap.add_argument("--eot-attention-weight", type=float, default=0.0,
+                    help="weight of the loss on the share of cross-attention given to the end-of-text and "
+                         "padding rows (every cross-attention layer): the start token becomes the sink, as in SD")
     ap.add_argument("--latent-pool", type=int, default=0, metavar="N",
                     help="encode N pictures per (colour, shape, background, pattern) once and train on them "
                          "(0: encode every batch; the pool pays on a CPU)")
     ap.add_argument("--te-concept-lr", type=float, default=5e-4, help="learning rate of text-encoder concepts")
+    ap.add_argument("--cd-kv-lr", type=float, default=2e-4,
+                    help="learning rate of Custom Diffusion's cross-attention K/V projections (its token vector: 5e-3)")
     ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",
                     help="steps per concept, one number or one per kind (e.g. ti=1200,cd=400,te=600; 400 where not given)")
     ap.add_argument("--concept-prompts", choices=("templates", "two"), default="templates",
