@@ -151,14 +151,14 @@ def scores_markdown(report: AlignmentReport) -> str:
                       f"heat-map rows."]
     if report.clip_note:
         lines += ["", f"{plain(report.clip_note)}; showing the MI score only."]
-    lines += ["", "Under each image: where each word of the text helps the denoiser predict the noise "
+    lines += ["", "Under each image: where each word of the text helps the denoiser "
                   "(per-token MI; where a word contradicts the image the map is negative and shows as 0)."]
     return "\n".join(lines)
 
 
 def score_seconds(gen: Generation, *args, **kwargs) -> int:
     """How long scoring may hold a ZeroGPU GPU: per image, MI sample and text condition (the prompt,
-    the empty prompt and each token left out), one UNet evaluation."""
+    the empty prompt and each token left out), one denoiser evaluation."""
     size = gen.settings.size
     conditions = 2 + max(len(t) for t in gen.tokens.values())
     evaluations = len(gen.rows) * MI_SAMPLES * conditions * (size / 512) ** 2

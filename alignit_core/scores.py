@@ -5,7 +5,7 @@
 
 **MI score**: the point-wise mutual information between a final latent z0 and a prompt p,
 estimated with the pipeline's own denoiser ε̂ (Kong et al., "Information-Theoretic Diffusion";
-MINDE; MITUNE, "Information Theoretic Text-to-Image Alignment"), in nats:
+MINDE; MITUNE, "Information Theoretic Text-to-Image Alignment"), in nats; on a DDPM model:
 
     i(z0; p) ≈ mean over (t, ε) of  k_t · (‖ε − ε̂(z_t, ∅, t)‖² − ‖ε − ε̂(z_t, p, t)‖²),
     z_t = √ᾱ_t z0 + √(1−ᾱ_t) ε,   k_t = T·β_t / (2(1−ᾱ_t)),
@@ -17,6 +17,14 @@ told p. Averaged over images drawn for p this equals MITUNE's k_t·‖ε̂(z_t, 
 image that fits p from one that contradicts it: MITUNE's form grows just as much when p pulls the
 denoiser away from what the image shows (README, "Scoring alignment", has the numbers). So this
 form is the score; `MIScore.orthogonal` keeps MITUNE's for comparison.
+
+On a rectified-flow model (SD3, Flux: RFMI, Wang et al. 2025) the same estimator runs on the model's
+velocity v̂ and its own forward process (noising.py): z_σ = (1−σ) z0 + σ ε, v = ε − z0, σ
+stratified-uniform in [1/1000, 1], weight (1−σ)/σ (times the range's width):
+i(z0; p) ≈ mean over (σ, ε) of (1−σ)/σ · (‖v − v̂(z_σ, ∅)‖² − ‖v − v̂(z_σ, p)‖²), and
+`MIScore.orthogonal` is RFMI's own form, mean (1−σ)/σ · ‖v̂(z_σ, p) − v̂(z_σ, ∅)‖². The family
+supplies the process (`noising`), the text (`encode`, `empty`, `token_rows`) and the prediction
+(`score_output`); this module asks nothing else of it.
 
 Every row scored in one call sees the same (t, ε) (common random numbers), and (t, ε) depend only
 on `seed`, so separate calls agree too: a difference between two images is not sampling noise.
@@ -31,7 +39,7 @@ and the concept's reference images (references optionally masked to the concept,
 does), overall = geometric mean of the two. CLIP weights come from the hub; where they cannot be
 loaded, `load_clip` says so and callers report the MI score alone.
 
-No gradio here; the UNet and text encoders are only read.
+No gradio here; the denoiser and text encoders are only read.
 """
 from __future__ import annotations
 
@@ -45,31 +53,27 @@ from PIL import Image
 
 from .errors import AlignITError, ModelError
 from .conditioning import empty_prompt, encode_prompt, pad_segmented
-from .noising import Noising
 from .record import Generation
 from .models import hub_reachable
-from .prompts import Prompt, read_prompt, word_swap_plan
+from .prompts import Prompt
 
-T_MIN = 51  # MITUNE's lower end: below it ε̂ barely depends on the prompt
 MI_SAMPLES = 32
 MI_SEED = 0
-MAX_BATCH = 16  # images per UNet pass while scoring (SDXL at 1024 px still fits a GPU)
+MAX_BATCH = 16  # images per denoiser pass while scoring (SDXL at 1024 px still fits a GPU)
 CLIP_ID = "openai/clip-vit-base-patch32"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's preprocessing
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MASK_FILL = (0, 0, 0)  # what a masked reference shows outside the concept
 
 
-def draw(noising: Noising, shape: tuple[int, ...], samples: int, seed: int = MI_SEED):
-    """The (t, ε) pairs: t stratified in [T_MIN, T−1] (one uniform draw per stratum), ε standard
-    normal of `shape`, both from a CPU generator seeded with `seed`. Returns t (samples,) long and
-    ε (samples, *shape) float32, on the CPU."""
+def draw(noising, shape: tuple[int, ...], samples: int, seed: int = MI_SEED):
+    """The (t, ε) pairs: t stratified over the process's times (`noising.times`: DDPM steps in
+    [T_MIN, T−1], rectified-flow noise levels σ), ε standard normal of `shape`, both from a CPU
+    generator seeded with `seed`. Returns t (samples,) and ε (samples, *shape) float32, on the CPU."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise AlignITError("the MI score needs a whole number of samples, at least 1")
     g = torch.Generator("cpu").manual_seed(seed)
-    edges = torch.linspace(T_MIN, noising.T, samples + 1, dtype=torch.float64)
-    u = torch.rand(samples, generator=g, dtype=torch.float64)
-    t = (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(T_MIN, noising.T - 1)
+    t = noising.times(samples, g)
     eps = torch.randn((samples, *shape), generator=g)
     return t, eps
 
@@ -83,7 +87,7 @@ class MIScore:
     value: float
     samples: np.ndarray  # (samples,) the term for each (t, ε); the same (t, ε) for every row of a call
     map: np.ndarray  # (h, w) latent grid, sums to `value`
-    orthogonal: float  # MITUNE's form, mean k_t ‖ε̂(z_t, p) − ε̂(z_t, ∅)‖²: for comparison, not a score
+    orthogonal: float  # MITUNE's form, mean k_t ‖ε̂(z_t, p) − ε̂(z_t, ∅)‖² (RFMI's on velocities): for comparison
     tokens: tuple[str, ...] = ()  # the prompt's tokens (start and end excluded) when per-token was asked
     token_values: np.ndarray | None = None  # (tokens,) I(z0; token | rest of the prompt)
     token_maps: np.ndarray | None = None  # (tokens, h, w), each sums to its token value
@@ -101,10 +105,15 @@ def difference(a: MIScore, b: MIScore) -> tuple[float, float]:
     return float(d.mean()), se
 
 
-def _condition_with_token_removed(cond: torch.Tensor, empty: torch.Tensor, position: int) -> torch.Tensor:
+def _condition_with_token_removed(cond: torch.Tensor, empty: torch.Tensor, rows: list[int]) -> torch.Tensor:
     out = cond.clone()
-    out[position] = empty[position]
+    out[rows] = empty[rows]
     return out
+
+
+def _content(prompt: Prompt) -> list[int]:
+    """Positions of the prompt's own tokens, in whatever table it is (T5's has no start token)."""
+    return [t.position for t in prompt.tokens if t.word_index >= 0]
 
 
 @torch.no_grad()
@@ -112,7 +121,7 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
               per_token: bool = False, seed: int = MI_SEED, progress=None) -> dict[str, MIScore]:
     """MI between each final latent (C, h, w) and `prompt` (read by the base model's text encoder),
     every latent under the same (t, ε). `per_token` adds each content token's conditional MI and
-    map. `progress(done, total)` is called after each UNet pass. Raises AlignITError on bad input."""
+    map. `progress(done, total)` is called after each denoiser pass. Raises AlignITError on bad input."""
     if not latents:
         raise AlignITError("nothing to score: no latents were given")
     if prompt.vectors:
@@ -130,9 +139,10 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
     empty, pooled_empty, pad = empty_prompt(model)
     if prompt.parts:  # a long prompt's segment rows; ∅ and p padded alike, as in the generation
         cond, empty = pad_segmented(model, [cond, empty], [pad, pad])
-    positions = list(prompt.content) if per_token else []
-    # conditions: [∅, p, p with token k from ∅ ...]; each compared with p
-    hidden = torch.stack([empty, cond] + [_condition_with_token_removed(cond, empty, k) for k in positions])
+    positions = _content(prompt) if per_token else []
+    # conditions: [∅, p, p with token k's rows from ∅ ...]; each compared with p
+    hidden = torch.stack([empty, cond] + [_condition_with_token_removed(cond, empty, family.token_rows(prompt, k))
+                                          for k in positions])
     pooleds = [pooled_empty, pooled] + [pooled] * len(positions)  # p's pooled text for every per-token condition
     n_cond = hidden.shape[0]
 
@@ -149,18 +159,18 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
         z_t = noising.noised(z0.unsqueeze(0), eps.unsqueeze(1), t).reshape(s * r, *z0.shape[1:])
         tt = t.repeat_interleave(r).repeat(n_cond)  # batch layout: (condition, sample, row)
         enc = hidden.repeat_interleave(s * r, dim=0)
-        added = family.added_conditions([q for q in pooleds for _ in range(s * r)], z0.shape[-1] * model.vae_scale,
-                                        enc.dtype)
         x = z_t.repeat(n_cond, 1, 1, 1)
-        out = family.predict(model.unet, x.to(model.dtype), tt, enc, added).float()
-        eps_hat = noising.to_epsilon(out, x, tt).reshape(n_cond, s, r, *z0.shape[1:])
-        # squared denoising error per latent pixel (channels summed): (n_cond, s, r, h, w)
-        err = (eps.unsqueeze(1).unsqueeze(0) - eps_hat).pow(2).sum(3)
-        # how much better ε is predicted knowing p than knowing ∅ (or p without token k): (n_cond-1, s, r, h, w)
+        out = family.score_output(x.to(model.dtype), tt, enc, [q for q in pooleds for _ in range(s * r)]).float()
+        # the prediction of ε (DDPM) or of the velocity ε − z0 (rectified flow): (n_cond, s, r, C, h, w)
+        pred = noising.predicted(out, x, tt).reshape(n_cond, s, r, *z0.shape[1:])
+        truth = noising.target(z0.unsqueeze(0), eps.unsqueeze(1))  # (s, r or 1, C, h, w)
+        # squared error per latent pixel (channels summed): (n_cond, s, r, h, w)
+        err = (truth.unsqueeze(0) - pred).pow(2).sum(3)
+        # how much better it is predicted knowing p than knowing ∅ (or p without token k): (n_cond-1, s, r, h, w)
         gain = k.view(1, s, 1, 1, 1) * (torch.cat([err[:1], err[2:]]) - err[1:2])
         value_sum[start:start + s] = gain.sum((-2, -1)).permute(1, 2, 0).cpu()
         map_sum += gain.sum(1).permute(1, 0, 2, 3).cpu()
-        orthogonal[start:start + s] = (k.view(s, 1, 1, 1, 1) * (eps_hat[1] - eps_hat[0]).pow(2)).sum((2, 3, 4)).cpu()
+        orthogonal[start:start + s] = (k.view(s, 1, 1, 1, 1) * (pred[1] - pred[0]).pow(2)).sum((2, 3, 4)).cpu()
         if progress is not None:
             progress(start + s, samples)
     maps = (map_sum / samples).numpy()
@@ -277,15 +287,16 @@ def overall(text: float, image: float) -> float:
 
 # ------------------------------------------------------------------------------ one generation
 
-def intended_text(tokenizer, p: str, swaps: list) -> str:
+def intended_text(family, p: str, swaps: list) -> str:
     """What a token swap means to draw: p with every swapped word replaced by its source word
     (`a jumping dog`, dog=zebra -> `a jumping zebra`; `banana in a white plate`, 4=black ->
-    `banana in a black plate`). A swap that covers part of a word replaces the whole word."""
-    prompt = read_prompt(tokenizer, p)
+    `banana in a black plate`), positions read in `family`'s token table. A swap that covers part
+    of a word replaces the whole word."""
+    prompt = family.prompt(p)
     words = p.split()
     new: dict[int, str | None] = {}
     for target, source in swaps:
-        covered = word_swap_plan(tokenizer, p, [(target, source)]).positions
+        covered = family.swap_plan(p, [(target, source)]).positions
         index = sorted({prompt.tokens[i].word_index for i in covered})
         new[index[0]] = source
         new.update({i: None for i in index[1:]})
@@ -312,7 +323,7 @@ def scoring_text(model, gen: Generation) -> str:
     words replaced by their sources."""
     req = gen.request
     if req.mode == "swap" and req.swaps:
-        return intended_text(model.tokenizer, req.p.text, list(req.swaps))
+        return intended_text(model.family, req.p.text, list(req.swaps))
     return req.p.text
 
 
@@ -323,9 +334,9 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     Raises AlignITError when `gen` kept no latents."""
     if not gen.latents:
         raise AlignITError("this generation kept no latents to score; generate again")
-    model.family.noising()  # a model the MI score does not fit (rectified flow) says so here
+    model.family.noising()  # a model the MI score does not fit says so here
     text = scoring_text(model, gen)
-    prompt = read_prompt(model.tokenizer, text, gen.settings.long_prompt)
+    prompt = model.family.prompt(text, gen.settings.long_prompt)
     mi = mi_scores(model, gen.latents, prompt, samples=samples, per_token=True, progress=progress)
     rows = list(gen.latents)
     reference = rows[0]
@@ -333,7 +344,7 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     positions = gen.swapped[rows[-1]] if gen.mode == "swap" else gen.swapped["alignit"]
     if len(prompt.ids) != len(gen.tokens[rows[-1]]):
         positions = ()
-    report = AlignmentReport(text, mi, reference, diffs, positions=positions, token_positions=tuple(prompt.content),
+    report = AlignmentReport(text, mi, reference, diffs, positions=positions, token_positions=tuple(_content(prompt)),
                              clip_note="" if clip is not None else (clip_note or "CLIP is not available"))
     if clip is not None:
         images = [gen.images[r] for r in rows]

@@ -200,7 +200,6 @@ def run_job(model, entry: Entry, job: Job, texts: tuple[str, str], out: Path, se
     from . import generate as engine
     from . import scores
     from .settings import Settings
-    from .prompts import read_prompt
 
     folder = out / job.folder
     latents_file = folder / "latents.safetensors"
@@ -221,7 +220,7 @@ def run_job(model, entry: Entry, job: Job, texts: tuple[str, str], out: Path, se
     scores_file = folder / "scores.json"
     cached = json.loads(scores_file.read_text()) if scores_file.is_file() else None
     if cached is None or cached.get("scoring") != scoring.key():
-        mi = scores.mi_scores(model, {m: latents[m] for m in METHODS}, read_prompt(model.tokenizer, texts[1]),
+        mi = scores.mi_scores(model, {m: latents[m] for m in METHODS}, model.family.prompt(texts[1]),
                               samples=scoring.samples)
         result = {m: {"mi": mi[m].value, "mi_stderr": mi[m].stderr} for m in METHODS}
         if scoring.clip is not None:

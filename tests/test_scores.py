@@ -14,8 +14,9 @@ from PIL import Image
 from alignit_core import Concept, ModelError, Settings, generate_concept, generate_swap, read_prompt, tokenize
 from alignit_core.conditioning import Row, empty_prompt, encode_prompt
 from alignit_core.generate import run_rows
+from alignit_core.noising import T_MIN
 from alignit_core.settings import resolve
-from alignit_core.scores import (MASK_FILL, T_MIN, Clip, difference, draw, image_alignment, intended_text,
+from alignit_core.scores import (MASK_FILL, Clip, difference, draw, image_alignment, intended_text,
                                  load_clip, masked, mi_scores, overall, score_generation, text_alignment)
 from alignit_core.testing import TOKENIZER
 
@@ -172,8 +173,8 @@ def swap_gen(tiny_sd):
 
 
 def test_a_token_swap_is_scored_against_the_text_it_means(tiny_sd, swap_gen):
-    assert intended_text(tiny_sd.tokenizer, "a jumping dog", [("dog", "zebra")]) == "a jumping zebra"
-    assert intended_text(tiny_sd.tokenizer, "banana in a white plate", [(4, "black")]) == "banana in a black plate"
+    assert intended_text(tiny_sd.family, "a jumping dog", [("dog", "zebra")]) == "a jumping zebra"
+    assert intended_text(tiny_sd.family, "banana in a white plate", [(4, "black")]) == "banana in a black plate"
     report = score_generation(tiny_sd, swap_gen, samples=2)
     assert report.text == "a jumping zebra" and report.reference == "baseline"
     assert list(report.mi) == ["baseline", "swapped"] and list(report.differences) == ["swapped"]

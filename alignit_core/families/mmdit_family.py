@@ -6,8 +6,9 @@ request. An MMDiT's text stream changes in every block, so this family runs its 
 images, maps and latents go back to the engine, which makes the `Generation`.
 Settings the side stream has no use for are refused (`check`); textual-inversion concepts run as a
 customized row (the concept's vectors written into the text encoders' token embeddings) and an
-AlignIT row whose side stream carries p' through them; other concept kinds and the MI score are not
-offered yet (`concept_kinds`, `concept_refusal`, `noising`).
+AlignIT row whose side stream carries p' through them; other concept kinds are not offered yet
+(`concept_kinds`, `concept_refusal`). The MI score is RFMI (mmdit_score.py): `noising`, `encode`,
+`empty`, `token_rows`, `score_output`.
 
 Token tables: SD3's primary table is CLIP's (the project's own word swaps apply as on SD 1.x);
 Flux reads T5 rows only, so its table and word swaps are T5's (`model.tokenizer` is T5's there).
@@ -19,11 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
-from ..errors import ConceptError, ModelError, PromptError, SettingsError
+from ..errors import ConceptError, PromptError, SettingsError
+from ..noising import RectifiedFlow
 from ..prompts import Prompt, SwapPlan, check_swaps, positions_plan, tokenize, word_swap_plan
 from ..settings import MAP_BLOCKS, Settings
 from .mmdit import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_TOKENS, FAMILIES, MMDiTModel, MMDiTRow,
                     MMDiTSettings, MMDiTSwap, TextBranch, generate_rows)
+from .mmdit_score import MMDiTScoring, on_grid
 from .mmdit_text import ConceptVectors, t5_concept_plan, t5_swap_plan, t5_table
 from .sd_unet import Defaults
 
@@ -69,7 +72,8 @@ class ImageTokenMaps:
 class MMDiTFamily:
     """An SD3 / SD3.5 or Flux pipeline with side-stream AlignIT installed, answering what the engine
     asks (UNetFamily's docstrings are the contract). Text encoding, noise and decoding are the
-    loop's own (mmdit.py), so `encode`, `empty`, `predict` and their kin are not offered."""
+    loop's own (mmdit.py), so `predict` and its kin are not offered; `encode` and `empty` serve the
+    MI score only (the base model's text, no concept)."""
 
     name = "mmdit"
     own_loop = True  # generate.run_rows hands the rows to `denoise`
@@ -207,7 +211,8 @@ class MMDiTFamily:
         gen = generate_rows(self.mmdit, [self._row(row) for row in rows], mmdit, on_kv=on_kv, progress=progress)
         names = [row.name for row in rows]
         store_bytes = sum(m.nbytes for m in gen.text_maps.values())
-        return [gen.images[n] for n in names], gen.maps, store_bytes, [gen.latents[n] for n in names]
+        latents = [on_grid(self.kind, gen.latents[n]) for n in names]  # (C, h, w), Flux's unpacked
+        return [gen.images[n] for n in names], gen.maps, store_bytes, latents
 
     def _vectors(self, concept) -> ConceptVectors | None:
         if concept is None:
@@ -226,6 +231,14 @@ class MMDiTFamily:
                                    TextBranch(vectors=vectors) if vectors is not None else None, read))
         return MMDiTRow(row.name, row.prompt.text, self._vectors(row.concept), tuple(swaps))
 
-    def noising(self):
-        raise ModelError(f"the MI score needs a DDPM (noise-prediction) model; {self.title} is a rectified-flow "
-                         f"model (it predicts a velocity from noise to image), so it is not scored")
+    # ---------------------------------------------------------------- the MI score: RFMI (mmdit_score.py)
+
+    def noising(self) -> RectifiedFlow:
+        """The rectified-flow process the model was trained with (for the MI score)."""
+        return RectifiedFlow.of_scheduler(self.scheduler_config)
+
+    scoring = property(lambda self: MMDiTScoring(self.mmdit))
+    encode = property(lambda self: self.scoring.encode)
+    empty = property(lambda self: self.scoring.empty)
+    token_rows = property(lambda self: self.scoring.token_rows)
+    score_output = property(lambda self: self.scoring.velocity)

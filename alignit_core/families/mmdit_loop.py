@@ -20,6 +20,27 @@ def initial_latent(channels: int, side: int, seed: int, dtype, device) -> torch.
                         device=device, dtype=dtype)
 
 
+def pack(z: torch.Tensor) -> torch.Tensor:
+    """Flux's packing: latents (b, C, h, w) as 2x2 patches, one token each: (b, h/2 * w/2, 4C)."""
+    b, c, h, w = z.shape
+    return z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(latents: torch.Tensor, half: int) -> torch.Tensor:
+    """`pack` undone for a square grid of `half` x `half` tokens: (b, half^2, 4C) -> (b, C, 2 half, 2 half)."""
+    b, n, c = latents.shape
+    latents = latents.view(b, half, half, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, c // 4, 2 * half, 2 * half)
+
+
+def packed_ids(half: int, device, dtype) -> torch.Tensor:
+    """(half^2, 3) Flux's image ids: (0, row, column) of each packed token."""
+    ids = torch.zeros(half, half, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(half)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(half)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
 def denoise_sd3(model, state, hidden, pooled, r, cfg, s, progress=None):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
@@ -59,13 +80,8 @@ def denoise_flux(model, state, hidden, pooled, r, cfg, s, progress=None):
     side = 2 * (s.size // (pipe.vae_scale_factor * 2))
     channels = transformer.config.in_channels // 4
     z = initial_latent(channels, side, s.seed, hidden.dtype, hidden.device)
-    # packed 2x2: (1, (side/2)^2, 4C); image ids (row, column) per packed token
-    latents = z.view(1, channels, side // 2, 2, side // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    latents = latents.reshape(1, (side // 2) ** 2, channels * 4).repeat(r, 1, 1)
-    ids = torch.zeros(side // 2, side // 2, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(side // 2)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(side // 2)[None, :]
-    image_ids = ids.reshape(-1, 3).to(device=hidden.device, dtype=hidden.dtype)
+    latents = pack(z).repeat(r, 1, 1)
+    image_ids = packed_ids(side // 2, hidden.device, hidden.dtype)
     text_ids = torch.zeros(hidden.shape[1], 3).to(device=hidden.device, dtype=pipe.text_encoder.dtype)
     sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
     sigmas = None if sched.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / s.steps, s.steps)
@@ -93,10 +109,7 @@ def decode(model, latents: torch.Tensor, size: int) -> Image.Image:
     """One row's latent -> PIL image, as the pipeline decodes (one row at a time)."""
     pipe = model.pipe
     if model.family == "flux":
-        b, n, c = latents.shape
-        side = 2 * (size // (pipe.vae_scale_factor * 2))
-        latents = latents.view(b, side // 2, side // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        latents = latents.reshape(b, c // 4, side, side)
+        latents = unpack(latents, size // (pipe.vae_scale_factor * 2))
     z = (latents / pipe.vae.config.scaling_factor) + pipe.vae.config.shift_factor
     image = pipe.vae.decode(z.to(pipe.vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")[0]

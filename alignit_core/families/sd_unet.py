@@ -238,6 +238,19 @@ class UNetFamily:
         x = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in x]
 
+    # ---------------------------------------------------------------- the MI score (scores.py)
+
     def noising(self) -> Noising:
         """The DDPM forward process the model was trained with (for the MI score)."""
         return Noising.of_scheduler(self.scheduler_config)
+
+    def token_rows(self, prompt: Prompt, position: int) -> list[int]:
+        """The conditioning rows that carry token `position` of `prompt` (per-token MI removes them)."""
+        return [position]
+
+    def score_output(self, x, t, hidden, pooled: list) -> torch.Tensor:
+        """The denoiser's output for the MI score: latents `x` (b, C, h, w) at the process's timesteps
+        `t` (b,), conditioned on `hidden` (b, tokens, dim) and `pooled` (b entries, None on SD 1.x / 2.x);
+        plain attention."""
+        added = self.added_conditions(pooled, x.shape[-1] * self.vae_scale, hidden.dtype)
+        return self.predict(self.unet, x, t, hidden, added)
