@@ -162,7 +162,7 @@ def positions_picked(model, mode, prompt, swaps, selected, long="segments"):
     if mode != SWAP:
         return gr.update()
     try:
-        return sync_swaps(model.tokenizer, check_prompt(prompt), swaps, selected or [], long)
+        return sync_swaps(model, check_prompt(prompt), swaps, selected or [], long)
     except AlignITError:  # the token view already says what is wrong
         return gr.update()
 

@@ -59,9 +59,7 @@ class Prompt:
 
     @property
     def content(self) -> list[int]:
-        """Positions of the prompt's own tokens (no start or end tokens)."""
-        if not self.parts:
-            return list(range(1, len(self.ids) - 1))
+        """Positions of the prompt's own tokens (no start or end tokens; a T5 table has no start token)."""
         return [t.position for t in self.tokens if t.word_index >= 0]
 
     @property

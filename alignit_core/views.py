@@ -20,7 +20,7 @@ from .concept_prompts import several_concepts_plan
 from .concepts import KIND_LABELS, Concept
 from .errors import AlignITError, ConceptError, PromptError, short
 from .generate import check_prompt, size_warning
-from .prompts import Prompt, check_swaps, parse_swap, read_prompt, word_swap_plan
+from .prompts import Prompt, check_swaps, parse_swap
 from .settings import Settings, resolve
 
 PAPER = "https://arxiv.org/abs/2406.18893"
@@ -121,28 +121,28 @@ def _swap_lines(text: str) -> list[str]:
     return lines
 
 
-def _line_positions(tokenizer, prompt: str, line: str, long: str = "segments") -> tuple[int, ...]:
-    """Positions of p that one swap line writes to; a half-typed `pos=` line counts as `pos`;
-    a line that names nothing in the prompt writes to none."""
+def _line_positions(model, prompt: str, line: str, long: str = "segments") -> tuple[int, ...]:
+    """Positions of p (the model's own token table) that one swap line writes to; a half-typed
+    `pos=` line counts as `pos`; a line that names nothing in the prompt writes to none."""
     target = line.split("=", 1)[0].strip()
     try:
-        return word_swap_plan(tokenizer, prompt, [parse_swap(line)], long).positions
+        return model.family.swap_plan(prompt, [parse_swap(line)], long).positions
     except AlignITError:
         return (int(target),) if target.isdigit() else ()
 
 
-def swap_positions(tokenizer, prompt: str, swaps: str, long: str = "segments") -> list[int]:
+def swap_positions(model, prompt: str, swaps: str, long: str = "segments") -> list[int]:
     """Every position the swaps box currently writes to, sorted."""
-    return sorted({p for line in _swap_lines(swaps) for p in _line_positions(tokenizer, prompt, line, long)})
+    return sorted({p for line in _swap_lines(swaps) for p in _line_positions(model, prompt, line, long)})
 
 
-def sync_swaps(tokenizer, prompt: str, swaps: str, selected: list[int], long: str = "segments") -> str:
+def sync_swaps(model, prompt: str, swaps: str, selected: list[int], long: str = "segments") -> str:
     """The swaps box after the position checkboxes changed to `selected`: lines whose positions
     were all unchecked go, a `pos=` template comes for each newly checked position."""
     chosen = set(selected)
     kept, covered = [], set()
     for line in _swap_lines(swaps):
-        positions = set(_line_positions(tokenizer, prompt, line, long))
+        positions = set(_line_positions(model, prompt, line, long))
         if positions and not positions & chosen:
             continue  # the user unchecked it
         kept.append(line)
@@ -181,7 +181,7 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
     try:
         if mode == ALIGNIT:
             if not chosen:
-                return TokenView(read_prompt(model.tokenizer, text, long), problem="choose or upload a concept")
+                return TokenView(model.family.prompt(text, long), problem="choose or upload a concept")
             if len(chosen) == 1:
                 prompts = model.family.concept_plan(text, chosen[0].words, long)
                 return TokenView(prompts.plan.target, (("", prompts.plan.source),), prompts.customized,
@@ -189,18 +189,18 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
             several = several_concepts_plan(model.tokenizer, text, [c.words for c in chosen])
             return TokenView(several.plans[0].target, tuple((c.token, plan.source) for c, plan in zip(chosen, several.plans)),
                              several.customized, tuple(sorted(pos for plan in several.plans for pos in plan.positions)))
-        p = read_prompt(model.tokenizer, text, long)
+        p = model.family.prompt(text, long)
     except AlignITError as e:
         try:
-            return TokenView(read_prompt(model.tokenizer, text, long), problem=str(e))
+            return TokenView(model.family.prompt(text, long), problem=str(e))
         except AlignITError:
             return TokenView(None, problem=str(e))
     try:  # only positions the checkboxes offer: `99=`, `0=` or a half-typed `12=` must not reach them
-        selected = tuple(pos for pos in swap_positions(model.tokenizer, text, swaps, long) if pos in p.content)
+        selected = tuple(pos for pos in swap_positions(model, text, swaps, long) if pos in p.content)
     except AlignITError as e:  # too many swaps, or one too long
         return TokenView(p, problem=str(e))
     try:
-        return TokenView(p, (("", word_swap_plan(model.tokenizer, text, parse_swaps(swaps), long).source),),
+        return TokenView(p, (("", model.family.swap_plan(text, parse_swaps(swaps), long).source),),
                          selected=selected)
     except AlignITError as e:
         return TokenView(p, selected=selected, problem=str(e) if _swap_lines(swaps) else "")

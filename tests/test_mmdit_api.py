@@ -228,3 +228,15 @@ def test_the_demo_serves_token_swaps_on_sd3(sd3):
     assert gen.rows == ["baseline", "swapped"] and shown[0] is not None and shown[1] is not None
     assert not np.array_equal(_pixels(gen.images["baseline"]), _pixels(gen.images["swapped"]))
     assert set(gen.maps) == {"baseline", "swapped"} and line.startswith("python -m alignit_core generate")
+
+
+def test_flux_first_word_is_a_position_of_its_own_and_can_be_swapped(flux):
+    """T5's table has no start token: its first word sits at position 0 and is swappable like any other."""
+    from alignit_core.views import position_choices, token_view
+
+    p = flux.family.prompt(P)
+    assert p.content == [0, 1, 2, 3, 4] and p.tokens[0].text == "a"
+    view = token_view(flux, "swap", "dog jumping", None, "dog=cat")
+    assert [pos for _, pos in position_choices(view)][:1] == [0] and view.selected == (0,)
+    gen = generate_swap(flux, "dog jumping", [(0, "cat")], Settings(**FAST))
+    assert gen.swapped["swapped"] == (0,)

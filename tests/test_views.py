@@ -49,16 +49,16 @@ def test_a_half_typed_swap_is_refused_in_the_engines_words():
 
 
 def test_swap_positions_follow_words_positions_and_half_typed_lines(clip):
-    assert views.swap_positions(clip.tokenizer, PROMPT, "red=yellow\n6=black") == [2, 6]
-    assert views.swap_positions(clip.tokenizer, PROMPT, "3=") == [3]
-    assert views.swap_positions(clip.tokenizer, PROMPT, "cat=zebra") == []
+    assert views.swap_positions(clip, PROMPT, "red=yellow\n6=black") == [2, 6]
+    assert views.swap_positions(clip, PROMPT, "3=") == [3]
+    assert views.swap_positions(clip, PROMPT, "cat=zebra") == []
 
 
 def test_ticking_a_position_adds_a_template_and_unticking_removes_its_line(clip):
-    assert views.sync_swaps(clip.tokenizer, PROMPT, "red=yellow", [2, 6]) == "red=yellow\n6="
-    assert views.sync_swaps(clip.tokenizer, PROMPT, "red=yellow\n6=black", [6]) == "6=black"
+    assert views.sync_swaps(clip, PROMPT, "red=yellow", [2, 6]) == "red=yellow\n6="
+    assert views.sync_swaps(clip, PROMPT, "red=yellow\n6=black", [6]) == "6=black"
     # a line that names nothing in the prompt is the user's to fix, not ours to delete
-    assert views.sync_swaps(clip.tokenizer, PROMPT, "cat=zebra", []) == "cat=zebra"
+    assert views.sync_swaps(clip, PROMPT, "cat=zebra", []) == "cat=zebra"
 
 
 # ------------------------------------------------------------------------------ the token view
