@@ -91,11 +91,12 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     # resuming from the finished checkpoints trains nothing more and exports again
     main(["--smoke", "--out", str(tmp_path / "again"), "--work", str(tmp_path / "work")])
     assert (tmp_path / "again" / "embedded-shapes" / "unet").is_dir()
-    # continuing the exported UNet (--unet-init) trains it further, with model v4's mixes, attention loss and
-    # latent pool, and exports only the concepts asked for
+    # continuing the exported UNet (--unet-init) trains it further, with the mixes, attention losses and
+    # latent pool of models v4 and v5, and exports only the concepts asked for
     exported = tmp_path / "assets" / "embedded-shapes"
     main(["--smoke", "--unet-init", str(exported), "--cosine", "--concepts", "holed-star-cd",
-          "--pure-mix", "0.5", "--eot-mix", "1", "--attention-weight", "0.05", "--latent-pool", "1",
+          "--pure-mix", "0.5", "--eot-mix", "1", "--attention-weight", "0.05", "--eot-attention-weight", "0.1",
+          "--latent-pool", "1", "--cd-kv-lr", "5e-5",
           "--out", str(tmp_path / "more"), "--work", str(tmp_path / "work-more")])
     before, after = (load_model(str(d / "embedded-shapes"), device="cpu") for d in (tmp_path / "assets", tmp_path / "more"))
     assert not torch.equal(before.unet.conv_in.weight, after.unet.conv_in.weight)
@@ -109,6 +110,18 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert torch.equal(old.encoder.conv_in.weight, new.encoder.conv_in.weight)
     assert not torch.equal(old.decoder.conv_out.weight, new.decoder.conv_out.weight)
     assert new.config.scaling_factor == old.config.scaling_factor
+
+
+def test_end_share_is_the_attention_given_to_the_end_and_padding_rows():
+    from scripts.train_embedded import end_share
+
+    probs = torch.zeros(2, 4, 6)  # (batch, pixels, tokens); end tokens at 3 and 2
+    probs[0, :, 0], probs[0, :, 3] = 0.75, 0.25  # a quarter on the end row
+    probs[1, :, 1], probs[1, :, 4] = 0.5, 0.5  # half on padding
+    assert end_share([probs], torch.tensor([3, 2])).item() == pytest.approx(0.375)
+    probs[0, :, 3], probs[0, :, 0] = 0.0, 1.0  # all on the start token
+    probs[1, :, 4], probs[1, :, 1] = 0.0, 1.0
+    assert end_share([probs, probs], torch.tensor([3, 2])).item() == 0.0
 
 
 def test_training_script_reads_steps_per_concept_kind():
