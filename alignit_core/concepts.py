@@ -59,7 +59,8 @@ class Concept:
     kind: str  # one of KINDS
     phrase: str = "{token}"  # how the customization method reads it in prompts
     vectors: tuple[torch.Tensor, ...] = ()  # per text encoder: (n_vectors, dim)
-    unet: dict[str, Edit] = field(default_factory=dict)  # UNet layer ('...attn2.to_k') -> its customized weights
+    # denoiser layer ('...attn2.to_k'; on SD3/Flux the transformer's) -> its customized weights
+    unet: dict[str, Edit] = field(default_factory=dict)
     text_encoders: tuple = ()  # the customized text stack, same order as the model's
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
@@ -216,7 +217,7 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 2:
         raise ConceptError("a LoRA's scale must be a number from 0 to 2")
     concept = Concept(name, token.strip(), class_word.strip(), "lora", phrase=m.get("phrase", "{token} {class_word}"),
-                      unet={layer: edit.scaled(scale) for layer, edit in lora.unet.items()},
+                      unet={layer: edit.scaled(scale) for layer, edit in lora.denoiser.items()},
                       text_encoders=tuple({layer: edit.scaled(scale) for layer, edit in text.items()}
                                           for text in lora.text),
                       references=tuple(_inside(path.parent, r) for r in m.get("references", [])),
@@ -262,7 +263,7 @@ def _bind(c: Concept, model) -> Concept:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
     for v, encoder in zip(vectors, model.concept_encoders):
         _check_norm(c.token, v, encoder, model.name)
-    unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
+    unet = {name: _fit(model.denoiser, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
     if c.kind == "lora":
         return replace(c, unet=unet, text_encoders=_lora_encoders(c.text_encoders, model))
     encoders = []

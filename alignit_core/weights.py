@@ -106,7 +106,11 @@ class RowEdited(torch.nn.Module):
             return getattr(self._modules["base"], name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.edited(x, self.base(x))
+
+    def edited(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y`, the wrapped layer's output for `x` (however it was computed), with the edits applied
+        in place."""
         for rows, edit in self.edits:
             at = slice(None) if rows is None else rows
             if isinstance(edit, Replace):

@@ -189,18 +189,18 @@ def test_files_of_the_wrong_layout_or_width_are_refused_clearly(models, tmp_path
 
 def test_other_concept_kinds_are_refused_on_mmdit(models, tmp_path):
     sd3 = models["sd3"]
-    message = "LoRA, Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; textual inversion"
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "manifest.json").write_text(json.dumps({"kind": "lora", "lora": "nothing.safetensors", "token": "sks",
-                                                     "class_word": "dog"}))
+    message = "Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; textual inversion"
+    cd = tmp_path / "cd"
+    cd.mkdir()
+    (cd / "manifest.json").write_text(json.dumps({"kind": "custom_diffusion", "custom_diffusion": "nothing.bin",
+                                                   "token": "<new1>", "class_word": "dog"}))
     with pytest.raises(ConceptError, match=message):
-        load_concept(lora, sd3)  # before the file is read
+        load_concept(cd, sd3)  # before the file is read
     with pytest.raises(ConceptError, match=message):
         load_concept(_concept_folder(tmp_path, "te", _class_vectors(sd3), kind="text_encoder",
                                      text_encoder="te.safetensors"), sd3)
     with pytest.raises(ConceptError, match=message):
-        generate_concept(sd3, "a sks on the beach", Concept("x", "sks", "dog", "lora"), Settings(**FAST))
+        generate_concept(sd3, "a sks on the beach", Concept("x", "sks", "dog", "custom_diffusion"), Settings(**FAST))
     same = load_concept(_concept_folder(tmp_path, "same", _class_vectors(sd3)), sd3)
     with pytest.raises(ConceptError, match="one concept per prompt"):
         generate_concept(sd3, "a <tok> and a <tok>", [same, same], Settings(**FAST))

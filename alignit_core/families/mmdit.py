@@ -31,6 +31,7 @@ from PIL import Image
 from ..errors import ConceptError, PromptError, SettingsError
 from ..prompts import MAX_PROMPT_CHARS
 from ..settings import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SWAP_KV
+from ..weights import Edit, overlay
 from .mmdit_attention import MapSums, MMDiTState, SideStream, install
 from .mmdit_loop import decode, denoise_flux, denoise_sd3
 from .mmdit_text import (CLIP_ROWS, ConceptVectors, TokenTable, clip_table, encode_flux, encode_sd3, t5_table,
@@ -66,12 +67,15 @@ class MMDiTSwap:
 @dataclass(frozen=True)
 class MMDiTRow:
     """One image of the batch: `text` through the model's text encoders (a concept's `vectors`
-    written in where it holds the concept's token), its rows written by the side streams of `swaps`."""
+    written in where it holds the concept's token), its rows written by the side streams of `swaps`,
+    the transformer's layers named in `edits` computed with those weights on this row alone (a LoRA
+    concept's customized row: both branches)."""
 
     name: str
     text: str
     vectors: ConceptVectors | None = None
     swaps: tuple[MMDiTSwap, ...] = ()
+    edits: dict[str, Edit] = field(default_factory=dict)  # transformer layer -> its customized weights
 
 
 @dataclass(frozen=True)
@@ -366,8 +370,13 @@ def generate_rows(model: MMDiTModel, rows: list[MMDiTRow], settings: MMDiTSettin
                              torch.zeros(r, grid * grid, hidden.shape[1], device=device, dtype=torch.float32),
                              _blocks(model, s.map_blocks, "heat-map blocks"),
                              _fractions(s.map_start, s.map_end, s.steps))
+    edits: dict[str, list] = {}  # the request's view of the transformer: each row's own weights on its rows
+    for k, row in enumerate(rows):
+        own = torch.tensor([k, r + k] if cfg else [k], device=device)
+        for name, edit in row.edits.items():
+            edits.setdefault(name, []).append((own, edit))
     run = denoise_sd3 if sd3 else denoise_flux
-    latents = run(model, state, hidden, pooled, r, cfg, s, progress)
+    latents = run(model, overlay(model.transformer, edits), state, hidden, pooled, r, cfg, s, progress)
     images = [decode(model, latents[k: k + 1], s.size) for k in range(r)]
 
     maps, t5_maps, text_maps = {}, {}, {}
