@@ -61,7 +61,7 @@ class Concept:
     vectors: tuple[torch.Tensor, ...] = ()  # per text encoder: (n_vectors, dim)
     # denoiser layer ('...attn2.to_k'; on SD3/Flux the transformer's) -> its customized weights
     unet: dict[str, Edit] = field(default_factory=dict)
-    text_encoders: tuple = ()  # the customized text stack, same order as the model's
+    text_encoders: tuple = ()  # the customized text stack, in the order of the model's concept_encoders
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
     # how often (share of seeds) the customized model and AlignIT draw both the concept and the rest of
@@ -309,13 +309,13 @@ def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit
 
 
 def _lora_encoders(updates: tuple[dict[str, LowRank], ...], model) -> tuple:
-    """The model's text stack with a LoRA's updates on every row (views sharing the model's
-    weights), or () when the LoRA leaves the text encoders alone."""
+    """The model's text stack (its concept_encoders: the pipeline's order) with a LoRA's updates on
+    every row (views sharing the model's weights), or () when the LoRA leaves the text encoders alone."""
     if not any(updates):
         return ()
     return tuple(overlay(te, {layer: [(None, _fit(te, layer, edit, model, "LoRA"))]
                               for layer, edit in (updates[i] if i < len(updates) else {}).items()})
-                 for i, te in enumerate(model.text_encoders))
+                 for i, te in enumerate(model.concept_encoders))
 
 
 def one_model(concepts: list[Concept]) -> Concept:

@@ -11,9 +11,10 @@ Formats read, safetensors only:
   original model's block names (`input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_...`);
 * SD3 and Flux: the transformer's layers in diffusers' names, `transformer.<layer>.lora_A.weight` /
   `lora_B.weight` (what their DreamBooth-LoRA scripts save), or dots as underscores under
-  `lora_transformer_` with `lora_down` / `lora_up` / `alpha` (kohya-style files in diffusers' names).
-  Not read there: text-encoder parts (refused: only the transformer's LoRA is applied on SD3/Flux
-  so far) and kohya's files in the original models' block names (`lora_unet_double_blocks_...`).
+  `lora_transformer_` with `lora_down` / `lora_up` / `alpha` (kohya-style files in diffusers' names);
+  text encoders as above, in the pipeline's order (`text_encoder` / `lora_te1_` CLIP-L, `text_encoder_2`
+  / `lora_te2_` SD3's CLIP-G or Flux's T5). Kohya's files in the original models' block names
+  (`lora_unet_double_blocks_...`, fused projections) are refused, not mapped.
 
 An update is `alpha / rank · up(down(x))` (peft's rsLoRA: `alpha / √rank`). The trigger word and
 class word come from the concept's manifest, else from kohya's `ss_tag_frequency` /
@@ -182,7 +183,7 @@ def read_lora(path: Path, model) -> LoRAFile:
         else:
             scale = _alpha(config, prefix, layer, rank)
         targets[target][layer] = LowRank(down.float(), up.float(), scale)
-    text = tuple(targets[f"te{i}"] for i in range(len(model.text_encoders)))
+    text = tuple(targets[f"te{i}"] for i in range(len(model.concept_encoders)))
     return LoRAFile(targets[denoiser], text, _trigger(metadata))
 
 
@@ -190,8 +191,8 @@ def _plan(header: dict, metadata: dict, model) -> dict:
     """{(target, layer in the model): {"down": key, "up": key, "alpha": key}} from the header
     alone, every layer and shape checked against `model`."""
     denoiser = _denoiser_name(model)
-    roots = {denoiser: model.denoiser, **({f"te{i}": te for i, te in enumerate(model.text_encoders)}
-                                          if denoiser == "unet" else {})}
+    # the text encoders in the pipeline's order (Flux's primary table is T5's, but its files count CLIP first)
+    roots = {denoiser: model.denoiser, **{f"te{i}": te for i, te in enumerate(model.concept_encoders)}}
     names = {target: _linear_layers(root) for target, root in roots.items()}
     parts: dict = {}
     unknown = []
@@ -237,8 +238,8 @@ def _plan(header: dict, metadata: dict, model) -> dict:
 
 
 def _check_target(target: str, denoiser: str, key: str, model) -> None:
-    """ConceptError for a key of another kind of denoiser, or of a text encoder on SD3/Flux."""
-    if target == denoiser or (target.startswith("te") and denoiser == "unet"):
+    """ConceptError for a key of another kind of denoiser than `model`'s."""
+    if target == denoiser or target.startswith("te"):
         return
     if target == "transformer":
         raise ConceptError(f"the LoRA's {short(key)} names a transformer layer (SD3/Flux); {model.name} is a UNet "
@@ -247,8 +248,6 @@ def _check_target(target: str, denoiser: str, key: str, model) -> None:
         raise ConceptError(f"the LoRA's {short(key)} names a UNet layer; {model.name} is an SD3/Flux transformer, "
                            f"whose LoRA files name transformer.<layer> or lora_transformer_<layer> (kohya's files in "
                            f"the original model's block names, lora_unet_double_blocks_..., are not read)")
-    raise ConceptError(f"the LoRA also trains a text encoder ({short(key)}); on SD3 and Flux only a LoRA's "
-                       f"transformer weights are applied so far: save the LoRA without its text-encoder part")
 
 
 def _check_shapes(layer: torch.nn.Module, name: str, down: tuple, up: tuple, model) -> None:

@@ -50,12 +50,24 @@ def _module(root, name):
         return None
 
 
+def _text_layers(model, encoder: int = 0) -> list[str]:
+    """The attention projections of text encoder `encoder` (pipeline order: CLIP-L, then SD3's CLIP-G or
+    Flux's T5), as a file names them."""
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj", "q", "k", "v", "o")
+    names = [n for n, m in model.concept_encoders[encoder].named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in projections]
+    return [f"{('text_encoder', 'text_encoder_2')[encoder]}.{n}" for n in names]
+
+
 def _pairs(model, layers, seed=0, rank=2, zero=False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """layer -> (down (rank, in), up (out, rank)): updates large enough to change the picture."""
+    """layer (a transformer layer, or `text_encoder.<layer>` / `text_encoder_2.<layer>`) -> (down (rank, in),
+    up (out, rank)): updates large enough to change the picture."""
     g = torch.Generator().manual_seed(seed)
+    roots = {"text_encoder": model.concept_encoders[0], "text_encoder_2": model.concept_encoders[1]}
     out = {}
     for name in layers:
-        weight = model.denoiser.get_submodule(name).weight
+        part, _, layer = name.partition(".")
+        weight = (roots[part].get_submodule(layer) if part in roots else model.denoiser.get_submodule(name)).weight
         down = torch.randn(rank, weight.shape[1], generator=g) / weight.shape[1] ** 0.5
         up = torch.zeros(weight.shape[0], rank) if zero else torch.randn(weight.shape[0], rank, generator=g) * 0.5
         out[name] = (down, up)
@@ -65,16 +77,20 @@ def _pairs(model, layers, seed=0, rank=2, zero=False) -> dict[str, tuple[torch.T
 def _diffusers_file(path, pairs, alpha=4.0, rank=2):
     tensors = {}
     for name, (down, up) in pairs.items():
-        tensors[f"transformer.{name}.lora_A.weight"], tensors[f"transformer.{name}.lora_B.weight"] = down, up
-    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": rank, "transformer.lora_alpha": alpha})}
-    save_file(tensors, str(path), metadata=meta)
+        key = name if name.startswith("text_encoder") else f"transformer.{name}"
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+    config = {f"{part}.{x}": value for part in ("transformer", "text_encoder", "text_encoder_2")
+              for x, value in (("r", rank), ("lora_alpha", alpha))}
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
     return path
 
 
 def _kohya_file(path, pairs, alpha=4.0):
     tensors = {}
     for name, (down, up) in pairs.items():
-        stem = "lora_transformer_" + name.replace(".", "_")
+        part, _, layer = name.partition(".")
+        prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}.get(part)
+        stem = prefix + layer.replace(".", "_") if prefix else "lora_transformer_" + name.replace(".", "_")
         tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = down, up
         tensors[f"{stem}.alpha"] = torch.tensor(alpha)
     save_file(tensors, str(path))
@@ -95,28 +111,38 @@ def _hash(module) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_the_customized_baseline_is_what_diffusers_draws_with_load_lora_weights(models, tmp_path, name):
+@pytest.mark.parametrize("name, text", [("sd3", False), ("sd3", True), ("flux", False), ("flux", True)])
+def test_the_customized_baseline_is_what_diffusers_draws_with_load_lora_weights(models, tmp_path, name, text):
+    """What diffusers' DreamBooth-LoRA scripts save (peft's adapters, `save_lora_weights`), with the CLIP
+    text encoders' LoRA (`--train_text_encoder`: SD3's two, Flux's one) or without."""
     from diffusers import FluxPipeline, StableDiffusion3Pipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     trained = BUILD[name]()
-    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-               "ff.net.2", "ff_context.net.2", "proj_mlp"]
+    targets = {"transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                               "to_add_out", "ff.net.2", "ff_context.net.2", "proj_mlp"]}
+    if text:
+        clip = ["q_proj", "k_proj", "v_proj", "out_proj"]
+        targets.update({"text_encoder": clip, **({"text_encoder_2": clip} if name == "sd3" else {})})
     torch.manual_seed(0)
-    trained.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets))
-    with torch.no_grad():
-        for n, p in trained.transformer.named_parameters():
-            if "lora_B" in n:
-                p.mul_(4.0)
+    saved = {}
+    for part, modules in targets.items():
+        module = getattr(trained, part)
+        module.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=modules))
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(4.0)
+        saved[f"{part}_lora_layers"] = get_peft_model_state_dict(module)
+        saved[f"{part}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
     cls = StableDiffusion3Pipeline if name == "sd3" else FluxPipeline
-    cls.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(trained.transformer),
-                          transformer_lora_adapter_metadata=trained.transformer.peft_config["default"].to_dict())
+    cls.save_lora_weights(tmp_path, **saved)
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    model = models[name]
+    model = from_components(BUILD[name](), f"tiny-{name}")  # the LoRA's views made before the model's first call
     concept = load_concept(path, model, token="sks", class_word="dog")
     assert concept.kind == "lora" and any("single_transformer_blocks" in k for k in concept.unet) == (name == "flux")
+    assert len(concept.text_encoders) == (len(model.concept_encoders) if text else 0)
     gen = generate_concept(model, PROMPT, concept, Settings(**FAST))
     assert gen.record()["customized_prompt"] == "a photo of a sks dog" and gen.record()["p"] == "a photo of a dog"
 
@@ -131,6 +157,29 @@ def test_the_customized_baseline_is_what_diffusers_draws_with_load_lora_weights(
     theirs, plain = draw(reference), draw(BUILD[name]())
     assert (theirs - plain).abs().max() > 0.05  # the LoRA shows
     torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-4)
+    if text:  # the text encoders' LoRA shows too: without it the picture is another
+        cls.save_lora_weights(tmp_path / "transformer", transformer_lora_layers=saved["transformer_lora_layers"],
+                              transformer_lora_adapter_metadata=saved["transformer_lora_adapter_metadata"])
+        no_text = BUILD[name]()
+        no_text.load_lora_weights(str(tmp_path / "transformer"), weight_name=path.name, adapter_name="concept")
+        without = draw(no_text)
+        assert (without - plain).abs().max() > 0.05 and (without - theirs).abs().max() > 1e-3
+
+
+def test_a_text_encoders_view_made_before_its_first_call_records_each_hidden_state_once():
+    """transformers 5 hooks a model's layers to record hidden states at its first call: a view made
+    before it must not leave them hooked twice (SD3 reads CLIP's penultimate layer)."""
+    from alignit_core.weights import LowRank, overlay
+
+    encoder = tiny_sd3().text_encoder
+    layer = "text_model.encoder.layers.0.self_attn.q_proj"
+    zero = LowRank(torch.zeros(2, 32), torch.zeros(32, 2), 1.0)
+    view = overlay(encoder, {layer: [(None, zero)]})
+    ids = torch.tensor([[49406, 320, 1125, 49407]])
+    seen, own = view(ids, output_hidden_states=True), encoder(ids, output_hidden_states=True)
+    assert len(seen.hidden_states) == len(own.hidden_states) == encoder.config.num_hidden_layers + 1
+    for a, b in zip(seen.hidden_states, own.hidden_states):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -162,10 +211,16 @@ def test_a_lora_on_the_image_branch_alone_leaves_alignit_as_the_base_text_branch
     assert (gen.latents["customized"] - plain[0]).abs().max() > 0.05
 
 
-@pytest.mark.parametrize("name", ["sd3", "flux"])
-def test_a_text_branch_lora_changes_alignit_through_the_class_words_keys_and_values_alone(models, tmp_path, name):
+@pytest.mark.parametrize("name, part", [("sd3", "transformer"), ("flux", "transformer"), ("sd3", "text encoders"),
+                                        ("flux", "text encoders")])
+def test_a_text_branch_lora_changes_alignit_through_the_class_words_keys_and_values_alone(models, tmp_path, name, part):
+    """A LoRA of the transformer's text branch, or of the text encoders alone (which encode p' for the side
+    stream): AlignIT's image changes, and only through the keys and values the swap writes."""
     model = models[name]
-    concept = _concept(model, tmp_path, _layers(model, TEXT_BRANCH, SINGLE, ["context_embedder"]), seed=2)
+    layers = _layers(model, TEXT_BRANCH, SINGLE, ["context_embedder"]) if part == "transformer" else \
+        _text_layers(model) + _text_layers(model, 1)  # SD3: CLIP-L and CLIP-G; Flux: CLIP and T5
+    concept = _concept(model, tmp_path, layers, seed=2)
+    assert bool(concept.unet) == (part == "transformer") and bool(concept.text_encoders) == (part != "transformer")
     seen, plain_seen = [], []
     gen = generate_concept(model, PROMPT, concept, Settings(**FAST), include_base=True, include_customized=False,
                            on_kv=seen.append)
@@ -229,6 +284,18 @@ def test_the_side_stream_is_the_merged_lora_models_text_branch(models, tmp_path,
     torch.testing.assert_close(gen.latents["alignit"], direct, rtol=0, atol=2e-5)
 
 
+def test_on_flux_a_clip_lora_reaches_the_customized_row_alone(models, tmp_path):
+    """Flux's CLIP gives only the pooled vector, and the side stream is modulated with the main row's."""
+    flux = models["flux"]
+    concept = _concept(flux, tmp_path, _text_layers(flux), seed=7)
+    gen = generate_concept(flux, PROMPT, concept, Settings(**FAST))
+    plan, _ = gen.request.sources[0]
+    _, _, _, plain = run_rows(flux, [Row("customized", gen.request.customized),
+                                     Row("alignit", gen.request.p, swap=plan)], gen.settings)
+    assert (gen.latents["customized"] - plain[0]).abs().max() > 1e-3
+    assert torch.equal(gen.latents["alignit"], plain[1])
+
+
 def test_on_flux_the_single_blocks_shared_weights_act_on_the_side_streams_text(models, tmp_path):
     flux = models["flux"]
     joint = len(flux.denoiser.transformer_blocks)
@@ -261,11 +328,13 @@ def test_a_lora_request_leaves_the_pipeline_as_it_was(models, tmp_path, name):
 @pytest.mark.parametrize("name", ["sd3", "flux"])
 def test_kohya_and_diffusers_names_of_the_same_weights_draw_the_same(models, tmp_path, name):
     model = models[name]
-    pairs = _pairs(model, _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE, ["context_embedder"]), seed=5)
+    transformer = _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE, ["context_embedder"])
+    pairs = _pairs(model, transformer + _text_layers(model), seed=5)
     ours = load_concept(_diffusers_file(tmp_path / "d.safetensors", pairs), model, token="sks", class_word="dog")
     kohya = load_concept(_kohya_file(tmp_path / "k.safetensors", pairs), model, token="sks", class_word="dog")
-    assert ours.unet.keys() == kohya.unet.keys() == pairs.keys()
-    assert all(ours.unet[k].scale == kohya.unet[k].scale == 2.0 for k in pairs)  # alpha 4 / rank 2
+    assert ours.unet.keys() == kohya.unet.keys() == set(transformer)
+    assert all(ours.unet[k].scale == kohya.unet[k].scale == 2.0 for k in transformer)  # alpha 4 / rank 2
+    assert len(ours.text_encoders) == len(kohya.text_encoders) == len(model.concept_encoders)
     a = generate_concept(model, PROMPT, ours, Settings(**FAST))
     b = generate_concept(model, PROMPT, kohya, Settings(**FAST))
     for row in ("customized", "alignit"):
@@ -297,9 +366,12 @@ def test_bad_lora_files_are_refused_clearly(models, tiny_sd, tmp_path):
             "names a UNet layer; tiny-flux is an SD3/Flux transformer", model=flux)
     refused({**good, "transformer.transformer_blocks.0.attn.add_k_proj.hada_w1_a": torch.zeros(2, 2)},
             "keys this reader does not know")
-    refused({**good, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32),
-             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 2)},
-            "also trains a text encoder")
+    refused({**good, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 768),
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 2)},
+            r"\(2, 768\) and \(768, 2\); tiny-sd3's layer is \(32, 32\): the LoRA is for another model")
+    refused({**good, "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 32),
+             "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(32, 2)},
+            "keys this reader does not know")  # SD3's T5 in kohya's names
     refused(good, "names a transformer layer \\(SD3/Flux\\); tiny-sd is a UNet model", model=tiny_sd)
     concept = _concept(sd3, tmp_path, _layers(sd3, TEXT_BRANCH))
     with pytest.raises(SettingsError, match="lora_rest"):

@@ -227,18 +227,27 @@ class MMDiTFamily:
         if concept is None:
             return None
         if concept.kind == "lora":
-            return TextBranch(transformer=text_branch_view(self.transformer, concept.unet))
+            return TextBranch(transformer=text_branch_view(self.transformer, concept.unet),
+                              text_encoders=self._encoders(concept))
         return TextBranch(vectors=self._vectors(concept))
 
+    def _encoders(self, concept) -> tuple | None:
+        """A LoRA's text encoders in the pipeline's order (None where it has none), or None: the model's own."""
+        if concept is None or not concept.text_encoders:
+            return None
+        given = iter(concept.text_encoders)  # the concept_encoders' order: the pipeline's, less a missing T5
+        return tuple(None if own is None else next(given) for own in self.mmdit.text_encoders)
+
     def _row(self, row) -> MMDiTRow:
-        """An engine Row as generate_rows' row: its prompt's text, its concept's vectors and transformer
-        weights (a LoRA's, on both branches), its swaps."""
+        """An engine Row as generate_rows' row: its prompt's text, its concept's vectors, transformer weights
+        (a LoRA's, on both branches) and text encoders, its swaps."""
         swaps = []
         for plan, concept in row.sources:
             read = plan.source_positions if isinstance(plan, TokenSwapPlan) else None
             swaps.append(MMDiTSwap(tuple(plan.positions), plan.source.text, self._branch(concept), read))
         edits = row.concept.unet if row.concept is not None else {}
-        return MMDiTRow(row.name, row.prompt.text, self._vectors(row.concept), tuple(swaps), edits)
+        return MMDiTRow(row.name, row.prompt.text, self._vectors(row.concept), tuple(swaps), edits,
+                        self._encoders(row.concept))
 
     def noising(self):
         raise ModelError(f"the MI score needs a DDPM (noise-prediction) model; {self.title} is a rectified-flow "
