@@ -11,8 +11,8 @@ Formats read (each written by the tests in that exact layout first):
   (`{"<layer>.processor.to_k_custom_diffusion.weight": W, ...}`) with the token in a TI file;
 * text-encoder fine-tune (CatVersion-style): text-encoder weights in safetensors, used only to
   encode the customized prompt and p';
-* DreamBooth-LoRA (lora.py): diffusers/peft and kohya safetensors, UNet and text-encoder updates;
-  the trigger word is read as ordinary text (`a photo of sks dog`).
+* DreamBooth-LoRA (lora.py): diffusers/peft and kohya safetensors, UNet (SD3/Flux: transformer) and
+  text-encoder updates; the trigger word is read as ordinary text (`a photo of sks dog`).
 
 A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
 only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
@@ -119,7 +119,7 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     LoRA file (then `token`/`class_word` name it; a LoRA's may come from its training metadata), and
     validate it against `model`. `lora_scale`: how much of a LoRA to apply (diffusers' adapter
     weight; default the manifest's `scale`, else 1). Raises ConceptError (also for a kind the model's
-    family does not take yet: SD3 and Flux take textual inversion alone)."""
+    family does not take yet: SD3 and Flux take textual inversion and LoRA)."""
     path = Path(source)
     if not path.exists():
         raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
@@ -226,8 +226,8 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
 
 
 def _check_kind(kind: str, model) -> None:
-    """ConceptError when `model`'s family does not take concepts of `kind` (SD3 and Flux: all but
-    textual inversion, so far)."""
+    """ConceptError when `model`'s family does not take concepts of `kind` (SD3 and Flux: Custom
+    Diffusion and text-encoder fine-tunes, so far)."""
     kinds = model.family.concept_kinds
     if kinds is not None and kind not in kinds:
         raise ConceptError(model.family.concept_refusal)
