@@ -11,8 +11,8 @@ Formats read (each written by the tests in that exact layout first):
   (`{"<layer>.processor.to_k_custom_diffusion.weight": W, ...}`) with the token in a TI file;
 * text-encoder fine-tune (CatVersion-style): text-encoder weights in safetensors, used only to
   encode the customized prompt and p';
-* DreamBooth-LoRA (lora.py): diffusers/peft and kohya safetensors, UNet and text-encoder updates;
-  the trigger word is read as ordinary text (`a photo of sks dog`).
+* DreamBooth-LoRA (lora.py): diffusers/peft and kohya safetensors, UNet (SD3/Flux: transformer) and
+  text-encoder updates; the trigger word is read as ordinary text (`a photo of sks dog`).
 
 A concept is described by `manifest.json` in its folder. Pickled files (`.bin`, `.pt`) are read
 only with `torch.load(weights_only=True)` and only when the caller allows it (local folders,
@@ -59,8 +59,9 @@ class Concept:
     kind: str  # one of KINDS
     phrase: str = "{token}"  # how the customization method reads it in prompts
     vectors: tuple[torch.Tensor, ...] = ()  # per text encoder: (n_vectors, dim)
-    unet: dict[str, Edit] = field(default_factory=dict)  # UNet layer ('...attn2.to_k') -> its customized weights
-    text_encoders: tuple = ()  # the customized text stack, same order as the model's
+    # denoiser layer ('...attn2.to_k'; on SD3/Flux the transformer's) -> its customized weights
+    unet: dict[str, Edit] = field(default_factory=dict)
+    text_encoders: tuple = ()  # the customized text stack, in the order of the model's concept_encoders
     references: tuple[Path, ...] = ()
     example_prompt: str = ""
     # how often (share of seeds) the customized model and AlignIT draw both the concept and the rest of
@@ -118,7 +119,7 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     LoRA file (then `token`/`class_word` name it; a LoRA's may come from its training metadata), and
     validate it against `model`. `lora_scale`: how much of a LoRA to apply (diffusers' adapter
     weight; default the manifest's `scale`, else 1). Raises ConceptError (also for a kind the model's
-    family does not take yet: SD3 and Flux take textual inversion alone)."""
+    family does not take yet: SD3 and Flux take textual inversion and LoRA)."""
     path = Path(source)
     if not path.exists():
         raise ConceptError(f"unknown concept {str(source)!r}: no concept folder, manifest or file there")
@@ -216,7 +217,7 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 2:
         raise ConceptError("a LoRA's scale must be a number from 0 to 2")
     concept = Concept(name, token.strip(), class_word.strip(), "lora", phrase=m.get("phrase", "{token} {class_word}"),
-                      unet={layer: edit.scaled(scale) for layer, edit in lora.unet.items()},
+                      unet={layer: edit.scaled(scale) for layer, edit in lora.denoiser.items()},
                       text_encoders=tuple({layer: edit.scaled(scale) for layer, edit in text.items()}
                                           for text in lora.text),
                       references=tuple(_inside(path.parent, r) for r in m.get("references", [])),
@@ -225,8 +226,8 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
 
 
 def _check_kind(kind: str, model) -> None:
-    """ConceptError when `model`'s family does not take concepts of `kind` (SD3 and Flux: all but
-    textual inversion, so far)."""
+    """ConceptError when `model`'s family does not take concepts of `kind` (SD3 and Flux: Custom
+    Diffusion and text-encoder fine-tunes, so far)."""
     kinds = model.family.concept_kinds
     if kinds is not None and kind not in kinds:
         raise ConceptError(model.family.concept_refusal)
@@ -262,7 +263,7 @@ def _bind(c: Concept, model) -> Concept:
         raise ConceptError(f"{c.token} has different vector counts per text encoder")
     for v, encoder in zip(vectors, model.concept_encoders):
         _check_norm(c.token, v, encoder, model.name)
-    unet = {name: _fit(model.unet, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
+    unet = {name: _fit(model.denoiser, name, edit, model, KIND_LABELS[c.kind]) for name, edit in c.unet.items()}
     if c.kind == "lora":
         return replace(c, unet=unet, text_encoders=_lora_encoders(c.text_encoders, model))
     encoders = []
@@ -308,13 +309,13 @@ def _fit(root: torch.nn.Module, name: str, edit: Edit, model, what: str) -> Edit
 
 
 def _lora_encoders(updates: tuple[dict[str, LowRank], ...], model) -> tuple:
-    """The model's text stack with a LoRA's updates on every row (views sharing the model's
-    weights), or () when the LoRA leaves the text encoders alone."""
+    """The model's text stack (its concept_encoders: the pipeline's order) with a LoRA's updates on
+    every row (views sharing the model's weights), or () when the LoRA leaves the text encoders alone."""
     if not any(updates):
         return ()
     return tuple(overlay(te, {layer: [(None, _fit(te, layer, edit, model, "LoRA"))]
                               for layer, edit in (updates[i] if i < len(updates) else {}).items()})
-                 for i, te in enumerate(model.text_encoders))
+                 for i, te in enumerate(model.concept_encoders))
 
 
 def one_model(concepts: list[Concept]) -> Concept:

@@ -8,7 +8,13 @@ Formats read, safetensors only:
   (`lora_alpha`, `alpha_pattern`, `use_rslora`), else from a `<layer>.alpha` tensor, else the rank;
 * kohya / A1111: `lora_unet_<layer, dots as underscores>.lora_down.weight`, `.lora_up.weight`,
   `.alpha`; text encoders `lora_te_` (SDXL: `lora_te1_`, `lora_te2_`); SDXL's UNet under the
-  original model's block names (`input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_...`).
+  original model's block names (`input_blocks_4_1_...`, `middle_block_1_...`, `output_blocks_...`);
+* SD3 and Flux: the transformer's layers in diffusers' names, `transformer.<layer>.lora_A.weight` /
+  `lora_B.weight` (what their DreamBooth-LoRA scripts save), or dots as underscores under
+  `lora_transformer_` with `lora_down` / `lora_up` / `alpha` (kohya-style files in diffusers' names);
+  text encoders as above, in the pipeline's order (`text_encoder` / `lora_te1_` CLIP-L, `text_encoder_2`
+  / `lora_te2_` SD3's CLIP-G or Flux's T5). Kohya's files in the original models' block names
+  (`lora_unet_double_blocks_...`, fused projections) are refused, not mapped.
 
 An update is `alpha / rank · up(down(x))` (peft's rsLoRA: `alpha / √rank`). The trigger word and
 class word come from the concept's manifest, else from kohya's `ss_tag_frequency` /
@@ -34,12 +40,14 @@ from .errors import ConceptError, short
 from .weights import LowRank
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-# a key: (target prefix, layer, part); target "unet", "te0", "te1"
-_DIFFUSERS = re.compile(r"^(?P<target>unet|text_encoder|text_encoder_2)\.(?P<layer>.+?)\."
+# a key: (target prefix, layer, part); target "unet" or "transformer" (the denoiser), "te0", "te1"
+_DIFFUSERS = re.compile(r"^(?P<target>unet|transformer|text_encoder|text_encoder_2)\.(?P<layer>.+?)\."
                         r"(?P<part>lora_A\.weight|lora_B\.weight|lora\.down\.weight|lora\.up\.weight|"
                         r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
-_KOHYA = re.compile(r"^lora_(?P<target>unet|te|te1|te2)_(?P<layer>.+?)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_TARGETS = {"unet": "unet", "text_encoder": "te0", "text_encoder_2": "te1", "te": "te0", "te1": "te0", "te2": "te1"}
+_KOHYA = re.compile(r"^lora_(?P<target>unet|transformer|te|te1|te2)_(?P<layer>.+?)\."
+                    r"(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_TARGETS = {"unet": "unet", "transformer": "transformer", "text_encoder": "te0", "text_encoder_2": "te1", "te": "te0",
+            "te1": "te0", "te2": "te1"}
 _DOWN = {"lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "lora_down.weight"}
 _UP = {"lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight", "lora_up.weight"}
 # the original model's ResNet layer names -> diffusers'
@@ -56,9 +64,14 @@ def is_lora(keys) -> bool:
 class LoRAFile:
     """What a LoRA file holds, checked against one model (tensors still on the CPU)."""
 
-    unet: dict[str, LowRank]  # UNet layer -> its update
+    denoiser: dict[str, LowRank]  # UNet or MMDiT transformer layer -> its update
     text: tuple[dict[str, LowRank], ...]  # per text encoder of the model: layer -> its update
     trigger: tuple[str, str] | None  # (token, class word) from the file's training metadata
+
+
+def _denoiser_name(model) -> str:
+    """What LoRA files call `model`'s denoiser: "unet", or "transformer" (SD3, Flux)."""
+    return "unet" if type(model.denoiser).__name__.startswith("UNet") else "transformer"
 
 
 def _linear_layers(root: torch.nn.Module) -> dict[str, str]:
@@ -156,27 +169,30 @@ def read_lora(path: Path, model) -> LoRAFile:
     except (SafetensorError, OSError, ValueError) as e:
         raise ConceptError(f"{path.name} is not a valid safetensors file ({e})") from None
     config = _config(metadata)
-    targets = {"unet": {}, "te0": {}, "te1": {}}
+    denoiser = _denoiser_name(model)
+    targets = {denoiser: {}, "te0": {}, "te1": {}}
     for (target, layer), keys in parts.items():
         down, up = tensors[keys["down"]], tensors[keys["up"]]
         for key in (keys["down"], keys["up"]):
             if not torch.isfinite(tensors[key]).all():
                 raise ConceptError(f"the LoRA's {short(key)} holds numbers that are not finite")
         rank = down.shape[0]
-        prefix = {"unet": "unet", "te0": "text_encoder", "te1": "text_encoder_2"}[target]
+        prefix = {"te0": "text_encoder", "te1": "text_encoder_2"}.get(target, target)
         if "alpha" in keys:
             scale = float(tensors[keys["alpha"]].float().reshape(-1)[0]) / rank
         else:
             scale = _alpha(config, prefix, layer, rank)
         targets[target][layer] = LowRank(down.float(), up.float(), scale)
-    text = tuple(targets[f"te{i}"] for i in range(len(model.text_encoders)))
-    return LoRAFile(targets["unet"], text, _trigger(metadata))
+    text = tuple(targets[f"te{i}"] for i in range(len(model.concept_encoders)))
+    return LoRAFile(targets[denoiser], text, _trigger(metadata))
 
 
 def _plan(header: dict, metadata: dict, model) -> dict:
     """{(target, layer in the model): {"down": key, "up": key, "alpha": key}} from the header
     alone, every layer and shape checked against `model`."""
-    roots = {"unet": model.unet, **{f"te{i}": te for i, te in enumerate(model.text_encoders)}}
+    denoiser = _denoiser_name(model)
+    # the text encoders in the pipeline's order (Flux's primary table is T5's, but its files count CLIP first)
+    roots = {denoiser: model.denoiser, **{f"te{i}": te for i, te in enumerate(model.concept_encoders)}}
     names = {target: _linear_layers(root) for target, root in roots.items()}
     parts: dict = {}
     unknown = []
@@ -189,9 +205,10 @@ def _plan(header: dict, metadata: dict, model) -> dict:
             raise ConceptError(f"the LoRA's {short(key)} is {dtype}, not floating point")
         target = _TARGETS[m["target"]]
         layer = m["layer"]
+        _check_target(target, denoiser, key, model)
         if target == "unet" and m.re is _KOHYA:
             layer = _sdxl_block(layer, model.unet)
-        elif target != "unet":
+        elif target.startswith("te"):
             layer = layer.removeprefix("text_model.").removeprefix("text_model_")
         if target not in names:
             raise ConceptError(f"the LoRA has weights for a second text encoder ({short(key)}); {model.name} has one: "
@@ -218,6 +235,19 @@ def _plan(header: dict, metadata: dict, model) -> dict:
                                f"{'down' if 'up' in keys else 'up'} weight")
         _check_shapes(roots[target].get_submodule(layer), layer, keys["down shape"], keys["up shape"], model)
     return {k: {p: v for p, v in keys.items() if not p.endswith("shape")} for k, keys in parts.items()}
+
+
+def _check_target(target: str, denoiser: str, key: str, model) -> None:
+    """ConceptError for a key of another kind of denoiser than `model`'s."""
+    if target == denoiser or target.startswith("te"):
+        return
+    if target == "transformer":
+        raise ConceptError(f"the LoRA's {short(key)} names a transformer layer (SD3/Flux); {model.name} is a UNet "
+                           f"model: the LoRA is for another model")
+    if target == "unet":
+        raise ConceptError(f"the LoRA's {short(key)} names a UNet layer; {model.name} is an SD3/Flux transformer, "
+                           f"whose LoRA files name transformer.<layer> or lora_transformer_<layer> (kohya's files in "
+                           f"the original model's block names, lora_unet_double_blocks_..., are not read)")
 
 
 def _check_shapes(layer: torch.nn.Module, name: str, down: tuple, up: tuple, model) -> None:

@@ -80,6 +80,11 @@ class Model:
         return self.family.unet
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The UNet, or SD3/Flux's transformer: the module whose layers a concept's weights edit."""
+        return self.family.denoiser
+
+    @property
     def vae(self) -> torch.nn.Module:
         return self.family.vae
 

@@ -106,7 +106,11 @@ class RowEdited(torch.nn.Module):
             return getattr(self._modules["base"], name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        return self.edited(x, self.base(x))
+
+    def edited(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """`y`, the wrapped layer's output for `x` (however it was computed), with the edits applied
+        in place."""
         for rows, edit in self.edits:
             at = slice(None) if rows is None else rows
             if isinstance(edit, Replace):
@@ -125,10 +129,26 @@ def _shallow(module: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
+def _hooks_in_place(root: torch.nn.Module) -> None:
+    """transformers 5 installs a model's output-capturing hooks (its hidden states) at its first call,
+    on the object called and every module below it. Installed through a copy they would also land in
+    the modules the copy shares with `root`, and `root`'s own first call would add them again (every
+    hidden state recorded twice: SD3's penultimate CLIP layer read from the wrong place). So they
+    are installed on `root` before it is copied."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # transformers 4 returns hidden states without hooks
+        return
+    if isinstance(root, PreTrainedModel):
+        maybe_install_capturing_hooks(root)
+
+
 def overlay(root: torch.nn.Module, edits: dict[str, list[tuple[torch.Tensor | None, Edit]]]) -> torch.nn.Module:
     """`root` with each named layer wrapped in RowEdited; `root` itself is unchanged. No edits: `root`."""
     if not edits:
         return root
+    _hooks_in_place(root)
     copies = {"": _shallow(root)}
     for name, layer_edits in edits.items():
         parent, path = copies[""], ""

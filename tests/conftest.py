@@ -79,6 +79,18 @@ def run_at_once(jobs: list) -> list:
     return results
 
 
+def assert_writes_only(records, row: int, positions: list[int]) -> None:
+    """Every MMDiT KVRecord's swap changed the keys and values of batch `row` at the text `positions`
+    (every one of them) and nothing else."""
+    for r in records:
+        rows = [r.text.start + q for q in positions]
+        for before, after in ((r.key, r.swapped_key), (r.value, r.swapped_value)):
+            changed = (before != after).any(-1).any(-1)  # (batch, tokens)
+            assert changed[row, rows].all(), (r.block, r.step)
+            changed[row, rows] = False
+            assert not changed.any(), (r.block, r.step)
+
+
 # ------------------------------------------------------------------------------ the reliability tests' fixtures
 # (test_bad_input, test_untrusted_files, test_failed_runs, test_many_generations, test_served_app)
 

@@ -72,7 +72,7 @@ def test_settings_resolve_to_the_family_defaults_and_refuse_what_does_not_apply(
     s = gen.settings
     assert (s.guidance, s.size, s.scheduler, s.map_resolution) == (7.0, 32, "euler", 8)
     for bad, match in ((dict(scheduler="ddim"), "flow matching's Euler"), (dict(swap_uncond=True), "conditional half"),
-                       (dict(swap_strength=0.5), "swap strength"), (dict(lora_rest=0.5), "concepts"),
+                       (dict(swap_strength=0.5), "swap strength"), (dict(lora_rest=0.5), "lora_rest"),
                        (dict(map_blocks=("up",)), "every transformer block"),
                        (dict(map_resolution=4), "image-token grid: 8x8 at 32 px"),
                        (dict(size=128), "from 8 to 64")):
@@ -167,11 +167,11 @@ def test_swaps_that_cannot_be_planned_are_refused_clearly(sd3, flux):
         generate_swap(flux, P, [], Settings(**FAST))
 
 
-def test_lora_concepts_are_refused_on_mmdit(sd3):
+def test_custom_diffusion_concepts_are_refused_on_mmdit(sd3):
     from alignit_core.concepts import Concept
 
-    with pytest.raises(ConceptError, match="not supported yet; textual inversion and token swaps are"):
-        generate_concept(sd3, "a sks on a table", Concept("x", "sks", "dog", "lora"), Settings(**FAST))
+    with pytest.raises(ConceptError, match="not supported yet; textual inversion, DreamBooth-LoRA and token swaps are"):
+        generate_concept(sd3, "a sks on a table", Concept("x", "sks", "dog", "custom_diffusion"), Settings(**FAST))
 
 
 def test_the_cli_writes_its_files_for_an_sd3_folder_and_its_line_reproduces_them(folders, tmp_path, capsys):
@@ -207,11 +207,12 @@ def test_the_cli_exits_2_with_a_clear_message_on_bad_input(folders, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
-def test_load_concept_refuses_a_lora_on_mmdit_before_reading_its_file(sd3, tmp_path):
+def test_load_concept_refuses_custom_diffusion_on_mmdit_before_reading_its_file(sd3, tmp_path):
     from alignit_core import find_concepts, load_concept
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "lora", "lora": "nothing-here.safetensors"}))
-    with pytest.raises(ConceptError, match="not supported yet; textual inversion and token swaps are"):
+    (tmp_path / "manifest.json").write_text(json.dumps({"kind": "custom_diffusion", "token": "<x>", "class_word": "dog",
+                                                        "custom_diffusion": "nothing-here.bin"}))
+    with pytest.raises(ConceptError, match="not supported yet; textual inversion, DreamBooth-LoRA and token swaps are"):
         load_concept(tmp_path, sd3)
     assert find_concepts("assets/concepts", sd3) == []  # the shipped concepts are the embedded model's
 

@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import assert_writes_only
 from safetensors.torch import save_file
 
 from alignit_core import Settings, generate_concept, load_concept, load_model
@@ -139,13 +140,7 @@ def test_alignit_writes_only_the_class_words_keys_and_values(models, tmp_path, n
     half = 2 if name == "sd3" else 0  # SD3: [uncond alignit, uncond base, cond alignit, cond base]
     assert {(r.block, r.step) for r in seen} == {(b, i) for b in range(model.family.mmdit.blocks) for i in range(3)}
     first = next(r for r in seen if r.block == 0 and r.step == 0)
-    for r in seen:
-        rows = [r.text.start + q for q in dog]
-        for before, after in ((r.key, r.swapped_key), (r.value, r.swapped_value)):
-            changed = (before != after).any(-1).any(-1)  # (batch, tokens)
-            assert changed[half, rows].all(), (r.block, r.step)
-            changed[half, rows] = False
-            assert not changed.any(), (r.block, r.step)
+    assert_writes_only(seen, half, dog)
     for after, base in ((first.swapped_key, first.key), (first.swapped_value, first.value)):
         rows = [first.text.start + q for q in dog]
         gap = (after[half] - base[half + 1]).abs().amax((-1, -2))  # the AlignIT row against the base row
@@ -189,18 +184,18 @@ def test_files_of_the_wrong_layout_or_width_are_refused_clearly(models, tmp_path
 
 def test_other_concept_kinds_are_refused_on_mmdit(models, tmp_path):
     sd3 = models["sd3"]
-    message = "LoRA, Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; textual inversion"
-    lora = tmp_path / "lora"
-    lora.mkdir()
-    (lora / "manifest.json").write_text(json.dumps({"kind": "lora", "lora": "nothing.safetensors", "token": "sks",
-                                                     "class_word": "dog"}))
+    message = "Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; textual inversion"
+    cd = tmp_path / "cd"
+    cd.mkdir()
+    (cd / "manifest.json").write_text(json.dumps({"kind": "custom_diffusion", "custom_diffusion": "nothing.bin",
+                                                   "token": "<new1>", "class_word": "dog"}))
     with pytest.raises(ConceptError, match=message):
-        load_concept(lora, sd3)  # before the file is read
+        load_concept(cd, sd3)  # before the file is read
     with pytest.raises(ConceptError, match=message):
         load_concept(_concept_folder(tmp_path, "te", _class_vectors(sd3), kind="text_encoder",
                                      text_encoder="te.safetensors"), sd3)
     with pytest.raises(ConceptError, match=message):
-        generate_concept(sd3, "a sks on the beach", Concept("x", "sks", "dog", "lora"), Settings(**FAST))
+        generate_concept(sd3, "a sks on the beach", Concept("x", "sks", "dog", "custom_diffusion"), Settings(**FAST))
     same = load_concept(_concept_folder(tmp_path, "same", _class_vectors(sd3)), sd3)
     with pytest.raises(ConceptError, match="one concept per prompt"):
         generate_concept(sd3, "a <tok> and a <tok>", [same, same], Settings(**FAST))

@@ -31,6 +31,7 @@ from PIL import Image
 from ..errors import ConceptError, PromptError, SettingsError
 from ..prompts import MAX_PROMPT_CHARS
 from ..settings import MAX_GUIDANCE, MAX_SEED, MAX_STEPS, SWAP_KV
+from ..weights import Edit, overlay
 from .mmdit_attention import MapSums, MMDiTState, SideStream, install
 from .mmdit_loop import decode, denoise_flux, denoise_sd3
 from .mmdit_text import (CLIP_ROWS, ConceptVectors, TokenTable, clip_table, encode_flux, encode_sd3, t5_table,
@@ -66,12 +67,24 @@ class MMDiTSwap:
 @dataclass(frozen=True)
 class MMDiTRow:
     """One image of the batch: `text` through the model's text encoders (a concept's `vectors`
-    written in where it holds the concept's token), its rows written by the side streams of `swaps`."""
+    written in where it holds the concept's token), its rows written by the side streams of `swaps`,
+    the transformer's layers named in `edits` computed with those weights on this row alone (a LoRA
+    concept's customized row: both branches), `text_encoders` (pipeline order, None: the model's own)
+    encoding its prompt and, on SD3, its unconditional half's empty prompt."""
 
     name: str
     text: str
     vectors: ConceptVectors | None = None
     swaps: tuple[MMDiTSwap, ...] = ()
+    edits: dict[str, Edit] = field(default_factory=dict)  # transformer layer -> its customized weights
+    text_encoders: tuple | None = None
+
+    @property
+    def branch(self) -> TextBranch | None:
+        """What encodes this row's own text (None: the model's text encoders)."""
+        if self.vectors is None and self.text_encoders is None:
+            return None
+        return TextBranch(text_encoders=self.text_encoders, vectors=self.vectors)
 
 
 @dataclass(frozen=True)
@@ -333,16 +346,19 @@ def generate_rows(model: MMDiTModel, rows: list[MMDiTRow], settings: MMDiTSettin
     r, sd3 = len(rows), model.family == "sd3"
     cfg = sd3 and s.guidance > 1  # SD3's pipeline guides only above 1
     encoded: dict = {}
-    for t, row in zip(texts, rows):
-        key = (t, id(row.vectors))
+    keys = [(t, id(row.vectors), id(row.text_encoders)) for t, row in zip(texts, rows)]
+    for key, t, row in zip(keys, texts, rows):
+        if row.text_encoders is not None:
+            model.check_branch(row.branch)
         if key not in encoded:
-            encoded[key] = model.encode(t, s.text_tokens, TextBranch(vectors=row.vectors) if row.vectors else None)
-    hidden = torch.cat([encoded[(t, id(row.vectors))][0] for t, row in zip(texts, rows)])
-    pooled = torch.cat([encoded[(t, id(row.vectors))][1] for t, row in zip(texts, rows)])
-    if cfg:
-        un_hidden, un_pooled = model.uncond(s.text_tokens)
-        hidden = torch.cat([un_hidden.repeat(r, 1, 1), hidden])
-        pooled = torch.cat([un_pooled.repeat(r, 1), pooled])
+            encoded[key] = model.encode(t, s.text_tokens, row.branch)
+    hidden = torch.cat([encoded[key][0] for key in keys])
+    pooled = torch.cat([encoded[key][1] for key in keys])
+    if cfg:  # the empty prompt through each row's text encoders (a LoRA's, where it trains them)
+        uncond = [model.uncond(s.text_tokens) if row.text_encoders is None else
+                  model.encode("", s.text_tokens, TextBranch(text_encoders=row.text_encoders)) for row in rows]
+        hidden = torch.cat([u[0] for u in uncond] + [hidden])
+        pooled = torch.cat([u[1] for u in uncond] + [pooled])
     first_cond = r if cfg else 0
 
     device = hidden.device
@@ -366,8 +382,13 @@ def generate_rows(model: MMDiTModel, rows: list[MMDiTRow], settings: MMDiTSettin
                              torch.zeros(r, grid * grid, hidden.shape[1], device=device, dtype=torch.float32),
                              _blocks(model, s.map_blocks, "heat-map blocks"),
                              _fractions(s.map_start, s.map_end, s.steps))
+    edits: dict[str, list] = {}  # the request's view of the transformer: each row's own weights on its rows
+    for k, row in enumerate(rows):
+        own = torch.tensor([k, r + k] if cfg else [k], device=device)
+        for name, edit in row.edits.items():
+            edits.setdefault(name, []).append((own, edit))
     run = denoise_sd3 if sd3 else denoise_flux
-    latents = run(model, state, hidden, pooled, r, cfg, s, progress)
+    latents = run(model, overlay(model.transformer, edits), state, hidden, pooled, r, cfg, s, progress)
     images = [decode(model, latents[k: k + 1], s.size) for k in range(r)]
 
     maps, t5_maps, text_maps = {}, {}, {}

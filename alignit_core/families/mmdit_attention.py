@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ..weights import RowEdited
+
 MAP_HEADS_AT_ONCE = 8  # heads whose fp32 scores a recording block holds at once (full size: 8 x 4096 x 589)
 
 
@@ -176,9 +178,12 @@ def _sd3_side_qkv(state: MMDiTState, side: SideStream, index: int):
 def _linear_as_on_a_slice(linear, x: torch.Tensor, batch: int) -> torch.Tensor:
     """`linear(x)` as torch computes it on the text slice of a `batch`-row output: its fused path
     (addmm, bias inside) is taken only for a contiguous 3-D input, which that slice is only for one
-    row; otherwise a matmul, then the bias added: the same in fp32 on CPU, not in bf16."""
+    row; otherwise a matmul, then the bias added: the same in fp32 on CPU, not in bf16. A layer a
+    LoRA edits (a customized branch's view) adds its update to that."""
     if batch == 1:
         return linear(x)
+    if isinstance(linear, RowEdited):
+        return linear.edited(x, _linear_as_on_a_slice(linear.base, x, batch))
     return torch.matmul(x, linear.weight.t()) + linear.bias
 
 

@@ -6,9 +6,10 @@ request. An MMDiT's text stream changes in every block, so this family runs its 
 images, maps and latents go back to the engine, which makes the `Generation`.
 Settings the side stream has no use for are refused (`check`); textual-inversion concepts run as a
 customized row (the concept's vectors written into the text encoders' token embeddings) and an
-AlignIT row whose side stream carries p' through them; other concept kinds are not offered yet
-(`concept_kinds`, `concept_refusal`). The MI score is RFMI (mmdit_score.py): `noising`, `encode`,
-`empty`, `token_rows`, `score_output`.
+AlignIT row whose side stream carries p' through them; LoRA concepts as a customized row whose
+transformer layers carry the LoRA and an AlignIT row whose side stream runs the LoRA's text branch
+(mmdit_lora.py); other concept kinds are not offered yet (`concept_kinds`, `concept_refusal`). The MI
+score is RFMI (mmdit_score.py): `noising`, `encode`, `empty`, `token_rows`, `score_output`.
 
 Token tables: SD3's primary table is CLIP's (the project's own word swaps apply as on SD 1.x);
 Flux reads T5 rows only, so its table and word swaps are T5's (`model.tokenizer` is T5's there).
@@ -27,6 +28,7 @@ from ..settings import MAP_BLOCKS, Settings
 from .mmdit import (DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_TEXT_TOKENS, FAMILIES, MMDiTModel, MMDiTRow,
                     MMDiTSettings, MMDiTSwap, TextBranch, generate_rows)
 from .mmdit_score import MMDiTScoring, on_grid
+from .mmdit_lora import text_branch_view
 from .mmdit_text import ConceptVectors, t5_concept_plan, t5_swap_plan, t5_table
 from .sd_unet import Defaults
 
@@ -77,9 +79,9 @@ class MMDiTFamily:
 
     name = "mmdit"
     own_loop = True  # generate.run_rows hands the rows to `denoise`
-    concept_kinds = ("textual_inversion",)  # the concept kinds it takes (None: all)
-    concept_refusal = ("LoRA, Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; "
-                       "textual inversion and token swaps are")
+    concept_kinds = ("textual_inversion", "lora")  # the concept kinds it takes (None: all)
+    concept_refusal = ("Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; "
+                       "textual inversion, DreamBooth-LoRA and token swaps are")
     several_concepts_refusal = "SD3 and Flux take one concept per prompt so far; choose one"
     schedulers = (SAMPLER,)
 
@@ -116,6 +118,7 @@ class MMDiTFamily:
     concept_keys = property(lambda self: ("clip_l", "t5") if self.kind == "flux" else
                             ("clip_l", "clip_g") + (("t5",) if self.pipe.text_encoder_3 is not None else ()))
     transformer = property(lambda self: self.pipe.transformer)
+    denoiser = transformer  # the module whose layers a concept's weights edit
     vae = property(lambda self: self.pipe.vae)
     vae_scale = property(lambda self: self.pipe.vae_scale_factor)
     size_step = property(lambda self: self.mmdit.size_step)
@@ -138,7 +141,8 @@ class MMDiTFamily:
              f"UNet models)"),
             (s.swap_strength != 1, f"on {self.title} the side stream's rows replace p's whole; the swap strength "
              f"(blending keys and values) is for UNet models"),
-            (s.lora_rest != 0, "the rest of a LoRA applies to LoRA concepts, which SD3 and Flux do not take yet"),
+            (s.lora_rest != 0, f"on {self.title} AlignIT's main stream is the base model and a LoRA acts through the "
+             f"side stream's text branch; the rest of a LoRA (lora_rest) is for UNet models"),
             (tuple(s.map_blocks or ()) != MAP_BLOCKS, f"{self.title}'s heat maps average every transformer block; "
              f"the UNet parts (down, mid, up) do not apply"),
             (s.map_resolution not in (None, grid), f"{self.title}'s heat maps are on the image-token grid: "
@@ -215,21 +219,39 @@ class MMDiTFamily:
         return [gen.images[n] for n in names], gen.maps, store_bytes, latents
 
     def _vectors(self, concept) -> ConceptVectors | None:
-        if concept is None:
+        """A textual-inversion concept's vectors (None: no concept, or a LoRA, which has none)."""
+        if concept is None or concept.kind == "lora":
             return None
         if concept.kind not in self.concept_kinds or not concept.vectors:
             raise ConceptError(self.concept_refusal)
         return ConceptVectors(concept.token, tuple(concept.vectors))
 
+    def _branch(self, concept) -> TextBranch | None:
+        """The customized text branch a swap's side stream carries p' through (None: the base model's)."""
+        if concept is None:
+            return None
+        if concept.kind == "lora":
+            return TextBranch(transformer=text_branch_view(self.transformer, concept.unet),
+                              text_encoders=self._encoders(concept))
+        return TextBranch(vectors=self._vectors(concept))
+
+    def _encoders(self, concept) -> tuple | None:
+        """A LoRA's text encoders in the pipeline's order (None where it has none), or None: the model's own."""
+        if concept is None or not concept.text_encoders:
+            return None
+        given = iter(concept.text_encoders)  # the concept_encoders' order: the pipeline's, less a missing T5
+        return tuple(None if own is None else next(given) for own in self.mmdit.text_encoders)
+
     def _row(self, row) -> MMDiTRow:
-        """An engine Row as generate_rows' row: its prompt's text, its concept's vectors, its swaps."""
+        """An engine Row as generate_rows' row: its prompt's text, its concept's vectors, transformer weights
+        (a LoRA's, on both branches) and text encoders, its swaps."""
         swaps = []
         for plan, concept in row.sources:
-            vectors = self._vectors(concept)
             read = plan.source_positions if isinstance(plan, TokenSwapPlan) else None
-            swaps.append(MMDiTSwap(tuple(plan.positions), plan.source.text,
-                                   TextBranch(vectors=vectors) if vectors is not None else None, read))
-        return MMDiTRow(row.name, row.prompt.text, self._vectors(row.concept), tuple(swaps))
+            swaps.append(MMDiTSwap(tuple(plan.positions), plan.source.text, self._branch(concept), read))
+        edits = row.concept.unet if row.concept is not None else {}
+        return MMDiTRow(row.name, row.prompt.text, self._vectors(row.concept), tuple(swaps), edits,
+                        self._encoders(row.concept))
 
     # ---------------------------------------------------------------- the MI score: RFMI (mmdit_score.py)
 

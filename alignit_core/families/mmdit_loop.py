@@ -2,8 +2,9 @@
 (`pipe(...)` keeps per-call state; a demo serves several people at once), and the decoding of one
 row at a time (a CPU VAE batch of identical latents can decode 1e-6 apart row to row).
 
-`model` is an `MMDiTModel` (mmdit.py), `state` the request's `MMDiTState`; `progress(done, total)`,
-if given, is called after each step.
+`model` is an `MMDiTModel` (mmdit.py), `transformer` the request's view of its transformer (the
+model's own, or one in which a customized row's layers carry a LoRA on that row's batch rows),
+`state` the request's `MMDiTState`; `progress(done, total)`, if given, is called after each step.
 """
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def packed_ids(half: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-def denoise_sd3(model, state, hidden, pooled, r, cfg, s, progress=None):
+def denoise_sd3(model, transformer, state, hidden, pooled, r, cfg, s, progress=None):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-    pipe, transformer = model.pipe, model.transformer
+    pipe = model.pipe
     side = s.size // pipe.vae_scale_factor
     latents = initial_latent(transformer.config.in_channels, side, s.seed, hidden.dtype, hidden.device)
     latents = latents.repeat(r, 1, 1, 1)
@@ -72,11 +73,11 @@ def denoise_sd3(model, state, hidden, pooled, r, cfg, s, progress=None):
     return latents
 
 
-def denoise_flux(model, state, hidden, pooled, r, cfg, s, progress=None):
+def denoise_flux(model, transformer, state, hidden, pooled, r, cfg, s, progress=None):
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-    pipe, transformer = model.pipe, model.transformer
+    pipe = model.pipe
     side = 2 * (s.size // (pipe.vae_scale_factor * 2))
     channels = transformer.config.in_channels // 4
     z = initial_latent(channels, side, s.seed, hidden.dtype, hidden.device)

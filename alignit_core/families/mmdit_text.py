@@ -271,7 +271,8 @@ def t5_concept_plan(tokenizer, text: str, words, rows: int):
     p is the concept (its phrase, e.g. `{token}`) replaced by its class word; p' is `*` for every
     other word and the concept's words as the customized prompt writes them; the class word's
     tokens and the concept's (its vectors last) are paired right-aligned. `words` is a
-    concept_prompts.ConceptWords. Raises PromptError."""
+    concept_prompts.ConceptWords; a concept without vectors (a LoRA's trigger word) is read as text.
+    Raises PromptError."""
     token, class_word = words.token, words.class_word
     count = text.count(token)
     if count != 1:
@@ -279,7 +280,7 @@ def t5_concept_plan(tokenizer, text: str, words, rows: int):
                           f"the concept token {token} appears {count} times; use it once")
     expanded = words.expanded
     customized = text if words.phrase != "{token}" and expanded in text else text.replace(token, expanded)
-    concept = ConceptVectors(token, (torch.zeros(max(words.n_vectors, 1), 1),))
+    concept = ConceptVectors(token, (torch.zeros(words.n_vectors, 1),)) if words.n_vectors else None
     p_text = customized.replace(expanded, class_word)
     prefix = customized.split(expanded)[0]
     start = len(prefix.split()) - (1 if prefix and not prefix[-1].isspace() else 0)

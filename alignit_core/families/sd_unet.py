@@ -142,6 +142,11 @@ class UNetFamily:
         return read_prompt(self.tokenizers[0], text, long)
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module whose layers a concept's weights edit: the UNet."""
+        return self.unet
+
+    @property
     def concept_encoders(self) -> list:
         """The text encoders a textual-inversion concept holds vectors for, in its files' order."""
         return self.text_encoders

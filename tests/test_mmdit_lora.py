@@ -1,0 +1,392 @@
+"""DreamBooth-LoRA concepts on SD3 and Flux: files in diffusers' names (what peft and `save_lora_weights`
+write) and in kohya-style names, the customized baseline against diffusers' own `load_lora_weights`,
+AlignIT's side stream through the LoRA's text branch alone, the shared model never changed, and the
+clear refusals. Tiny random-weight pipelines; seconds each."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_writes_only
+from safetensors.torch import save_file
+
+from alignit_core import Settings, generate_concept, generate_swap, load_concept
+from alignit_core.conditioning import Row
+from alignit_core.errors import ConceptError, SettingsError
+from alignit_core.families.mmdit_score import on_grid
+from alignit_core.generate import run_rows
+from alignit_core.models import from_components
+from alignit_core.testing import tiny_flux, tiny_sd3
+from alignit_core.weights import RowEdited
+
+FAST = dict(seed=1, steps=3, size=32)
+PROMPT = "a photo of a sks"  # customized: "a photo of a sks dog"; p: "a photo of a dog"
+BUILD = {"sd3": tiny_sd3, "flux": tiny_flux}
+IMAGE_BRANCH = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear"]
+TEXT_BRANCH = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.net.0.proj",
+               "ff_context.net.2", "norm1_context.linear"]
+SINGLE = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out", "norm.linear"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: from_components(build(), f"tiny-{name}") for name, build in BUILD.items()}
+
+
+def _layers(model, joint=(), single=(), top=()) -> list[str]:
+    t = model.denoiser
+    names = [f"transformer_blocks.{i}.{x}" for i in range(len(t.transformer_blocks)) for x in joint]
+    names += [f"single_transformer_blocks.{i}.{x}" for i in range(len(getattr(t, "single_transformer_blocks", ())))
+              for x in single]
+    return [n for n in names + list(top) if isinstance(_module(t, n), torch.nn.Linear)]  # SD3's last block: no text out
+
+
+def _module(root, name):
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _text_layers(model, encoder: int = 0) -> list[str]:
+    """The attention projections of text encoder `encoder` (pipeline order: CLIP-L, then SD3's CLIP-G or
+    Flux's T5), as a file names them."""
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj", "q", "k", "v", "o")
+    names = [n for n, m in model.concept_encoders[encoder].named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in projections]
+    return [f"{('text_encoder', 'text_encoder_2')[encoder]}.{n}" for n in names]
+
+
+def _pairs(model, layers, seed=0, rank=2, zero=False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """layer (a transformer layer, or `text_encoder.<layer>` / `text_encoder_2.<layer>`) -> (down (rank, in),
+    up (out, rank)): updates large enough to change the picture."""
+    g = torch.Generator().manual_seed(seed)
+    roots = {"text_encoder": model.concept_encoders[0], "text_encoder_2": model.concept_encoders[1]}
+    out = {}
+    for name in layers:
+        part, _, layer = name.partition(".")
+        weight = (roots[part].get_submodule(layer) if part in roots else model.denoiser.get_submodule(name)).weight
+        down = torch.randn(rank, weight.shape[1], generator=g) / weight.shape[1] ** 0.5
+        up = torch.zeros(weight.shape[0], rank) if zero else torch.randn(weight.shape[0], rank, generator=g) * 0.5
+        out[name] = (down, up)
+    return out
+
+
+def _diffusers_file(path, pairs, alpha=4.0, rank=2):
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        key = name if name.startswith("text_encoder") else f"transformer.{name}"
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = down, up
+    config = {f"{part}.{x}": value for part in ("transformer", "text_encoder", "text_encoder_2")
+              for x, value in (("r", rank), ("lora_alpha", alpha))}
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(config)})
+    return path
+
+
+def _kohya_file(path, pairs, alpha=4.0):
+    tensors = {}
+    for name, (down, up) in pairs.items():
+        part, _, layer = name.partition(".")
+        prefix = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}.get(part)
+        stem = prefix + layer.replace(".", "_") if prefix else "lora_transformer_" + name.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = down, up
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path
+
+
+def _concept(model, tmp_path, layers, **kw):
+    path = tmp_path / f"lora-{len(layers)}-{kw.get('seed', 0)}.safetensors"
+    _diffusers_file(path, _pairs(model, layers, **kw))
+    return load_concept(path, model, token="sks", class_word="dog")
+
+
+def _hash(module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("name, text", [("sd3", False), ("sd3", True), ("flux", False), ("flux", True)])
+def test_the_customized_baseline_is_what_diffusers_draws_with_load_lora_weights(models, tmp_path, name, text):
+    """What diffusers' DreamBooth-LoRA scripts save (peft's adapters, `save_lora_weights`), with the CLIP
+    text encoders' LoRA (`--train_text_encoder`: SD3's two, Flux's one) or without."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    trained = BUILD[name]()
+    targets = {"transformer": ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                               "to_add_out", "ff.net.2", "ff_context.net.2", "proj_mlp"]}
+    if text:
+        clip = ["q_proj", "k_proj", "v_proj", "out_proj"]
+        targets.update({"text_encoder": clip, **({"text_encoder_2": clip} if name == "sd3" else {})})
+    torch.manual_seed(0)
+    saved = {}
+    for part, modules in targets.items():
+        module = getattr(trained, part)
+        module.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=modules))
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(4.0)
+        saved[f"{part}_lora_layers"] = get_peft_model_state_dict(module)
+        saved[f"{part}_lora_adapter_metadata"] = module.peft_config["default"].to_dict()
+    cls = StableDiffusion3Pipeline if name == "sd3" else FluxPipeline
+    cls.save_lora_weights(tmp_path, **saved)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    model = from_components(BUILD[name](), f"tiny-{name}")  # the LoRA's views made before the model's first call
+    concept = load_concept(path, model, token="sks", class_word="dog")
+    assert concept.kind == "lora" and any("single_transformer_blocks" in k for k in concept.unet) == (name == "flux")
+    assert len(concept.text_encoders) == (len(model.concept_encoders) if text else 0)
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST))
+    assert gen.record()["customized_prompt"] == "a photo of a sks dog" and gen.record()["p"] == "a photo of a dog"
+
+    reference = BUILD[name]()
+    reference.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="concept")
+    guidance = gen.settings.guidance
+
+    def draw(pipe):  # on the engine's latent grid (Flux's pipeline returns its packed tokens)
+        return on_grid(name, pipe("a photo of a sks dog", num_inference_steps=3, height=32, width=32,
+                                  guidance_scale=guidance, generator=torch.Generator().manual_seed(1),
+                                  output_type="latent").images[0])
+
+    theirs, plain = draw(reference), draw(BUILD[name]())
+    assert (theirs - plain).abs().max() > 0.05  # the LoRA shows
+    torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-4)
+    if text:  # the text encoders' LoRA shows too: without it the picture is another
+        cls.save_lora_weights(tmp_path / "transformer", transformer_lora_layers=saved["transformer_lora_layers"],
+                              transformer_lora_adapter_metadata=saved["transformer_lora_adapter_metadata"])
+        no_text = BUILD[name]()
+        no_text.load_lora_weights(str(tmp_path / "transformer"), weight_name=path.name, adapter_name="concept")
+        without = draw(no_text)
+        assert (without - plain).abs().max() > 0.05 and (without - theirs).abs().max() > 1e-3
+
+
+def test_a_text_encoders_view_made_before_its_first_call_records_each_hidden_state_once():
+    """transformers 5 hooks a model's layers to record hidden states at its first call: a view made
+    before it must not leave them hooked twice (SD3 reads CLIP's penultimate layer)."""
+    from alignit_core.weights import LowRank, overlay
+
+    encoder = tiny_sd3().text_encoder
+    layer = "text_model.encoder.layers.0.self_attn.q_proj"
+    zero = LowRank(torch.zeros(2, 32), torch.zeros(32, 2), 1.0)
+    view = overlay(encoder, {layer: [(None, zero)]})
+    ids = torch.tensor([[49406, 320, 1125, 49407]])
+    seen, own = view(ids, output_hidden_states=True), encoder(ids, output_hidden_states=True)
+    assert len(seen.hidden_states) == len(own.hidden_states) == encoder.config.num_hidden_layers + 1
+    for a, b in zip(seen.hidden_states, own.hidden_states):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_lora_whose_updates_are_zero_draws_the_base_model_bit_for_bit(models, tmp_path, name):
+    model = models[name]
+    everything = _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE, ["context_embedder", "proj_out"])
+    concept = _concept(model, tmp_path, everything, zero=True)
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST), include_base=True)
+    plan, _ = gen.request.sources[0]
+    customized = gen.request.customized
+    _, _, _, plain = run_rows(model, [Row("customized", customized), Row("alignit", gen.request.p, swap=plan),
+                                      Row("base", gen.request.p)], gen.settings)
+    for k, row in enumerate(("customized", "alignit", "base")):
+        assert torch.equal(gen.latents[row], plain[k]), row
+    assert not torch.equal(gen.latents["alignit"], gen.latents["base"])  # AlignIT swapped p''s rows in
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_lora_on_the_image_branch_alone_leaves_alignit_as_the_base_text_branch_draws_it(models, tmp_path, name):
+    """The side stream runs the text branch only: a LoRA of the image branch reaches the customized row alone."""
+    model = models[name]
+    concept = _concept(model, tmp_path, _layers(model, IMAGE_BRANCH, top=["proj_out"]))
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST), include_base=True)
+    plan, _ = gen.request.sources[0]
+    rows = [Row("customized", gen.request.customized), Row("alignit", gen.request.p, swap=plan),
+            Row("base", gen.request.p)]
+    _, _, _, plain = run_rows(model, rows, gen.settings)
+    assert torch.equal(gen.latents["alignit"], plain[1]) and torch.equal(gen.latents["base"], plain[2])
+    assert (gen.latents["customized"] - plain[0]).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("name, part", [("sd3", "transformer"), ("flux", "transformer"), ("sd3", "text encoders"),
+                                        ("flux", "text encoders")])
+def test_a_text_branch_lora_changes_alignit_through_the_class_words_keys_and_values_alone(models, tmp_path, name, part):
+    """A LoRA of the transformer's text branch, or of the text encoders alone (which encode p' for the side
+    stream): AlignIT's image changes, and only through the keys and values the swap writes."""
+    model = models[name]
+    layers = _layers(model, TEXT_BRANCH, SINGLE, ["context_embedder"]) if part == "transformer" else \
+        _text_layers(model) + _text_layers(model, 1)  # SD3: CLIP-L and CLIP-G; Flux: CLIP and T5
+    concept = _concept(model, tmp_path, layers, seed=2)
+    assert bool(concept.unet) == (part == "transformer") and bool(concept.text_encoders) == (part != "transformer")
+    seen, plain_seen = [], []
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST), include_base=True, include_customized=False,
+                           on_kv=seen.append)
+    plan, _ = gen.request.sources[0]
+    _, _, _, plain = run_rows(model, [Row("alignit", gen.request.p, swap=plan), Row("base", gen.request.p)],
+                              gen.settings, on_kv=plain_seen.append)
+    # the LoRA's text branch shows in AlignIT (through one token's keys and values: far above rounding, ~1e-6)
+    assert (gen.latents["alignit"] - plain[0]).abs().max() > 1e-3
+    assert torch.equal(gen.latents["base"], plain[1])
+    dog = [t.position for t in gen.tokens["base"] if t.word == "dog"]
+    half = 2 if name == "sd3" else 0  # SD3: [uncond alignit, uncond base, cond alignit, cond base]
+    assert gen.swapped["alignit"] == tuple(dog)
+    assert_writes_only(seen, half, dog)  # every block and step: the AlignIT row's class word alone
+    # the first block at the first step: with and without the LoRA the same keys and values but the written rows
+    first, plain_first = seen[0], plain_seen[0]
+    assert (first.block, first.step) == (plain_first.block, plain_first.step) == (0, 0)
+    rows = [first.text.start + p for p in dog]
+    for ours, theirs in ((first.swapped_key, plain_first.swapped_key),
+                         (first.swapped_value, plain_first.swapped_value)):
+        gap = (ours - theirs).abs().amax((-1, -2))  # (batch, tokens)
+        assert (gap[half, rows] > 1e-4).all()
+        gap[half, rows] = 0
+        assert not gap.any()
+    # and the base image's rows (both CFG halves on SD3) never see the LoRA
+    base = [1, 3] if name == "sd3" else [1]
+    for r, q in zip(seen, plain_seen):
+        assert torch.equal(r.swapped_key[base], q.swapped_key[base]), (r.block, r.step)
+        assert torch.equal(r.swapped_value[base], q.swapped_value[base]), (r.block, r.step)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_the_side_stream_is_the_merged_lora_models_text_branch(models, tmp_path, name):
+    """AlignIT's side stream computes W·x + scale·B(A·x) beside the shared weights: what a copy of the
+    transformer with the LoRA merged into it (W + scale·B·A) gives as a customized text branch."""
+    from alignit_core.families.mmdit import MMDiTRow, MMDiTSettings, MMDiTSwap, TextBranch, generate_rows
+
+    model = models[name]
+    concept = _concept(model, tmp_path, _layers(model, TEXT_BRANCH, SINGLE, ["context_embedder"]), seed=6)
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST), include_customized=False)
+    merged = copy.deepcopy(model.denoiser)
+    with torch.no_grad():
+        for layer, edit in concept.unet.items():
+            merged.get_submodule(layer).weight += edit.scale * edit.up @ edit.down
+    plan, _ = gen.request.sources[0]
+    read = getattr(plan, "source_positions", None) or None
+    settings = MMDiTSettings(**FAST, guidance=gen.settings.guidance)
+
+    def alignit(branch):
+        swap = MMDiTSwap(tuple(plan.positions), plan.source.text, branch, read)
+        return on_grid(name, generate_rows(model.family.mmdit, [MMDiTRow("alignit", gen.request.p.text, swaps=(swap,))],
+                                           settings).latents["alignit"])
+
+    direct = alignit(TextBranch(transformer=merged))
+    assert (alignit(None) - direct).abs().max() > 1e-3  # the LoRA shows
+    torch.testing.assert_close(gen.latents["alignit"], direct, rtol=0, atol=2e-5)
+
+
+def test_on_flux_a_clip_lora_reaches_the_customized_row_alone(models, tmp_path):
+    """Flux's CLIP gives only the pooled vector, and the side stream is modulated with the main row's."""
+    flux = models["flux"]
+    concept = _concept(flux, tmp_path, _text_layers(flux), seed=7)
+    gen = generate_concept(flux, PROMPT, concept, Settings(**FAST))
+    plan, _ = gen.request.sources[0]
+    _, _, _, plain = run_rows(flux, [Row("customized", gen.request.customized),
+                                     Row("alignit", gen.request.p, swap=plan)], gen.settings)
+    assert (gen.latents["customized"] - plain[0]).abs().max() > 1e-3
+    assert torch.equal(gen.latents["alignit"], plain[1])
+
+
+def test_on_flux_the_single_blocks_shared_weights_act_on_the_side_streams_text(models, tmp_path):
+    flux = models["flux"]
+    joint = len(flux.denoiser.transformer_blocks)
+    concept = _concept(flux, tmp_path, [f"single_transformer_blocks.0.{x}" for x in SINGLE], seed=3)
+    seen, plain_seen = [], []
+    gen = generate_concept(flux, PROMPT, concept, Settings(**FAST), include_customized=False, on_kv=seen.append)
+    plan, _ = gen.request.sources[0]
+    run_rows(flux, [Row("alignit", gen.request.p, swap=plan)], gen.settings, on_kv=plain_seen.append)
+    first = [(r, q) for r, q in zip(seen, plain_seen) if r.step == 0]
+    for r, q in first:  # before the first single block the side stream is the base model's
+        same = torch.equal(r.swapped_key, q.swapped_key) and torch.equal(r.swapped_value, q.swapped_value)
+        assert same == (r.block < joint), r.block
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_lora_request_leaves_the_pipeline_as_it_was(models, tmp_path, name):
+    model = models[name]
+    before = generate_swap(model, "a photo of a dog", [("dog", "cat")], Settings(**FAST))
+    weights = _hash(model.denoiser)
+    concept = _concept(model, tmp_path, _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE), seed=4)
+    generate_concept(model, PROMPT, concept, Settings(**FAST), include_base=True)
+    assert _hash(model.denoiser) == weights
+    assert not any(isinstance(m, RowEdited) or "lora" in n for n, m in model.denoiser.named_modules())
+    after = generate_swap(model, "a photo of a dog", [("dog", "cat")], Settings(**FAST))
+    for row in before.images:
+        assert torch.equal(before.latents[row], after.latents[row])
+        assert np.array_equal(np.asarray(before.images[row]), np.asarray(after.images[row]))
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_kohya_and_diffusers_names_of_the_same_weights_draw_the_same(models, tmp_path, name):
+    model = models[name]
+    transformer = _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE, ["context_embedder"])
+    pairs = _pairs(model, transformer + _text_layers(model), seed=5)
+    ours = load_concept(_diffusers_file(tmp_path / "d.safetensors", pairs), model, token="sks", class_word="dog")
+    kohya = load_concept(_kohya_file(tmp_path / "k.safetensors", pairs), model, token="sks", class_word="dog")
+    assert ours.unet.keys() == kohya.unet.keys() == set(transformer)
+    assert all(ours.unet[k].scale == kohya.unet[k].scale == 2.0 for k in transformer)  # alpha 4 / rank 2
+    assert len(ours.text_encoders) == len(kohya.text_encoders) == len(model.concept_encoders)
+    a = generate_concept(model, PROMPT, ours, Settings(**FAST))
+    b = generate_concept(model, PROMPT, kohya, Settings(**FAST))
+    for row in ("customized", "alignit"):
+        assert torch.equal(a.latents[row], b.latents[row]), row
+
+
+def test_bad_lora_files_are_refused_clearly(models, tiny_sd, tmp_path):
+    sd3, flux = models["sd3"], models["flux"]
+
+    def refused(tensors, match, model=sd3, **save):
+        path = tmp_path / f"bad-{len(list(tmp_path.iterdir()))}.safetensors"
+        save_file(tensors, str(path), **save)
+        with pytest.raises(ConceptError, match=match):
+            load_concept(path, model, token="sks", class_word="dog")
+
+    good = {f"transformer.transformer_blocks.0.attn.add_k_proj.lora_{x}.weight": torch.zeros(*s)
+            for x, s in (("A", (2, 32)), ("B", (32, 2)))}
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{not json at all}" + bytes(64))
+    with pytest.raises(ConceptError):
+        load_concept(corrupt, sd3, token="sks", class_word="dog")
+    refused({"transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight": torch.zeros(2, 64),
+             "transformer.transformer_blocks.0.attn.add_k_proj.lora_B.weight": torch.zeros(32, 2)},
+            r"are \(2, 64\) and \(32, 2\); tiny-sd3's layer is \(32, 32\): the LoRA is for another model")
+    refused({k.replace("transformer_blocks.0", "transformer_blocks.2"): v for k, v in good.items()},
+            "does not exist in tiny-flux", model=flux)  # an SD3 LoRA (3 joint blocks) on Flux (2)
+    refused({"lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight": torch.zeros(96, 2)},
+            "names a UNet layer; tiny-flux is an SD3/Flux transformer", model=flux)
+    refused({**good, "transformer.transformer_blocks.0.attn.add_k_proj.hada_w1_a": torch.zeros(2, 2)},
+            "keys this reader does not know")
+    refused({**good, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 768),
+             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(768, 2)},
+            r"\(2, 768\) and \(768, 2\); tiny-sd3's layer is \(32, 32\): the LoRA is for another model")
+    refused({**good, "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(2, 32),
+             "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(32, 2)},
+            "keys this reader does not know")  # SD3's T5 in kohya's names
+    refused(good, "names a transformer layer \\(SD3/Flux\\); tiny-sd is a UNet model", model=tiny_sd)
+    concept = _concept(sd3, tmp_path, _layers(sd3, TEXT_BRANCH))
+    with pytest.raises(SettingsError, match="lora_rest"):
+        generate_concept(sd3, PROMPT, concept, Settings(**FAST, lora_rest=0.5))
+
+
+def test_the_cli_draws_a_lora_on_sd3_and_exits_2_on_a_lora_for_another_model(models, tmp_path, capsys):
+    from alignit_core.cli import main
+
+    folder = tmp_path / "sd3"
+    tiny_sd3().save_pretrained(folder)
+    good = _diffusers_file(tmp_path / "sks.safetensors", _pairs(models["sd3"], _layers(models["sd3"], TEXT_BRANCH)))
+    out = tmp_path / "out"
+    args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--token", "sks", "--class-word", "dog", "--steps",
+            "2", "--device", "cpu"]
+    assert main(args + ["--concept", str(good), "--out", str(out)]) == 0
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["concept"]["kind"] == "lora" and settings["p"] == "a photo of a dog"
+    bad = _diffusers_file(tmp_path / "flux.safetensors", _pairs(models["flux"], _layers(models["flux"], [], SINGLE)))
+    assert main(args + ["--concept", str(bad), "--out", str(tmp_path / "no")]) == 2
+    assert "does not exist in sd3" in capsys.readouterr().err and not (tmp_path / "no").exists()
