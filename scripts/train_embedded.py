@@ -753,9 +753,9 @@ def main(argv=None) -> None:
                     help="learning rate of Custom Diffusion's cross-attention K/V projections (its token vector: 5e-3)")
     ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",
                     help="steps per concept, one number or one per kind (e.g. ti=1200,cd=400,te=600; 400 where not given)")
-    ap.add_argument("--concept-prompts", choices=("templates", "two"), default="templates",
-                    help="the concepts' training prompts: textual inversion's template list, or only "
-                         "`a <token>` and `a photo of a <token>` (the concepts of model v4)")
+    ap.add_argument("--concept-prompts", choices=("templates", "two"), default="two",
+                    help="the concepts' training prompts: only `a <token>` and `a photo of a <token>` (the shipped "
+                         "concepts), or textual inversion's template list (`templates`)")
     ap.add_argument("--concept-batch", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--ckpt-every", type=int, default=500)
