@@ -390,3 +390,23 @@ def test_the_cli_draws_a_lora_on_sd3_and_exits_2_on_a_lora_for_another_model(mod
     bad = _diffusers_file(tmp_path / "flux.safetensors", _pairs(models["flux"], _layers(models["flux"], [], SINGLE)))
     assert main(args + ["--concept", str(bad), "--out", str(tmp_path / "no")]) == 2
     assert "does not exist in sd3" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_the_demo_takes_an_uploaded_dreambooth_lora_on_sd3(models, tmp_path):
+    """A visitor's path on an SD3 page: upload a LoRA with its trigger word and class word, then generate
+    customized baseline | AlignIT | base model on p; AlignIT differs from the base only through the side stream."""
+    import app
+
+    model = models["sd3"]
+    path = _diffusers_file(tmp_path / "sks.safetensors", _pairs(model, _layers(model, TEXT_BRANCH), seed=3))
+    uploaded, *_, prompt = app.add_concept(model, {}, {}, str(path), "sks", "dog")
+    key = next(iter(uploaded))
+    assert uploaded[key].kind == "lora"
+    *shown, grid, settings, line, gen, pair, maps = app.generate(
+        model, {}, uploaded, app.ALIGNIT, key, "a photo of a sks on the grass", [], "", 1, 3, 7.0, 32,
+        "euler", False, 0.0, 1.0, None, True, "overlay", progress=lambda *a, **k: None)
+    assert gen.rows == ["customized", "alignit", "base"] and gen.record()["p"] == "a photo of a dog on the grass"
+    pixels = {r: np.asarray(gen.images[r]).astype(int) for r in gen.rows}
+    assert np.abs(pixels["alignit"] - pixels["base"]).mean() > 0.1  # the LoRA's text branch reached AlignIT
+    assert np.abs(pixels["customized"] - pixels["alignit"]).mean() > 0.1
+    assert "--concept sks.safetensors" in line and "--token sks" in line
