@@ -162,7 +162,7 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
 
 def check_concepts(model, concepts: list[Concept] = ()) -> None:
     """ConceptError when the model's family does not take one of `concepts`' kinds (SD3 and Flux take
-    textual inversion and LoRA, so far) or several concepts in one prompt."""
+    textual inversion and LoRA, so far) or several concepts in one prompt (Flux, so far)."""
     kinds = model.family.concept_kinds
     if kinds is not None and any(c.kind not in kinds for c in concepts):
         raise ConceptError(model.family.concept_refusal)

@@ -8,7 +8,8 @@ Settings the side stream has no use for are refused (`check`); textual-inversion
 customized row (the concept's vectors written into the text encoders' token embeddings) and an
 AlignIT row whose side stream carries p' through them; LoRA concepts as a customized row whose
 transformer layers carry the LoRA and an AlignIT row whose side stream runs the LoRA's text branch
-(mmdit_lora.py); other concept kinds are not offered yet (`concept_kinds`, `concept_refusal`). The MI
+(mmdit_lora.py); several concepts in one prompt on SD3 as one side stream each (CLIP's plan, as on
+SD 1.x), Flux not yet; other concept kinds are not offered yet (`concept_kinds`, `concept_refusal`). The MI
 score is RFMI (mmdit_score.py): `noising`, `encode`, `empty`, `token_rows`, `score_output`.
 
 Token tables: SD3's primary table is CLIP's (the project's own word swaps apply as on SD 1.x);
@@ -82,7 +83,6 @@ class MMDiTFamily:
     concept_kinds = ("textual_inversion", "lora")  # the concept kinds it takes (None: all)
     concept_refusal = ("Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; "
                        "textual inversion, DreamBooth-LoRA and token swaps are")
-    several_concepts_refusal = "SD3 and Flux take one concept per prompt so far; choose one"
     schedulers = (SAMPLER,)
 
     @staticmethod
@@ -117,6 +117,10 @@ class MMDiTFamily:
     # their entries in a textual-inversion file (SD3's `t5` only when it has T5: otherwise left unused)
     concept_keys = property(lambda self: ("clip_l", "t5") if self.kind == "flux" else
                             ("clip_l", "clip_g") + (("t5",) if self.pipe.text_encoder_3 is not None else ()))
+    # several concepts in one prompt are planned on CLIP's table (concept_prompts.several_concepts_plan):
+    # SD3's, not Flux's
+    several_concepts_refusal = property(lambda self: "Flux takes one concept per prompt so far; choose one"
+                                        if self.kind == "flux" else "")
     transformer = property(lambda self: self.pipe.transformer)
     denoiser = transformer  # the module whose layers a concept's weights edit
     vae = property(lambda self: self.pipe.vae)
@@ -219,12 +223,13 @@ class MMDiTFamily:
         return [gen.images[n] for n in names], gen.maps, store_bytes, latents
 
     def _vectors(self, concept) -> ConceptVectors | None:
-        """A textual-inversion concept's vectors (None: no concept, or a LoRA, which has none)."""
-        if concept is None or concept.kind == "lora":
+        """A textual-inversion concept's vectors, or several's at once (concepts.one_model); None: no
+        concept, or a LoRA, which has none."""
+        if concept is None or concept.kind == "lora" and not concept.vectors:
             return None
         if concept.kind not in self.concept_kinds or not concept.vectors:
             raise ConceptError(self.concept_refusal)
-        return ConceptVectors(concept.token, tuple(concept.vectors))
+        return ConceptVectors(concept.token, tuple(concept.vectors), concept.vector_tokens)
 
     def _branch(self, concept) -> TextBranch | None:
         """The customized text branch a swap's side stream carries p' through (None: the base model's)."""
