@@ -72,7 +72,6 @@ def _concept(arg: str, model, token: str | None = None, class_word: str | None =
 
 
 def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
-    from .concept_prompts import several_concepts_plan
     from .generate import check_concepts, check_prompt
     from .views import token_rows
 
@@ -84,7 +83,7 @@ def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
         table = [("customized", prompts.customized), ("p", prompts.plan.target), ("p'", prompts.plan.source)]
     else:
         check_concepts(model, concepts)
-        several = several_concepts_plan(model.tokenizer, prompt, [c.words for c in concepts])
+        several = model.family.several_concepts_plan(prompt, [c.words for c in concepts])
         table = [("customized", several.customized), ("p", several.plans[0].target)]
         table += [(f"p'[{c.token}]", plan.source) for c, plan in zip(concepts, several.plans)]
     lines = []

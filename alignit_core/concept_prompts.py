@@ -124,7 +124,17 @@ class SeveralConcepts:
 
 def several_concepts_plan(tokenizer, text: str, concepts: list[ConceptWords]) -> SeveralConcepts:
     """p (every concept replaced by its class word) and, per concept, p' holding only that concept
-    (`*` everywhere else, the other concepts' class words included). Prompts of at most 75 tokens."""
+    (`*` everywhere else, the other concepts' class words included) on CLIP's table. Prompts of at
+    most 75 tokens. Raises PromptError."""
+    return plan_several(text, concepts, lambda alone, c: _concept_one(tokenizer, alone, c.token, c.class_word,
+                                                                      c.phrase, c.n_vectors).plan,
+                        lambda customized, table: tokenize(tokenizer, customized, vector_tokens=table))
+
+
+def plan_several(text: str, concepts: list[ConceptWords], plan_one, read) -> SeveralConcepts:
+    """several_concepts_plan on any token table: `plan_one(text, words)` plans one concept in `text`
+    holding it alone (the others written as their class words); `read(text, ((token, n_vectors), ...))`
+    reads the customized prompt. Raises PromptError."""
     tokens = [c.token for c in concepts]
     for c in concepts:
         if tokens.count(c.token) > 1:
@@ -139,7 +149,7 @@ def several_concepts_plan(tokenizer, text: str, concepts: list[ConceptWords]) ->
                 if text.count(other.token) != 1:
                     raise PromptError(f"the concept token {other.token} must appear once in the prompt")
                 alone = other.as_class_word(alone)
-        plans.append(_concept_one(tokenizer, alone, c.token, c.class_word, c.phrase, c.n_vectors).plan)
+        plans.append(plan_one(alone, c))
     if len({plan.target.ids for plan in plans}) != 1:
         raise PromptError("the concepts' class words do not line up in one prompt; write each concept once, "
                           "apart from the others")
@@ -148,4 +158,4 @@ def several_concepts_plan(tokenizer, text: str, concepts: list[ConceptWords]) ->
         customized = customized if c.phrase != "{token}" and c.expanded in customized else \
             customized.replace(c.token, c.expanded)
     table = tuple((c.token, c.n_vectors) for c in concepts if c.n_vectors)
-    return SeveralConcepts(tokenize(tokenizer, customized, vector_tokens=table), tuple(plans))
+    return SeveralConcepts(read(customized, table), tuple(plans))

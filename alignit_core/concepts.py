@@ -69,6 +69,8 @@ class Concept:
     example_rates: tuple[float, float] | None = None
     warnings: tuple[str, ...] = ()  # what in its files was not used, said to the user with every generation
     scale: float = 1.0  # a LoRA's adapter weight (diffusers' set_adapters), already in its updates
+    # several concepts held at once (one_model): (token, vector count) each, in the order `vectors` stacks them
+    vector_tokens: tuple[tuple[str, int], ...] = ()
 
     @property
     def n_vectors(self) -> int:
@@ -335,7 +337,8 @@ def one_model(concepts: list[Concept]) -> Concept:
     encoders = next((c.text_encoders for c in concepts if c.text_encoders), ())
     return Concept(" + ".join(c.name for c in concepts), " ".join(c.token for c in concepts),
                    " ".join(c.class_word for c in concepts), concepts[0].kind, vectors=vectors, unet=unet,
-                   text_encoders=encoders, warnings=tuple(w for c in concepts for w in c.warnings))
+                   text_encoders=encoders, warnings=tuple(w for c in concepts for w in c.warnings),
+                   vector_tokens=tuple((c.token, c.n_vectors) for c in with_vectors))
 
 
 def _check_norm(token: str, vectors: torch.Tensor, encoder, model_name: str) -> None:

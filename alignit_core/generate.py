@@ -11,15 +11,12 @@ decodes.
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 
 from .concepts import Concept, one_model
 from .conditioning import Row, condition
 from .errors import ConceptError, ModelError, PromptError
-from .concept_prompts import several_concepts_plan
 from .prompts import MAX_PROMPT_CHARS, SwapPlan, check_positions, max_tokens
 from .record import Generation, Request
 from .settings import SCHEDULERS, Settings, resolve
@@ -143,7 +140,7 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
         customized, whole, plan = prompts.customized, concepts[0], prompts.plan
         pairs = [(model.family.concept_positions(plan, positions) if positions is not None else plan, whole)]
     else:
-        several = several_concepts_plan(model.tokenizer, text, [c.words for c in concepts])
+        several = model.family.several_concepts_plan(text, [c.words for c in concepts])
         customized, pairs = several.customized, _chosen(list(zip(several.plans, concepts)), positions)
         try:
             whole = one_model(concepts)
@@ -180,8 +177,7 @@ def _chosen(pairs: list[tuple[SwapPlan, Concept]], positions) -> list[tuple[Swap
     if outside:
         raise PromptError(f"position(s) {outside} belong to no concept; with several concepts, swap only "
                           f"positions of theirs")
-    return [(replace(plan, positions=tuple(pos for pos in plan.positions if pos in chosen)), c)
-            for plan, c in pairs if chosen & set(plan.positions)]
+    return [(plan.narrowed(chosen), c) for plan, c in pairs if chosen & set(plan.positions)]
 
 
 def generate_swap(model, text: str, swaps: list[tuple[str | int, str]] | None = None,

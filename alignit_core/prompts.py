@@ -85,6 +85,10 @@ class SwapPlan:
     source: Prompt  # p': same length as p
     positions: tuple[int, ...]
 
+    def narrowed(self, chosen: set[int]) -> SwapPlan:
+        """This plan writing only those of its positions that are `chosen`."""
+        return replace(self, positions=tuple(q for q in self.positions if q in chosen))
+
 
 def _bare(tok: str) -> str:
     return tok[:-4] if tok.endswith("</w>") else tok

@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 import pandas as pd
 from visualize import swap_diagram, token_chips
 
-from .concept_prompts import several_concepts_plan
 from .concepts import KIND_LABELS, Concept
 from .errors import AlignITError, ConceptError, PromptError, short
 from .generate import check_prompt, size_warning
@@ -186,7 +185,7 @@ def token_view(model, mode: str, prompt: str, concept: Concept | list[Concept] |
                 prompts = model.family.concept_plan(text, chosen[0].words, long)
                 return TokenView(prompts.plan.target, (("", prompts.plan.source),), prompts.customized,
                                  prompts.plan.positions)
-            several = several_concepts_plan(model.tokenizer, text, [c.words for c in chosen])
+            several = model.family.several_concepts_plan(text, [c.words for c in chosen])
             return TokenView(several.plans[0].target, tuple((c.token, plan.source) for c, plan in zip(chosen, several.plans)),
                              several.customized, tuple(sorted(pos for plan in several.plans for pos in plan.positions)))
         p = model.family.prompt(text, long)

@@ -18,7 +18,7 @@ from alignit_core.cli import main
 from alignit_core.concepts import Concept
 from alignit_core.conditioning import Row
 from alignit_core.encoding import token_embeddings
-from alignit_core.errors import ConceptError
+from alignit_core.errors import ConceptError, PromptError
 from alignit_core.families.mmdit import MMDiTModel, MMDiTSettings
 from alignit_core.families.mmdit_text import ConceptVectors, encode_flux, encode_sd3
 from alignit_core.generate import run_rows
@@ -149,8 +149,6 @@ def test_alignit_writes_only_the_class_words_keys_and_values(models, tmp_path, n
 
 
 def test_chosen_positions_on_flux_are_among_the_concepts_own(models, tmp_path):
-    from alignit_core.errors import PromptError
-
     flux = models["flux"]
     concept = load_concept(_concept_folder(tmp_path, "chosen", _random(flux, n=2)), flux)
     whole = generate_concept(flux, "a fluffy <tok>", concept, Settings(**FAST), include_customized=False)
@@ -197,7 +195,7 @@ def test_other_concept_kinds_are_refused_on_mmdit(models, tmp_path):
     with pytest.raises(ConceptError, match=message):
         generate_concept(sd3, "a sks on the beach", Concept("x", "sks", "dog", "custom_diffusion"), Settings(**FAST))
     same = load_concept(_concept_folder(tmp_path, "same", _class_vectors(sd3)), sd3)
-    with pytest.raises(ConceptError, match="one concept per prompt"):
+    with pytest.raises(PromptError, match="the concept token <tok> is chosen twice"):  # test_mmdit_several.py
         generate_concept(sd3, "a <tok> and a <tok>", [same, same], Settings(**FAST))
 
 

@@ -8,8 +8,9 @@ Settings the side stream has no use for are refused (`check`); textual-inversion
 customized row (the concept's vectors written into the text encoders' token embeddings) and an
 AlignIT row whose side stream carries p' through them; LoRA concepts as a customized row whose
 transformer layers carry the LoRA and an AlignIT row whose side stream runs the LoRA's text branch
-(mmdit_lora.py); other concept kinds are not offered yet (`concept_kinds`, `concept_refusal`). The MI
-score is RFMI (mmdit_score.py): `noising`, `encode`, `empty`, `token_rows`, `score_output`.
+(mmdit_lora.py); several concepts in one prompt as one side stream each (SD3: CLIP's plan, as on
+SD 1.x; Flux: T5's, word by word); other concept kinds are not offered yet (`concept_kinds`,
+`concept_refusal`). The MI score is RFMI (mmdit_score.py): `noising`, `encode`, `empty`, `token_rows`, `score_output`.
 
 Token tables: SD3's primary table is CLIP's (the project's own word swaps apply as on SD 1.x);
 Flux reads T5 rows only, so its table and word swaps are T5's (`model.tokenizer` is T5's there).
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
+from ..concept_prompts import (ConceptPrompts, ConceptWords, SeveralConcepts, concept_plan, plan_several,
+                               several_concepts_plan)
 from ..errors import ConceptError, PromptError, SettingsError
 from ..noising import RectifiedFlow
 from ..prompts import Prompt, SwapPlan, check_swaps, positions_plan, tokenize, word_swap_plan
@@ -42,6 +44,11 @@ class TokenSwapPlan(SwapPlan):
     of at the same positions: Flux's T5 words line up word by word, not position by position."""
 
     source_positions: tuple[int, ...] = ()
+
+    def narrowed(self, chosen: set[int]) -> TokenSwapPlan:
+        """This plan writing only those of its positions that are `chosen` (each with its p' position)."""
+        kept = [(a, b) for a, b in zip(self.positions, self.source_positions) if a in chosen]
+        return TokenSwapPlan(self.target, self.source, tuple(a for a, _ in kept), tuple(b for _, b in kept))
 
 
 def as_prompt(table) -> Prompt:
@@ -82,7 +89,7 @@ class MMDiTFamily:
     concept_kinds = ("textual_inversion", "lora")  # the concept kinds it takes (None: all)
     concept_refusal = ("Custom Diffusion and text-encoder concepts on SD3/Flux are not supported yet; "
                        "textual inversion, DreamBooth-LoRA and token swaps are")
-    several_concepts_refusal = "SD3 and Flux take one concept per prompt so far; choose one"
+    several_concepts_refusal = ""  # it takes several concepts in one prompt
     schedulers = (SAMPLER,)
 
     @staticmethod
@@ -181,6 +188,20 @@ class MMDiTFamily:
                                                             DEFAULT_TEXT_TOKENS["flux"])
         return ConceptPrompts(as_prompt(table), TokenSwapPlan(as_prompt(p), as_prompt(source), positions, read))
 
+    def several_concepts_plan(self, text: str, words: list[ConceptWords]) -> SeveralConcepts:
+        """The customized prompt, p and each concept's p' of several concepts in one prompt: on SD3 CLIP's
+        (as on SD 1.x); on Flux T5's, each concept planned word by word as one is (`concept_plan`) in the
+        prompt with the others as their class words. Raises PromptError."""
+        if self.kind == "sd3":
+            return several_concepts_plan(self.tokenizers[0], text, words)
+        return plan_several(text, words, lambda alone, c: self.concept_plan(alone, c).plan, self._t5_customized)
+
+    def _t5_customized(self, text: str, table: tuple[tuple[str, int], ...]) -> Prompt:
+        """T5's table of a prompt holding several concepts, each (token, vector count) of `table` read as
+        its vectors' positions, numbered on in that order."""
+        vectors = ConceptVectors("", (torch.zeros(sum(n for _, n in table), 1),), table) if table else None
+        return as_prompt(t5_table(self.tokenizers[0], text, DEFAULT_TEXT_TOKENS["flux"], vectors))
+
     def concept_positions(self, plan: SwapPlan, positions: list[int]) -> SwapPlan:
         """A concept's plan with the swapped positions of p chosen by hand: on SD3 any of p's (p' is read
         at the same ones); on Flux among the concept's own (its words pair with p''s word by word).
@@ -196,8 +217,7 @@ class MMDiTFamily:
         if not chosen or outside:
             raise PromptError(f"on {self.title} a concept's rows pair with p's word by word: choose among its "
                               f"positions {list(plan.positions)}" + (f", not {outside}" if outside else ""))
-        kept = [(a, b) for a, b in zip(plan.positions, plan.source_positions) if a in chosen]
-        return TokenSwapPlan(plan.target, plan.source, tuple(a for a, _ in kept), tuple(b for _, b in kept))
+        return plan.narrowed(chosen)
 
     # ---------------------------------------------------------------- denoising
 
@@ -219,12 +239,13 @@ class MMDiTFamily:
         return [gen.images[n] for n in names], gen.maps, store_bytes, latents
 
     def _vectors(self, concept) -> ConceptVectors | None:
-        """A textual-inversion concept's vectors (None: no concept, or a LoRA, which has none)."""
-        if concept is None or concept.kind == "lora":
+        """A textual-inversion concept's vectors, or several's at once (concepts.one_model); None: no
+        concept, or a LoRA, which has none."""
+        if concept is None or concept.kind == "lora" and not concept.vectors:
             return None
         if concept.kind not in self.concept_kinds or not concept.vectors:
             raise ConceptError(self.concept_refusal)
-        return ConceptVectors(concept.token, tuple(concept.vectors))
+        return ConceptVectors(concept.token, tuple(concept.vectors), concept.vector_tokens)
 
     def _branch(self, concept) -> TextBranch | None:
         """The customized text branch a swap's side stream carries p' through (None: the base model's)."""

@@ -47,21 +47,29 @@ class ConceptVectors:
 
     token: str
     vectors: tuple
+    # several concepts in one customized model (concepts.one_model): (token, vector count) each, in the
+    # order `vectors` stacks them; empty: `token` alone holds them all
+    tokens: tuple[tuple[str, int], ...] = ()
 
     @property
     def n(self) -> int:
         return self.vectors[0].shape[0]
 
+    @property
+    def table(self) -> tuple[tuple[str, int], ...]:
+        """(token, vector count) of each concept, their vectors numbered on in this order."""
+        return self.tokens or ((self.token, self.n),)
+
     def held_by(self, text: str) -> ConceptVectors | None:
-        return self if self.token in text else None
+        return self if all(token in text for token, _ in self.table) else None
 
 
 def clip_table(tokenizer, text: str, concept: ConceptVectors | None = None) -> TokenTable:
     """CLIP's reading of `text` (the project's word-by-word table, checked against the tokenizer's
     own reading of the whole text, which is what the pipeline encodes; a concept's token is its
     vectors' positions). Raises PromptError past 75 tokens (the pipelines cut CLIP there)."""
-    if concept is not None and concept.token in text:
-        p = tokenize(tokenizer, text, concept.token, concept.n)
+    if concept is not None and concept.held_by(text):
+        p = tokenize(tokenizer, text, vector_tokens=concept.table)
         return TokenTable(text, p.ids, p.tokens, dict(p.vectors))
     p = tokenize(tokenizer, text)
     whole = tokenizer(text, truncation=False).input_ids
@@ -75,7 +83,7 @@ def t5_table(tokenizer, text: str, rows: int, concept: ConceptVectors | None = N
     """T5's reading of `text` (no start token; the end token `</s>` last; a concept's token is read
     as `*` and stands for its vectors' positions). Raises PromptError when it needs more than the
     `rows` the model reads."""
-    if concept is not None and concept.token in text:
+    if concept is not None and concept.held_by(text):
         return _t5_concept_table(tokenizer, text, rows, concept)
     enc = tokenizer(text, return_offsets_mapping=True, truncation=False)
     if len(enc.input_ids) > rows:
@@ -244,25 +252,36 @@ def t5_swap_plan(tokenizer, text: str, swaps: list[tuple[str | int, str]], rows:
 # ------------------------------------------------------------------------------ concepts on T5
 
 def _t5_concept_table(tokenizer, text: str, rows: int, concept: ConceptVectors) -> TokenTable:
-    """t5_table of `text` whose concept token (once, in one word) is read as `*` and then stands
-    for its n vectors' positions (numbered 0..n-1 in order)."""
+    """t5_table of `text` whose concept tokens (each once, in a word of its own) are read as `*`, each
+    then standing for its vectors' positions (numbered on in the concepts' order)."""
     words = text.split()
-    if text.count(concept.token) != 1:
-        raise PromptError(f"the concept token {concept.token} must appear once in the prompt")
-    w = next(k for k, word in enumerate(words) if concept.token in word)
-    n = concept.n
-    read = t5_table(tokenizer, text.replace(concept.token, STAR), rows - n + 1)
-    stars = [t.position for t in read.tokens if t.word_index == w and t.text == STAR]
-    if len(stars) != 1:
-        raise PromptError(f"T5 does not read {words[w]!r} with {concept.token} as one token; "
-                          f"separate the concept token from what surrounds it with spaces")
-    q = stars[0]
-    ids = read.ids[:q] + (read.ids[q],) * n + read.ids[q + 1:]
-    tokens = [replace(t, word=words[t.word_index] if t.word_index >= 0 else "") for t in read.tokens[:q]]
-    tokens += [Token(q + k, concept.token if k == 0 else f"{concept.token}_{k}", words[w], w) for k in range(n)]
-    tokens += [replace(t, position=t.position + n - 1, word=words[t.word_index] if t.word_index >= 0 else "")
-               for t in read.tokens[q + 1:]]
-    return TokenTable(text, ids, tuple(tokens), {q + k: k for k in range(n)})
+    where, first = {}, 0  # word index -> (concept token, its first vector, vector count)
+    for token, n in concept.table:
+        if text.count(token) != 1:
+            raise PromptError(f"the concept token {token} must appear once in the prompt")
+        w = next(k for k, word in enumerate(words) if token in word)
+        if w in where:
+            raise PromptError(f"{where[w][0]} and {token} share the word {words[w]!r}; separate them with a space")
+        where[w], first = (token, first, n), first + n
+    starred = text
+    for token, _ in concept.table:
+        starred = starred.replace(token, STAR)
+    read = t5_table(tokenizer, starred, rows - first + len(where))
+    for w, (token, _, _) in where.items():
+        if sum(t.word_index == w and t.text == STAR for t in read.tokens) != 1:
+            raise PromptError(f"T5 does not read {words[w]!r} with {token} as one token; "
+                              f"separate the concept token from what surrounds it with spaces")
+    ids, tokens, vectors = [], [], {}
+    for t in read.tokens:
+        word = words[t.word_index] if t.word_index >= 0 else ""
+        token, start, n = where[t.word_index] if t.word_index in where and t.text == STAR else (None, 0, 1)
+        for k in range(n):
+            if token is not None:
+                vectors[len(ids)] = start + k
+            text_k = t.text if token is None else token if k == 0 else f"{token}_{k}"
+            tokens.append(replace(t, position=len(ids), text=text_k, word=word))
+            ids.append(read.ids[t.position])
+    return TokenTable(text, tuple(ids), tuple(tokens), vectors)
 
 
 def t5_concept_plan(tokenizer, text: str, words, rows: int):

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from ..attention import install
-from ..concept_prompts import ConceptPrompts, ConceptWords, concept_plan
+from ..concept_prompts import (ConceptPrompts, ConceptWords, SeveralConcepts, concept_plan,
+                               several_concepts_plan)
 from ..encoding import concept_vectors, encode
 from ..noising import Noising
 from ..prompts import Prompt, SwapPlan, padded, positions_plan, read_prompt, tokenize, word_swap_plan
@@ -155,6 +156,11 @@ class UNetFamily:
         """The customized prompt, p and p' (with the swapped positions) of one concept written as
         `words`; `long` decides past 75 tokens (concept_prompts.concept_plan). Raises PromptError."""
         return concept_plan(self.tokenizers[0], text, words, long)
+
+    def several_concepts_plan(self, text: str, words: list[ConceptWords]) -> SeveralConcepts:
+        """The customized prompt, p and each concept's p' of several concepts in one prompt (at most 75
+        tokens; concept_prompts.several_concepts_plan). Raises PromptError."""
+        return several_concepts_plan(self.tokenizers[0], text, words)
 
     def concept_positions(self, plan: SwapPlan, positions: list[int]) -> SwapPlan:
         """A concept's plan with the swapped positions of p chosen by hand (any of p's; p' is read at
