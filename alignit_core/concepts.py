@@ -325,7 +325,7 @@ def one_model(concepts: list[Concept]) -> Concept:
     with all of them): every concept's vectors, numbered on in order, and the text stack and UNet
     weights of the concept that changes them. Raises ConceptError when two concepts change the same
     part (two Custom Diffusion concepts, two text-encoder fine-tunes): no single model holds both."""
-    for part, what in (("unet", "UNet weights"), ("text_encoders", "text encoder")):
+    for part, what in (("unet", "denoiser's weights (UNet or transformer)"), ("text_encoders", "text encoder")):
         owners = [c for c in concepts if getattr(c, part)]
         if len(owners) > 1:
             raise ConceptError(f"{owners[0].token} and {owners[1].token} both change the {what}; no single "

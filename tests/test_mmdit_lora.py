@@ -406,7 +406,7 @@ def test_the_demo_takes_an_uploaded_dreambooth_lora_on_sd3(models, tmp_path):
         model, {}, uploaded, app.ALIGNIT, key, "a photo of a sks on the grass", [], "", 1, 3, 7.0, 32,
         "euler", False, 0.0, 1.0, None, True, "overlay", progress=lambda *a, **k: None)
     assert gen.rows == ["customized", "alignit", "base"] and gen.record()["p"] == "a photo of a dog on the grass"
-    pixels = {r: np.asarray(gen.images[r]).astype(int) for r in gen.rows}
-    assert np.abs(pixels["alignit"] - pixels["base"]).mean() > 0.1  # the LoRA's text branch reached AlignIT
-    assert np.abs(pixels["customized"] - pixels["alignit"]).mean() > 0.1
+    assert (gen.latents["alignit"] - gen.latents["base"]).abs().max() > 1e-3  # three pictures (what the side stream
+    # takes from the LoRA is tested above, against a merged copy)
+    assert (gen.latents["customized"] - gen.latents["alignit"]).abs().max() > 1e-3
     assert "--concept sks.safetensors" in line and "--token sks" in line

@@ -185,7 +185,7 @@ def test_two_loras_leave_out_the_customized_row_and_a_lora_beside_a_vector_keeps
         path = _diffusers_file(tmp_path / f"{token}.safetensors", _pairs(model, _layers(model, TEXT_BRANCH), seed=k))
         loras.append(load_concept(path, model, token=token, class_word=word))
     gen = generate_concept(model, "a sks next to a ohwx on a table", loras, Settings(**FAST))
-    assert gen.rows == ["alignit"] and any("both change the UNet weights" in w for w in gen.warnings)
+    assert gen.rows == ["alignit"] and any("both change the denoiser" in w for w in gen.warnings)
     assert gen.request.p.text == "a dog next to a cat on a table"
     a, _ = _pair(model, tmp_path)
     mixed = generate_concept(model, "a sks next to a <a> on a table", [loras[0], a], Settings(**FAST))
