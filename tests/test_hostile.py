@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 import alignit_core.concept_files as concept_files
 import alignit_core.lora as lora_module
 import app
-from alignit_core import ConceptError, PromptError, Settings, generate_concept, load_concept, views
+from alignit_core import ConceptError, PromptError, Settings, generate_concept, load_concept
 from alignit_core.concept_files import MAX_LORA_TENSORS, MAX_TENSORS
 from alignit_core.concepts import MAX_NORM_RATIO, MAX_WORD_CHARS
 from alignit_core.memory import release_memory
@@ -150,10 +150,11 @@ def test_every_vector_of_a_multi_vector_embedding_is_measured(tiny_sd, tmp_path)
 # ------------------------------------------------------------------------------ the token table
 
 @pytest.fixture
-def plans(monkeypatch) -> list:
-    """Swap plans the token view builds; the test fails past 100 (one per swap line would be 20,000)."""
+def plans(monkeypatch, clip) -> list:
+    """Swap plans the token view builds (through the model's family); the test fails past 100 (one per
+    swap line would be 20,000)."""
     made = []
-    real = views.word_swap_plan
+    real = clip.family.swap_plan
 
     def plan(*args, **kwargs):
         made.append(1)
@@ -161,7 +162,7 @@ def plans(monkeypatch) -> list:
             pytest.fail("the token view plans every swap line of a flood")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(views, "word_swap_plan", plan)
+    monkeypatch.setattr(clip.family, "swap_plan", plan)
     return made
 
 
