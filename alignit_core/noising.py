@@ -24,6 +24,13 @@ from .errors import ModelError
 T_MIN = 51  # MITUNE's lower end of DDPM time: below it ε̂ barely depends on the prompt
 
 
+def stratified(low: float, high: float, samples: int, generator: torch.Generator) -> torch.Tensor:
+    """(samples,) float64 in [low, high): the range cut into `samples` equal strata, one uniform draw in each."""
+    edges = torch.linspace(low, high, samples + 1, dtype=torch.float64)
+    u = torch.rand(samples, generator=generator, dtype=torch.float64)
+    return edges[:-1] + u * (edges[1:] - edges[:-1])
+
+
 @dataclass(frozen=True)
 class Noising:
     """The DDPM forward process of a model's scheduler, and its ε-parametrisation."""
@@ -51,9 +58,7 @@ class Noising:
 
     def times(self, samples: int, generator: torch.Generator) -> torch.Tensor:
         """(samples,) long: t stratified in [T_MIN, T−1], one uniform draw per stratum."""
-        edges = torch.linspace(T_MIN, self.T, samples + 1, dtype=torch.float64)
-        u = torch.rand(samples, generator=generator, dtype=torch.float64)
-        return (edges[:-1] + u * (edges[1:] - edges[:-1])).floor().long().clamp(T_MIN, self.T - 1)
+        return stratified(T_MIN, self.T, samples, generator).floor().long().clamp(T_MIN, self.T - 1)
 
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """k_t = T·β_t / (2(1−ᾱ_t)): the change of log-SNR per step, times T (t uniform)."""
@@ -108,9 +113,7 @@ class RectifiedFlow:
 
     def times(self, samples: int, generator: torch.Generator) -> torch.Tensor:
         """(samples,) float64: σ stratified in [sigma_min, sigma_max], one uniform draw per stratum."""
-        edges = torch.linspace(self.sigma_min, self.sigma_max, samples + 1, dtype=torch.float64)
-        u = torch.rand(samples, generator=generator, dtype=torch.float64)
-        return edges[:-1] + u * (edges[1:] - edges[:-1])
+        return stratified(self.sigma_min, self.sigma_max, samples, generator)
 
     def weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """(sigma_max − sigma_min)·(1−σ)/σ: the integrand's weight, σ uniform in its range."""

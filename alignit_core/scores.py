@@ -111,11 +111,6 @@ def _condition_with_token_removed(cond: torch.Tensor, empty: torch.Tensor, rows:
     return out
 
 
-def _content(prompt: Prompt) -> list[int]:
-    """Positions of the prompt's own tokens, in whatever table it is (T5's has no start token)."""
-    return [t.position for t in prompt.tokens if t.word_index >= 0]
-
-
 @torch.no_grad()
 def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: int = MI_SAMPLES,
               per_token: bool = False, seed: int = MI_SEED, progress=None) -> dict[str, MIScore]:
@@ -139,7 +134,7 @@ def mi_scores(model, latents: dict[str, torch.Tensor], prompt: Prompt, samples: 
     empty, pooled_empty, pad = empty_prompt(model)
     if prompt.parts:  # a long prompt's segment rows; ∅ and p padded alike, as in the generation
         cond, empty = pad_segmented(model, [cond, empty], [pad, pad])
-    positions = _content(prompt) if per_token else []
+    positions = prompt.content if per_token else []
     # conditions: [∅, p, p with token k's rows from ∅ ...]; each compared with p
     hidden = torch.stack([empty, cond] + [_condition_with_token_removed(cond, empty, family.token_rows(prompt, k))
                                           for k in positions])
@@ -344,7 +339,7 @@ def score_generation(model, gen: Generation, clip: Clip | None = None, reference
     positions = gen.swapped[rows[-1]] if gen.mode == "swap" else gen.swapped["alignit"]
     if len(prompt.ids) != len(gen.tokens[rows[-1]]):
         positions = ()
-    report = AlignmentReport(text, mi, reference, diffs, positions=positions, token_positions=tuple(_content(prompt)),
+    report = AlignmentReport(text, mi, reference, diffs, positions=positions, token_positions=tuple(prompt.content),
                              clip_note="" if clip is not None else (clip_note or "CLIP is not available"))
     if clip is not None:
         images = [gen.images[r] for r in rows]

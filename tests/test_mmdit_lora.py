@@ -394,19 +394,25 @@ def test_the_cli_draws_a_lora_on_sd3_and_exits_2_on_a_lora_for_another_model(mod
 
 def test_the_demo_takes_an_uploaded_dreambooth_lora_on_sd3(models, tmp_path):
     """A visitor's path on an SD3 page: upload a LoRA with its trigger word and class word, then generate
-    customized baseline | AlignIT | base model on p; AlignIT differs from the base only through the side stream."""
+    customized baseline | AlignIT | base model on p. The LoRA's text branch reaches AlignIT through the
+    page: the same upload with its updates zeroed draws another AlignIT image and the same base image."""
     import app
 
     model = models["sd3"]
-    path = _diffusers_file(tmp_path / "sks.safetensors", _pairs(model, _layers(model, TEXT_BRANCH), seed=3))
-    uploaded, *_, prompt = app.add_concept(model, {}, {}, str(path), "sks", "dog")
-    key = next(iter(uploaded))
-    assert uploaded[key].kind == "lora"
-    *shown, grid, settings, line, gen, pair, maps = app.generate(
-        model, {}, uploaded, app.ALIGNIT, key, "a photo of a sks on the grass", [], "", 1, 3, 7.0, 32,
-        "euler", False, 0.0, 1.0, None, True, "overlay", progress=lambda *a, **k: None)
+
+    def draw(name, zero):
+        path = _diffusers_file(tmp_path / name, _pairs(model, _layers(model, TEXT_BRANCH), seed=3, zero=zero))
+        uploaded, *_ = app.add_concept(model, {}, {}, str(path), "sks", "dog")
+        key = next(iter(uploaded))
+        assert uploaded[key].kind == "lora"
+        *_, line, gen, pair, maps = app.generate(
+            model, {}, uploaded, app.ALIGNIT, key, "a photo of a sks on the grass", [], "", 1, 3, 7.0, 32,
+            "euler", False, 0.0, 1.0, None, True, "overlay", progress=lambda *a, **k: None)
+        return gen, line
+
+    gen, line = draw("sks.safetensors", zero=False)
+    zero, _ = draw("zero.safetensors", zero=True)
     assert gen.rows == ["customized", "alignit", "base"] and gen.record()["p"] == "a photo of a dog on the grass"
-    assert (gen.latents["alignit"] - gen.latents["base"]).abs().max() > 1e-3  # three pictures (what the side stream
-    # takes from the LoRA is tested above, against a merged copy)
-    assert (gen.latents["customized"] - gen.latents["alignit"]).abs().max() > 1e-3
+    assert (gen.latents["alignit"] - zero.latents["alignit"]).abs().max() > 1e-3
+    assert torch.equal(gen.latents["base"], zero.latents["base"])
     assert "--concept sks.safetensors" in line and "--token sks" in line
