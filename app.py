@@ -1,6 +1,6 @@
 """AlignIT Studio: the browser demo. Layout and event wiring only.
 
-    python app.py [--model auto|embedded|FOLDER|HUB_ID] [--port 7860] [--host 127.0.0.1] [--share]
+    python app.py [--model auto|embedded|embedded-mmdit|FOLDER|HUB_ID] [--port 7860] [--host 127.0.0.1] [--share]
 
 All tensor work goes through `alignit_core`, all drawing through `visualize`. What the page shows is
 computed without gradio in `alignit_core.views` (token view, swaps box, concepts, examples) and
@@ -37,7 +37,7 @@ from alignit_core.concepts import MAX_EMBEDDING_BYTES  # noqa: E402
 from alignit_core.generate import check_prompt  # noqa: E402
 from alignit_core.maps import MAPS_FILE  # noqa: E402
 from alignit_core.memory import limit_arenas, release_memory  # noqa: E402
-from alignit_core.models import ASSETS, SD15, accelerate  # noqa: E402
+from alignit_core.models import ASSETS, EMBEDDED, EMBEDDED_MMDIT, SD15, accelerate  # noqa: E402
 from alignit_core.record import CAPTIONS, write_outputs  # noqa: E402
 from alignit_core.result_views import (MapView, before_after, big_map, clicked_map, cli_command,  # noqa: E402
                                        download_prefix, heatmap_rows, large_map_pick, mi_rows, score_seconds,
@@ -454,9 +454,27 @@ def random_seed() -> int:
 
 # ------------------------------------------------------------------------------ layout and wiring
 
-def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -> gr.Blocks:
+def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "", pages=()) -> gr.Blocks:
     """The whole app for `model` and the shipped `concepts` (validated against it); `clip` scores
-    with CLIP too (else `clip_note` says why not)."""
+    with CLIP too (else `clip_note` says why not). `pages`: (title, path, model, concepts) served on
+    pages of their own, reached from the navigation bar (the other embedded model); their events stay
+    off the API, whose endpoints (tokens, generate, score) are the first page's."""
+    with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
+        _page(demo, model, concepts, clip, clip_note, public=True)
+    demo.pages[0] = ("", page_title(model), True)
+    for title, path, other, other_concepts in pages:
+        with demo.route(title, path):
+            _page(demo, other, other_concepts, clip, clip_note, public=False)
+    return demo
+
+
+def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str, public: bool) -> None:
+    """One model's page: every control, the results and their wiring, in the current page of `demo`.
+    `public`: its tokens / generate / score events are the app's API (and MCP tools)."""
+
+    def api(name: str) -> dict:
+        return dict(api_name=name) if public else dict(api_visibility="private")
+
     registry = {c.name: c for c in concepts}
     defaults = resolve(model, Settings())
     size_step = model.size_step
@@ -470,220 +488,240 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "") -
     run = on_gpu(partial(run_generation, model), gpu_seconds)
     scorer = on_gpu(partial(run_score, model, clip), score_seconds)
 
-    with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
-        uploaded = gr.State({}, time_to_live=STATE_TTL_S)
-        last = gr.State(None, time_to_live=STATE_TTL_S)
-        drafts = gr.State({}, time_to_live=STATE_TTL_S)  # the prompt and swaps typed in the other mode
-        gr.Markdown(header_markdown(model), elem_id="header")
-        gr.DuplicateButton("Duplicate this Space (your own GPU, no queue)", size="sm",
-                           visible=gr.utils.get_space() is not None)
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=300):
-                mode = gr.Radio([ALIGNIT, SWAP], value=start, label="Mode", elem_id="mode")
-                with gr.Column(variant="panel", visible=start == ALIGNIT) as concept_box:
-                    concept = gr.Dropdown(concept_choices(registry, {}), value=first and first.name,
-                                          label="Customized concept", elem_id="concept")
-                    card = gr.Markdown(elem_id="concept-card")
-                    second = gr.Dropdown(second_choices(registry, {}), value="", elem_id="second-concept",
-                                         label="Second concept in the same prompt (optional; each concept's rows "
-                                               "come from its own customized model)")
-                    gr.Markdown("Reference images the concept was learned from:")
-                    references = gr.Gallery(show_label=False, columns=6, rows=1, height=120, object_fit="contain",
-                                            allow_preview=True, elem_id="references")
-                    with gr.Accordion(f"Upload a concept (.safetensors: an embedding of at most "
-                                      f"{MAX_EMBEDDING_BYTES // 2**20} MB, a LoRA of at most "
-                                      f"{MAX_UPLOAD_BYTES // 2**20} MB)", open=False):
-                        with gr.Row():
-                            upload = gr.File(label="textual-inversion embedding or DreamBooth-LoRA",
-                                             file_types=[".safetensors"],
-                                             height=100, scale=2, elem_id="upload")
-                            with gr.Column(scale=2):
-                                up_token = gr.Textbox(label="token", placeholder="<my-cat> or a LoRA's trigger word, "
-                                                                                 "e.g. sks (default: the file's)",
-                                                      elem_id="upload-token")
-                                up_class = gr.Textbox(label="class word", placeholder="cat", elem_id="upload-class")
-                                up_scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (a LoRA only)")
-                        add = gr.Button("Add concept for this session", size="sm", elem_id="add-concept")
-                prompt = gr.Textbox(label="Prompt", value=first.example_prompt if first else swap_example[0],
-                                    lines=1, elem_id="prompt")
-                swaps = gr.Textbox(label="Swaps: one `word=source` or `position=source` per line",
-                                   value="" if first else swap_example[1], placeholder="red=yellow\n4=black",
-                                   lines=2, visible=start == SWAP, elem_id="swaps")
-                positions = gr.CheckboxGroup(label="Swapped positions", elem_id="positions")
-                chips = gr.HTML(elem_id="chips")
-                texts = gr.Markdown(elem_id="prompt-texts", padding=True)
-                with gr.Accordion("What am I looking at?", open=True, elem_id="what-box"):
-                    diagram = gr.HTML(elem_id="diagram")
-                    gr.Markdown(WHAT)
-                with gr.Accordion("Token table", open=True):
-                    table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
-            with gr.Column(scale=2, min_width=300):
-                with gr.Row(equal_height=False):
-                    seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3,
-                                     elem_id="seed")
-                    dice = gr.Button("Random seed", size="sm", scale=1, elem_id="dice")
-                steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
-                guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
+    uploaded = gr.State({}, time_to_live=STATE_TTL_S)
+    last = gr.State(None, time_to_live=STATE_TTL_S)
+    drafts = gr.State({}, time_to_live=STATE_TTL_S)  # the prompt and swaps typed in the other mode
+    gr.Markdown(header_markdown(model), elem_id="header")
+    gr.DuplicateButton("Duplicate this Space (your own GPU, no queue)", size="sm",
+                       visible=gr.utils.get_space() is not None)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=300):
+            mode = gr.Radio([ALIGNIT, SWAP], value=start, label="Mode", elem_id="mode")
+            with gr.Column(variant="panel", visible=start == ALIGNIT) as concept_box:
+                concept = gr.Dropdown(concept_choices(registry, {}), value=first and first.name,
+                                      label="Customized concept", elem_id="concept")
+                card = gr.Markdown(elem_id="concept-card")
+                second = gr.Dropdown(second_choices(registry, {}), value="", elem_id="second-concept",
+                                     label="Second concept in the same prompt (optional; each concept's rows "
+                                           "come from its own customized model)")
+                gr.Markdown("Reference images the concept was learned from:")
+                references = gr.Gallery(show_label=False, columns=6, rows=1, height=120, object_fit="contain",
+                                        allow_preview=True, elem_id="references")
+                with gr.Accordion(f"Upload a concept (.safetensors: an embedding of at most "
+                                  f"{MAX_EMBEDDING_BYTES // 2**20} MB, a LoRA of at most "
+                                  f"{MAX_UPLOAD_BYTES // 2**20} MB)", open=False):
+                    with gr.Row():
+                        upload = gr.File(label="textual-inversion embedding or DreamBooth-LoRA",
+                                         file_types=[".safetensors"],
+                                         height=100, scale=2, elem_id="upload")
+                        with gr.Column(scale=2):
+                            up_token = gr.Textbox(label="token", placeholder="<my-cat> or a LoRA's trigger word, "
+                                                                             "e.g. sks (default: the file's)",
+                                                  elem_id="upload-token")
+                            up_class = gr.Textbox(label="class word", placeholder="cat", elem_id="upload-class")
+                            up_scale = gr.Slider(0, 2, value=1, step=0.05, label="LoRA scale (a LoRA only)")
+                    add = gr.Button("Add concept for this session", size="sm", elem_id="add-concept")
+            prompt = gr.Textbox(label="Prompt", value=first.example_prompt if first else swap_example[0],
+                                lines=1, elem_id="prompt")
+            swaps = gr.Textbox(label="Swaps: one `word=source` or `position=source` per line",
+                               value="" if first else swap_example[1], placeholder="red=yellow\n4=black",
+                               lines=2, visible=start == SWAP, elem_id="swaps")
+            positions = gr.CheckboxGroup(label="Swapped positions", elem_id="positions")
+            chips = gr.HTML(elem_id="chips")
+            texts = gr.Markdown(elem_id="prompt-texts", padding=True)
+            with gr.Accordion("What am I looking at?", open=True, elem_id="what-box"):
+                diagram = gr.HTML(elem_id="diagram")
+                gr.Markdown(WHAT)
+            with gr.Accordion("Token table", open=True):
+                table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
+        with gr.Column(scale=2, min_width=300):
+            with gr.Row(equal_height=False):
+                seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3,
+                                 elem_id="seed")
+                dice = gr.Button("Random seed", size="sm", scale=1, elem_id="dice")
+            steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
+            guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
+            with gr.Row():
+                size = gr.Slider(low, high, value=defaults.size, step=size_step, elem_id="size",
+                                 label=f"Image size (px; the model was trained at {model.native_size})")
+                scheduler = gr.Dropdown(list(model.family.schedulers), value=defaults.scheduler, label="Scheduler")
+            size_text = gr.Markdown(elem_id="size-note")
+            with gr.Accordion("Advanced", open=False):
+                swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)",
+                                          visible=unet)
                 with gr.Row():
-                    size = gr.Slider(low, high, value=defaults.size, step=size_step, elem_id="size",
-                                     label=f"Image size (px; the model was trained at {model.native_size})")
-                    scheduler = gr.Dropdown(list(model.family.schedulers), value=defaults.scheduler, label="Scheduler")
-                size_text = gr.Markdown(elem_id="size-note")
-                with gr.Accordion("Advanced", open=False):
-                    swap_uncond = gr.Checkbox(False, label="Swap in both CFG halves (not only the conditional one)",
-                                              visible=unet)
-                    with gr.Row():
-                        swap_kv = gr.Radio([("keys and values", "kv"), ("keys only", "k"), ("values only", "v")],
-                                           value="kv", label="Swap", elem_id="swap-kv")
-                        swap_strength = gr.Slider(0, 1, value=1, step=0.05, elem_id="swap-strength", visible=unet,
-                                                  label="Swap strength (0: no swap, 1: the full swap)")
-                    lora_rest = gr.Slider(0, 1, value=0, step=0.05, elem_id="lora-rest", visible=unet,
-                                          label="AlignIT on a LoRA: the rest of the LoRA (0: only the concept's keys "
-                                                "and values, as the paper; 1: all but the other tokens' keys and values)")
-                    with gr.Row():
-                        swap_start = gr.Slider(0, 1, value=0, step=0.05, label="Swap from (fraction of steps)")
-                        swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
-                    with gr.Row():
-                        map_res = gr.Dropdown(**map_resolutions(model, defaults.size), elem_id="map-res",
-                                              label="Heat maps from the cross-attention layers at")
-                        map_blocks = gr.CheckboxGroup([("down", "down"), ("mid", "mid"), ("up", "up")],
-                                                      value=list(MAP_BLOCKS), elem_id="map-blocks", visible=unet,
-                                                      label="in the UNet's blocks")
-                    with gr.Row():
-                        map_start = gr.Slider(0, 1, value=0, step=0.05, label="Heat maps from (fraction of steps)",
-                                              elem_id="map-start")
-                        map_end = gr.Slider(0, 1, value=1, step=0.05, label="Heat maps until", elem_id="map-end")
-                    long_mode = gr.Radio(LONG_CHOICES, value="segments", elem_id="long-mode",
-                                         label="Prompts over 75 tokens (CLIP's limit)")
-                include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
-                                           elem_id="include-base")
-                run_button = gr.Button("Generate", variant="primary", elem_id="generate")
-        examples_box = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second],
-                                   label="Examples (click to run; results are kept, so a second visit is instant)",
-                                   example_labels=example_labels, cache_examples=False, examples_per_page=12,
-                                   api_visibility="private")
-        gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each word's "
-                    f"cross-attention lands ({SCALE_NOTE}; swapped words framed in orange). Click a tile for a "
-                    "large map.")
-        with gr.Row(equal_height=False):
-            # wide enough each that a phone puts them one under another instead of squeezing the last
-            map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, min_width=220,
-                                elem_id="map-mode")
-            map_by = gr.Radio(MAP_VIEWS, value="words", label="one map per", scale=1, min_width=220, elem_id="map-by")
-            map_special = gr.Checkbox(False, label="show start / end tokens", scale=1, min_width=220,
-                                      elem_id="map-special")
-        with gr.Row(equal_height=False):
-            images, maps, columns, mi_maps = [], [], [], []
-            for i in range(MAX_COLUMNS):
-                with gr.Column(visible=i < 2, min_width=240) as col:
-                    images.append(gr.Image(label=_pad([CAPTIONS[r] for r in ROWS[start]])[i], type="pil",
-                                           format="png", height=256, interactive=False, elem_classes="generated",
-                                           elem_id=f"image-{i}", buttons=["download", "fullscreen"]))
-                    maps.append(gr.Image(label="cross-attention per word", show_label=False, type="pil",
-                                         format="png", interactive=False, elem_id=f"heatmap-{i}",
-                                         buttons=["fullscreen"]))
-                    mi_maps.append(gr.Image(label="MI per token", type="pil", format="png", interactive=False,
-                                            visible=False, elem_id=f"mi-{i}", buttons=["fullscreen"]))
-                columns.append(col)
-        with gr.Row(equal_height=False):
-            with gr.Column(min_width=300):
-                slider = gr.ImageSlider(label="before / after (drag)", type="filepath", elem_id="slider",
-                                        interactive=False, height=420)
-            with gr.Column(min_width=300):
+                    swap_kv = gr.Radio([("keys and values", "kv"), ("keys only", "k"), ("values only", "v")],
+                                       value="kv", label="Swap", elem_id="swap-kv")
+                    swap_strength = gr.Slider(0, 1, value=1, step=0.05, elem_id="swap-strength", visible=unet,
+                                              label="Swap strength (0: no swap, 1: the full swap)")
+                lora_rest = gr.Slider(0, 1, value=0, step=0.05, elem_id="lora-rest", visible=unet,
+                                      label="AlignIT on a LoRA: the rest of the LoRA (0: only the concept's keys "
+                                            "and values, as the paper; 1: all but the other tokens' keys and values)")
                 with gr.Row():
-                    big_row = gr.Radio(label="large map of image", elem_id="large-row")
-                    big_word = gr.Dropdown(label="word", elem_id="large-word")
-                big = gr.Image(label="large map", type="pil", format="png", interactive=False, elem_id="large-map",
-                               height=420, buttons=["download", "fullscreen"])
-        with gr.Row(equal_height=False):
-            score_button = gr.Button("Score alignment", size="sm", scale=1, elem_id="score")
-            score_text = gr.Markdown("*Score alignment* measures how much each image follows the text (MI from "
-                                     "the model's own denoiser" + (", CLIP" if clip is not None else "") + "). "
-                                     "In AlignIT mode it scores *p*, the class word: the concept's own look counts "
-                                     "against an image.", elem_id="scores")
-        with gr.Row(equal_height=False):
-            grid_file = gr.File(label="comparison grid (PNG, settings in its metadata)", elem_id="grid-file",
-                                min_width=300)
-            maps_file = gr.File(label="the raw maps (maps.safetensors)", elem_id="maps-file", min_width=300)
-            settings_file = gr.File(label="settings.json", elem_id="settings-file", min_width=300)
-        command = gr.Textbox(label="Reproduce from the command line", interactive=False, lines=2,
-                             buttons=["copy"], elem_id="command")
+                    swap_start = gr.Slider(0, 1, value=0, step=0.05, label="Swap from (fraction of steps)")
+                    swap_end = gr.Slider(0, 1, value=1, step=0.05, label="Swap until")
+                with gr.Row():
+                    map_res = gr.Dropdown(**map_resolutions(model, defaults.size), elem_id="map-res",
+                                          label="Heat maps from the cross-attention layers at")
+                    map_blocks = gr.CheckboxGroup([("down", "down"), ("mid", "mid"), ("up", "up")],
+                                                  value=list(MAP_BLOCKS), elem_id="map-blocks", visible=unet,
+                                                  label="in the UNet's blocks")
+                with gr.Row():
+                    map_start = gr.Slider(0, 1, value=0, step=0.05, label="Heat maps from (fraction of steps)",
+                                          elem_id="map-start")
+                    map_end = gr.Slider(0, 1, value=1, step=0.05, label="Heat maps until", elem_id="map-end")
+                long_mode = gr.Radio(LONG_CHOICES, value="segments", elem_id="long-mode",
+                                     label="Prompts over 75 tokens (CLIP's limit)")
+            include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
+                                       elem_id="include-base")
+            run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+    examples_box = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second],
+                               label="Examples (click to run; results are kept, so a second visit is instant)",
+                               example_labels=example_labels, cache_examples=False, examples_per_page=12,
+                               api_visibility="private")
+    gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each word's "
+                f"cross-attention lands ({SCALE_NOTE}; swapped words framed in orange). Click a tile for a "
+                "large map.")
+    with gr.Row(equal_height=False):
+        # wide enough each that a phone puts them one under another instead of squeezing the last
+        map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, min_width=220,
+                            elem_id="map-mode")
+        map_by = gr.Radio(MAP_VIEWS, value="words", label="one map per", scale=1, min_width=220, elem_id="map-by")
+        map_special = gr.Checkbox(False, label="show start / end tokens", scale=1, min_width=220,
+                                  elem_id="map-special")
+    with gr.Row(equal_height=False):
+        images, maps, columns, mi_maps = [], [], [], []
+        for i in range(MAX_COLUMNS):
+            with gr.Column(visible=i < 2, min_width=240) as col:
+                images.append(gr.Image(label=_pad([CAPTIONS[r] for r in ROWS[start]])[i], type="pil",
+                                       format="png", height=256, interactive=False, elem_classes="generated",
+                                       elem_id=f"image-{i}", buttons=["download", "fullscreen"]))
+                maps.append(gr.Image(label="cross-attention per word", show_label=False, type="pil",
+                                     format="png", interactive=False, elem_id=f"heatmap-{i}",
+                                     buttons=["fullscreen"]))
+                mi_maps.append(gr.Image(label="MI per token", type="pil", format="png", interactive=False,
+                                        visible=False, elem_id=f"mi-{i}", buttons=["fullscreen"]))
+            columns.append(col)
+    with gr.Row(equal_height=False):
+        with gr.Column(min_width=300):
+            slider = gr.ImageSlider(label="before / after (drag)", type="filepath", elem_id="slider",
+                                    interactive=False, height=420)
+        with gr.Column(min_width=300):
+            with gr.Row():
+                big_row = gr.Radio(label="large map of image", elem_id="large-row")
+                big_word = gr.Dropdown(label="word", elem_id="large-word")
+            big = gr.Image(label="large map", type="pil", format="png", interactive=False, elem_id="large-map",
+                           height=420, buttons=["download", "fullscreen"])
+    with gr.Row(equal_height=False):
+        score_button = gr.Button("Score alignment", size="sm", scale=1, elem_id="score")
+        score_text = gr.Markdown("*Score alignment* measures how much each image follows the text (MI from "
+                                 "the model's own denoiser" + (", CLIP" if clip is not None else "") + "). "
+                                 "In AlignIT mode it scores *p*, the class word: the concept's own look counts "
+                                 "against an image.", elem_id="scores")
+    with gr.Row(equal_height=False):
+        grid_file = gr.File(label="comparison grid (PNG, settings in its metadata)", elem_id="grid-file",
+                            min_width=300)
+        maps_file = gr.File(label="the raw maps (maps.safetensors)", elem_id="maps-file", min_width=300)
+        settings_file = gr.File(label="settings.json", elem_id="settings-file", min_width=300)
+    command = gr.Textbox(label="Reproduce from the command line", interactive=False, lines=2,
+                         buttons=["copy"], elem_id="command")
 
-        # ---- wiring
-        ctx = (model, registry)
-        private = dict(api_visibility="private")
-        quick = dict(queue=False, show_progress="hidden", api_visibility="private")
-        view_inputs = [uploaded, mode, concept, prompt, swaps]
-        view_outputs = [table, positions, chips, texts, diagram]
-        show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
-                         outputs=view_outputs, show_progress="hidden", **TOKEN_VIEWS)
-        # one listener for every input of the view, so that its runs never overtake one another
-        gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change],
-              **show_view, trigger_mode="always_last", api_name="tokens")
-        second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
-        concept.change(partial(show_concept, registry), [uploaded, concept], [card, references],
-                       show_progress="hidden", **private)
-        concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, **private)
-        mode.input(partial(mode_switched, registry, swap_example=swap_example),
-                   [uploaded, mode, concept, prompt, swaps, drafts], [prompt, swaps, drafts], **private)
-        mode.change(mode_controls, [mode, last], [concept_box, swaps, include_base, *images],
+    # ---- wiring
+    ctx = (model, registry)
+    private = dict(api_visibility="private")
+    quick = dict(queue=False, show_progress="hidden", api_visibility="private")
+    view_inputs = [uploaded, mode, concept, prompt, swaps]
+    view_outputs = [table, positions, chips, texts, diagram]
+    show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
+                     outputs=view_outputs, show_progress="hidden", **TOKEN_VIEWS)
+    # one listener for every input of the view, so that its runs never overtake one another
+    gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change],
+          **show_view, trigger_mode="always_last", **api("tokens"))
+    second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
+    concept.change(partial(show_concept, registry), [uploaded, concept], [card, references],
+                   show_progress="hidden", **private)
+    concept.input(partial(concept_prompt, registry), [uploaded, concept], prompt, **private)
+    mode.input(partial(mode_switched, registry, swap_example=swap_example),
+               [uploaded, mode, concept, prompt, swaps, drafts], [prompt, swaps, drafts], **private)
+    mode.change(mode_controls, [mode, last], [concept_box, swaps, include_base, *images],
+                show_progress="hidden", **private)
+    positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
                     show_progress="hidden", **private)
-        positions.input(partial(positions_picked, model), [mode, prompt, swaps, positions, long_mode], swaps,
-                        show_progress="hidden", **private)
-        positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second],
-                         [chips, texts, diagram], show_progress="hidden", **TOKEN_VIEWS, **private)
-        add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class, up_scale],
-                  [uploaded, concept, second, prompt], **private)
-        dice.click(random_seed, None, seed, show_progress="hidden", **private)
-        size.change(lambda px: (gr.update(**map_resolutions(model, px)), size_note(model, px)), size,
-                    [map_res, size_text], show_progress="hidden", **private)
-        map_view = [map_mode, map_by, map_special]
-        large = [big_row, big_word, big]
-        show_large = dict(fn=large_map_view, inputs=[last, *map_view, big_row, big_word], outputs=large,
-                          show_progress="hidden", **private)
-        for control in map_view:
-            control.change(redraw_maps, [last] + map_view, maps, **private)
-            control.change(**show_large)
-        big_row.input(**show_large)
-        big_word.input(**show_large)
-        for column, heat in enumerate(maps):
-            heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
-        scored = gr.State(None, time_to_live=STATE_TTL_S)
-        score_button.click(named(score, "score", model, clip, clip_note, registry, run=scorer), [last, map_mode],
-                           [score_text, *mi_maps, scored], show_progress_on=score_text, api_name="score", **HEAVY)
-        map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, **private)
-        last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
-                    show_progress="hidden", **private)  # a new generation: old scores go
+    positions.change(partial(show_chips, *ctx), view_inputs + [positions, long_mode, second],
+                     [chips, texts, diagram], show_progress="hidden", **TOKEN_VIEWS, **private)
+    add.click(partial(add_concept, model, registry), [uploaded, upload, up_token, up_class, up_scale],
+              [uploaded, concept, second, prompt], **private)
+    dice.click(random_seed, None, seed, show_progress="hidden", **private)
+    size.change(lambda px: (gr.update(**map_resolutions(model, px)), size_note(model, px)), size,
+                [map_res, size_text], show_progress="hidden", **private)
+    map_view = [map_mode, map_by, map_special]
+    large = [big_row, big_word, big]
+    show_large = dict(fn=large_map_view, inputs=[last, *map_view, big_row, big_word], outputs=large,
+                      show_progress="hidden", **private)
+    for control in map_view:
+        control.change(redraw_maps, [last] + map_view, maps, **private)
+        control.change(**show_large)
+    big_row.input(**show_large)
+    big_word.input(**show_large)
+    for column, heat in enumerate(maps):
+        heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
+    scored = gr.State(None, time_to_live=STATE_TTL_S)
+    score_button.click(named(score, "score", model, clip, clip_note, registry, run=scorer), [last, map_mode],
+                       [score_text, *mi_maps, scored], show_progress_on=score_text, **api("score"), **HEAVY)
+    map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, **private)
+    last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
+                show_progress="hidden", **private)  # a new generation: old scores go
 
-        gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
-                      swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode, swap_kv,
-                      swap_strength, second, lora_rest, map_blocks, map_start, map_end, map_by, map_special]
-        gen_outputs = images + maps + [grid_file, settings_file, command, last, slider, maps_file]
-        generator = named(generate, "generate", *ctx, run=run, examples=examples)
+    gen_inputs = [uploaded, mode, concept, prompt, positions, swaps, seed, steps, guidance, size, scheduler,
+                  swap_uncond, swap_start, swap_end, map_res, include_base, map_mode, long_mode, swap_kv,
+                  swap_strength, second, lora_rest, map_blocks, map_start, map_end, map_by, map_special]
+    gen_outputs = images + maps + [grid_file, settings_file, command, last, slider, maps_file]
+    generator = named(generate, "generate", *ctx, run=run, examples=examples)
 
-        def generate_after(event, **api):
-            """Generate after `event` with the button greyed out and the old heat maps cleared (they
-            belong to the old images); the button comes back, and after an error the kept generation's
-            maps too (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it)."""
-            done = event.then(generator, gen_inputs, gen_outputs, show_progress_on=images, **HEAVY, **api)
-            done.success(label_columns, last, images + columns, **quick)
-            done.success(large_map_view, [last, *map_view, big_row, big_word], large, **quick)
-            done.failure(redraw_maps, [last] + map_view, maps, **quick)
-            for after in (done.then, done.failure):
-                after(lambda: gr.update(interactive=True), None, run_button, **quick)
+    def generate_after(event, **endpoint):
+        """Generate after `event` with the button greyed out and the old heat maps cleared (they
+        belong to the old images); the button comes back, and after an error the kept generation's
+        maps too (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it)."""
+        done = event.then(generator, gen_inputs, gen_outputs, show_progress_on=images, **HEAVY, **endpoint)
+        done.success(label_columns, last, images + columns, **quick)
+        done.success(large_map_view, [last, *map_view, big_row, big_word], large, **quick)
+        done.failure(redraw_maps, [last] + map_view, maps, **quick)
+        for after in (done.then, done.failure):
+            after(lambda: gr.update(interactive=True), None, run_button, **quick)
 
-        def start_run():
-            return gr.update(interactive=False), *[None] * MAX_COLUMNS
+    def start_run():
+        return gr.update(interactive=False), *[None] * MAX_COLUMNS
 
-        generate_after(run_button.click(start_run, None, [run_button, *maps], **quick), api_name="generate")
-        # an example runs once its values, and the positions they imply, are in place
-        generate_after(examples_box.load_input_event.then(**show_view, **private)
-                       .then(start_run, None, [run_button, *maps], **quick), **private)
-        # the first view shows the first example's result (made once, on the first view of all)
-        generate_after(demo.load(**show_view, **private).then(start_run, None, [run_button, *maps], **quick),
-                       **private)
-        demo.load(partial(show_concept, registry), [uploaded, concept], [card, references], **private)
-    return demo
+    generate_after(run_button.click(start_run, None, [run_button, *maps], **quick), **api("generate"))
+    # an example runs once its values, and the positions they imply, are in place
+    generate_after(examples_box.load_input_event.then(**show_view, **private)
+                   .then(start_run, None, [run_button, *maps], **quick), **private)
+    # the first view shows the first example's result (made once, on the first view of all)
+    generate_after(demo.load(**show_view, **private).then(start_run, None, [run_button, *maps], **quick),
+                   **private)
+    demo.load(partial(show_concept, registry), [uploaded, concept], [card, references], **private)
+
+
+def page_title(model) -> str:
+    """A model's name in the navigation bar."""
+    if model.is_embedded:
+        return "Embedded SD3 (MMDiT)" if model.family.own_loop else "Embedded UNet (SD 1.x)"
+    return model.name
+
+
+def other_embedded(model) -> list:
+    """The demo's second page: beside one embedded model, the other one (UNet | MMDiT) with its
+    concepts, as `build_demo`'s `pages`; none beside any other model or when it cannot load."""
+    if not model.is_embedded:
+        return []
+    path = EMBEDDED_MMDIT if model.name == EMBEDDED.name else EMBEDDED
+    try:
+        other = load_model(path.name, device=str(model.device), dtype=model.dtype)
+        return [(page_title(other), "mmdit" if other.family.own_loop else "unet", other,
+                 find_concepts(CONCEPTS_DIR, other))]
+    except AlignITError as e:
+        print(f"the other embedded model is not served: {e}", flush=True)
+        return []
 
 
 def named(fn, name: str, *bound, **keywords):
@@ -697,7 +735,8 @@ def named(fn, name: str, *bound, **keywords):
 def _args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="AlignIT Studio: the browser demo")
     ap.add_argument("--model", default=os.environ.get("ALIGNIT_MODEL", "auto"),
-                    help=f"auto (= {SD15} if available, else the embedded model) | embedded | a folder | a hub id")
+                    help=f"auto (= {SD15} if available, else the embedded model) | embedded | embedded-mmdit | a "
+                         "folder | a hub id (beside an embedded model the other one is served on a page of its own)")
     ap.add_argument("--port", type=int,
                     default=int(os.environ.get("ALIGNIT_PORT") or os.environ.get("GRADIO_SERVER_PORT") or 7860))
     ap.add_argument("--host", default=os.environ.get("ALIGNIT_HOST") or os.environ.get("GRADIO_SERVER_NAME")
@@ -725,7 +764,10 @@ def main(argv=None) -> int:
     except AlignITError as e:
         clip, clip_note = None, str(e)
         print(f"{clip_note}; Score alignment shows the MI score only", flush=True)
-    launch(build_demo(model, concepts, clip, clip_note), server_name=args.host, server_port=args.port,
+    pages = other_embedded(model)
+    for title, path, *_ in pages:
+        print(f"also served: {title} at /{path}", flush=True)
+    launch(build_demo(model, concepts, clip, clip_note, pages), server_name=args.host, server_port=args.port,
            share=args.share)
     return 0
 

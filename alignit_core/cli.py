@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
     for name in ("generate", "tokens"):
         p = sub.add_parser(name)
-        p.add_argument("--model", default="auto", help="auto | embedded | a diffusers folder | a hub id")
+        p.add_argument("--model", default="auto",
+                       help="auto | embedded | embedded-mmdit | a diffusers folder | a hub id")
         p.add_argument("--prompt", required=True)
         p.add_argument("--concept", action="append", default=[],
                        help="a concept folder name under assets/concepts, a folder, a manifest, or a bare "

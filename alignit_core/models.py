@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .families import EMBEDDED_DEFAULTS, UNetFamily, family_for
+from .families import EMBEDDED_DEFAULTS, EMBEDDED_MMDIT_DEFAULTS, UNetFamily, family_for
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = ASSETS / "embedded-shapes"
+EMBEDDED_MMDIT = ASSETS / "embedded-mmdit"  # an SD3 pipeline on the same world (scripts/train_mmdit.py)
+EMBEDDED_NAMES = {"embedded": EMBEDDED, EMBEDDED.name: EMBEDDED, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT}
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
 log = logging.getLogger(__name__)
@@ -115,7 +117,8 @@ class Model:
 
     @property
     def is_embedded(self) -> bool:
-        return self.name == EMBEDDED.name
+        """One of the shipped models of the shapes world (the UNet one or the MMDiT one)."""
+        return self.name in (EMBEDDED.name, EMBEDDED_MMDIT.name)
 
     @property
     def cross_attention_layers(self) -> dict:
@@ -137,7 +140,7 @@ def _device(device: str | None) -> torch.device:
 
 
 def _from_pipeline(pipe, name: str, source: str, device: torch.device, dtype: torch.dtype, because: str) -> Model:
-    defaults = EMBEDDED_DEFAULTS if name == EMBEDDED.name else None
+    defaults = {EMBEDDED.name: EMBEDDED_DEFAULTS, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT_DEFAULTS}.get(name)
     return Model(name, source, family_for(pipe, device, defaults), device, dtype, because)
 
 
@@ -157,8 +160,9 @@ def _loading_arguments(path) -> dict:
 
 
 def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype | None = None) -> Model:
-    """Load `name`: "auto", "embedded", a local diffusers folder or a hub id (SD 1.x/2.x, SDXL,
-    SD3, Flux). Raises ModelError."""
+    """Load `name`: "auto", "embedded" (the UNet model of the shapes world), "embedded-mmdit" (its
+    SD3-architecture model), a local diffusers folder or a hub id (SD 1.x/2.x, SDXL, SD3, Flux).
+    Raises ModelError."""
     from diffusers import DiffusionPipeline
 
     dev = _device(device)
@@ -181,8 +185,9 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
         model.chosen_because = f"auto: {SD15} is not available here, using the embedded offline model"
         log.info(model.chosen_because)
         return model
-    if name in ("embedded", EMBEDDED.name):
-        path, because = EMBEDDED, "embedded offline model"
+    if name in EMBEDDED_NAMES:
+        path = EMBEDDED_NAMES[name]
+        because = "embedded offline model" + (" (SD3 architecture)" if path == EMBEDDED_MMDIT else "")
         if not (path / "model_index.json").exists():
             raise ModelError(f"the embedded model is missing from {path}")
     else:
@@ -198,7 +203,8 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
                              f"reachable). Use --model embedded or a local diffusers folder") from None
         raise ModelError(f"model {name!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}") from None
     label = path.name if isinstance(path, Path) else name  # a folder is named by its last part
-    return _from_pipeline(pipe, label, "embedded" if path == EMBEDDED else str(name), dev, dtype, because)
+    source = {EMBEDDED: "embedded", EMBEDDED_MMDIT: EMBEDDED_MMDIT.name}.get(path, str(name))
+    return _from_pipeline(pipe, label, source, dev, dtype, because)
 
 
 def from_components(pipe, name: str = "custom") -> Model:

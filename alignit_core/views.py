@@ -32,7 +32,7 @@ PAPER_SWAPS = [("a jumping dog", "dog=zebra", "a jumping dog · dog ← zebra"),
                ("banana in a white plate", "4=black", "banana in a white plate · position 4 (white) ← black")]
 SHAPES_SWAPS = [("a red circle on a blue background", "red=yellow", "colour swap · red ← yellow"),
                 ("a green square on a white background", "square=circle", "shape swap · square ← circle"),
-                ("a blue star on a yellow background", "yellow=white", "background swap · yellow ← white"),
+                ("a blue star on a yellow background", "yellow=green", "background swap · yellow ← green"),
                 ("a green triangle with a hole on a black background", "triangle=circle",
                  "shape swap, the hole kept · triangle ← circle")]
 TABLE_COLUMNS = ["position", "segment", "local", "token of p", "word", "token of p′"]
@@ -46,11 +46,19 @@ GPU_MAX_S = 120
 
 
 def header_markdown(model) -> str:
-    about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
-             "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
-             "concepts keep drawing their reference pictures' background whatever the prompt asks (a third of the "
-             "time they follow it); AlignIT draws the asked background in three quarters, and keeps the holed star "
-             "(README, toy Table 1)." if model.is_embedded else "")
+    if model.is_embedded and model.family.own_loop:
+        about = (" — the shapes world's small SD3-architecture model (an MMDiT: text and image tokens attend "
+                 "jointly, 8×8 image tokens at 128 px). A swap writes the swapped word's keys and values in every "
+                 "block and step, from a side stream that carries p′ (README, \"SD3 and Flux\"). No concepts ship "
+                 "for it: token swaps, or upload a textual-inversion file.")
+    elif model.is_embedded:
+        about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
+                 "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
+                 "concepts keep drawing their reference pictures' background whatever the prompt asks (a third of "
+                 "the time they follow it); AlignIT draws the asked background in three quarters, and keeps the "
+                 "holed star (README, toy Table 1).")
+    else:
+        about = ""
     return (
         "# AlignIT Studio\n"
         "AlignIT makes a customized text-to-image model follow the rest of the prompt: it generates with "

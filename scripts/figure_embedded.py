@@ -3,8 +3,10 @@ draws as customized baseline and with AlignIT.
 
     python scripts/figure_embedded.py                      # writes assets/figures/embedded.png
     python scripts/figure_embedded.py --seed 3 --out x.png
+    python scripts/figure_embedded.py --model embedded-mmdit   # assets/figures/embedded_mmdit.png
 
-Top: the base model on patterned prompts (combinations it never saw). Then one row per concept:
+Top: the base model on patterned prompts (combinations it never saw); for the MMDiT model, the demo's
+token swaps (baseline | swapped). Then one row per concept:
 its first three reference images, `a photo of a <token>` on the customized model, and the concept's
 example prompt as customized baseline | AlignIT, all from the same seed.
 """
@@ -15,10 +17,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from alignit_core import Settings, find_concepts, generate_concept, load_model, tokenize
+from alignit_core import Settings, find_concepts, generate_concept, generate_swap, load_model, parse_swap, tokenize
 from alignit_core.conditioning import Row
 from alignit_core.generate import run_rows
 from alignit_core.settings import resolve
+from alignit_core.views import SHAPES_SWAPS
 from visualize import comparison_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +44,23 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--out", type=Path, default=ROOT / "assets" / "figures" / "embedded.png")
+    ap.add_argument("--model", default="embedded", choices=("embedded", "embedded-mmdit"))
+    ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    model = load_model("embedded")
+    name = "embedded.png" if args.model == "embedded" else "embedded_mmdit.png"
+    out = args.out or ROOT / "assets" / "figures" / name
+    model = load_model(args.model)
     settings = Settings(seed=args.seed, steps=args.steps, record_maps=False)
-    images = run_rows(model, [Row(str(i), tokenize(model.tokenizer, t)) for i, t in enumerate(PATTERNED)],
-                      resolve(model, settings))[0]
-    parts = [comparison_grid([(t, im, None) for t, im in zip(PATTERNED, images)], "base model, patterned prompts")]
+    if model.family.own_loop:  # the MMDiT model: its token swaps
+        columns = []
+        for prompt, swap, _ in SHAPES_SWAPS:
+            gen = generate_swap(model, prompt, [parse_swap(swap)], settings)
+            columns += [(prompt, gen.images["baseline"], None), (f"swapped: {swap}", gen.images["swapped"], None)]
+        parts = [comparison_grid(columns, "token swaps: baseline | swapped")]
+    else:
+        images = run_rows(model, [Row(str(i), tokenize(model.tokenizer, t)) for i, t in enumerate(PATTERNED)],
+                          resolve(model, settings))[0]
+        parts = [comparison_grid([(t, im, None) for t, im in zip(PATTERNED, images)], "base model, patterned prompts")]
     for concept in find_concepts(ROOT / "assets" / "concepts", model):
         refs = [Image.open(r).convert("RGB") for r in concept.references[:3]]
         photo = generate_concept(model, f"a photo of a {concept.token}", concept, settings)
@@ -57,9 +70,9 @@ def main(argv=None) -> None:
                     (f"customized: {concept.example_prompt}", example.images["customized"], None),
                     (f"AlignIT: {concept.example_prompt}", example.images["alignit"], None)]
         parts.append(comparison_grid(columns, f"{concept.name} ({concept.kind.replace('_', ' ')})"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    stack(parts).save(args.out, optimize=True)
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stack(parts).save(out, optimize=True)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/table1.py                 # every prompt x 10 seeds per concept, ~25 min on 2 CPU cores
     python scripts/table1.py --seeds 2       # quicker look
+    python scripts/table1.py --model embedded-mmdit   # the MMDiT model's concepts (side-stream AlignIT)
 
 Text alignment: the background colour the prompt asks for is the one drawn. Concept fidelity: the
 novel instance is reproduced (stripes / hole, see alignit_core.toy.evaluate.fidelity). Prompts ask for
@@ -20,7 +21,7 @@ import numpy as np
 
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
-from alignit_core.models import EMBEDDED
+from alignit_core.models import EMBEDDED, EMBEDDED_MMDIT
 from alignit_core.toy.evaluate import table1
 from alignit_core.toy.instances import INSTANCES
 
@@ -31,13 +32,15 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--assets", type=Path, default=EMBEDDED.parent,
                     help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
+    ap.add_argument("--model", default=EMBEDDED.name, choices=(EMBEDDED.name, EMBEDDED_MMDIT.name),
+                    help="which embedded model (its concepts are those whose manifest names it)")
     ap.add_argument("--only", nargs="+", help="concept folder names to evaluate (default: all)")
     ap.add_argument("--write-examples", action="store_true",
                     help="set each concept's example_prompt (its manifest) to the prompt where AlignIT gains most, "
                          "and example_rates to how often each method draws it all there (the demo offers an "
                          "AlignIT example only where AlignIT does in most seeds)")
     args = ap.parse_args(argv)
-    model = load_model(str(args.assets / "embedded-shapes"))
+    model = load_model(str(args.assets / args.model))
     print("| concept | kind | text alignment: customized → AlignIT | gain (paired) | "
           "concept fidelity: customized → AlignIT | AlignIT / customized | n |")
     print("|---|---|---|---|---|---|---|")

@@ -279,15 +279,16 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                      torch.tensor(pure_pos, dtype=torch.long), word_class, targets)
 
 
-def condition(te, batch: TextBatch) -> torch.Tensor:
+def condition(te, batch: TextBatch, penultimate: bool = False) -> torch.Tensor:
     """The batch's conditioning (batch, 77, dim): captions encoded, with the rows `batch` says
-    come from elsewhere (dummy prompts, one-word prompts, another caption's end rows)."""
+    come from elsewhere (dummy prompts, one-word prompts, another caption's end rows).
+    `penultimate`: the second-to-last layer's rows, as SD3 reads its CLIP encoders."""
     device = token_embeddings(te).weight.device
-    encoded = encode(te, batch.ids.to(device)).hidden
+    encoded = encode(te, batch.ids.to(device), penultimate=penultimate).hidden
     hidden = encoded
     swapped = batch.swap_pos.to(device) >= 0
     if swapped.any():
-        d = encode(te, batch.dummy.to(device)[swapped]).hidden
+        d = encode(te, batch.dummy.to(device)[swapped], penultimate=penultimate).hidden
         full = torch.zeros_like(hidden)
         full[swapped] = d
         rows = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=device)
@@ -295,7 +296,7 @@ def condition(te, batch: TextBatch) -> torch.Tensor:
         rows[idx, batch.swap_pos.to(device)[idx]] = True
         hidden = torch.where(rows.unsqueeze(-1), full, hidden)
     if len(batch.pure_ids):
-        pure = encode(te, batch.pure_ids.to(device)).hidden  # (rows, 77, dim)
+        pure = encode(te, batch.pure_ids.to(device), penultimate=penultimate).hidden  # (rows, 77, dim)
         picked = pure[torch.arange(len(pure), device=device), batch.pure_pos.to(device)]
         hidden = hidden.index_put((batch.pure_sample.to(device), batch.pure_pos.to(device)), picked)
     source = batch.eot_source.to(device)
@@ -438,6 +439,17 @@ def end_share(maps: list[torch.Tensor], eos: torch.Tensor) -> torch.Tensor:
     return torch.stack(shares).mean()
 
 
+def ema_step(opt, params, ema, loss, step: int, rate: float) -> None:
+    """One optimiser step on `loss` (gradients clipped to norm 1), then the EMA copies `ema` of
+    `params` follow at `rate` (warmed up over the first steps)."""
+    opt.zero_grad(set_to_none=True); loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(rate, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
 def unet_lr(args, step: int, total: int) -> float:
     """Linear warm-up over 300 steps, then constant or (--cosine) down to a tenth at `total`."""
     lr = args.unet_lr * min(1.0, step / 300)
@@ -501,12 +513,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         if args.eot_attention_weight:
             parts["end_share"] = end_share(probe.maps, batch.eos.to(device))
             loss = loss + args.eot_attention_weight * parts["end_share"]
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        ema_step(opt, params, ema, loss, step, args.ema)
         progress("unet", step, total, t0, loss, **parts)
         over = time.time() - t0 > args.unet_seconds
         if step % args.ckpt_every == 0 or step == total or over or step == args.unet_stop:

@@ -144,6 +144,22 @@ def test_the_demo_exposes_named_generate_and_tokens_endpoints(tiny_sd):
     assert {"generate", "tokens"} <= names
 
 
+def test_a_second_model_gets_a_page_of_its_own_and_the_api_stays_the_first_pages(tiny_sd):
+    """`python app.py` beside an embedded model serves the other one on a page of its own (nav bar);
+    its events stay off the API and MCP, whose tools stay the first page's three."""
+    from alignit_core.models import from_components
+    from alignit_core.testing import tiny_sd3
+
+    sd3 = from_components(tiny_sd3(), "tiny-sd3")
+    demo = app.build_demo(tiny_sd, [], pages=[("Tiny SD3", "sd3", sd3, [])])
+    assert demo.pages == [("", "tiny-sd", True), ("sd3", "Tiny SD3", True)]
+    public = [fn for fn in demo.fns.values() if fn.api_visibility == "public"]
+    assert sorted(fn.api_name for fn in public) == ["generate", "score", "tokens"]
+    assert {fn.page for fn in public} == {""}
+    assert any(fn.page == "sd3" for fn in demo.fns.values())  # the page is wired
+    assert app.other_embedded(tiny_sd) == []  # beside a model that is not an embedded one: no second page
+
+
 def test_the_api_keeps_every_input_in_its_place_and_takes_new_ones_at_the_end(tiny_sd):
     endpoints = app.build_demo(tiny_sd, []).get_api_info()["named_endpoints"]
     names = {api: [p["parameter_name"] for p in endpoints[api]["parameters"]] for api in ("/generate", "/tokens")}
@@ -249,8 +265,9 @@ def test_the_page_reads_the_same_without_an_emoji_font_and_the_header_fits_the_s
     text = " ".join(str(getattr(b, "value", "") or "") + " " + str(getattr(b, "label", "") or "")
                     for b in demo.blocks.values())
     assert not re.search("[\U0001F300-\U0001FAFF\u2600-\u27BF\uFE0F]", text)
-    assert "try a" not in views.header_markdown(SimpleNamespace(name="embedded-shapes", is_embedded=True,
-                                                              chosen_because="")).lower()
+    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True, chosen_because="",
+                             family=SimpleNamespace(own_loop=False))
+    assert "try a" not in views.header_markdown(shapes).lower()
 
 
 def _tiny_concept(model) -> Concept:

@@ -98,6 +98,24 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
     _screenshot(page, tmp_path, "app_initial.png")
 
 
+def test_the_embedded_mmdit_model_has_its_own_page_with_a_swap_shown(browser, app_url, tmp_path):
+    """`python app.py` serves the embedded SD3-architecture model beside the UNet one: its page
+    opens on a colour swap's result, its maps on the 8x8 image-token grid; the nav bar leads back."""
+    expect = _expect()
+    page = _open(browser, app_url.rstrip("/") + "/mmdit")
+    expect(page.locator("#header")).to_contain_text("embedded-mmdit")
+    expect(page.locator("#mode input[value='Token swap']")).to_be_checked()
+    assert page.locator("#prompt textarea").input_value() == PROMPT
+    expect(page.locator("#swaps textarea")).to_have_value("red=yellow")
+    expect(page.locator("#prompt-texts")).to_contain_text("* yellow * * * * *")
+    _results_shown(page)
+    assert _image_bytes(page, "#image-0") != _image_bytes(page, "#image-1")
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--model embedded-mmdit .*--map-resolution 8"))
+    _screenshot(page, tmp_path, "app_mmdit.png")
+    page.get_by_role("link", name="Embedded UNet (SD 1.x)").click()
+    expect(page.locator("#header")).to_contain_text("embedded-shapes", timeout=60_000)
+
+
 def test_token_swap_red_to_yellow_then_a_bad_swap_shows_the_engine_error(page, tmp_path):
     expect = _expect()
     page.locator("#mode label", has_text="Token swap").click()

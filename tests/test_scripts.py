@@ -13,6 +13,9 @@ def test_figure_script_draws_the_world_and_every_concept(tmp_path):
     image = Image.open(out)
     assert image.width >= 6 * 128  # references x3, a photo of, customized, AlignIT
     assert image.height >= 7 * 128  # patterned prompts + six concepts
+    main(["--steps", "2", "--model", "embedded-mmdit", "--out", str(out)])
+    image = Image.open(out)
+    assert image.width >= 8 * 128  # four swaps, baseline | swapped (no concept ships for this model)
 
 
 def test_concept_rows_script_reports_five_conditionings_per_text_side_concept(capsys):

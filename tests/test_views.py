@@ -215,9 +215,14 @@ def test_an_examples_request_matches_what_the_page_sends(tiny_sd):
 
 
 def test_the_header_names_the_model_and_links_the_paper():
-    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True, chosen_because="embedded offline model")
+    unet, mmdit = SimpleNamespace(own_loop=False), SimpleNamespace(own_loop=True)
+    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True, chosen_because="embedded offline model",
+                             family=unet)
     md = views.header_markdown(shapes)
-    assert "embedded-shapes" in md and "shapes world" in md and views.PAPER in md
+    assert "embedded-shapes" in md and "shapes world" in md and views.PAPER in md and "toy Table 1" in md
+    md = views.header_markdown(SimpleNamespace(name="embedded-mmdit", is_embedded=True, family=mmdit,
+                                               chosen_because="embedded offline model (SD3 architecture)"))
+    assert "SD3-architecture" in md and "side stream" in md and "toy Table 1" not in md
     sd = SimpleNamespace(name="stable-diffusion-v1-5/stable-diffusion-v1-5", is_embedded=False,
                          chosen_because="auto: found in the local cache")
     md = views.header_markdown(sd)

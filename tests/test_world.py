@@ -112,6 +112,36 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert new.config.scaling_factor == old.config.scaling_factor
 
 
+def test_mmdit_training_smoke_run_exports_an_sd3_folder_and_concepts_that_load(tmp_path):
+    """scripts/train_mmdit.py beside an exported UNet model: the SD3 folder it writes links the UNet
+    model's VAE, encoder and tokenizer files (relative links), loads in the engine, swaps, and its
+    textual-inversion concepts load for it and draw AlignIT's rows."""
+    import shutil
+
+    from alignit_core import find_concepts, generate_concept, generate_swap, load_model, Settings
+    from alignit_core.models import EMBEDDED
+    from scripts.train_mmdit import main
+
+    assets = tmp_path / "assets"
+    shutil.copytree(EMBEDDED, assets / "embedded-shapes")
+    main(["--smoke", "--concepts", "--out", str(assets), "--work", str(tmp_path / "work")])
+    folder = assets / "embedded-mmdit"
+    links = [p for p in folder.rglob("*") if p.is_symlink()]
+    assert links and all(not p.readlink().is_absolute() for p in links)
+    model = load_model(str(folder), device="cpu")
+    assert model.family.defaults().text_rows == 1 and model.native_size == 128
+    gen = generate_swap(model, "a red circle", [("red", "blue")], Settings(seed=0, steps=2))
+    assert set(gen.images) == {"baseline", "swapped"}
+    concepts = find_concepts(assets / "concepts", model)
+    assert sorted(c.name for c in concepts) == ["holed-star-ti-mmdit", "striped-ball-ti-mmdit"]
+    gen = generate_concept(model, "a <holed-star> on a red background", concepts[0], Settings(seed=0, steps=2))
+    assert set(gen.images) == {"customized", "alignit"}
+    # --concepts-only retrains the concepts on the exported model and leaves the model as it is
+    weights = (folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+    main(["--smoke", "--concepts-only", "--ti-steps", "3", "--out", str(assets), "--work", str(tmp_path / "work2")])
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+
+
 def test_end_share_is_the_attention_given_to_the_end_and_padding_rows():
     from scripts.train_embedded import end_share
 

@@ -8,7 +8,7 @@ a loaded diffusers pipeline.
 from __future__ import annotations
 
 from ..errors import ModelError
-from .mmdit_family import MMDiTFamily
+from .mmdit_family import EMBEDDED_MMDIT_DEFAULTS, MMDiTFamily
 from .sd_unet import EMBEDDED_DEFAULTS, Defaults, UNetFamily
 
 FAMILIES = (UNetFamily, MMDiTFamily)
@@ -24,4 +24,5 @@ def family_for(pipe, device, defaults: Defaults | None = None):
                      f"or SDXL: a UNet and a CLIP text encoder; SD3 or Flux: an MMDiT transformer)")
 
 
-__all__ = ["EMBEDDED_DEFAULTS", "FAMILIES", "Defaults", "MMDiTFamily", "UNetFamily", "family_for"]
+__all__ = ["EMBEDDED_DEFAULTS", "EMBEDDED_MMDIT_DEFAULTS", "FAMILIES", "Defaults", "MMDiTFamily", "UNetFamily",
+           "family_for"]

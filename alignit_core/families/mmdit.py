@@ -131,6 +131,7 @@ class MMDiTModel:
     def __init__(self, pipe, family: str):
         self.pipe, self.family = pipe, family
         self.blocks = install(pipe.transformer, family)
+        self.text_rows = DEFAULT_TEXT_TOKENS[family]  # T5 rows a request reads unless its settings say
         self._uncond: dict = {}  # text_tokens -> the empty prompt's (hidden, pooled), SD3's CFG
 
     @classmethod
@@ -233,7 +234,7 @@ def resolve(model: MMDiTModel, s: MMDiTSettings) -> MMDiTSettings:
     steps = DEFAULT_STEPS if s.steps is None else s.steps
     guidance = DEFAULT_GUIDANCE[model.family] if s.guidance is None else s.guidance
     size = model.native_size if s.size is None else s.size
-    rows = DEFAULT_TEXT_TOKENS[model.family] if s.text_tokens is None else s.text_tokens
+    rows = model.text_rows if s.text_tokens is None else s.text_tokens
     if not _whole(s.seed) or not 0 <= s.seed <= MAX_SEED:
         raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}")
     if not _whole(steps) or not 1 <= steps <= MAX_STEPS:

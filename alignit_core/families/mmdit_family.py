@@ -78,6 +78,11 @@ class ImageTokenMaps:
         return list(self.layers_by_name) if side == size // self.size_step else []
 
 
+# The embedded MMDiT model (scripts/train_mmdit.py): trained with one zero row where T5 would be, and
+# sampled best at these (README, "The embedded MMDiT model").
+EMBEDDED_MMDIT_DEFAULTS = Defaults(steps=20, guidance=5.0, text_rows=1)
+
+
 class MMDiTFamily:
     """An SD3 / SD3.5 or Flux pipeline with side-stream AlignIT installed, answering what the engine
     asks (UNetFamily's docstrings are the contract). Text encoding, noise and decoding are the
@@ -104,6 +109,8 @@ class MMDiTFamily:
         self.kind, self.device, self.pipe = self.mmdit.family, device, pipe
         self.title = TITLES[self.kind]
         self._defaults = defaults or Defaults(DEFAULT_STEPS, DEFAULT_GUIDANCE[self.kind])
+        if self._defaults.text_rows is not None:
+            self.mmdit.text_rows = self._defaults.text_rows
         self.scheduler_config = {k: v for k, v in pipe.scheduler.config.items() if k != "_use_default_values"}
         self.scheduler_name = type(pipe.scheduler).__name__
         self.maps = ImageTokenMaps(pipe.transformer, self.size_step)

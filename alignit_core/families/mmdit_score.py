@@ -27,7 +27,7 @@ import torch
 
 from ..errors import ConceptError
 from ..prompts import Prompt
-from .mmdit import DEFAULT_TEXT_TOKENS, MMDiTModel, tables
+from .mmdit import MMDiTModel, tables
 from .mmdit_loop import pack, packed_ids, unpack
 from .mmdit_text import CLIP_ROWS
 
@@ -39,7 +39,7 @@ class MMDiTScoring:
 
     def __init__(self, mmdit: MMDiTModel):
         self.mmdit = mmdit
-        self.rows = DEFAULT_TEXT_TOKENS[mmdit.family]  # T5 rows: as `generate_rows` reads a prompt by default
+        self.rows = mmdit.text_rows  # T5 rows: as `generate_rows` reads a prompt by default
 
     def encode(self, prompts: list[Prompt], concept=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(joint text rows (prompts, tokens, dim), pooled vectors) of each prompt, the base model's

@@ -34,6 +34,7 @@ class Defaults:
 
     steps: int = 30
     guidance: float = 7.5
+    text_rows: int | None = None  # SD3 / Flux: T5 rows read (SD3 without T5: zero rows); None: the pipeline's
 
 
 EMBEDDED_DEFAULTS = Defaults(steps=20, guidance=10.0)  # the embedded model's best, measured (README)
