@@ -461,7 +461,7 @@ def build_demo(model, concepts: list[Concept], clip=None, clip_note: str = "", p
     off the API, whose endpoints (tokens, generate, score) are the first page's."""
     with gr.Blocks(title="AlignIT Studio", analytics_enabled=False, delete_cache=(1800, 3600)) as demo:
         _page(demo, model, concepts, clip, clip_note, public=True)
-    demo.pages[0] = ("", page_title(model), True)
+    demo.pages[0] = ("", page_title(model), True)  # the nav bar's name of the first page (gradio: "Home")
     for title, path, other, other_concepts in pages:
         with demo.route(title, path):
             _page(demo, other, other_concepts, clip, clip_note, public=False)

@@ -24,6 +24,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EMBEDDED = ASSETS / "embedded-shapes"
 EMBEDDED_MMDIT = ASSETS / "embedded-mmdit"  # an SD3 pipeline on the same world (scripts/train_mmdit.py)
 EMBEDDED_NAMES = {"embedded": EMBEDDED, EMBEDDED.name: EMBEDDED, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT}
+_EMBEDDED_DEFAULTS = {EMBEDDED.name: EMBEDDED_DEFAULTS, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT_DEFAULTS}  # by name
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ class Model:
     @property
     def is_embedded(self) -> bool:
         """One of the shipped models of the shapes world (the UNet one or the MMDiT one)."""
-        return self.name in (EMBEDDED.name, EMBEDDED_MMDIT.name)
+        return self.name in _EMBEDDED_DEFAULTS
 
     @property
     def cross_attention_layers(self) -> dict:
@@ -140,8 +141,7 @@ def _device(device: str | None) -> torch.device:
 
 
 def _from_pipeline(pipe, name: str, source: str, device: torch.device, dtype: torch.dtype, because: str) -> Model:
-    defaults = {EMBEDDED.name: EMBEDDED_DEFAULTS, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT_DEFAULTS}.get(name)
-    return Model(name, source, family_for(pipe, device, defaults), device, dtype, because)
+    return Model(name, source, family_for(pipe, device, _EMBEDDED_DEFAULTS.get(name)), device, dtype, because)
 
 
 def _loading_arguments(path) -> dict:
@@ -203,8 +203,7 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
                              f"reachable). Use --model embedded or a local diffusers folder") from None
         raise ModelError(f"model {name!r} could not be loaded: {type(e).__name__}: {str(e)[:200]}") from None
     label = path.name if isinstance(path, Path) else name  # a folder is named by its last part
-    source = {EMBEDDED: "embedded", EMBEDDED_MMDIT: EMBEDDED_MMDIT.name}.get(path, str(name))
-    return _from_pipeline(pipe, label, source, dev, dtype, because)
+    return _from_pipeline(pipe, label, "embedded" if path == EMBEDDED else str(name), dev, dtype, because)
 
 
 def from_components(pipe, name: str = "custom") -> Model:

@@ -56,18 +56,32 @@ def transformer_config(smoke: bool) -> dict:
                 pos_embed_max_size=16, qk_norm="rms_norm")
 
 
-def text_rows(te, batch, rows: int = DEFAULT_TEXT_ROWS) -> torch.Tensor:
-    """SD3's joint text rows for the batch: [CLIP-L ; CLIP-G] (this encoder twice, penultimate
-    layer) over 77 rows, then `rows` zero rows where T5 would be."""
-    h = condition(te, batch, penultimate=True)
+def joint(h: torch.Tensor) -> torch.Tensor:
+    """SD3's joint text rows from the encoder's penultimate-layer rows `h` (n, 77, 64): [CLIP-L ; CLIP-G]
+    (this encoder twice), then the zero rows where T5 would be."""
     h = torch.cat([h, h], dim=-1)
-    return torch.cat([h, h.new_zeros(h.shape[0], rows, h.shape[-1])], dim=1)
+    return torch.cat([h, h.new_zeros(h.shape[0], DEFAULT_TEXT_ROWS, h.shape[-1])], dim=1)
 
 
-def prompt_rows(te, ids: torch.Tensor, rows: int = DEFAULT_TEXT_ROWS) -> torch.Tensor:
-    h = encode(te, ids, penultimate=True).hidden
-    h = torch.cat([h, h], dim=-1)
-    return torch.cat([h, h.new_zeros(h.shape[0], rows, h.shape[-1])], dim=1)
+def text_rows(te, batch) -> torch.Tensor:
+    """The batch's joint text rows, with the rows its mixes take from elsewhere (train_embedded.condition)."""
+    return joint(condition(te, batch, penultimate=True))
+
+
+def prompt_rows(te, ids: torch.Tensor) -> torch.Tensor:
+    return joint(encode(te, ids, penultimate=True).hidden)
+
+
+def flow_loss(model, z0: torch.Tensor, cond: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """SD3's rectified-flow loss: z = (1 - s) z0 + s noise at logit-normal times s, target v = noise - z0;
+    the pooled vector is zero (the encoders' projections are)."""
+    noise = torch.randn(z0.shape, generator=g, device=z0.device)
+    sigma = torch.sigmoid(torch.randn(z0.shape[0], generator=g, device=z0.device))
+    zt = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * noise
+    pooled = z0.new_zeros(z0.shape[0], model.config.pooled_projection_dim)
+    with torch.autocast(z0.device.type, dtype=torch.bfloat16, enabled=z0.device.type == "cuda"):
+        pred = model(zt, encoder_hidden_states=cond, pooled_projections=pooled, timestep=sigma * 1000).sample
+    return F.mse_loss(pred.float(), noise - z0)
 
 
 def lr_at(args, step: int, total: int) -> float:
@@ -87,7 +101,6 @@ def train(args, device, vae, scale, te, vocab, pool):
         model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
     log(f"transformer: {sum(p.numel() for p in params) / 1e6:.2f} M weights, from step {start} to {total}")
-    pooled = torch.zeros(args.batch, 128, device=device)
     t0, step = time.time(), start
     while step < total:
         step += 1
@@ -95,18 +108,11 @@ def train(args, device, vae, scale, te, vocab, pool):
         batch = sample_batch(rng, vocab, args.batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, _ = scene_latents(vae, pool, batch.targets, rng, g, device)
-        z0 = z0 * scale
-        noise = torch.randn(z0.shape, generator=g, device=device)
-        sigma = torch.sigmoid(torch.randn(z0.shape[0], generator=g, device=device))  # logit-normal, as SD3
-        zt = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * noise
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step, total)
         with torch.no_grad():
             cond = text_rows(te, batch)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            pred = model(zt, encoder_hidden_states=cond, pooled_projections=pooled[:len(zt)],
-                         timestep=sigma * 1000).sample.float()
-        loss = F.mse_loss(pred, noise - z0)
+        loss = flow_loss(model, z0 * scale, cond, g)
         ema_step(opt, params, ema, loss, step, args.ema)
         progress("mmdit", step, total, t0, loss)
         over = time.time() - t0 > args.seconds
@@ -134,7 +140,7 @@ def sample(model, vae, scale, cond, uncond, guidance: float, seed: int, steps: i
     n, device = cond.shape[0], cond.device
     z = torch.randn((n, 4, 16, 16), generator=torch.Generator(device).manual_seed(seed), device=device)
     sigmas = torch.linspace(1.0, 0.0, steps + 1)
-    pooled = torch.zeros(2 * n, 128, device=device)
+    pooled = torch.zeros(2 * n, model.config.pooled_projection_dim, device=device)
     for s, s_next in zip(sigmas[:-1], sigmas[1:]):
         t = torch.full((2 * n,), float(s) * 1000, device=device)
         vu, vc = model(torch.cat([z, z]), encoder_hidden_states=torch.cat([uncond, cond]), pooled_projections=pooled,
@@ -184,7 +190,6 @@ def train_ti(args, device, name, model, te, vae, scale, vocab) -> dict:
     opt = torch.optim.Adam([vec], lr=args.ti_lr)
     prompts = [["a", token], ["a", "photo", "of", "a", token]]
     b, t0 = args.concept_batch, time.time()
-    pooled = torch.zeros(b, 128, device=device)
     for step in range(1, args.ti_steps + 1):
         rng = random.Random(args.seed * 31 + step)
         g = torch.Generator(device).manual_seed(args.seed * 31 + step)
@@ -192,15 +197,9 @@ def train_ti(args, device, name, model, te, vae, scale, vocab) -> dict:
         ids = torch.tensor(rows, device=device)
         mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
         mask[torch.arange(b), torch.tensor(poss)] = True
-        h = encode(te, ids, vec.view(1, 1, -1).expand(b, MAX_LEN, -1), mask, penultimate=True).hidden
-        h = torch.cat([h, h], dim=-1)
-        cond = torch.cat([h, h.new_zeros(b, DEFAULT_TEXT_ROWS, h.shape[-1])], dim=1)
+        cond = joint(encode(te, ids, vec.view(1, 1, -1).expand(b, MAX_LEN, -1), mask, penultimate=True).hidden)
         z0 = refs[torch.tensor([rng.randrange(len(refs)) for _ in range(b)], device=device)]
-        noise = torch.randn(z0.shape, generator=g, device=device)
-        sigma = torch.sigmoid(torch.randn(b, generator=g, device=device))
-        zt = (1 - sigma.view(-1, 1, 1, 1)) * z0 + sigma.view(-1, 1, 1, 1) * noise
-        pred = model(zt, encoder_hidden_states=cond, pooled_projections=pooled, timestep=sigma * 1000).sample
-        loss = F.mse_loss(pred.float(), noise - z0)
+        loss = flow_loss(model, z0, cond, g)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         progress(f"ti:{name}", step, args.ti_steps, t0, loss)
     return {"token": token, "vector": vec.detach().cpu().float()}
