@@ -13,8 +13,11 @@ Formats read, safetensors only:
   `lora_B.weight` (what their DreamBooth-LoRA scripts save), or dots as underscores under
   `lora_transformer_` with `lora_down` / `lora_up` / `alpha` (kohya-style files in diffusers' names);
   text encoders as above, in the pipeline's order (`text_encoder` / `lora_te1_` CLIP-L, `text_encoder_2`
-  / `lora_te2_` SD3's CLIP-G or Flux's T5). Kohya's files in the original models' block names
-  (`lora_unet_double_blocks_...`, fused projections) are refused, not mapped.
+  / `lora_te2_` SD3's CLIP-G or Flux's T5); and kohya's files in the original models' block names
+  (Flux: `lora_unet_double_blocks_<i>_img_attn_qkv`, `single_blocks_<i>_linear1`, ...; SD3:
+  `lora_unet_joint_blocks_<i>_x_block_attn_qkv`, `context_block_...`), whose fused projections are split
+  by rows (one down, the up's rows per layer: the same update) and whose (shift, scale) modulations that
+  diffusers stores as (scale, shift) are swapped, as diffusers' own conversion of the weights does.
 
 An update is `alpha / rank · up(down(x))` (peft's rsLoRA: `alpha / √rank`). The trigger word and
 class word come from the concept's manifest, else from kohya's `ss_tag_frequency` /
@@ -110,6 +113,108 @@ def _sdxl_block(layer: str, unet) -> str:
     return f"{where}_{rest}"
 
 
+# kohya's Flux / SD3 layers in the original models' names -> diffusers' layers: a list of one (a layer)
+# or several (a fused projection, split by its up's rows: q, k, v, and Flux's single-block MLP the rest)
+_FLUX_BLOCKS = {
+    r"double_blocks_(\d+)_img_attn_qkv": ("transformer_blocks.{}.attn.to_q", "transformer_blocks.{}.attn.to_k",
+                                          "transformer_blocks.{}.attn.to_v"),
+    r"double_blocks_(\d+)_img_attn_proj": ("transformer_blocks.{}.attn.to_out.0",),
+    r"double_blocks_(\d+)_img_mlp_0": ("transformer_blocks.{}.ff.net.0.proj",),
+    r"double_blocks_(\d+)_img_mlp_2": ("transformer_blocks.{}.ff.net.2",),
+    r"double_blocks_(\d+)_img_mod_lin": ("transformer_blocks.{}.norm1.linear",),
+    r"double_blocks_(\d+)_txt_attn_qkv": ("transformer_blocks.{}.attn.add_q_proj", "transformer_blocks.{}.attn.add_k_proj",
+                                          "transformer_blocks.{}.attn.add_v_proj"),
+    r"double_blocks_(\d+)_txt_attn_proj": ("transformer_blocks.{}.attn.to_add_out",),
+    r"double_blocks_(\d+)_txt_mlp_0": ("transformer_blocks.{}.ff_context.net.0.proj",),
+    r"double_blocks_(\d+)_txt_mlp_2": ("transformer_blocks.{}.ff_context.net.2",),
+    r"double_blocks_(\d+)_txt_mod_lin": ("transformer_blocks.{}.norm1_context.linear",),
+    r"single_blocks_(\d+)_linear1": ("single_transformer_blocks.{}.attn.to_q", "single_transformer_blocks.{}.attn.to_k",
+                                     "single_transformer_blocks.{}.attn.to_v", "single_transformer_blocks.{}.proj_mlp"),
+    r"single_blocks_(\d+)_linear2": ("single_transformer_blocks.{}.proj_out",),
+    r"single_blocks_(\d+)_modulation_lin": ("single_transformer_blocks.{}.norm.linear",),
+    r"img_in": ("x_embedder",), r"txt_in": ("context_embedder",),
+    r"time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1",),
+    r"time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2",),
+    r"vector_in_in_layer": ("time_text_embed.text_embedder.linear_1",),
+    r"vector_in_out_layer": ("time_text_embed.text_embedder.linear_2",),
+    r"guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1",),
+    r"guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2",),
+    r"final_layer_linear": ("proj_out",), r"final_layer_adaLN_modulation_1": ("norm_out.linear",),
+}
+_SD3_BLOCKS = {
+    r"joint_blocks_(\d+)_x_block_attn_qkv": ("transformer_blocks.{}.attn.to_q", "transformer_blocks.{}.attn.to_k",
+                                             "transformer_blocks.{}.attn.to_v"),
+    r"joint_blocks_(\d+)_x_block_attn_proj": ("transformer_blocks.{}.attn.to_out.0",),
+    r"joint_blocks_(\d+)_x_block_attn2_qkv": ("transformer_blocks.{}.attn2.to_q", "transformer_blocks.{}.attn2.to_k",
+                                              "transformer_blocks.{}.attn2.to_v"),
+    r"joint_blocks_(\d+)_x_block_attn2_proj": ("transformer_blocks.{}.attn2.to_out.0",),
+    r"joint_blocks_(\d+)_x_block_mlp_fc1": ("transformer_blocks.{}.ff.net.0.proj",),
+    r"joint_blocks_(\d+)_x_block_mlp_fc2": ("transformer_blocks.{}.ff.net.2",),
+    r"joint_blocks_(\d+)_x_block_adaLN_modulation_1": ("transformer_blocks.{}.norm1.linear",),
+    r"joint_blocks_(\d+)_context_block_attn_qkv": ("transformer_blocks.{}.attn.add_q_proj",
+                                                   "transformer_blocks.{}.attn.add_k_proj",
+                                                   "transformer_blocks.{}.attn.add_v_proj"),
+    r"joint_blocks_(\d+)_context_block_attn_proj": ("transformer_blocks.{}.attn.to_add_out",),
+    r"joint_blocks_(\d+)_context_block_mlp_fc1": ("transformer_blocks.{}.ff_context.net.0.proj",),
+    r"joint_blocks_(\d+)_context_block_mlp_fc2": ("transformer_blocks.{}.ff_context.net.2",),
+    r"joint_blocks_(\d+)_context_block_adaLN_modulation_1": ("transformer_blocks.{}.norm1_context.linear",),
+    r"x_embedder_proj": ("pos_embed.proj",), r"context_embedder": ("context_embedder",),
+    r"t_embedder_mlp_0": ("time_text_embed.timestep_embedder.linear_1",),
+    r"t_embedder_mlp_2": ("time_text_embed.timestep_embedder.linear_2",),
+    r"y_embedder_mlp_0": ("time_text_embed.text_embedder.linear_1",),
+    r"y_embedder_mlp_2": ("time_text_embed.text_embedder.linear_2",),
+    r"final_layer_linear": ("proj_out",), r"final_layer_adaLN_modulation_1": ("norm_out.linear",),
+}
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Where a file's layer lands in the model: a layer, the rows of the file's up weight it takes
+    (None: all), and whether the up's two halves swap ((shift, scale) -> diffusers' (scale, shift))."""
+
+    layer: str
+    rows: tuple[int, int] | None = None
+    swap: bool = False
+    of: int = 0  # the fused layer's rows in all
+
+
+def _original_mmdit_block(layer: str, transformer, model_name: str) -> list[_Part] | None:
+    """A kohya SD3 / Flux layer in the original model's block names -> diffusers' layers, or None when
+    `layer` is not one (it is then looked up as it is). ConceptError for the other family's layer."""
+    flux = hasattr(transformer, "single_transformer_blocks")
+    other = _SD3_BLOCKS if flux else _FLUX_BLOCKS
+    if any(re.fullmatch(pattern, layer) for pattern in other) and not any(
+            re.fullmatch(pattern, layer) for pattern in (_FLUX_BLOCKS if flux else _SD3_BLOCKS)):
+        raise ConceptError(f"the LoRA's layer {short(layer)} is {'an SD3' if flux else 'a Flux'} layer; {model_name} is "
+                           f"{'a Flux' if flux else 'an SD3'} model: the LoRA is for another model")
+    for pattern, targets in (_FLUX_BLOCKS if flux else _SD3_BLOCKS).items():
+        m = re.fullmatch(pattern, layer)
+        if m is None:
+            continue
+        names = [t.format(*m.groups()) for t in targets]
+        modules = [_get(transformer, n) for n in names]
+        if any(module is None for module in modules):
+            return [_Part(names[0])]  # not in this model: refused as "does not exist" by the caller
+        block = names[0].removesuffix(".norm1_context.linear")  # SD3's last block ends the text stream
+        swap = names[0] == "norm_out.linear" or (block != names[0] and getattr(_get(transformer, block),
+                                                                                "context_pre_only", False))
+        if len(names) == 1:
+            return [_Part(names[0], swap=swap)]
+        total, start, parts = sum(module.out_features for module in modules), 0, []
+        for name, module in zip(names, modules):
+            parts.append(_Part(name, (start, start + module.out_features), of=total))
+            start += module.out_features
+        return parts
+    return None
+
+
+def _get(root, name: str):
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
+
+
 def _trigger(metadata: dict) -> tuple[str, str] | None:
     """(token, class word) from kohya's training folders, `<repeats>_<token> <class word>`."""
     found = set()
@@ -173,6 +278,10 @@ def read_lora(path: Path, model) -> LoRAFile:
     targets = {denoiser: {}, "te0": {}, "te1": {}}
     for (target, layer), keys in parts.items():
         down, up = tensors[keys["down"]], tensors[keys["up"]]
+        if keys.get("rows") is not None:  # a fused projection's share
+            up = up[keys["rows"][0]: keys["rows"][1]]
+        if keys.get("swap"):  # (shift, scale) -> (scale, shift)
+            up = torch.cat(up.chunk(2)[::-1])
         for key in (keys["down"], keys["up"]):
             if not torch.isfinite(tensors[key]).all():
                 raise ConceptError(f"the LoRA's {short(key)} holds numbers that are not finite")
@@ -205,24 +314,34 @@ def _plan(header: dict, metadata: dict, model) -> dict:
             raise ConceptError(f"the LoRA's {short(key)} is {dtype}, not floating point")
         target = _TARGETS[m["target"]]
         layer = m["layer"]
+        where = None
+        if target == "unet" and m.re is _KOHYA and denoiser == "transformer":
+            where = _original_mmdit_block(layer, model.denoiser, model.name)
+            target = "transformer" if where is not None else target
         _check_target(target, denoiser, key, model)
-        if target == "unet" and m.re is _KOHYA:
-            layer = _sdxl_block(layer, model.unet)
-        elif target.startswith("te"):
-            layer = layer.removeprefix("text_model.").removeprefix("text_model_")
+        if where is None:
+            if target == "unet" and m.re is _KOHYA:
+                layer = _sdxl_block(layer, model.unet)
+            elif target.startswith("te"):
+                layer = layer.removeprefix("text_model.").removeprefix("text_model_")
+            where = [_Part(layer)]
         if target not in names:
             raise ConceptError(f"the LoRA has weights for a second text encoder ({short(key)}); {model.name} has one: "
-                               f"the LoRA is for another model")
-        resolved = names[target].get(layer)
-        if resolved is None:
-            raise ConceptError(f"the LoRA's layer {short(m['layer'])} does not exist in {model.name}: "
                                f"the LoRA is for another model")
         part = "down" if m["part"] in _DOWN else "up" if m["part"] in _UP else "alpha"
         if part == "alpha" and math.prod(shape) != 1:
             raise ConceptError(f"the LoRA's {short(key)} holds {math.prod(shape)} numbers; an alpha is one number")
-        parts.setdefault((target, resolved), {})[part] = key
-        if part != "alpha":
-            parts[(target, resolved)][f"{part} shape"] = shape
+        for w in where:
+            resolved = names[target].get(w.layer)
+            if resolved is None:
+                raise ConceptError(f"the LoRA's layer {short(m['layer'])} does not exist in {model.name}: "
+                                   f"the LoRA is for another model")
+            entry = parts.setdefault((target, resolved), {})
+            entry.update({part: key, "rows": w.rows, "swap": w.swap})
+            if part == "up" and w.rows is not None:  # its rows of a fused layer, when the file's up has them all
+                entry["up shape"] = (w.rows[1] - w.rows[0], *shape[1:]) if shape and shape[0] == w.of else shape
+            elif part != "alpha":
+                entry[f"{part} shape"] = shape
     if unknown:
         raise ConceptError(f"the LoRA file holds keys this reader does not know, e.g. "
                            f"{[short(k) for k in unknown[:3]]} (LyCORIS, DoRA and other adapters are not read); "
@@ -246,8 +365,9 @@ def _check_target(target: str, denoiser: str, key: str, model) -> None:
                            f"model: the LoRA is for another model")
     if target == "unet":
         raise ConceptError(f"the LoRA's {short(key)} names a UNet layer; {model.name} is an SD3/Flux transformer, "
-                           f"whose LoRA files name transformer.<layer> or lora_transformer_<layer> (kohya's files in "
-                           f"the original model's block names, lora_unet_double_blocks_..., are not read)")
+                           f"whose LoRA files name transformer.<layer>, lora_transformer_<layer> or the original "
+                           f"model's blocks (lora_unet_double_blocks_..., lora_unet_joint_blocks_...): the LoRA is "
+                           f"for another model")
 
 
 def _check_shapes(layer: torch.nn.Module, name: str, down: tuple, up: tuple, model) -> None:

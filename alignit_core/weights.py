@@ -130,18 +130,26 @@ def _shallow(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _hooks_in_place(root: torch.nn.Module) -> None:
-    """transformers 5 installs a model's output-capturing hooks (its hidden states) at its first call,
-    on the object called and every module below it. Installed through a copy they would also land in
+    """transformers 5 installs a model's output-capturing hooks (its hidden states) at its first call
+    that asks for them, on the model whose forward collects them (a CLIPTextModelWithProjection's
+    inner `text_model`) and every module below it. Installed through a copy they would also land in
     the modules the copy shares with `root`, and `root`'s own first call would add them again (every
-    hidden state recorded twice: SD3's penultimate CLIP layer read from the wrong place). So they
-    are installed on `root` before it is copied."""
+    hidden state recorded twice: SD3's penultimate CLIP layer read from the wrong place, for every
+    later request). So `root` makes its first such call before it is copied: a two-token input, once
+    (where transformers has installed them already, nothing is run)."""
     try:
         from transformers import PreTrainedModel
-        from transformers.utils.output_capturing import maybe_install_capturing_hooks
-    except ImportError:  # transformers 4 returns hidden states without hooks
+        from transformers.utils import output_capturing  # noqa: F401 - transformers 5; 4 uses no hooks
+    except ImportError:
         return
-    if isinstance(root, PreTrainedModel):
-        maybe_install_capturing_hooks(root)
+    if not isinstance(root, PreTrainedModel) or any(getattr(m, "_output_capturing_hooks_installed", False)
+                                                     for m in root.modules()):
+        return
+    with torch.no_grad():
+        try:
+            root(input_ids=torch.tensor([[0, 1]], device=root.device), output_hidden_states=True)
+        except TypeError:  # a model without token ids or hidden states: transformers hooks nothing here
+            pass
 
 
 def overlay(root: torch.nn.Module, edits: dict[str, list[tuple[torch.Tensor | None, Edit]]]) -> torch.nn.Module:

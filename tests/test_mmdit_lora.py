@@ -159,7 +159,8 @@ def test_the_customized_baseline_is_what_diffusers_draws_with_load_lora_weights(
 
     theirs, plain = draw(reference), draw(BUILD[name]())
     assert (theirs - plain).abs().max() > 0.05  # the LoRA shows
-    torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-4)
+    # merged weights round otherwise than an added low-rank output (a misplaced layer: 0.1 and more)
+    torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-3)
     if text:  # the text encoders' LoRA shows too: without it the picture is another
         cls.save_lora_weights(tmp_path / "transformer", transformer_lora_layers=saved["transformer_lora_layers"],
                               transformer_lora_adapter_metadata=saved["transformer_lora_adapter_metadata"])
@@ -169,20 +170,33 @@ def test_the_customized_baseline_is_what_diffusers_draws_with_load_lora_weights(
         assert (without - plain).abs().max() > 0.05 and (without - theirs).abs().max() > 1e-3
 
 
-def test_a_text_encoders_view_made_before_its_first_call_records_each_hidden_state_once():
+@pytest.mark.parametrize("encoder_of, layer", [
+    (lambda: tiny_sd3().text_encoder, "text_model.encoder.layers.0.self_attn.q_proj"),  # CLIP with projection
+    (lambda: tiny_flux().text_encoder_2, "encoder.block.0.layer.0.SelfAttention.q")])  # T5
+@pytest.mark.parametrize("called_first", [False, True])
+def test_a_text_encoders_view_records_each_hidden_state_once_made_before_or_after_its_first_call(
+        encoder_of, layer, called_first):
     """transformers 5 hooks a model's layers to record hidden states at its first call: a view made
-    before it must not leave them hooked twice (SD3 reads CLIP's penultimate layer)."""
+    before or after it must not leave them hooked twice (SD3 reads CLIP's penultimate layer; a LoRA
+    with text encoders uploaded after the model's first request broke every later request)."""
     from alignit_core.weights import LowRank, overlay
 
-    encoder = tiny_sd3().text_encoder
-    layer = "text_model.encoder.layers.0.self_attn.q_proj"
-    zero = LowRank(torch.zeros(2, 32), torch.zeros(32, 2), 1.0)
-    view = overlay(encoder, {layer: [(None, zero)]})
-    ids = torch.tensor([[49406, 320, 1125, 49407]])
+    encoder = encoder_of()
+    ids = torch.tensor([[49406, 320, 1125, 49407]]) % encoder.config.vocab_size
+    fresh = encoder(ids, output_hidden_states=True).hidden_states if called_first else None
+    width = encoder.get_submodule(layer).in_features
+    view = overlay(encoder, {layer: [(None, LowRank(torch.zeros(2, width), torch.zeros(width, 2), 1.0))]})
     seen, own = view(ids, output_hidden_states=True), encoder(ids, output_hidden_states=True)
-    assert len(seen.hidden_states) == len(own.hidden_states) == encoder.config.num_hidden_layers + 1
-    for a, b in zip(seen.hidden_states, own.hidden_states):
+    layers = getattr(encoder.config, "num_hidden_layers", None) or encoder.config.num_layers
+    assert len(seen.hidden_states) == len(own.hidden_states) == layers + 1
+    for k, (a, b) in enumerate(zip(seen.hidden_states, own.hidden_states)):
         assert torch.equal(a, b)
+        if fresh is not None:
+            assert torch.equal(b, fresh[k])
+    reference = encoder_of()
+    reference(ids, output_hidden_states=True)
+    hooks = [sum(len(m._forward_hooks) for m in e.modules()) for e in (encoder, reference)]
+    assert hooks[0] == hooks[1] > 0  # as many as the model's own first call installs
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
@@ -312,7 +326,10 @@ def test_a_lora_request_leaves_the_pipeline_as_it_was(models, tmp_path, name):
     model = models[name]
     before = generate_swap(model, "a photo of a dog", [("dog", "cat")], Settings(**FAST))
     weights = _hash(model.denoiser)
-    concept = _concept(model, tmp_path, _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE), seed=4)
+    # with its text encoders' LoRA too, made after the model's first request (it once doubled their hooks)
+    concept = _concept(model, tmp_path, _layers(model, IMAGE_BRANCH + TEXT_BRANCH, SINGLE) + _text_layers(model),
+                       seed=4)
+    assert concept.text_encoders
     generate_concept(model, PROMPT, concept, Settings(**FAST), include_base=True)
     assert _hash(model.denoiser) == weights
     assert not any(isinstance(m, RowEdited) or "lora" in n for n, m in model.denoiser.named_modules())
@@ -358,9 +375,18 @@ def test_bad_lora_files_are_refused_clearly(models, tiny_sd, tmp_path):
             r"are \(2, 64\) and \(32, 2\); tiny-sd3's layer is \(32, 32\): the LoRA is for another model")
     refused({k.replace("transformer_blocks.0", "transformer_blocks.2"): v for k, v in good.items()},
             "does not exist in tiny-flux", model=flux)  # an SD3 LoRA (3 joint blocks) on Flux (2)
-    refused({"lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight": torch.zeros(2, 32),
-             "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight": torch.zeros(96, 2)},
+    refused({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(32, 2)},
             "names a UNet layer; tiny-flux is an SD3/Flux transformer", model=flux)
+    refused({"lora_unet_double_blocks_0_txt_attn_qkv.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight": torch.zeros(3 * 48, 2)},  # a wider model's
+            r"are \(2, 32\) and \(144, 2\); tiny-flux's layer is \(32, 32\)", model=flux)
+    refused({"lora_unet_double_blocks_5_img_attn_proj.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_double_blocks_5_img_attn_proj.lora_up.weight": torch.zeros(32, 2)},
+            "double_blocks_5_img_attn_proj does not exist in tiny-flux", model=flux)
+    refused({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(2, 32),
+             "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(96, 2)},
+            "double_blocks_0_img_attn_qkv is a Flux layer; tiny-sd3 is an SD3 model: the LoRA is for another model")
     refused({**good, "transformer.transformer_blocks.0.attn.add_k_proj.hada_w1_a": torch.zeros(2, 2)},
             "keys this reader does not know")
     refused({**good, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 768),
@@ -416,3 +442,199 @@ def test_the_demo_takes_an_uploaded_dreambooth_lora_on_sd3(models, tmp_path):
     assert (gen.latents["alignit"] - zero.latents["alignit"]).abs().max() > 1e-3
     assert torch.equal(gen.latents["base"], zero.latents["base"])
     assert "--concept sks.safetensors" in line and "--token sks" in line
+
+
+# kohya's Flux layers in the original model's names (Black Forest Labs' `flux` package) -> the diffusers
+# layers whose outputs they stack, in order; written out here from the original model's blocks
+def _flux_original(model) -> dict[str, list[str]]:
+    t = model.denoiser
+    out = {"img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+           "time_in_in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+           "vector_in_out_layer": ["time_text_embed.text_embedder.linear_2"],
+           "guidance_in_in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+           "final_layer_linear": ["proj_out"], "final_layer_adaLN_modulation_1": ["norm_out.linear"]}
+    for i in range(len(t.transformer_blocks)):
+        b = f"transformer_blocks.{i}"
+        out |= {f"double_blocks_{i}_img_attn_qkv": [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"],
+                f"double_blocks_{i}_img_attn_proj": [f"{b}.attn.to_out.0"],
+                f"double_blocks_{i}_img_mlp_0": [f"{b}.ff.net.0.proj"], f"double_blocks_{i}_img_mlp_2": [f"{b}.ff.net.2"],
+                f"double_blocks_{i}_img_mod_lin": [f"{b}.norm1.linear"],
+                f"double_blocks_{i}_txt_attn_qkv": [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"],
+                f"double_blocks_{i}_txt_attn_proj": [f"{b}.attn.to_add_out"],
+                f"double_blocks_{i}_txt_mlp_0": [f"{b}.ff_context.net.0.proj"],
+                f"double_blocks_{i}_txt_mlp_2": [f"{b}.ff_context.net.2"],
+                f"double_blocks_{i}_txt_mod_lin": [f"{b}.norm1_context.linear"]}
+    for i in range(len(t.single_transformer_blocks)):
+        b = f"single_transformer_blocks.{i}"
+        out |= {f"single_blocks_{i}_linear1": [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"],
+                f"single_blocks_{i}_linear2": [f"{b}.proj_out"], f"single_blocks_{i}_modulation_lin": [f"{b}.norm.linear"]}
+    return out
+
+
+def _original_file(path, model, layers: dict[str, list[str]], seed=0, rank=2, alpha=4.0):
+    """A kohya file in the original names: one down and one (stacked) up per original layer."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, parts in layers.items():
+        mods = [model.denoiser.get_submodule(p) for p in parts]
+        stem = f"lora_unet_{name}"
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(rank, mods[0].in_features, generator=g) / mods[0].in_features ** 0.5
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(sum(m.out_features for m in mods), rank, generator=g) * 0.5
+        tensors[f"{stem}.alpha"] = torch.tensor(alpha)
+    save_file(tensors, str(path))
+    return path, tensors
+
+
+def test_kohya_flux_files_in_the_original_block_names_draw_what_diffusers_draws(models, tmp_path):
+    """Flux LoRAs as kohya's sd-scripts save them (fused q/k/v, the original blocks' names). The blocks against
+    diffusers' own reading of the same weights; the embedders and the final layer (which diffusers 0.42's
+    reader leaves out) merged into the weights, the final modulation's halves swapped by diffusers' own
+    `swap_scale_shift`. (Diffusers reads the single blocks' fused `linear1` at Flux-dev's width only: the
+    tiny model's comes in the next test, against the same weights split by hand.)"""
+    from diffusers.loaders.lora_conversion_utils import swap_scale_shift
+    from safetensors.torch import load_file
+
+    model = models["flux"]
+    everything = {k: v for k, v in _flux_original(model).items() if not k.endswith("_linear1")}
+    path, tensors = _original_file(tmp_path / "kohya-flux.safetensors", model, everything, seed=8)
+    concept = load_concept(path, model, token="sks", class_word="dog")
+    assert set(concept.unet) == {p for parts in everything.values() for p in parts}
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST))
+
+    blocks = {k: v for k, v in load_file(str(path)).items() if k.startswith(("lora_unet_double", "lora_unet_single"))}
+    save_file(blocks, str(tmp_path / "blocks.safetensors"))
+    reference = tiny_flux()
+    reference.load_lora_weights(str(tmp_path), weight_name="blocks.safetensors", adapter_name="concept")
+    with torch.no_grad():
+        for name, (layer,) in ((k, v) for k, v in everything.items() if not k.startswith(("double", "single"))):
+            stem = f"lora_unet_{name}"
+            up = tensors[f"{stem}.lora_up.weight"]
+            up = swap_scale_shift(up) if name == "final_layer_adaLN_modulation_1" else up
+            scale = float(tensors[f"{stem}.alpha"]) / up.shape[1]
+            reference.transformer.get_submodule(layer).weight += scale * up @ tensors[f"{stem}.lora_down.weight"]
+
+    def draw(pipe):
+        return on_grid("flux", pipe("a photo of a sks dog", num_inference_steps=3, height=32, width=32,
+                                    guidance_scale=gen.settings.guidance, generator=torch.Generator().manual_seed(1),
+                                    output_type="latent").images[0])
+
+    theirs = draw(reference)
+    assert (theirs - draw(tiny_flux())).abs().max() > 0.05  # the LoRA shows
+    torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_a_fused_original_layer_is_its_diffusers_layers_with_the_ups_rows_split(models, tmp_path, name):
+    """q, k, v (and Flux's single-block MLP) from one fused layer: the same drawing, bit for bit, as the
+    diffusers-named file with one down copied to each layer and the up's rows split among them."""
+    model = models[name]
+    t = model.denoiser
+    if name == "flux":
+        layers = {k: v for k, v in _flux_original(model).items() if k.endswith(("_linear1", "_attn_qkv"))}
+    else:
+        layers = {f"joint_blocks_{i}_{part}_attn_qkv": [f"transformer_blocks.{i}.attn.{x}" for x in q]
+                  for i in range(len(t.transformer_blocks))
+                  for part, q in (("x_block", ("to_q", "to_k", "to_v")),
+                                  ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj")))}
+    path, tensors = _original_file(tmp_path / "fused.safetensors", model, layers, seed=9)
+    pairs = {}
+    for stem, parts in layers.items():
+        down, up = tensors[f"lora_unet_{stem}.lora_down.weight"], tensors[f"lora_unet_{stem}.lora_up.weight"]
+        for p, rows in zip(parts, up.split([t.get_submodule(p).out_features for p in parts])):
+            pairs[p] = (down.clone(), rows.clone())
+    fused = load_concept(path, model, token="sks", class_word="dog")
+    split = load_concept(_diffusers_file(tmp_path / "split.safetensors", pairs), model, token="sks", class_word="dog")
+    assert fused.unet.keys() == split.unet.keys() == set(pairs)
+    a = generate_concept(model, PROMPT, fused, Settings(**FAST))
+    b = generate_concept(model, PROMPT, split, Settings(**FAST))
+    assert (a.latents["customized"] - generate_concept(model, PROMPT, _concept(model, tmp_path, ["context_embedder"],
+                                                                                zero=True),
+                                                       Settings(**FAST)).latents["customized"]).abs().max() > 0.05
+    for row in ("customized", "alignit"):
+        assert torch.equal(a.latents[row], b.latents[row]), row
+
+
+def _sd3_original(state: dict) -> dict:
+    """The tiny SD3 transformer's weights in the original model's names (Stability's `mmdit`): what
+    diffusers' single-file loader converts; the test checks the round trip."""
+    out = {"pos_embed": state["pos_embed.pos_embed"]}
+    renames = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+               "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+               "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+               "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "context_embedder": "context_embedder",
+               "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+    swap = lambda w: torch.cat(w.chunk(2)[::-1])  # noqa: E731 - diffusers' (scale, shift) -> (shift, scale)
+    for ours, theirs in renames.items():
+        for x in ("weight", "bias"):
+            w = state[f"{ours}.{x}"]
+            out[f"{theirs}.{x}"] = swap(w) if ours == "norm_out.linear" else w
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        b, j = f"transformer_blocks.{i}", f"joint_blocks.{i}"
+        last = f"{b}.attn.to_add_out.weight" not in state
+        for attn, where in (("attn", "x_block.attn"), ("attn2", "x_block.attn2")):
+            if f"{b}.{attn}.to_q.weight" in state:
+                for x in ("weight", "bias"):
+                    out[f"{j}.{where}.qkv.{x}"] = torch.cat([state[f"{b}.{attn}.to_{c}.{x}"] for c in "qkv"])
+                    out[f"{j}.{where}.proj.{x}"] = state[f"{b}.{attn}.to_out.0.{x}"]
+                out[f"{j}.{where}.ln_q.weight"] = state[f"{b}.{attn}.norm_q.weight"]
+                out[f"{j}.{where}.ln_k.weight"] = state[f"{b}.{attn}.norm_k.weight"]
+        for x in ("weight", "bias"):
+            out[f"{j}.context_block.attn.qkv.{x}"] = torch.cat([state[f"{b}.attn.add_{c}_proj.{x}"] for c in "qkv"])
+            out[f"{j}.x_block.adaLN_modulation.1.{x}"] = state[f"{b}.norm1.linear.{x}"]
+            w = state[f"{b}.norm1_context.linear.{x}"]
+            out[f"{j}.context_block.adaLN_modulation.1.{x}"] = swap(w) if last else w
+            out[f"{j}.x_block.mlp.fc1.{x}"] = state[f"{b}.ff.net.0.proj.{x}"]
+            out[f"{j}.x_block.mlp.fc2.{x}"] = state[f"{b}.ff.net.2.{x}"]
+            if not last:
+                out[f"{j}.context_block.attn.proj.{x}"] = state[f"{b}.attn.to_add_out.{x}"]
+                out[f"{j}.context_block.mlp.fc1.{x}"] = state[f"{b}.ff_context.net.0.proj.{x}"]
+                out[f"{j}.context_block.mlp.fc2.{x}"] = state[f"{b}.ff_context.net.2.{x}"]
+        out[f"{j}.context_block.attn.ln_q.weight"] = state[f"{b}.attn.norm_added_q.weight"]
+        out[f"{j}.context_block.attn.ln_k.weight"] = state[f"{b}.attn.norm_added_k.weight"]
+    return out
+
+
+def test_kohya_sd3_files_in_the_original_block_names_are_the_lora_merged_into_the_original_weights(models, tmp_path):
+    """An SD3 LoRA in the original model's names (kohya's sd-scripts: `lora_unet_joint_blocks_<i>_x_block_attn_qkv`,
+    `context_block_...`, SD3.5's `attn2`, the embedders and the final layer): the customized image is the
+    original weights W + scale·up·down, converted by diffusers' single-file loader and drawn by diffusers."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    model = models["sd3"]
+    state = model.denoiser.state_dict()
+    original = _sd3_original(state)
+    back = convert_sd3_transformer_checkpoint_to_diffusers(dict(original))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)  # the names are right
+    linear = [k.removesuffix(".weight") for k, w in original.items() if k.endswith(".weight") and w.ndim == 2]
+    assert any("attn2" in k for k in linear) and "final_layer.adaLN_modulation.1" in linear
+    g = torch.Generator().manual_seed(10)
+    tensors = {}
+    for name in linear:
+        out_features, in_features = original[f"{name}.weight"].shape
+        stem = "lora_unet_" + name.replace(".", "_")
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(2, in_features, generator=g) / in_features ** 0.5
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(out_features, 2, generator=g) * 0.5
+        tensors[f"{stem}.alpha"] = torch.tensor(4.0)
+        original[f"{name}.weight"] = original[f"{name}.weight"] + 2.0 * tensors[f"{stem}.lora_up.weight"] @ \
+            tensors[f"{stem}.lora_down.weight"]
+    path = tmp_path / "kohya-sd3.safetensors"
+    save_file(tensors, str(path))
+    concept = load_concept(path, model, token="sks", class_word="dog")
+    assert len(concept.unet) == sum(3 if k.endswith("qkv") else 1 for k in linear)
+
+    reference = tiny_sd3()
+    merged = SD3Transformer2DModel.from_config(reference.transformer.config)
+    merged.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(original))
+    reference.transformer = merged
+    gen = generate_concept(model, PROMPT, concept, Settings(**FAST))
+    theirs = on_grid("sd3", reference("a photo of a sks dog", num_inference_steps=3, height=32, width=32,
+                                      guidance_scale=gen.settings.guidance, generator=torch.Generator().manual_seed(1),
+                                      output_type="latent").images[0])
+    plain = on_grid("sd3", tiny_sd3()("a photo of a sks dog", num_inference_steps=3, height=32, width=32,
+                                      guidance_scale=gen.settings.guidance, generator=torch.Generator().manual_seed(1),
+                                      output_type="latent").images[0])
+    assert (theirs - plain).abs().max() > 0.05  # the LoRA shows
+    # merged weights round otherwise than an added low-rank output (a misplaced layer: 0.1 and more)
+    torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-3)
