@@ -240,6 +240,30 @@ def test_map_keys_prepared_once_match_keys_prepared_every_step(tiny_sd, monkeypa
     assert not np.array_equal(kept.maps["baseline"], kept.maps["swapped"])
 
 
+def test_a_steps_recording_layers_are_added_up_at_once_as_one_by_one(tiny_sdxl, monkeypatch):
+    """A step's recording layers are summed in one batched softmax (operator dispatch bounds a GPU run):
+    the maps are those of adding the layers one at a time (MAP_SCORE_BYTES of one byte: chunks of one)."""
+    from alignit_core import attention
+
+    calls = []
+    real = attention.MapStore._add
+
+    def counted(self, queries, keys, mask=None):
+        calls.append(len(queries))
+        return real(self, queries, keys, mask)
+
+    monkeypatch.setattr(attention.MapStore, "_add", counted)
+    settings = Settings(seed=0, steps=3, swap_start=0.5)
+    together = generate_swap(tiny_sdxl, "a red circle on a blue background", [("red", "yellow")], settings)
+    batched, calls[:] = list(calls), []
+    monkeypatch.setattr(attention, "MAP_SCORE_BYTES", 1)
+    alone = generate_swap(tiny_sdxl, "a red circle on a blue background", [("red", "yellow")], settings)
+    assert set(calls) == {1} and len(batched) == 3 and sum(batched) == len(calls) > 3  # a sum per step
+    for row in alone.maps:
+        np.testing.assert_allclose(together.maps[row], alone.maps[row], rtol=1e-5, atol=1e-8)
+        assert np.array_equal(_pixels(together.images[row]), _pixels(alone.images[row]))
+
+
 # ------------------------------------------------------------------------------ the paper's knobs
 
 
