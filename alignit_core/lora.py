@@ -182,12 +182,11 @@ def _original_mmdit_block(layer: str, transformer, model_name: str) -> list[_Par
     """A kohya SD3 / Flux layer in the original model's block names -> diffusers' layers, or None when
     `layer` is not one (it is then looked up as it is). ConceptError for the other family's layer."""
     flux = hasattr(transformer, "single_transformer_blocks")
-    other = _SD3_BLOCKS if flux else _FLUX_BLOCKS
-    if any(re.fullmatch(pattern, layer) for pattern in other) and not any(
-            re.fullmatch(pattern, layer) for pattern in (_FLUX_BLOCKS if flux else _SD3_BLOCKS)):
+    own, other = (_FLUX_BLOCKS, _SD3_BLOCKS) if flux else (_SD3_BLOCKS, _FLUX_BLOCKS)
+    if not any(re.fullmatch(p, layer) for p in own) and any(re.fullmatch(p, layer) for p in other):
         raise ConceptError(f"the LoRA's layer {short(layer)} is {'an SD3' if flux else 'a Flux'} layer; {model_name} is "
                            f"{'a Flux' if flux else 'an SD3'} model: the LoRA is for another model")
-    for pattern, targets in (_FLUX_BLOCKS if flux else _SD3_BLOCKS).items():
+    for pattern, targets in own.items():
         m = re.fullmatch(pattern, layer)
         if m is None:
             continue

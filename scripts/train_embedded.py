@@ -439,6 +439,13 @@ def end_share(maps: list[torch.Tensor], eos: torch.Tensor) -> torch.Tensor:
     return torch.stack(shares).mean()
 
 
+def sink_shortfall(maps: list[torch.Tensor], target: float) -> torch.Tensor:
+    """How far the start token's share of cross-attention falls short of `target`, per probed layer
+    (mean over pixels and samples), averaged: the loss that makes the start token the sink, as it is
+    in Stable Diffusion, rather than the words (which then outvote a swapped row)."""
+    return torch.stack([F.relu(target - probs[..., 0].mean()) for probs in maps]).mean()
+
+
 def ema_step(opt, params, ema, loss, step: int, rate: float) -> None:
     """One optimiser step on `loss` (gradients clipped to norm 1), then the EMA copies `ema` of
     `params` follow at `rate` (warmed up over the first steps)."""
@@ -477,8 +484,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
     total = ck.get("total", args.unet_steps) if ck else args.unet_steps
-    probe = (probe_cross_attention(unet, sides=(4, 8, 16) if args.eot_attention_weight else (16,))
-             if args.attention_weight or args.eot_attention_weight else AttentionProbe())
+    every_layer = args.eot_attention_weight or args.sink_weight
+    probe = (probe_cross_attention(unet, sides=(4, 8, 16) if every_layer else (16,))
+             if args.attention_weight or every_layer else AttentionProbe())
     t0, step = time.time(), start
     while step < min(total, args.unet_stop or total):
         step += 1
@@ -513,6 +521,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         if args.eot_attention_weight:
             parts["end_share"] = end_share(probe.maps, batch.eos.to(device))
             loss = loss + args.eot_attention_weight * parts["end_share"]
+        if args.sink_weight:
+            parts["sink_shortfall"] = sink_shortfall(probe.maps, args.sink_target)
+            loss = loss + args.sink_weight * parts["sink_shortfall"]
         ema_step(opt, params, ema, loss, step, args.ema)
         progress("unet", step, total, t0, loss, **parts)
         over = time.time() - t0 > args.unet_seconds
@@ -752,6 +763,10 @@ def main(argv=None) -> None:
     ap.add_argument("--eot-attention-weight", type=float, default=0.0,
                     help="weight of the loss on the share of cross-attention given to the end-of-text and "
                          "padding rows (every cross-attention layer): the start token becomes the sink, as in SD")
+    ap.add_argument("--sink-weight", type=float, default=0.0,
+                    help="weight of the loss that gives the start token at least --sink-target of every "
+                         "cross-attention layer's attention (the sink of SD's UNet)")
+    ap.add_argument("--sink-target", type=float, default=0.5)
     ap.add_argument("--latent-pool", type=int, default=0, metavar="N",
                     help="encode N pictures per (colour, shape, background, pattern) once and train on them "
                          "(0: encode every batch; the pool pays on a CPU)")
