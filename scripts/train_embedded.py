@@ -608,7 +608,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
     emb = token_embeddings(te).weight
     init = emb[vocab.ids[STAR] if kind == "cd" else vocab.ids[info["class_word"]]].detach().clone()
     vec = torch.nn.Parameter(init.clone(), requires_grad=kind != "te")
-    groups = [dict(params=[vec], lr=5e-3)] if kind != "te" else []
+    groups = [dict(params=[vec], lr=args.ti_lr)] if kind != "te" else []
     model, encoder = unet, te
     if kind == "cd":
         model = copy.deepcopy(unet)
@@ -772,7 +772,9 @@ def main(argv=None) -> None:
                          "(0: encode every batch; the pool pays on a CPU)")
     ap.add_argument("--te-concept-lr", type=float, default=5e-4, help="learning rate of text-encoder concepts")
     ap.add_argument("--cd-kv-lr", type=float, default=2e-4,
-                    help="learning rate of Custom Diffusion's cross-attention K/V projections (its token vector: 5e-3)")
+                    help="learning rate of Custom Diffusion's cross-attention K/V projections (its token vector: --ti-lr)")
+    ap.add_argument("--ti-lr", type=float, default=5e-3,
+                    help="learning rate of a concept's token vector (textual inversion, Custom Diffusion)")
     ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",
                     help="steps per concept, one number or one per kind (e.g. ti=1200,cd=400,te=600; 400 where not given)")
     ap.add_argument("--concept-prompts", choices=("templates", "two"), default="two",
