@@ -17,7 +17,9 @@ Formats read, safetensors only:
   (Flux: `lora_unet_double_blocks_<i>_img_attn_qkv`, `single_blocks_<i>_linear1`, ...; SD3:
   `lora_unet_joint_blocks_<i>_x_block_attn_qkv`, `context_block_...`), whose fused projections are split
   by rows (one down, the up's rows per layer: the same update) and whose (shift, scale) modulations that
-  diffusers stores as (scale, shift) are swapped, as diffusers' own conversion of the weights does.
+  diffusers stores as (scale, shift) are swapped, as diffusers' own conversion of the weights does; the
+  same layers dotted under `diffusion_model.` with `lora_A` / `lora_B` (Black Forest Labs' and ComfyUI's
+  files, e.g. `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`).
 
 An update is `alpha / rank · up(down(x))` (peft's rsLoRA: `alpha / √rank`). The trigger word and
 class word come from the concept's manifest, else from kohya's `ss_tag_frequency` /
@@ -49,7 +51,10 @@ _DIFFUSERS = re.compile(r"^(?P<target>unet|transformer|text_encoder|text_encoder
                         r"lora_linear_layer\.down\.weight|lora_linear_layer\.up\.weight|alpha)$")
 _KOHYA = re.compile(r"^lora_(?P<target>unet|transformer|te|te1|te2)_(?P<layer>.+?)\."
                     r"(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_TARGETS = {"unet": "unet", "transformer": "transformer", "text_encoder": "te0", "text_encoder_2": "te1", "te": "te0",
+# Black Forest Labs' / ComfyUI's names: the original model's layers, dotted, under `diffusion_model.`
+_ORIGINAL = re.compile(r"^(?P<target>diffusion_model)\.(?P<layer>.+?)\."
+                       r"(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
+_TARGETS = {"diffusion_model": "unet", "unet": "unet", "transformer": "transformer", "text_encoder": "te0", "text_encoder_2": "te1", "te": "te0",
             "te1": "te0", "te2": "te1"}
 _DOWN = {"lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "lora_down.weight"}
 _UP = {"lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight", "lora_up.weight"}
@@ -60,7 +65,7 @@ _LDM_RESNET = {"in_layers_2": "conv1", "emb_layers_1": "time_emb_proj", "out_lay
 
 def is_lora(keys) -> bool:
     """Whether a safetensors file with these keys is a LoRA (rather than an embedding)."""
-    return any(_DIFFUSERS.match(k) or _KOHYA.match(k) for k in keys)
+    return any(_DIFFUSERS.match(k) or _KOHYA.match(k) or _ORIGINAL.match(k) for k in keys)
 
 
 @dataclass(frozen=True)
@@ -305,7 +310,7 @@ def _plan(header: dict, metadata: dict, model) -> dict:
     parts: dict = {}
     unknown = []
     for key, (dtype, shape) in header.items():
-        m = _DIFFUSERS.match(key) or _KOHYA.match(key)
+        m = _DIFFUSERS.match(key) or _KOHYA.match(key) or _ORIGINAL.match(key)
         if m is None:
             unknown.append(key)
             continue
@@ -314,8 +319,15 @@ def _plan(header: dict, metadata: dict, model) -> dict:
         target = _TARGETS[m["target"]]
         layer = m["layer"]
         where = None
-        if target == "unet" and m.re is _KOHYA and denoiser == "transformer":
-            where = _original_mmdit_block(layer, model.denoiser, model.name)
+        if m.re is _ORIGINAL and denoiser != "transformer":
+            raise ConceptError(f"the LoRA's {short(key)} names an original model's layer under diffusion_model., "
+                               f"read for SD3 and Flux; {model.name} is a UNet model, whose LoRA files name "
+                               f"unet.<layer> or lora_unet_<layer>")
+        if target == "unet" and m.re is not _DIFFUSERS and denoiser == "transformer":
+            where = _original_mmdit_block(layer.replace(".", "_"), model.denoiser, model.name)
+            if where is None and m.re is _ORIGINAL:
+                raise ConceptError(f"the LoRA's layer {short(layer)} is no layer of SD3 or Flux: "
+                                   f"the LoRA is for another model")
             target = "transformer" if where is not None else target
         _check_target(target, denoiser, key, model)
         if where is None:

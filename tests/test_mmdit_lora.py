@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -521,6 +522,62 @@ def test_kohya_flux_files_in_the_original_block_names_draw_what_diffusers_draws(
     theirs = draw(reference)
     assert (theirs - draw(tiny_flux())).abs().max() > 0.05  # the LoRA shows
     torch.testing.assert_close(gen.latents["customized"], theirs, rtol=0, atol=1e-4)
+
+
+def _dotted(name: str) -> str:
+    """A Flux layer as kohya writes it (`double_blocks_0_img_attn_qkv`) -> the original module's name
+    (`double_blocks.0.img_attn.qkv`), as Black Forest Labs' and ComfyUI's LoRA files name it."""
+    for pattern, repl in ((r"^double_blocks_(\d+)_(img|txt)_(attn|mlp|mod)_(\w+)$", r"double_blocks.\1.\2_\3.\4"),
+                          (r"^single_blocks_(\d+)_(linear1|linear2)$", r"single_blocks.\1.\2"),
+                          (r"^single_blocks_(\d+)_modulation_lin$", r"single_blocks.\1.modulation.lin"),
+                          (r"^(time|vector|guidance)_in_(in|out)_layer$", r"\1_in.\2_layer"),
+                          (r"^final_layer_adaLN_modulation_1$", "final_layer.adaLN_modulation.1"),
+                          (r"^final_layer_linear$", "final_layer.linear")):
+        if re.match(pattern, name):
+            return re.sub(pattern, repl, name)
+    return name  # img_in, txt_in
+
+
+def test_flux_files_in_black_forest_labs_names_draw_as_kohyas(models, tmp_path):
+    """The same weights as `diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight` (BFL / ComfyUI), with and
+    without alphas: the drawing of kohya's file, bit for bit (that one is checked against diffusers above)."""
+    model = models["flux"]
+    layers = _flux_original(model)
+    path, tensors = _original_file(tmp_path / "kohya.safetensors", model, layers, seed=11)
+    parts = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight", ".alpha": ".alpha"}
+    bfl = {}
+    for key, tensor in tensors.items():
+        stem, part = next((key[: -len(p)], q) for p, q in parts.items() if key.endswith(p))
+        bfl["diffusion_model." + _dotted(stem.removeprefix("lora_unet_")) + part] = tensor.clone()
+    assert "diffusion_model.double_blocks.0.img_mod.lin.lora_A.weight" in bfl
+    assert "diffusion_model.single_blocks.1.modulation.lin.alpha" in bfl
+    save_file(bfl, str(tmp_path / "bfl.safetensors"))
+    save_file({k: v for k, v in bfl.items() if not k.endswith(".alpha")}, str(tmp_path / "bfl-no-alpha.safetensors"))
+    kohya = load_concept(path, model, token="sks", class_word="dog")
+    ours = load_concept(tmp_path / "bfl.safetensors", model, token="sks", class_word="dog")
+    bare = load_concept(tmp_path / "bfl-no-alpha.safetensors", model, token="sks", class_word="dog")
+    assert ours.unet.keys() == kohya.unet.keys() == bare.unet.keys()
+    assert all(bare.unet[k].scale == 1.0 and ours.unet[k].scale == 2.0 for k in ours.unet)  # no alpha: alpha = rank
+    a = generate_concept(model, PROMPT, kohya, Settings(**FAST))
+    b = generate_concept(model, PROMPT, ours, Settings(**FAST))
+    for row in ("customized", "alignit"):
+        assert torch.equal(a.latents[row], b.latents[row]), row
+    with pytest.raises(ConceptError, match="names an original model's layer under diffusion_model.*tiny-sd is a UNet"):
+        from alignit_core.testing import build_tiny_sd
+        sd = from_components(build_tiny_sd(), "tiny-sd")
+        save_file({"diffusion_model.input_blocks.1.1.proj_in.lora_A.weight": torch.zeros(2, 32),
+                   "diffusion_model.input_blocks.1.1.proj_in.lora_B.weight": torch.zeros(32, 2)},
+                  str(tmp_path / "unet.safetensors"))
+        load_concept(tmp_path / "unet.safetensors", sd, token="sks", class_word="dog")
+    save_file({"diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_A.weight": torch.zeros(2, 32),
+               "diffusion_model.joint_blocks.0.x_block.attn.qkv.lora_B.weight": torch.zeros(96, 2)},
+              str(tmp_path / "sd3-on-flux.safetensors"))
+    with pytest.raises(ConceptError, match="is an SD3 layer; tiny-flux is a Flux model"):
+        load_concept(tmp_path / "sd3-on-flux.safetensors", model, token="sks", class_word="dog")
+    save_file({"diffusion_model.nothing.0.lora_A.weight": torch.zeros(2, 32),
+               "diffusion_model.nothing.0.lora_B.weight": torch.zeros(32, 2)}, str(tmp_path / "none.safetensors"))
+    with pytest.raises(ConceptError, match="nothing.0 is no layer of SD3 or Flux"):
+        load_concept(tmp_path / "none.safetensors", model, token="sks", class_word="dog")
 
 
 @pytest.mark.parametrize("name", ["sd3", "flux"])
