@@ -163,6 +163,25 @@ def test_sdxl_lora_customized_baseline_is_what_diffusers_draws(naming, tiny_sdxl
     assert np.abs(ours - ref).max() < 2 / 255, f"{np.abs(ours - ref).max() * 255:.1f}/255"
 
 
+def test_an_sdxl_lora_with_text_encoders_used_after_the_first_request_leaves_later_requests_as_they_were(tmp_path):
+    """The LoRA's views of both encoders are made after the model's first request (on SD3 such a view once
+    left the encoder hooked twice, and every later request read the wrong hidden state): the requests after
+    it draw what the ones before it drew."""
+    from diffusers import StableDiffusionXLPipeline
+    from alignit_core.models import from_components
+
+    model = from_components(build_tiny_sdxl(), "tiny-sdxl")
+    before = generate_swap(model, "a photo of a dog", [("dog", "cat")], FAST)  # the encoders' first call
+    states, configs = peft_lora(build_tiny_sdxl(), seed=2, unet_targets=["to_q", "to_k"])
+    concept = load_concept(save_diffusers(StableDiffusionXLPipeline, states, configs, tmp_path), model,
+                           token="sks", class_word="dog")
+    assert len(concept.text_encoders) == 2
+    generate_concept(model, "a photo of a sks", concept, FAST)
+    after = generate_swap(model, "a photo of a dog", [("dog", "cat")], FAST)
+    for row in before.images:
+        assert np.array_equal(np.asarray(before.images[row]), np.asarray(after.images[row])), row
+
+
 def test_the_trigger_and_class_word_come_from_kohya_metadata_or_must_be_given(sd_lora, tiny_sd, tmp_path):
     c = load_concept(sd_lora["kohya"], tiny_sd)
     assert (c.token, c.class_word, c.name) == ("sks", "dog", "sks")
