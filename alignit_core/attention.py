@@ -53,7 +53,7 @@ class MapStore:
         """The recorded rows' keys as the scores need them: (r, heads, d, keys) fp32, scaled."""
         return k[self.rows.start: self.rows.stop].float().transpose(-1, -2) * scale
 
-    def add(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, step: int = 0) -> None:
+    def add(self, q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, step: int) -> None:
         """One layer's head-mean probabilities, added with the rest of its step's; q (batch, heads,
         pixels, d), keys from `keys()`. A layer with an attention mask is added at once."""
         rows = slice(self.rows.start, self.rows.stop)

@@ -54,8 +54,8 @@ _KOHYA = re.compile(r"^lora_(?P<target>unet|transformer|te|te1|te2)_(?P<layer>.+
 # Black Forest Labs' / ComfyUI's names: the original model's layers, dotted, under `diffusion_model.`
 _ORIGINAL = re.compile(r"^(?P<target>diffusion_model)\.(?P<layer>.+?)\."
                        r"(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$")
-_TARGETS = {"diffusion_model": "unet", "unet": "unet", "transformer": "transformer", "text_encoder": "te0", "text_encoder_2": "te1", "te": "te0",
-            "te1": "te0", "te2": "te1"}
+_TARGETS = {"diffusion_model": "unet", "unet": "unet", "transformer": "transformer", "text_encoder": "te0",
+            "text_encoder_2": "te1", "te": "te0", "te1": "te0", "te2": "te1"}
 _DOWN = {"lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight", "lora_down.weight"}
 _UP = {"lora_B.weight", "lora.up.weight", "lora_linear_layer.up.weight", "lora_up.weight"}
 # the original model's ResNet layer names -> diffusers'
@@ -120,23 +120,26 @@ def _sdxl_block(layer: str, unet) -> str:
 
 # kohya's Flux / SD3 layers in the original models' names -> diffusers' layers: a list of one (a layer)
 # or several (a fused projection, split by its up's rows: q, k, v, and Flux's single-block MLP the rest)
+def _in(block: str, *layers: str) -> tuple[str, ...]:
+    return tuple(f"{block}.{layer}" for layer in layers)
+
+
+_J, _S = "transformer_blocks.{}", "single_transformer_blocks.{}"
+_QKV, _ADD_QKV = ("attn.to_q", "attn.to_k", "attn.to_v"), ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
 _FLUX_BLOCKS = {
-    r"double_blocks_(\d+)_img_attn_qkv": ("transformer_blocks.{}.attn.to_q", "transformer_blocks.{}.attn.to_k",
-                                          "transformer_blocks.{}.attn.to_v"),
-    r"double_blocks_(\d+)_img_attn_proj": ("transformer_blocks.{}.attn.to_out.0",),
-    r"double_blocks_(\d+)_img_mlp_0": ("transformer_blocks.{}.ff.net.0.proj",),
-    r"double_blocks_(\d+)_img_mlp_2": ("transformer_blocks.{}.ff.net.2",),
-    r"double_blocks_(\d+)_img_mod_lin": ("transformer_blocks.{}.norm1.linear",),
-    r"double_blocks_(\d+)_txt_attn_qkv": ("transformer_blocks.{}.attn.add_q_proj", "transformer_blocks.{}.attn.add_k_proj",
-                                          "transformer_blocks.{}.attn.add_v_proj"),
-    r"double_blocks_(\d+)_txt_attn_proj": ("transformer_blocks.{}.attn.to_add_out",),
-    r"double_blocks_(\d+)_txt_mlp_0": ("transformer_blocks.{}.ff_context.net.0.proj",),
-    r"double_blocks_(\d+)_txt_mlp_2": ("transformer_blocks.{}.ff_context.net.2",),
-    r"double_blocks_(\d+)_txt_mod_lin": ("transformer_blocks.{}.norm1_context.linear",),
-    r"single_blocks_(\d+)_linear1": ("single_transformer_blocks.{}.attn.to_q", "single_transformer_blocks.{}.attn.to_k",
-                                     "single_transformer_blocks.{}.attn.to_v", "single_transformer_blocks.{}.proj_mlp"),
-    r"single_blocks_(\d+)_linear2": ("single_transformer_blocks.{}.proj_out",),
-    r"single_blocks_(\d+)_modulation_lin": ("single_transformer_blocks.{}.norm.linear",),
+    r"double_blocks_(\d+)_img_attn_qkv": _in(_J, *_QKV),
+    r"double_blocks_(\d+)_img_attn_proj": _in(_J, "attn.to_out.0"),
+    r"double_blocks_(\d+)_img_mlp_0": _in(_J, "ff.net.0.proj"),
+    r"double_blocks_(\d+)_img_mlp_2": _in(_J, "ff.net.2"),
+    r"double_blocks_(\d+)_img_mod_lin": _in(_J, "norm1.linear"),
+    r"double_blocks_(\d+)_txt_attn_qkv": _in(_J, *_ADD_QKV),
+    r"double_blocks_(\d+)_txt_attn_proj": _in(_J, "attn.to_add_out"),
+    r"double_blocks_(\d+)_txt_mlp_0": _in(_J, "ff_context.net.0.proj"),
+    r"double_blocks_(\d+)_txt_mlp_2": _in(_J, "ff_context.net.2"),
+    r"double_blocks_(\d+)_txt_mod_lin": _in(_J, "norm1_context.linear"),
+    r"single_blocks_(\d+)_linear1": _in(_S, *_QKV, "proj_mlp"),
+    r"single_blocks_(\d+)_linear2": _in(_S, "proj_out"),
+    r"single_blocks_(\d+)_modulation_lin": _in(_S, "norm.linear"),
     r"img_in": ("x_embedder",), r"txt_in": ("context_embedder",),
     r"time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1",),
     r"time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2",),
@@ -147,22 +150,18 @@ _FLUX_BLOCKS = {
     r"final_layer_linear": ("proj_out",), r"final_layer_adaLN_modulation_1": ("norm_out.linear",),
 }
 _SD3_BLOCKS = {
-    r"joint_blocks_(\d+)_x_block_attn_qkv": ("transformer_blocks.{}.attn.to_q", "transformer_blocks.{}.attn.to_k",
-                                             "transformer_blocks.{}.attn.to_v"),
-    r"joint_blocks_(\d+)_x_block_attn_proj": ("transformer_blocks.{}.attn.to_out.0",),
-    r"joint_blocks_(\d+)_x_block_attn2_qkv": ("transformer_blocks.{}.attn2.to_q", "transformer_blocks.{}.attn2.to_k",
-                                              "transformer_blocks.{}.attn2.to_v"),
-    r"joint_blocks_(\d+)_x_block_attn2_proj": ("transformer_blocks.{}.attn2.to_out.0",),
-    r"joint_blocks_(\d+)_x_block_mlp_fc1": ("transformer_blocks.{}.ff.net.0.proj",),
-    r"joint_blocks_(\d+)_x_block_mlp_fc2": ("transformer_blocks.{}.ff.net.2",),
-    r"joint_blocks_(\d+)_x_block_adaLN_modulation_1": ("transformer_blocks.{}.norm1.linear",),
-    r"joint_blocks_(\d+)_context_block_attn_qkv": ("transformer_blocks.{}.attn.add_q_proj",
-                                                   "transformer_blocks.{}.attn.add_k_proj",
-                                                   "transformer_blocks.{}.attn.add_v_proj"),
-    r"joint_blocks_(\d+)_context_block_attn_proj": ("transformer_blocks.{}.attn.to_add_out",),
-    r"joint_blocks_(\d+)_context_block_mlp_fc1": ("transformer_blocks.{}.ff_context.net.0.proj",),
-    r"joint_blocks_(\d+)_context_block_mlp_fc2": ("transformer_blocks.{}.ff_context.net.2",),
-    r"joint_blocks_(\d+)_context_block_adaLN_modulation_1": ("transformer_blocks.{}.norm1_context.linear",),
+    r"joint_blocks_(\d+)_x_block_attn_qkv": _in(_J, *_QKV),
+    r"joint_blocks_(\d+)_x_block_attn_proj": _in(_J, "attn.to_out.0"),
+    r"joint_blocks_(\d+)_x_block_attn2_qkv": _in(_J, "attn2.to_q", "attn2.to_k", "attn2.to_v"),
+    r"joint_blocks_(\d+)_x_block_attn2_proj": _in(_J, "attn2.to_out.0"),
+    r"joint_blocks_(\d+)_x_block_mlp_fc1": _in(_J, "ff.net.0.proj"),
+    r"joint_blocks_(\d+)_x_block_mlp_fc2": _in(_J, "ff.net.2"),
+    r"joint_blocks_(\d+)_x_block_adaLN_modulation_1": _in(_J, "norm1.linear"),
+    r"joint_blocks_(\d+)_context_block_attn_qkv": _in(_J, *_ADD_QKV),
+    r"joint_blocks_(\d+)_context_block_attn_proj": _in(_J, "attn.to_add_out"),
+    r"joint_blocks_(\d+)_context_block_mlp_fc1": _in(_J, "ff_context.net.0.proj"),
+    r"joint_blocks_(\d+)_context_block_mlp_fc2": _in(_J, "ff_context.net.2"),
+    r"joint_blocks_(\d+)_context_block_adaLN_modulation_1": _in(_J, "norm1_context.linear"),
     r"x_embedder_proj": ("pos_embed.proj",), r"context_embedder": ("context_embedder",),
     r"t_embedder_mlp_0": ("time_text_embed.timestep_embedder.linear_1",),
     r"t_embedder_mlp_2": ("time_text_embed.timestep_embedder.linear_2",),
