@@ -446,6 +446,33 @@ def sink_shortfall(maps: list[torch.Tensor], target: float) -> torch.Tensor:
     return torch.stack([F.relu(target - probs[..., 0].mean()) for probs in maps]).mean()
 
 
+def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, n: int = 32) -> torch.Tensor:
+    """How far a token's row moves with the words before it, for vectors off the words' embeddings
+    (where textual inversion's vectors lie): 1 - cosine between a random vector's row after a
+    caption's first words and its row after as many `*` (AlignIT's dummy prompt), same position."""
+    device = token_embeddings(te).weight.device
+    emb = token_embeddings(te).weight
+    words = [b for b in range(len(batch.eos)) if batch.eos[b] > 1][:n]
+    ids, stars, pos, replaced = [], [], [], []
+    for b in words:
+        k = int(torch.randint(1, int(batch.eos[b]), (1,), generator=g))  # a word's position
+        caption = batch.ids[b, :k].tolist()
+        ids.append(caption + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
+        stars.append([vocab.bos] + [vocab.ids[STAR]] * (k - 1) + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
+        pos.append(k)
+        replaced.append(int(batch.ids[b, k]))
+    m = len(ids)
+    base = emb[torch.tensor(replaced, device=device)].detach()  # (m, dim): the word it stands for, scaled, noised
+    scale = torch.empty(m, 1).uniform_(0.5, 8.0, generator=g).to(device)
+    noise = torch.randn(m, emb.shape[1], generator=g).to(device) * torch.empty(m, 1).uniform_(0, 2, generator=g).to(device)
+    vectors = (base * scale + noise / emb.shape[1] ** 0.5).unsqueeze(1).expand(m, MAX_LEN, -1)
+    mask = torch.zeros(m, MAX_LEN, dtype=torch.bool, device=device)
+    mask[torch.arange(m), torch.tensor(pos)] = True
+    both = encode(te, torch.tensor(ids + stars, device=device), vectors.repeat(2, 1, 1), mask.repeat(2, 1)).hidden
+    rows = both[mask.repeat(2, 1)].view(2, m, -1)
+    return (1 - F.cosine_similarity(rows[0], rows[1], dim=-1)).mean()
+
+
 def ema_step(opt, params, ema, loss, step: int, rate: float) -> None:
     """One optimiser step on `loss` (gradients clipped to norm 1), then the EMA copies `ema` of
     `params` follow at `rate` (warmed up over the first steps)."""
@@ -473,7 +500,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         unet = UNet2DConditionModel(**unet_cfg).to(device)
     else:
         unet, te = (m.to(device).train().requires_grad_(True) for m in init)
-    params = list(unet.parameters()) + list(te.parameters())
+    if args.freeze_text:  # as Stable Diffusion's CLIP: the UNet learns to read the rows it is given
+        te.eval().requires_grad_(False)
+    params = list(unet.parameters()) + ([] if args.freeze_text else list(te.parameters()))
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ema = [p.detach().clone() for p in params]
     sched = DDPMScheduler(**{k: v for k, v in noise_schedule().items() if k != "set_alpha_to_one"})
@@ -524,6 +553,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         if args.sink_weight:
             parts["sink_shortfall"] = sink_shortfall(probe.maps, args.sink_target)
             loss = loss + args.sink_weight * parts["sink_shortfall"]
+        if args.row_consistency_weight:
+            parts["row_drift"] = row_drift(te, batch, vocab, g)
+            loss = loss + args.row_consistency_weight * parts["row_drift"]
         ema_step(opt, params, ema, loss, step, args.ema)
         progress("unet", step, total, t0, loss, **parts)
         over = time.time() - t0 > args.unet_seconds
@@ -767,6 +799,10 @@ def main(argv=None) -> None:
                     help="weight of the loss that gives the start token at least --sink-target of every "
                          "cross-attention layer's attention (the sink of SD's UNet)")
     ap.add_argument("--sink-target", type=float, default=0.5)
+    ap.add_argument("--row-consistency-weight", type=float, default=0.0,
+                    help="loss on how far an off-vocabulary vector's row moves with the words before it")
+    ap.add_argument("--freeze-text", action="store_true",
+                    help="train the UNet only; the text encoder stays as initialised (with --unet-init)")
     ap.add_argument("--latent-pool", type=int, default=0, metavar="N",
                     help="encode N pictures per (colour, shape, background, pattern) once and train on them "
                          "(0: encode every batch; the pool pays on a CPU)")

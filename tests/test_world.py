@@ -96,12 +96,19 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     exported = tmp_path / "assets" / "embedded-shapes"
     main(["--smoke", "--unet-init", str(exported), "--cosine", "--concepts", "holed-star-cd",
           "--pure-mix", "0.5", "--eot-mix", "1", "--attention-weight", "0.05", "--eot-attention-weight", "0.1",
-          "--latent-pool", "1", "--cd-kv-lr", "5e-5",
+          "--row-consistency-weight", "1", "--latent-pool", "1", "--cd-kv-lr", "5e-5",
           "--out", str(tmp_path / "more"), "--work", str(tmp_path / "work-more")])
     before, after = (load_model(str(d / "embedded-shapes"), device="cpu") for d in (tmp_path / "assets", tmp_path / "more"))
     assert not torch.equal(before.unet.conv_in.weight, after.unet.conv_in.weight)
     assert torch.equal(before.vae.decoder.conv_out.weight, after.vae.decoder.conv_out.weight)
     assert sorted(p.name for p in (tmp_path / "more" / "concepts").iterdir()) == ["holed-star-cd"]
+    assert not torch.equal(before.text_encoders[0].get_input_embeddings().weight, after.text_encoders[0].get_input_embeddings().weight)
+    # --freeze-text trains the UNet only, as Stable Diffusion's UNet learns to read a frozen CLIP
+    main(["--smoke", "--unet-init", str(exported), "--freeze-text", "--concepts",
+          "--out", str(tmp_path / "frozen"), "--work", str(tmp_path / "work-frozen")])
+    frozen = load_model(str(tmp_path / "frozen" / "embedded-shapes"), device="cpu")
+    assert not torch.equal(before.unet.conv_in.weight, frozen.unet.conv_in.weight)
+    assert all(torch.equal(a, b) for a, b in zip(before.text_encoders[0].parameters(), frozen.text_encoders[0].parameters()))
     # --decoder-init fine-tunes only the VAE's decoder (the latent space stays) and exports only the VAE
     main(["--smoke", "--decoder-init", str(exported), "--out", str(tmp_path / "dec"), "--work", str(tmp_path / "work-dec")])
     assert sorted(p.name for p in (tmp_path / "dec" / "embedded-shapes").iterdir()) == ["vae"]
@@ -152,6 +159,29 @@ def test_end_share_is_the_attention_given_to_the_end_and_padding_rows():
     probs[0, :, 3], probs[0, :, 0] = 0.0, 1.0  # all on the start token
     probs[1, :, 4], probs[1, :, 1] = 0.0, 1.0
     assert end_share([probs, probs], torch.tensor([3, 2])).item() == 0.0
+
+
+def test_row_drift_is_zero_for_rows_that_ignore_the_words_before_them():
+    """The base model's prefix loss: 1 - cosine between an off-vocabulary vector's row after a caption's
+    words and after as many `*`. An encoder whose self-attention adds nothing reads each row from its
+    own token and position alone (drift 0); the shipped encoder's rows move with their prefix."""
+    import random
+
+    from transformers import CLIPTokenizer
+
+    from alignit_core.models import EMBEDDED
+    from alignit_core.toy.sampling import load_exported
+    from scripts.train_embedded import TOKENIZER_DIR, Vocab, row_drift, sample_batch
+
+    te = load_exported(EMBEDDED, torch.device("cpu"))[2].float()
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    batch = sample_batch(random.Random(0), vocab, 16, swap_mix=0.0)
+    shipped = row_drift(te, batch, vocab, torch.Generator().manual_seed(0))
+    for name, p in te.named_parameters():
+        if "self_attn.out_proj" in name:
+            p.data.zero_()
+    assert shipped.item() > 0.01
+    assert row_drift(te, batch, vocab, torch.Generator().manual_seed(0)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_training_script_reads_steps_per_concept_kind():
