@@ -33,6 +33,12 @@ about it, each a share of the captions:
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
   of the prompt, it broke colours and backgrounds for hundreds of steps.
+* --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
+  the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
+  after a caption's first words and after as many `*` (AlignIT's p') must agree, so a concept's
+  row computed in p' is the one it was trained in;
+* --freeze-text: the encoder stays as initialised and the UNet learns to read it, as SD's UNet
+  reads a frozen CLIP.
 
 They are part of the base model's training, not of AlignIT: the concepts are trained with their
 own methods' objectives only.
