@@ -452,23 +452,35 @@ def sink_shortfall(maps: list[torch.Tensor], target: float) -> torch.Tensor:
     return torch.stack([F.relu(target - probs[..., 0].mean()) for probs in maps]).mean()
 
 
-def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, n: int = 32) -> torch.Tensor:
+def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, prefixes: str = "phrasings",
+              n: int = 32) -> torch.Tensor:
     """How far a token's row moves with the words before it, for vectors off the words' embeddings
-    (where textual inversion's vectors lie): 1 - cosine between a random vector's row after a
-    caption's first words and its row after as many `*` (AlignIT's dummy prompt), same position."""
+    (where textual inversion's vectors lie): 1 - cosine between a random vector's row after some
+    words and its row after as many `*` (AlignIT's dummy prompt), same position. `prefixes`:
+    "phrasings", the words before the token in textual inversion's phrasings (`a photo of a`, `the`,
+    ...: words that name nothing drawn); "captions", a caption's first words (colours and shapes
+    too, whose rows the words after them need: measured, it costs the backgrounds)."""
     device = token_embeddings(te).weight.device
     emb = token_embeddings(te).weight
-    words = [b for b in range(len(batch.eos)) if batch.eos[b] > 1][:n]
+    captions = [b for b in range(len(batch.eos)) if batch.eos[b] > 1][:n]
     ids, stars, pos, replaced = [], [], [], []
-    for b in words:
-        k = int(torch.randint(1, int(batch.eos[b]), (1,), generator=g))  # a word's position
-        caption = batch.ids[b, :k].tolist()
-        ids.append(caption + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
+    for b in captions:
+        if prefixes == "captions":
+            k = int(torch.randint(1, int(batch.eos[b]), (1,), generator=g))  # a word's position
+            before = batch.ids[b, :k].tolist()
+            replaced.append(int(batch.ids[b, k]))
+        else:
+            phrasing = CONCEPT_TEMPLATES[int(torch.randint(len(CONCEPT_TEMPLATES), (1,), generator=g))]
+            before = [vocab.bos] + [vocab.ids[w] for w in phrasing.split("{}")[0].split()]
+            k = len(before)
+            words = [*COLOURS, *SHAPES]
+            word = words[int(torch.randint(len(words), (1,), generator=g))]
+            replaced.append(vocab.ids[word])
+        ids.append(before + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
         stars.append([vocab.bos] + [vocab.ids[STAR]] * (k - 1) + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
         pos.append(k)
-        replaced.append(int(batch.ids[b, k]))
     m = len(ids)
-    base = emb[torch.tensor(replaced, device=device)].detach()  # (m, dim): the word it stands for, scaled, noised
+    base = emb[torch.tensor(replaced, device=device)].detach()  # (m, dim): a word's embedding, scaled and noised
     scale = torch.empty(m, 1).uniform_(0.5, 8.0, generator=g).to(device)
     noise = torch.randn(m, emb.shape[1], generator=g).to(device) * torch.empty(m, 1).uniform_(0, 2, generator=g).to(device)
     vectors = (base * scale + noise / emb.shape[1] ** 0.5).unsqueeze(1).expand(m, MAX_LEN, -1)
@@ -560,7 +572,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             parts["sink_shortfall"] = sink_shortfall(probe.maps, args.sink_target)
             loss = loss + args.sink_weight * parts["sink_shortfall"]
         if args.row_consistency_weight:
-            parts["row_drift"] = row_drift(te, batch, vocab, g)
+            parts["row_drift"] = row_drift(te, batch, vocab, g, args.row_prefixes)
             loss = loss + args.row_consistency_weight * parts["row_drift"]
         ema_step(opt, params, ema, loss, step, args.ema)
         progress("unet", step, total, t0, loss, **parts)
@@ -807,6 +819,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sink-target", type=float, default=0.5)
     ap.add_argument("--row-consistency-weight", type=float, default=0.0,
                     help="loss on how far an off-vocabulary vector's row moves with the words before it")
+    ap.add_argument("--row-prefixes", choices=("phrasings", "captions"), default="phrasings",
+                    help="the words before the vector in --row-consistency-weight's loss (row_drift)")
     ap.add_argument("--freeze-text", action="store_true",
                     help="train the UNet only; the text encoder stays as initialised (with --unet-init)")
     ap.add_argument("--latent-pool", type=int, default=0, metavar="N",

@@ -162,9 +162,10 @@ def test_end_share_is_the_attention_given_to_the_end_and_padding_rows():
 
 
 def test_row_drift_is_zero_for_rows_that_ignore_the_words_before_them():
-    """The base model's prefix loss: 1 - cosine between an off-vocabulary vector's row after a caption's
-    words and after as many `*`. An encoder whose self-attention adds nothing reads each row from its
-    own token and position alone (drift 0); the shipped encoder's rows move with their prefix."""
+    """The base model's prefix loss: 1 - cosine between an off-vocabulary vector's row after some words
+    (a caption's first words, or the start of one of textual inversion's phrasings) and after as many
+    `*`. An encoder whose self-attention adds nothing reads each row from its own token and position
+    alone (drift 0); the shipped encoder's rows move with their prefix."""
     import random
 
     from transformers import CLIPTokenizer
@@ -176,12 +177,13 @@ def test_row_drift_is_zero_for_rows_that_ignore_the_words_before_them():
     te = load_exported(EMBEDDED, torch.device("cpu"))[2].float()
     vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
     batch = sample_batch(random.Random(0), vocab, 16, swap_mix=0.0)
-    shipped = row_drift(te, batch, vocab, torch.Generator().manual_seed(0))
+    shipped = {p: row_drift(te, batch, vocab, torch.Generator().manual_seed(0), p) for p in ("phrasings", "captions")}
     for name, p in te.named_parameters():
         if "self_attn.out_proj" in name:
             p.data.zero_()
-    assert shipped.item() > 0.01
-    assert row_drift(te, batch, vocab, torch.Generator().manual_seed(0)).item() == pytest.approx(0.0, abs=1e-6)
+    assert min(shipped.values()) > 0.01
+    for prefixes in shipped:
+        assert row_drift(te, batch, vocab, torch.Generator().manual_seed(0), prefixes).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_training_script_reads_steps_per_concept_kind():
