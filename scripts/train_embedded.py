@@ -35,8 +35,9 @@ about it, each a share of the captions:
   of the prompt, it broke colours and backgrounds for hundreds of steps.
 * --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
   the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
-  after a caption's first words and after as many `*` (AlignIT's p') must agree, so a concept's
-  row computed in p' is the one it was trained in;
+  after some words and after as many `*` (AlignIT's p') must agree, so that a concept's row
+  computed in p' would be the one it was trained in (README: it cost the backgrounds and kept no
+  more of the concepts);
 * --freeze-text: the encoder stays as initialised and the UNet learns to read it, as SD's UNet
   reads a frozen CLIP.
 
@@ -458,11 +459,12 @@ def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, prefixes: 
     (where textual inversion's vectors lie): 1 - cosine between a random vector's row after some
     words and its row after as many `*` (AlignIT's dummy prompt), same position. `prefixes`:
     "phrasings", the words before the token in textual inversion's phrasings (`a photo of a`, `the`,
-    ...: words that name nothing drawn); "captions", a caption's first words (colours and shapes
-    too, whose rows the words after them need: measured, it costs the backgrounds)."""
+    ...: words that name nothing drawn); "captions", a caption's first words (colours and shapes too).
+    Measured (README, models v8 and v9): both cost the backgrounds, and neither kept the concepts."""
     device = token_embeddings(te).weight.device
     emb = token_embeddings(te).weight
     captions = [b for b in range(len(batch.eos)) if batch.eos[b] > 1][:n]
+    words = [*COLOURS, *SHAPES]
     ids, stars, pos, replaced = [], [], [], []
     for b in captions:
         if prefixes == "captions":
@@ -473,7 +475,6 @@ def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, prefixes: 
             phrasing = CONCEPT_TEMPLATES[int(torch.randint(len(CONCEPT_TEMPLATES), (1,), generator=g))]
             before = [vocab.bos] + [vocab.ids[w] for w in phrasing.split("{}")[0].split()]
             k = len(before)
-            words = [*COLOURS, *SHAPES]
             word = words[int(torch.randint(len(words), (1,), generator=g))]
             replaced.append(vocab.ids[word])
         ids.append(before + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
