@@ -462,28 +462,28 @@ def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, prefixes: 
     ...: words that name nothing drawn); "captions", a caption's first words (colours and shapes too).
     Measured (README, models v8 and v9): both cost the backgrounds, and neither kept the concepts."""
     device = token_embeddings(te).weight.device
-    emb = token_embeddings(te).weight
+    emb = token_embeddings(te).weight  # g is the training loop's generator, on its device (CUDA when present)
     captions = [b for b in range(len(batch.eos)) if batch.eos[b] > 1][:n]
     words = [*COLOURS, *SHAPES]
     ids, stars, pos, replaced = [], [], [], []
     for b in captions:
         if prefixes == "captions":
-            k = int(torch.randint(1, int(batch.eos[b]), (1,), generator=g))  # a word's position
+            k = int(torch.randint(1, int(batch.eos[b]), (1,), generator=g, device=g.device))  # a word's position
             before = batch.ids[b, :k].tolist()
             replaced.append(int(batch.ids[b, k]))
         else:
-            phrasing = CONCEPT_TEMPLATES[int(torch.randint(len(CONCEPT_TEMPLATES), (1,), generator=g))]
+            phrasing = CONCEPT_TEMPLATES[int(torch.randint(len(CONCEPT_TEMPLATES), (1,), generator=g, device=g.device))]
             before = [vocab.bos] + [vocab.ids[w] for w in phrasing.split("{}")[0].split()]
             k = len(before)
-            word = words[int(torch.randint(len(words), (1,), generator=g))]
+            word = words[int(torch.randint(len(words), (1,), generator=g, device=g.device))]
             replaced.append(vocab.ids[word])
         ids.append(before + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
         stars.append([vocab.bos] + [vocab.ids[STAR]] * (k - 1) + [vocab.eos] + [vocab.pad] * (MAX_LEN - k - 1))
         pos.append(k)
     m = len(ids)
     base = emb[torch.tensor(replaced, device=device)].detach()  # (m, dim): a word's embedding, scaled and noised
-    scale = torch.empty(m, 1).uniform_(0.5, 8.0, generator=g).to(device)
-    noise = torch.randn(m, emb.shape[1], generator=g).to(device) * torch.empty(m, 1).uniform_(0, 2, generator=g).to(device)
+    scale = torch.empty(m, 1, device=g.device).uniform_(0.5, 8.0, generator=g).to(device)
+    noise = torch.randn(m, emb.shape[1], generator=g, device=g.device).to(device) * torch.empty(m, 1, device=g.device).uniform_(0, 2, generator=g).to(device)
     vectors = (base * scale + noise / emb.shape[1] ** 0.5).unsqueeze(1).expand(m, MAX_LEN, -1)
     mask = torch.zeros(m, MAX_LEN, dtype=torch.bool, device=device)
     mask[torch.arange(m), torch.tensor(pos)] = True
