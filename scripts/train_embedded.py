@@ -29,6 +29,10 @@ about it, each a share of the captions:
   no row carries another word;
 * --eot-mix: the rows from the end token on are another caption's, so they tell nothing about the
   picture and the UNet learns to read nothing from them;
+* --compound-mix: the object's words (`red striped circle`) are folded into one vector made of their
+  embeddings (scaled 1-10x, as textual inversion's vectors grow, and noised), whose row is computed
+  in the caption or among `*`s, and the target shows the object: one row names a whole object,
+  whatever came before it, as a concept's token must;
 * --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
@@ -52,7 +56,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -212,6 +216,24 @@ def word_kind(caption: list[str], i: int) -> int:
 
 
 @dataclass
+class Compound:
+    """One sample's object words (colour, shape, pattern) folded into a single vector at `pos`:
+    `weight` x the sum of the words' embeddings (each scaled by `mix`) plus noise of relative norm
+    `noise` drawn from `seed`; the vector's row is computed in `ids` (the caption, or the dummy
+    prompt `* <vector> * *` when `dummy`)."""
+
+    sample: int
+    pos: int
+    ids: list[int]
+    words: list[int]
+    mix: list[float]
+    weight: float
+    noise: float
+    seed: int
+    dummy: bool
+
+
+@dataclass
 class TextBatch:
     """One batch of captions and what their conditioning is made of.
 
@@ -233,12 +255,14 @@ class TextBatch:
     pure_pos: torch.Tensor  # (rows,)
     word_class: torch.Tensor  # (batch, 77): 1 a word of the object, 2 a word of the background, 0 other
     targets: list[Scene]
+    compound: list[Compound] = field(default_factory=list)
 
 
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
-                 pure_mix: float = 0.0, eot_mix: float = 0.0) -> TextBatch:
+                 pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show."""
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
+    compounds: list[Compound] = []
     word_class = torch.zeros(batch, MAX_LEN, dtype=torch.long)
     pure_ids, pure_sample, pure_pos = [], [], []
     for b in range(batch):
@@ -261,7 +285,10 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                 dummy_words = [STAR] * len(words)
                 dummy_words[pos - 1] = new
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
-        if words and pure_mix and rng.random() < pure_mix:
+        if words and not dummy_words and compound_mix and rng.random() < compound_mix:
+            caption, compound = fold_object(rng, vocab, words, caption, b)
+            compounds.append(compound)
+        elif words and pure_mix and rng.random() < pure_mix:
             shown_words = [dummy_words[i] if i == pos - 1 else w for i, w in enumerate(caption)]
             for i, w in enumerate(shown_words):
                 pure_ids.append(vocab.ids_of([w if j == i else STAR for j in range(len(caption))]))
@@ -273,6 +300,8 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
         eot.append(bool(words) and bool(eot_mix) and rng.random() < eot_mix)
         for i, w in enumerate(caption):
             word_class[b, i + 1] = word_kind(caption, i)
+        if compounds and compounds[-1].sample == b:
+            word_class[b, compounds[-1].pos] = 1
         ids.append(vocab.ids_of(caption))
         dummy.append(vocab.ids_of(dummy_words))
         swap_pos.append(pos)
@@ -283,7 +312,42 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     pure = torch.tensor(pure_ids, dtype=torch.long).view(-1, MAX_LEN)
     return TextBatch(torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), torch.tensor(eos),
                      torch.tensor(source), pure, torch.tensor(pure_sample, dtype=torch.long),
-                     torch.tensor(pure_pos, dtype=torch.long), word_class, targets)
+                     torch.tensor(pure_pos, dtype=torch.long), word_class, targets, compounds)
+
+
+def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int):
+    """The caption with its object's words (colour, pattern, shape: `red striped circle`, `star with
+    a hole`) replaced by one vector made of their embeddings, as a customized concept's token names
+    a whole object; its row is computed in the caption or, half the time, among `*`s."""
+    first = template.index("{c}") if "{c}" in template else min(
+        i for i, w in enumerate(template) if w in ("striped", "{s}"))
+    last = template.index("hole") if "hole" in template else template.index("{s}")
+    parts = [w for w in caption[first:last + 1] if w in COLOURS or w in OBJECT_WORDS]
+    folded = caption[:first] + [STAR] + caption[last + 1:]
+    dummy = rng.random() < 0.5
+    ids = vocab.ids_of([STAR] * len(folded) if dummy else folded)
+    compound = Compound(sample=b, pos=first + 1, ids=ids, words=[vocab.ids[w] for w in parts],
+                        mix=[rng.uniform(0.5, 1.5) for _ in parts], weight=math.exp(rng.uniform(0.0, math.log(10.0))),
+                        noise=rng.uniform(0.0, 0.3), seed=rng.randrange(2 ** 31), dummy=dummy)
+    return folded, compound
+
+
+def compound_rows(te, compounds: list[Compound], penultimate: bool = False) -> torch.Tensor:
+    """The rows of `compounds`' vectors (n, dim), each computed in its own prompt."""
+    emb = token_embeddings(te).weight
+    vectors = []
+    for c in compounds:
+        v = c.weight * sum(m * emb[w] for m, w in zip(c.mix, c.words))
+        g = torch.Generator().manual_seed(c.seed)
+        n = torch.randn(v.shape, generator=g).to(v)
+        vectors.append(v + n / n.norm() * c.noise * v.norm())
+    ids = torch.tensor([c.ids for c in compounds], device=emb.device)
+    pos = torch.tensor([c.pos for c in compounds], device=emb.device)
+    mask = torch.zeros(ids.shape, dtype=torch.bool, device=emb.device)
+    mask[torch.arange(len(compounds), device=emb.device), pos] = True
+    vec = torch.stack(vectors).unsqueeze(1).expand(-1, ids.shape[1], -1)
+    hidden = encode(te, ids, vec, mask, penultimate=penultimate).hidden
+    return hidden[torch.arange(len(compounds), device=emb.device), pos]
 
 
 def condition(te, batch: TextBatch, penultimate: bool = False) -> torch.Tensor:
@@ -306,6 +370,10 @@ def condition(te, batch: TextBatch, penultimate: bool = False) -> torch.Tensor:
         pure = encode(te, batch.pure_ids.to(device), penultimate=penultimate).hidden  # (rows, 77, dim)
         picked = pure[torch.arange(len(pure), device=device), batch.pure_pos.to(device)]
         hidden = hidden.index_put((batch.pure_sample.to(device), batch.pure_pos.to(device)), picked)
+    if batch.compound:
+        where = (torch.tensor([c.sample for c in batch.compound], device=device),
+                 torch.tensor([c.pos for c in batch.compound], device=device))
+        hidden = hidden.index_put(where, compound_rows(te, batch.compound, penultimate).to(hidden.dtype))
     source = batch.eot_source.to(device)
     if (source >= 0).any():
         eos = batch.eos.to(device)
@@ -545,7 +613,8 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             total = max(step, min(args.unet_steps, step + int(rate * (args.unet_fit_seconds - (time.time() - t0)))))
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
-        batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix)
+        batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
+                             args.compound_mix)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -806,6 +875,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pattern-mix", type=float, default=0.3, help="share of striped / holed training scenes")
     ap.add_argument("--pure-mix", type=float, default=0.0,
                     help="share of captions whose every word's row comes from its own one-word prompt")
+    ap.add_argument("--compound-mix", type=float, default=0.0,
+                    help="share of captions whose object words are folded into one vector (`compound_rows`)")
     ap.add_argument("--eot-mix", type=float, default=0.0,
                     help="share of captions whose end-token and padding rows are another caption's")
     ap.add_argument("--attention-weight", type=float, default=0.0,

@@ -104,7 +104,7 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert sorted(p.name for p in (tmp_path / "more" / "concepts").iterdir()) == ["holed-star-cd"]
     assert not torch.equal(before.text_encoders[0].get_input_embeddings().weight, after.text_encoders[0].get_input_embeddings().weight)
     # --freeze-text trains the UNet only, as Stable Diffusion's UNet learns to read a frozen CLIP
-    main(["--smoke", "--unet-init", str(exported), "--freeze-text", "--concepts",
+    main(["--smoke", "--unet-init", str(exported), "--freeze-text", "--compound-mix", "0.5", "--concepts",
           "--out", str(tmp_path / "frozen"), "--work", str(tmp_path / "work-frozen")])
     frozen = load_model(str(tmp_path / "frozen" / "embedded-shapes"), device="cpu")
     assert not torch.equal(before.unet.conv_in.weight, frozen.unet.conv_in.weight)
@@ -184,6 +184,45 @@ def test_row_drift_is_zero_for_rows_that_ignore_the_words_before_them():
     assert min(shipped.values()) > 0.01
     for prefixes in shipped:
         assert row_drift(te, batch, vocab, torch.Generator().manual_seed(0), prefixes).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_compound_captions_fold_the_object_into_one_row_read_from_its_own_prompt():
+    """--compound-mix: the object's words (colour, pattern, shape) become one vector made of their
+    embeddings at one position, the picture unchanged; its row comes from the caption or from `*`s
+    around it, and no other row changes."""
+    import random
+    from dataclasses import replace
+
+    from transformers import CLIPTokenizer
+
+    from alignit_core.models import EMBEDDED
+    from alignit_core.toy.sampling import load_exported
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, compound_rows, condition, sample_batch
+
+    te = load_exported(EMBEDDED, torch.device("cpu"))[2].float()
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+    batch = sample_batch(random.Random(3), vocab, 24, swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0)
+    assert len(batch.compound) > 12 and {c.dummy for c in batch.compound} == {True, False}
+    for c in batch.compound:
+        caption = [words[i] for i in batch.ids[c.sample, 1:batch.eos[c.sample]].tolist()]
+        scene = batch.targets[c.sample]
+        assert caption[c.pos - 1] == STAR and scene.shape not in caption and scene.colour not in caption[:c.pos]
+        parts = [words[w] for w in c.words]
+        assert scene.shape in parts and ("striped" in parts or "hole" in parts) == (scene.pattern != "plain")
+        assert batch.word_class[c.sample, c.pos] == 1
+        assert c.ids == (vocab.ids_of([STAR] * len(caption)) if c.dummy else batch.ids[c.sample].tolist())
+    with torch.no_grad():
+        folded, plain = condition(te, batch), condition(te, replace(batch, compound=[]))
+        rows = compound_rows(te, batch.compound)
+    changed = (folded - plain).abs().amax(-1) > 0
+    assert changed.sum() == len(batch.compound)
+    for c, row in zip(batch.compound, rows):
+        assert changed[c.sample, c.pos] and torch.equal(folded[c.sample, c.pos], row)
+    c = next(c for c in batch.compound if c.dummy)  # among `*`s: the same row whatever the caption around it
+    other = replace(c, ids=vocab.ids_of([STAR] * (c.pos + 3)))
+    with torch.no_grad():
+        assert torch.allclose(compound_rows(te, [c]), compound_rows(te, [other]), atol=1e-5)
 
 
 def test_training_script_reads_steps_per_concept_kind():
