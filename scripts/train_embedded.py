@@ -560,6 +560,20 @@ def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, prefixes: 
     return (1 - F.cosine_similarity(rows[0], rows[1], dim=-1)).mean()
 
 
+def noisy_rows(cond: torch.Tensor, eos: torch.Tensor, share: float, scale: float, g: torch.Generator) -> torch.Tensor:
+    """`--row-noise`: in a `share` of the captions, each word row (between the start and the end token)
+    moved by a random direction of norm up to `scale` × the row's own, drawn uniformly per row, so
+    that rows near a word's draw what the word draws (the picture is unchanged)."""
+    b, n, _ = cond.shape
+    picked = torch.rand(b, generator=g, device=cond.device) < share
+    pos = torch.arange(n, device=cond.device).view(1, n)
+    words = (pos >= 1) & (pos < eos.view(b, 1)) & picked.view(b, 1)
+    direction = torch.randn(cond.shape, generator=g, device=cond.device, dtype=cond.dtype)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    size = torch.rand(b, n, 1, generator=g, device=cond.device, dtype=cond.dtype) * scale * cond.norm(dim=-1, keepdim=True)
+    return cond + direction * size * words.unsqueeze(-1)
+
+
 def ema_step(opt, params, ema, loss, step: int, rate: float) -> None:
     """One optimiser step on `loss` (gradients clipped to norm 1), then the EMA copies `ema` of
     `params` follow at `rate` (warmed up over the first steps)."""
@@ -627,6 +641,8 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             cond = condition(te, batch)
+            if args.row_noise:
+                cond = noisy_rows(cond, batch.eos.to(device), args.row_noise_mix, args.row_noise, g)
             probe.maps.clear()
             pred = unet(zt, t, encoder_hidden_states=cond).sample.float()
         loss = F.mse_loss(pred, eps)
@@ -754,6 +770,8 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
     with torch.no_grad():
         empty_rows = encode(te, empty).hidden
     t0, total = time.time(), args.concept_steps[kind]
+    every = args.concept_eval_every
+    best = (-1.0, 0, None)  # (validation reproduction, step, state) of the checkpoint kept
     for step in range(1, total + 1):
         rng = random.Random(args.seed * 31 + step)
         g = torch.Generator(device).manual_seed(args.seed * 31 + step)
@@ -777,15 +795,51 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
             loss = loss + F.mse_loss(encode(encoder, empty).hidden, empty_rows)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         progress(f"{kind}:{name}", step, total, t0, loss)
-        if time.time() - t0 > args.concept_seconds:
+        capped = time.time() - t0 > args.concept_seconds
+        if every and (step % every == 0 or step == total or capped):
+            rate = validation_reproduction(args, device, name, kind, model, encoder, vae, scale, vocab, vec)
+            log(f"{kind}:{name}: step {step}: validation reproduction {rate:.2f}")
+            if rate > best[0]:
+                best = (rate, step, _concept_state(kind, vec, model, encoder))
+        if capped:
             log(f"{kind}:{name}: stopped at step {step} by its time cap"); break
-    out = {"token": token, "vector": vec.detach().cpu().float()}
+    if best[2] is not None:
+        log(f"{kind}:{name}: kept step {best[1]} (validation reproduction {best[0]:.2f})")
+        return {"token": token, **best[2]}
+    return {"token": token, **_concept_state(kind, vec, model, encoder)}
+
+
+def _concept_state(kind: str, vec, model, encoder) -> dict:
+    """What a concept's checkpoint holds (its weights, copied to the CPU)."""
+    out = {"vector": vec.detach().cpu().float().clone()}
     if kind == "cd":
-        out["kv"] = {n: p.detach().cpu().float() for n, p in model.named_parameters()
+        out["kv"] = {n: p.detach().cpu().float().clone() for n, p in model.named_parameters()
                      if "attn2.to_k" in n or "attn2.to_v" in n}
     if kind == "te":
-        out["text_encoder"] = {n: p.detach().cpu().float() for n, p in _te_params(encoder).items()}
+        out["text_encoder"] = {n: p.detach().cpu().float().clone() for n, p in _te_params(encoder).items()}
     return out
+
+
+# A concept's checkpoint is chosen as its users choose one: by how often its validation pictures show the
+# instance (diffusers' textual-inversion and Custom Diffusion scripts sample a validation prompt every
+# `--validation_steps`). The prompt is `a photo of a <token>` on the customized model alone, the seeds
+# (VALIDATION_SEED) are none that `concept_rows.py` or `table1.py` use, and nothing of AlignIT is involved.
+VALIDATION_SEED = 1000
+
+
+@torch.no_grad()
+def validation_reproduction(args, device, name, kind, model, encoder, vae, scale, vocab, vec) -> float:
+    from alignit_core.toy.evaluate import fidelity
+    info, token = INSTANCES[name], f"<{name}>"
+    n = args.concept_eval_n
+    words = ["a", "photo", "of", "a", token] + ([info["class_word"]] if kind == "cd" else [])
+    row, pos = concept_ids(vocab, words, token)
+    ids = torch.tensor([row], device=device)
+    mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
+    mask[0, pos] = True
+    cond = encode(encoder, ids, vec.detach().view(1, 1, -1).expand(1, MAX_LEN, -1), mask).hidden
+    images = sample(vae, model, encoder, scale, cond.expand(n, -1, -1).float(), args.guidance, VALIDATION_SEED)
+    return sum(fidelity(classify(im), INSTANCES[name]["scene"]) for im in images) / n
 
 
 # ---------------------------------------------------------------------------------- export + check
@@ -877,6 +931,9 @@ def main(argv=None) -> None:
                     help="share of captions whose every word's row comes from its own one-word prompt")
     ap.add_argument("--compound-mix", type=float, default=0.0,
                     help="share of captions whose object words are folded into one vector (`compound_rows`)")
+    ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",
+                    help="move word rows by random directions of norm up to R x their own (`noisy_rows`)")
+    ap.add_argument("--row-noise-mix", type=float, default=0.5, help="share of captions --row-noise applies to")
     ap.add_argument("--eot-mix", type=float, default=0.0,
                     help="share of captions whose end-token and padding rows are another caption's")
     ap.add_argument("--attention-weight", type=float, default=0.0,
@@ -909,6 +966,10 @@ def main(argv=None) -> None:
                     help="the concepts' training prompts: only `a <token>` and `a photo of a <token>` (the shipped "
                          "concepts), or textual inversion's template list (`templates`)")
     ap.add_argument("--concept-batch", type=int, default=16)
+    ap.add_argument("--concept-eval-every", type=int, default=0, metavar="N",
+                    help="every N steps, sample `a photo of a <token>` (--concept-eval-n seeds) with the customized "
+                         "model and keep the checkpoint that reproduces the instance most often (0: keep the last)")
+    ap.add_argument("--concept-eval-n", type=int, default=16)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--vae-seconds", type=float, default=float("inf"), help="time cap of the VAE stage")

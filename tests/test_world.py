@@ -77,8 +77,9 @@ def test_classifier_reports_no_object_on_a_blank_image():
     assert j.background == "blue" and j.colour is None and j.shape is None
 
 
-def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_path):
+def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_path, monkeypatch):
     from alignit_core import find_concepts, generate_swap, load_model, Settings
+    import scripts.train_embedded as train
     from scripts.train_embedded import main
 
     main(["--smoke", "--out", str(tmp_path / "assets"), "--work", str(tmp_path / "work")])
@@ -104,11 +105,29 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert sorted(p.name for p in (tmp_path / "more" / "concepts").iterdir()) == ["holed-star-cd"]
     assert not torch.equal(before.text_encoders[0].get_input_embeddings().weight, after.text_encoders[0].get_input_embeddings().weight)
     # --freeze-text trains the UNet only, as Stable Diffusion's UNet learns to read a frozen CLIP
-    main(["--smoke", "--unet-init", str(exported), "--freeze-text", "--compound-mix", "0.5", "--concepts",
+    main(["--smoke", "--unet-init", str(exported), "--freeze-text", "--compound-mix", "0.5", "--row-noise", "0.3", "--concepts",
           "--out", str(tmp_path / "frozen"), "--work", str(tmp_path / "work-frozen")])
     frozen = load_model(str(tmp_path / "frozen" / "embedded-shapes"), device="cpu")
     assert not torch.equal(before.unet.conv_in.weight, frozen.unet.conv_in.weight)
     assert all(torch.equal(a, b) for a, b in zip(before.text_encoders[0].parameters(), frozen.text_encoders[0].parameters()))
+    # --concept-eval-every: the concept exported is the checkpoint whose validation pictures reproduced the
+    # instance most often, not the last one (the rates here are scripted; the real measure runs first)
+    seen, rates = [], iter([0.9, 0.1])
+
+    def scripted(args, device, name, kind, model, encoder, vae, scale, vocab, vec):
+        rate = real(args, device, name, kind, model, encoder, vae, scale, vocab, vec)
+        assert 0.0 <= rate <= 1.0 and rate * args.concept_eval_n == round(rate * args.concept_eval_n)
+        seen.append(vec.detach().clone())
+        return next(rates)
+
+    real = train.validation_reproduction
+    monkeypatch.setattr(train, "validation_reproduction", scripted)
+    main(["--smoke", "--init-from", str(exported), "--concepts", "holed-star-ti", "--concept-eval-every", "1",
+          "--concept-eval-n", "2", "--out", str(tmp_path / "chosen"), "--work", str(tmp_path / "work-chosen")])
+    from safetensors.torch import load_file
+    kept = load_file(tmp_path / "chosen" / "concepts" / "holed-star-ti" / "learned_embeds.safetensors")["<holed-star>"]
+    assert len(seen) == 2 and not torch.equal(seen[0], seen[1])
+    assert torch.equal(kept.view(-1), seen[0].view(-1).half())
     # --decoder-init fine-tunes only the VAE's decoder (the latent space stays) and exports only the VAE
     main(["--smoke", "--decoder-init", str(exported), "--out", str(tmp_path / "dec"), "--work", str(tmp_path / "work-dec")])
     assert sorted(p.name for p in (tmp_path / "dec" / "embedded-shapes").iterdir()) == ["vae"]
@@ -276,3 +295,20 @@ def test_table1_intervals_are_paired_over_seeds_and_the_example_is_where_alignit
     assert t.fidelity_ratio.mean == 1.0 and t.fidelity_ratio.low == t.fidelity_ratio.high == 1.0  # paired: no spread
     assert t.best_example()[0] == "c"  # the prompt where only AlignIT draws the background
     assert t.n == 30
+
+
+def test_row_noise_moves_only_word_rows_of_the_captions_picked_and_by_at_most_its_share_of_their_norm():
+    from scripts.train_embedded import noisy_rows
+
+    g = torch.Generator().manual_seed(0)
+    cond, eos = torch.randn(64, 77, 16), torch.randint(2, 20, (64,))
+    moved = noisy_rows(cond, eos, 0.5, 0.3, g)
+    shift = (moved - cond).norm(dim=-1) / cond.norm(dim=-1)
+    pos = torch.arange(77).view(1, -1)
+    words = (pos >= 1) & (pos < eos.view(-1, 1))
+    assert torch.all(shift[~words] == 0)  # start token, end token and padding untouched
+    picked = shift.amax(dim=1) > 0
+    assert 16 <= picked.sum() <= 48  # about half the captions
+    assert torch.all(shift[picked.view(-1, 1) & words] > 0) and shift.max() <= 0.3 + 1e-5
+    assert shift[picked.view(-1, 1) & words].max() > 0.2  # sizes spread up to the scale
+    assert torch.equal(noisy_rows(cond, eos, 0.0, 0.3, g), cond)
