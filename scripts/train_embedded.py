@@ -839,7 +839,7 @@ def validation_reproduction(args, device, name, kind, model, encoder, vae, scale
     mask[0, pos] = True
     cond = encode(encoder, ids, vec.detach().view(1, 1, -1).expand(1, MAX_LEN, -1), mask).hidden
     images = sample(vae, model, encoder, scale, cond.expand(n, -1, -1).float(), args.guidance, VALIDATION_SEED)
-    return sum(fidelity(classify(im), INSTANCES[name]["scene"]) for im in images) / n
+    return sum(fidelity(classify(im), info["scene"]) for im in images) / n
 
 
 # ---------------------------------------------------------------------------------- export + check
