@@ -14,7 +14,9 @@ decoder (its latent space stays), `--init-from` retrains only the concepts.
 The world's captions name patterns (`a blue striped square`, `a green star with a hole`,
 --pattern-mix of the scenes) on every shape and colour except the concepts' instances
 (`shapes.NOVEL`): the instances are new combinations of things the model can draw, as a real
-concept is for Stable Diffusion.
+concept is for Stable Diffusion. --novel-mix P makes them part of the world instead (a share P of
+the scenes shows one, named in words: `a red striped circle`), as Stable Diffusion can draw a
+red-and-white striped ball when asked in words.
 
 Large CLIP-conditioned models read a word from its own row, ignore the padding rows (their text
 encoder is frozen; Toker et al., "Padding Tone", NAACL 2025) and put each word's cross-attention on
@@ -259,14 +261,18 @@ class TextBatch:
 
 
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
-                 pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0) -> TextBatch:
-    """Captions, the rows to mix into their conditioning, and the scenes the targets show."""
+                 pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
+                 novel_mix: float = 0.0) -> TextBatch:
+    """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
+    `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them."""
+    excluded = frozenset() if novel_mix else NOVEL
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
     word_class = torch.zeros(batch, MAX_LEN, dtype=torch.long)
     pure_ids, pure_sample, pure_pos = [], [], []
     for b in range(batch):
-        shown = random_scene(rng, patterned=pattern_mix)
+        shown = (novel_scene(rng) if novel_mix and rng.random() < novel_mix
+                 else random_scene(rng, patterned=pattern_mix, excluded=excluded))
         template = pattern_template(rng.choice(TEMPLATES), shown.pattern)
         words = template.split()
         dummy_words, pos = [], -1
@@ -280,7 +286,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
             new = rng.choice([v for v in pool if v != getattr(shown, attr)])
             target = styled(shown, **{attr: new})
             if ((target.colour, target.shape, target.background) not in HELD_OUT
-                    and (target.colour, target.shape, target.pattern) not in NOVEL):
+                    and (target.colour, target.shape, target.pattern) not in excluded):
                 pos = words.index(key) + 1
                 dummy_words = [STAR] * len(words)
                 dummy_words[pos - 1] = new
@@ -313,6 +319,13 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     return TextBatch(torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), torch.tensor(eos),
                      torch.tensor(source), pure, torch.tensor(pure_sample, dtype=torch.long),
                      torch.tensor(pure_pos, dtype=torch.long), word_class, targets, compounds)
+
+
+def novel_scene(rng: random.Random) -> Scene:
+    """One of the NOVEL instances (`--novel-mix`) on any training background."""
+    colour, shape, pattern = rng.choice(sorted(NOVEL))
+    triple = rng.choice([t for t in training_triples() if t[:2] == (colour, shape)])
+    return styled(random_scene(rng, triple), pattern=pattern)
 
 
 def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int):
@@ -400,17 +413,18 @@ class LatentPool:
     each batch's pictures costs as much as the training step itself; the pool encodes them once
     (and is kept in --work; the scenes are drawn again from the seed)."""
 
-    def __init__(self, vae, device, per_key: int, seed: int, work: Path, sides=(16,)):
+    def __init__(self, vae, device, per_key: int, seed: int, work: Path, sides=(16,),
+                 excluded: frozenset[tuple[str, str, str]] = NOVEL):
         rng = random.Random(seed * 7901)
         self.keys, scenes = {}, []
         for colour, shape, background in training_triples():
             for pattern in ("plain",) + PATTERNS:
-                if (colour, shape, pattern) in NOVEL:
+                if (colour, shape, pattern) in excluded:
                     continue
                 self.keys[(colour, shape, background, pattern)] = range(len(scenes), len(scenes) + per_key)
                 scenes += [styled(random_scene(rng, (colour, shape, background)), pattern=pattern)
                            for _ in range(per_key)]
-        path = work / f"pool-{per_key}.pt"
+        path = work / (f"pool-{per_key}.pt" if excluded == NOVEL else f"pool-{per_key}-world{len(excluded)}.pt")
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=False)
             mean, std = saved["mean"], saved["std"]
@@ -628,7 +642,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
-                             args.compound_mix)
+                             args.compound_mix, args.novel_mix)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -786,7 +800,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
             cond = encode(encoder, ids, vectors, mask).hidden
         loss = _diffusion_loss(model, z0, alphas, cond, g, device)
         if kind == "cd":  # prior preservation: the class as the base world draws it
-            prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix)
+            prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix, novel_mix=args.novel_mix)
             with torch.no_grad():
                 p_cond = encode(te, prior.ids.to(device)).hidden
                 p_z0 = scene_latents(vae, pool, prior.targets, rng, g, device)[0] * scale
@@ -929,6 +943,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pattern-mix", type=float, default=0.3, help="share of striped / holed training scenes")
     ap.add_argument("--pure-mix", type=float, default=0.0,
                     help="share of captions whose every word's row comes from its own one-word prompt")
+    ap.add_argument("--novel-mix", type=float, default=0.0, metavar="P",
+                    help="make the NOVEL instances part of the base world, a share P of scenes showing one "
+                         "(in words: `a red striped circle`); default 0: the world never draws them")
     ap.add_argument("--compound-mix", type=float, default=0.0,
                     help="share of captions whose object words are folded into one vector (`compound_rows`)")
     ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",
@@ -1012,7 +1029,8 @@ def main(argv=None) -> None:
         vae = train_vae(args, device, vae_cfg)
         scale = latent_scale(vae, device, args.seed)
         log(f"latent scale {scale:.4f}")
-    pool = LatentPool(vae, device, args.latent_pool, args.seed, args.work) if args.latent_pool else None
+    pool = (LatentPool(vae, device, args.latent_pool, args.seed, args.work,
+                       excluded=frozenset() if args.novel_mix else NOVEL) if args.latent_pool else None)
     if args.init_from:  # concepts only
         unet.requires_grad_(False)
         te.requires_grad_(False)

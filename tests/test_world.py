@@ -47,6 +47,35 @@ def test_training_never_draws_the_novel_instances_but_draws_their_parts():
         assert (colour, shape, "plain") in drawn
 
 
+def test_novel_mix_makes_the_instances_part_of_the_world_and_names_them_in_words():
+    """--novel-mix P: a share P of training scenes shows one of the NOVEL instances, on any training
+    background, captioned in words (`a red striped circle ...`); without it no batch ever shows one."""
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import TOKENIZER_DIR, Vocab, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+
+    def shown(novel_mix, seed):
+        batch = sample_batch(random.Random(seed), vocab, 64, swap_mix=0.25, pattern_mix=0.3, novel_mix=novel_mix)
+        return batch, [(s.colour, s.shape, s.pattern) in NOVEL for s in batch.targets]
+
+    assert not any(any(shown(0.0, seed)[1]) for seed in range(20))
+    batches = [shown(0.25, seed) for seed in range(20)]
+    share = np.mean([hit for _, hits in batches for hit in hits])
+    assert 0.15 < share < 0.35
+    instances, backgrounds = set(), set()
+    for batch, hits in batches:
+        for b in np.flatnonzero(hits):
+            scene = batch.targets[b]
+            instances.add((scene.colour, scene.shape, scene.pattern)); backgrounds.add(scene.background)
+            caption = [words[i] for i in batch.ids[b, 1:batch.eos[b]].tolist()]
+            if caption and batch.swap_pos[b] < 0:
+                assert scene.shape in caption and ("striped" in caption) == (scene.pattern == "striped")
+    assert instances == set(NOVEL) and len(backgrounds) >= 5
+
+
 def test_patterned_captions_name_the_pattern():
     star = styled(Scene("green", "star", "red"), pattern="holed")
     ball = styled(Scene("blue", "circle", "white"), pattern="striped")

@@ -97,13 +97,15 @@ def training_triples() -> list[tuple[str, str, str]]:
             if t[0] != t[2] and t not in held]
 
 
-def random_scene(rng: random.Random, triple: tuple[str, str, str] | None = None, patterned: float = 0.0) -> Scene:
-    """A training scene; with probability `patterned` striped or holed (never a NOVEL combination)."""
+def random_scene(rng: random.Random, triple: tuple[str, str, str] | None = None, patterned: float = 0.0,
+                 excluded: frozenset[tuple[str, str, str]] = NOVEL) -> Scene:
+    """A training scene; with probability `patterned` striped or holed (never an `excluded`
+    (colour, shape, pattern), by default the NOVEL ones)."""
     colour, shape, background = triple or rng.choice(training_triples())
     scene = Scene(colour, shape, background, cx=rng.uniform(-0.12, 0.12),
                   cy=rng.uniform(-0.12, 0.12), radius=rng.uniform(0.45, 0.62))
     if patterned and rng.random() < patterned:
-        pattern = rng.choice([p for p in PATTERNS if (colour, shape, p) not in NOVEL])
+        pattern = rng.choice([p for p in PATTERNS if (colour, shape, p) not in excluded])
         scene = styled(scene, pattern=pattern)
     return scene
 
