@@ -289,7 +289,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
              scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
              long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
              map_blocks=MAP_BLOCKS, map_start=0.0, map_end=1.0, map_by="words", map_special=False,
-             progress=gr.Progress(), run=None, examples=None):
+             progress=gr.Progress(), run=None, examples=None, first_view=False):
     """Generate a comparison from one seed: AlignIT (customized baseline | AlignIT | optionally the base model
     on p) or a token swap (baseline | swapped), each image with its per-word cross-attention heat maps.
 
@@ -343,6 +343,10 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
 
         gen = examples.get(request, make) if examples is not None else make()
     except AlignITError as e:
+        if first_view:  # the run the page makes on opening reads the inputs as they are when it starts;
+            # a visitor who changed them first (swaps chosen, the box still empty) asked for nothing:
+            # the token view already says what is missing, and the page stays as it is
+            raise gr.Error(as_html(e), visible=False, print_exception=False) from None
         raise ui_error(e) from None
     except VisitorLeft:
         raise gr.Error("the request was cancelled", print_exception=False) from None
@@ -678,11 +682,11 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     gen_outputs = images + maps + [grid_file, settings_file, command, last, slider, maps_file]
     generator = named(generate, "generate", *ctx, run=run, examples=examples)
 
-    def generate_after(event, **endpoint):
+    def generate_after(event, fn=generator, **endpoint):
         """Generate after `event` with the button greyed out and the old heat maps cleared (they
         belong to the old images); the button comes back, and after an error the kept generation's
         maps too (gradio 6.31's front end skips `.then` after a failed event, so `.failure` says it)."""
-        done = event.then(generator, gen_inputs, gen_outputs, show_progress_on=images, **HEAVY, **endpoint)
+        done = event.then(fn, gen_inputs, gen_outputs, show_progress_on=images, **HEAVY, **endpoint)
         done.success(label_columns, last, images + columns, **quick)
         done.success(large_map_view, [last, *map_view, big_row, big_word], large, **quick)
         done.failure(redraw_maps, [last] + map_view, maps, **quick)
@@ -697,8 +701,9 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     generate_after(examples_box.load_input_event.then(**show_view, **private)
                    .then(start_run, None, [run_button, *maps], **quick), **private)
     # the first view shows the first example's result (made once, on the first view of all)
+    first_view = named(generate, "generate", *ctx, run=run, examples=examples, first_view=True)
     generate_after(demo.load(**show_view, **private).then(start_run, None, [run_button, *maps], **quick),
-                   **private)
+                   fn=first_view, **private)
     demo.load(partial(show_concept, registry), [uploaded, concept], [card, references], **private)
 
 

@@ -265,7 +265,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                  novel_mix: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them."""
-    excluded = frozenset() if novel_mix else NOVEL
+    excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
     word_class = torch.zeros(batch, MAX_LEN, dtype=torch.long)
@@ -319,6 +319,11 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     return TextBatch(torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), torch.tensor(eos),
                      torch.tensor(source), pure, torch.tensor(pure_sample, dtype=torch.long),
                      torch.tensor(pure_pos, dtype=torch.long), word_class, targets, compounds)
+
+
+def world_excluded(novel_mix: float) -> frozenset[tuple[str, str, str]]:
+    """The (colour, shape, pattern) the base world never draws: the NOVEL ones, none with --novel-mix."""
+    return frozenset() if novel_mix else NOVEL
 
 
 def novel_scene(rng: random.Random) -> Scene:
@@ -424,7 +429,7 @@ class LatentPool:
                 self.keys[(colour, shape, background, pattern)] = range(len(scenes), len(scenes) + per_key)
                 scenes += [styled(random_scene(rng, (colour, shape, background)), pattern=pattern)
                            for _ in range(per_key)]
-        path = work / (f"pool-{per_key}.pt" if excluded == NOVEL else f"pool-{per_key}-world{len(excluded)}.pt")
+        path = work / f"pool-{per_key}{'' if excluded == NOVEL else '-novel'}.pt"
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=False)
             mean, std = saved["mean"], saved["std"]
@@ -1030,7 +1035,7 @@ def main(argv=None) -> None:
         scale = latent_scale(vae, device, args.seed)
         log(f"latent scale {scale:.4f}")
     pool = (LatentPool(vae, device, args.latent_pool, args.seed, args.work,
-                       excluded=frozenset() if args.novel_mix else NOVEL) if args.latent_pool else None)
+                       excluded=world_excluded(args.novel_mix)) if args.latent_pool else None)
     if args.init_from:  # concepts only
         unet.requires_grad_(False)
         te.requires_grad_(False)

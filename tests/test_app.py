@@ -121,6 +121,19 @@ def test_bad_input_raises_the_engines_message_as_a_toast(tiny_sd, kw, message):
         _run(tiny_sd, **kw)
 
 
+def test_the_run_on_opening_the_page_is_silent_about_inputs_the_visitor_changed_first(tiny_sd):
+    """The page's first run reads the inputs when it starts; a visitor who switched to swaps before it
+    did (the box still empty) asked for nothing and sees no error toast. A click on Generate with the
+    same inputs does get the toast."""
+    with pytest.raises(gr.Error, match="no swap given") as clicked:
+        _run(tiny_sd, swaps="")
+    with pytest.raises(gr.Error, match="no swap given") as opened:
+        _run(tiny_sd, swaps="", first_view=True)
+    assert clicked.value.visible and not opened.value.visible
+    *_, gen, _, _ = _run(tiny_sd, first_view=True)  # inputs that can run: the run happens as ever
+    assert gen.rows == ["baseline", "swapped"]
+
+
 def test_an_uploaded_pickle_is_refused(tiny_sd, tmp_path):
     path = tmp_path / "learned_embeds.bin"
     torch.save({"<x>": torch.zeros(32)}, path)

@@ -223,7 +223,9 @@ def test_the_demo_scores_an_sd3_generation():
 
 # mi_scores on the tiny SD (latents from seeds 3 and 4, "a jumping dog", 5 samples, per token), computed
 # before the estimator took rectified flows; the code that made them now runs through the same
-# process interface (on this machine the new values are bit-identical to these)
+# process interface (on the machine that recorded them the new values are bit-identical to these; on
+# another CPU's float32 kernels the samples move by up to 0.02 % and the per-token values, small
+# differences of large errors, by up to 0.3 % (1.7e-5 on -0.0064); a changed estimator moves them by percents)
 BEFORE_RFMI = {
     "a": (-0.2832595109939575, 0.7009838342666626, [-0.01907353401184082, -0.006387723982334137, -0.010526034235954284],
           [1.8396241664886475, 0.030889272689819336, -2.3737967014312744, -1.5032639503479004, 0.5902496576309204]),
@@ -241,5 +243,5 @@ def test_the_ddpm_mi_score_is_what_it_was_before_rectified_flows(tiny_sd):
     for row, (value, orthogonal, tokens, samples) in BEFORE_RFMI.items():
         assert got[row].value == pytest.approx(value, abs=1e-4)
         assert got[row].orthogonal == pytest.approx(orthogonal, abs=1e-4)
-        np.testing.assert_allclose(got[row].token_values, tokens, atol=1e-5)
-        np.testing.assert_allclose(got[row].samples, samples, atol=1e-4)
+        np.testing.assert_allclose(got[row].token_values, tokens, rtol=1e-2, atol=1e-5)
+        np.testing.assert_allclose(got[row].samples, samples, rtol=1e-3, atol=1e-4)
