@@ -362,7 +362,7 @@ def test_neutral_star_tunes_only_the_star_so_rows_after_stars_read_as_after_phra
     plain = encode(te, ids).hidden
     shipped = star_drift(te, vocab, emb[vocab.ids[STAR]].detach(), random.Random(1), 256).mean().item()
     tuned = neutral_star(te, vocab, steps=60, seed=0)
-    assert tuned < 0.8 * shipped  # the shipped model: 0.43 -> 0.22 after 400 steps
+    assert tuned < 0.8 * shipped  # the shipped model: 0.39 -> 0.21 after 400 steps (same samples)
     changed = (emb.detach() != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [vocab.ids[STAR]]
     assert torch.equal(encode(te, ids).hidden, plain)
