@@ -628,7 +628,8 @@ def neutral_star(te, vocab: Vocab, steps: int, seed: int) -> float:
     nothing; a prompt without `*` encodes bit-identically. Returns the mean drift (`star_drift`) on
     held-out samples. Measured (README, "And a dummy prompt that says nothing?"): on v4 the drift fell 0.39 ->
     0.21 and the holed star's row came closer (cosine 0.86 -> 0.97), yet AlignIT's row kept it less often (the
-    striped ball more); on v15 (row noise) AlignIT's row kept both textual inversions in 69 % of their seeds."""
+    striped ball more); on v15 (row noise) AlignIT's row kept both textual inversions in 72 % of their seeds (92 %
+    with textual inversions trained on the template list)."""
     emb = token_embeddings(te).weight
     star = torch.nn.Parameter(emb[vocab.ids[STAR]].detach().clone())
     opt = torch.optim.Adam([star], lr=3e-3)
