@@ -1,7 +1,7 @@
 """Where does a concept live in the conditioning? Swap groups of rows between the customized
 prompt and the base model's prompt and see which carry the novel instance.
 
-    python scripts/concept_rows.py                    # textual-inversion and text-encoder concepts, 16 seeds
+    python scripts/concept_rows.py                    # every concept, 16 seeds
 
 For each textual-inversion and text-encoder concept (their UNet is the base model's, so only the 77
 conditioning rows differ), `a photo of a <token>` is drawn from five conditionings, each judged by the pixel
@@ -11,6 +11,12 @@ the token's row from the customized prompt; AlignIT (the base prompt with the to
 `* * * * <token>`); and the base prompt with the token's and all later rows from the customized one.
 The last column counts, among the seeds whose customized prompt draws the instance, those where
 each conditioning draws it too (same noise).
+
+A Custom Diffusion concept differs in the UNet's cross-attention key/value weights, not in the rows, so
+its rows are the engine's (`evaluate.reproduction_hits`, one seed at a time): the customized model on
+`a photo of a <token> <class word>`; AlignIT, the base model on `a photo of a <class word>` with the
+class word's keys and values from the customized model's `* * * <token> <class word>`; and the base
+model alone.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import torch
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.encoding import encode
-from alignit_core.toy.evaluate import fidelity
+from alignit_core.toy.evaluate import fidelity, reproduction_hits
 from alignit_core.toy.instances import INSTANCES
 from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
 from alignit_core.toy.shapes import classify
@@ -37,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--guidance", type=float, default=10.0)
     ap.add_argument("--assets", type=Path, default=ROOT / "assets",
                     help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
+    ap.add_argument("--only", nargs="+", help="concept folder names to measure (default: all)")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
     vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
@@ -49,9 +56,14 @@ def main(argv=None) -> None:
     print("| concept | kind | conditioning | instance drawn | where the customized prompt draws it |")
     print("|---|---|---|---|---|")
     for concept in find_concepts(args.assets / "concepts", model):
-        if concept.kind not in ("textual_inversion", "text_encoder"):
+        if args.only and concept.name not in args.only:
             continue
         inst = INSTANCES[concept.token.strip("<>")]
+        if concept.kind == "custom_diffusion":
+            weights_rows(model, concept, inst, args)
+            continue
+        if concept.kind not in ("textual_inversion", "text_encoder"):
+            continue
         vec = concept.vectors[0][0].float().view(1, 1, -1).expand(1, MAX_LEN, -1)
         custom_te = concept.text_encoders[0].float() if concept.text_encoders else te
         pos = 5  # the token's row in `a photo of a <token>` and in `* * * * <token>`
@@ -80,6 +92,20 @@ def main(argv=None) -> None:
             kept = sum(h and d for h, d in zip(hits, drawn))
             print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits)} / {args.seeds} | "
                   f"{kept} / {sum(drawn)} |", flush=True)
+
+
+def weights_rows(model, concept, inst, args) -> None:
+    """The three rows of a concept that lives in the UNet's weights (Custom Diffusion), from the engine."""
+    hits = reproduction_hits(model, concept, inst["scene"], range(args.seeds), args.steps, args.guidance)
+    drawn = hits["customized"]
+    labels = {"customized": "customized prompt",
+              "alignit": "AlignIT: base prompt, the class word's keys and values from the customized model "
+                         "on `* * * <token> <class>`",
+              "base": "base model on the base prompt"}
+    for row, label in labels.items():
+        kept = sum(h and d for h, d in zip(hits[row], drawn))
+        print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits[row])} / {args.seeds} | "
+              f"{kept} / {sum(drawn)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,15 +18,22 @@ def test_figure_script_draws_the_world_and_every_concept(tmp_path):
     assert image.width >= 8 * 128  # four swaps, baseline | swapped (no concept ships for this model)
 
 
-def test_concept_rows_script_reports_five_conditionings_per_text_side_concept(capsys):
+def test_concept_rows_script_reports_every_concept_kind(capsys):
+    """Five conditionings for each text-side concept, three engine rows for Custom Diffusion."""
     from scripts.concept_rows import main
 
     main(["--seeds", "1", "--steps", "2"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
-    assert len(rows) == 20  # textual inversion and text-encoder fine-tune, both instances
     assert {r.split(" | ")[0] for r in rows} == {"| <holed-star>", "| <striped-ball>"}
-    assert {r.split(" | ")[1] for r in rows} == {"textual inversion", "text-encoder fine-tune"}
+    kinds = [r.split(" | ")[1] for r in rows]
+    assert {k: kinds.count(k) for k in set(kinds)} == {
+        "textual inversion": 10, "text-encoder fine-tune": 10, "Custom Diffusion": 6}
+    assert sum("AlignIT" in r for r in rows) == 6  # one AlignIT row per concept
     assert all(r.split(" | ")[3].endswith("/ 1") for r in rows)
+
+    main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| <holed-star>", "Custom Diffusion"]] * 3
 
 
 def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):

@@ -87,17 +87,26 @@ def fidelity(j: Judgement, instance) -> bool:
     return j.colour == instance.colour
 
 
-def reproduction(model, concept, instance, seeds: range, steps: int = 20) -> dict[str, float]:
-    """Share of seeds whose picture for `a photo of a <token>` reproduces the instance, per row
-    (customized baseline, AlignIT, base model on `a photo of a <class word>`), and `kept`: the
-    share of the seeds where the customized baseline reproduces it in which AlignIT does too (the
-    concept's own row carries it; nan when the baseline never does)."""
+def reproduction_hits(model, concept, instance, seeds: range, steps: int = 20,
+                      guidance: float | None = None) -> dict[str, list[bool]]:
+    """Per seed, whether the picture for `a photo of a <token>` reproduces the instance, per row
+    (customized baseline, AlignIT, base model on `a photo of a <class word>`)."""
     hits = {"customized": [], "alignit": [], "base": []}
     for seed in seeds:
         gen = generate_concept(model, f"a photo of a {concept.token}", concept,
-                               Settings(seed=seed, steps=steps, record_maps=False), include_base=True)
+                               Settings(seed=seed, steps=steps, guidance=guidance, record_maps=False),
+                               include_base=True)
         for row in hits:
             hits[row].append(fidelity(classify(np.asarray(gen.images[row])), instance))
+    return hits
+
+
+def reproduction(model, concept, instance, seeds: range, steps: int = 20) -> dict[str, float]:
+    """Share of seeds whose picture for `a photo of a <token>` reproduces the instance, per row
+    (`reproduction_hits`), and `kept`: the share of the seeds where the customized baseline
+    reproduces it in which AlignIT does too (the concept's own row carries it; nan when the baseline
+    never does)."""
+    hits = reproduction_hits(model, concept, instance, seeds, steps)
     rates = {row: float(np.mean(v)) for row, v in hits.items()}
     both = [a for c, a in zip(hits["customized"], hits["alignit"]) if c]
     rates["kept"] = float(np.mean(both)) if both else float("nan")
