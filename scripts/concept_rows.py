@@ -17,18 +17,24 @@ its rows are the engine's (`evaluate.reproduction_hits`, one seed at a time): th
 `a photo of a <token> <class word>`; AlignIT, the base model on `a photo of a <class word>` with the
 class word's keys and values from the customized model's `* * * <token> <class word>`; and the base
 model alone.
+
+`--table1-prompts` asks where a text-side concept's fidelity goes on Table 1's own prompts (`a <token> on a
+blue background`, ...): text alignment and fidelity of the customized prompt, AlignIT (`p` with the token's
+row from `p'`), AlignIT with the rows after the last word (end of text, padding) also from `p'`, AlignIT with
+them from the customized prompt, and the base model on `p`.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.encoding import encode
-from alignit_core.toy.evaluate import fidelity, reproduction_hits
+from alignit_core.toy.evaluate import fidelity, reproduction_hits, table1_prompts
 from alignit_core.toy.instances import INSTANCES
 from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
 from alignit_core.toy.shapes import classify
@@ -44,6 +50,8 @@ def main(argv=None) -> None:
     ap.add_argument("--assets", type=Path, default=ROOT / "assets",
                     help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
     ap.add_argument("--only", nargs="+", help="concept folder names to measure (default: all)")
+    ap.add_argument("--table1-prompts", action="store_true",
+                    help="text-side concepts on Table 1's prompts, with the end-of-text rows from p' or the customized prompt")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
     vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
@@ -53,19 +61,26 @@ def main(argv=None) -> None:
     def ids(text: str) -> torch.Tensor:
         return torch.tensor([tok(text, padding="max_length", max_length=MAX_LEN).input_ids])
 
-    print("| concept | kind | conditioning | instance drawn | where the customized prompt draws it |")
-    print("|---|---|---|---|---|")
+    if args.table1_prompts:
+        print("| concept | kind | conditioning | text alignment | fidelity | n |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print("| concept | kind | conditioning | instance drawn | where the customized prompt draws it |")
+        print("|---|---|---|---|---|")
     for concept in find_concepts(args.assets / "concepts", model):
         if args.only and concept.name not in args.only:
             continue
         inst = INSTANCES[concept.token.strip("<>")]
-        if concept.kind == "custom_diffusion":
+        if concept.kind == "custom_diffusion" and not args.table1_prompts:
             weights_rows(model, concept, inst, args)
             continue
         if concept.kind not in ("textual_inversion", "text_encoder"):
             continue
         vec = concept.vectors[0][0].float().view(1, 1, -1).expand(1, MAX_LEN, -1)
         custom_te = concept.text_encoders[0].float() if concept.text_encoders else te
+        if args.table1_prompts:
+            end_rows(concept, inst, vec, custom_te, (vae, unet, te, scale), ids, args)
+            continue
         pos = 5  # the token's row in `a photo of a <token>` and in `* * * * <token>`
 
         def with_token(text: str) -> torch.Tensor:
@@ -92,6 +107,37 @@ def main(argv=None) -> None:
             kept = sum(h and d for h, d in zip(hits, drawn))
             print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits)} / {args.seeds} | "
                   f"{kept} / {sum(drawn)} |", flush=True)
+
+
+def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
+    """Table 1's prompts, raw conditioning: which rows hold what AlignIT loses of a text-side concept."""
+    vae, unet, te, scale = parts
+    scene = inst["scene"]
+    colours = {scene.colour} | ({scene.second_colour} if scene.pattern == "striped" else set())
+    labels = ("customized prompt", "AlignIT: `p`, the token's row from `p'`",
+              "AlignIT, and the rows after the last word from `p'`",
+              "AlignIT, and the rows after the last word from the customized prompt", "base model on `p`")
+    text, fid = {k: [] for k in labels}, {k: [] for k in labels}
+    for prompt, background in table1_prompts(concept, scene.background, colours):
+        words = prompt.split()
+        pos, end = words.index(concept.token) + 1, len(words) + 1  # the token's row; the end of text's
+        mask = torch.zeros(1, MAX_LEN, dtype=torch.bool)
+        mask[0, pos] = True
+        with torch.no_grad():
+            custom = encode(custom_te, ids(" ".join("*" if w == concept.token else w for w in words)), vec, mask).hidden
+            dummy = encode(custom_te, ids(" ".join(["*"] * len(words))), vec, mask).hidden
+            base = encode(te, ids(" ".join(inst["class_word"] if w == concept.token else w for w in words))).hidden
+        alignit = torch.cat([base[:, :pos], dummy[:, pos:pos + 1], base[:, pos + 1:]], 1)
+        conds = (custom, alignit, torch.cat([alignit[:, :end], dummy[:, end:]], 1),
+                 torch.cat([alignit[:, :end], custom[:, end:]], 1), base)
+        for label, cond in zip(labels, conds):
+            for image in sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, 0, args.steps):
+                j = classify(image)
+                text[label].append(j.background == background)
+                fid[label].append(fidelity(j, scene))
+    for label in labels:
+        print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {np.mean(text[label]):.2f} | "
+              f"{np.mean(fid[label]):.2f} | {len(text[label])} |", flush=True)
 
 
 def weights_rows(model, concept, inst, args) -> None:

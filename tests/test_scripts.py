@@ -35,6 +35,10 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
     assert [r.split(" | ")[:2] for r in rows] == [["| <holed-star>", "Custom Diffusion"]] * 3
 
+    main(["--seeds", "1", "--steps", "2", "--only", "holed-star-ti", "--table1-prompts"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
+    assert len(rows) == 5 and all(r[1] == "textual inversion" and r[-1] == "12 |" for r in rows)
+
 
 def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
     """scripts/train_lora.py writes a LoRA concept the engine loads; scripts/measure_knobs.py
