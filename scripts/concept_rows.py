@@ -113,12 +113,11 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
     """Table 1's prompts, raw conditioning: which rows hold what AlignIT loses of a text-side concept."""
     vae, unet, te, scale = parts
     scene = inst["scene"]
-    colours = {scene.colour} | ({scene.second_colour} if scene.pattern == "striped" else set())
     labels = ("customized prompt", "AlignIT: `p`, the token's row from `p'`",
               "AlignIT, and the rows after the last word from `p'`",
               "AlignIT, and the rows after the last word from the customized prompt", "base model on `p`")
     text, fid = {k: [] for k in labels}, {k: [] for k in labels}
-    for prompt, background in table1_prompts(concept, scene.background, colours):
+    for prompt, background in table1_prompts(concept, scene):
         words = prompt.split()
         pos, end = words.index(concept.token) + 1, len(words) + 1  # the token's row; the end of text's
         mask = torch.zeros(1, MAX_LEN, dtype=torch.bool)

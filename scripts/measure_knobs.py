@@ -74,8 +74,7 @@ def _instance(concept, manifest: dict | None = None):
 
 
 def _prompts(concept, instance, count: int) -> list[tuple[str, str]]:
-    colours = {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set())
-    return table1_prompts(concept, instance.background, colours)[:count]
+    return table1_prompts(concept, instance)[:count]
 
 
 def concepts(model, seeds: range, steps: int, count: int) -> list[str]:

@@ -66,10 +66,11 @@ def swap_semantics(model, cases: list[tuple[tuple[str, str, str], str, str]], se
     return _rates(swapped), _rates(baseline)
 
 
-def table1_prompts(concept, reference_background: str, object_colours: set[str]) -> list[tuple[str, str]]:
-    """(prompt, asked background): every background the classifier can tell from the object and
-    that is not the reference images' own background."""
-    backgrounds = [c for c in COLOURS if c != reference_background and c not in object_colours]
+def table1_prompts(concept, instance) -> list[tuple[str, str]]:
+    """(prompt, asked background): every background the classifier can tell from the instance (its
+    colour, and a striped one's second colour) and that is not its reference images' own background."""
+    colours = {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set())
+    backgrounds = [c for c in COLOURS if c != instance.background and c not in colours]
     return [(t.format(tok=concept.token, b=b), b) for t in ("a {tok} on a {b} background",
                                                             "a photo of a {tok} on a {b} background")
             for b in backgrounds]
@@ -191,8 +192,7 @@ class Table1:
 def table1(model, concept, instance, seeds: range, steps: int = 20) -> Table1:
     """The customized baseline and AlignIT on every prompt of `table1_prompts` x seeds, judged by
     the classifier."""
-    prompts = table1_prompts(concept, instance.background,
-                             {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set()))
+    prompts = table1_prompts(concept, instance)
     text = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     fid = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     for i, seed in enumerate(seeds):
