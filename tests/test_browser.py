@@ -208,10 +208,12 @@ def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     page.get_by_role("button", name=re.compile("AlignIT · <holed-star> · textual inversion")).click()
     expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> on a yellow background")
     expect(page.locator("#positions label", has_text="2: star").locator("input")).to_be_checked(timeout=30_000)
+    # the first view's images stay on the page until this run ends; its command line comes with its results
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2"),
+                                                            timeout=GENERATE_TIMEOUT_MS)
     _results_shown(page)
     expect(page.locator("#image-0")).to_contain_text("customized baseline")
     expect(page.locator("#image-1")).to_contain_text("AlignIT")
-    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2"))
     # the base model on p as a third column, from the same seed
     first = _image_bytes(page, "#image-0")
     page.locator("#include-base label").click()
@@ -266,11 +268,12 @@ def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <holed-star>")
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <striped-ball>")
     expect(page.locator("#tokens")).to_contain_text("token of p′ (<striped-ball>)")
-    for i in (0, 1):
-        expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=GENERATE_TIMEOUT_MS)
-    expect(page.locator("#image-0")).to_contain_text("customized baseline")
+    # the first view's images stay on the page until this run ends; its command line comes with its results
     expect(page.locator("#command textarea")).to_have_value(
-        re.compile(r"--concept holed-star-cd --concept striped-ball-ti --positions 2 5"))
+        re.compile(r"--concept holed-star-cd --concept striped-ball-ti --positions 2 5"), timeout=GENERATE_TIMEOUT_MS)
+    for i in (0, 1):
+        expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#image-0")).to_contain_text("customized baseline")
     _screenshot(page, tmp_path, "app_two_concepts.png")
 
 
