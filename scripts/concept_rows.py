@@ -13,10 +13,10 @@ The last column counts, among the seeds whose customized prompt draws the instan
 each conditioning draws it too (same noise).
 
 A Custom Diffusion concept differs in the UNet's cross-attention key/value weights, not in the rows, so
-its rows are the engine's (`evaluate.reproduction_hits`, one seed at a time): the customized model on
-`a photo of a <token> <class word>`; AlignIT, the base model on `a photo of a <class word>` with the
-class word's keys and values from the customized model's `* * * <token> <class word>`; and the base
-model alone.
+its rows are the engine's (one seed at a time): the customized model on `a photo of a <token> <class word>`;
+AlignIT, the base model on `a photo of a <class word>` with the class word's keys and values from the
+customized model's `* * * <token> <class word>`; AlignIT with the start of text's row, the token's row or the
+end rows from there too (which of the rows AlignIT leaves as p's hold the instance); and the base model alone.
 
 `--table1-prompts` asks where a text-side concept's fidelity goes on Table 1's own prompts (`a <token> on a
 blue background`, ...): text alignment and fidelity of the customized prompt, AlignIT (`p` with the token's
@@ -26,6 +26,7 @@ them from the customized prompt, and the base model on `p`.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,10 @@ import torch
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.encoding import encode
-from alignit_core.toy.evaluate import fidelity, reproduction_hits, table1_prompts
+from alignit_core.conditioning import Row
+from alignit_core.generate import run_rows
+from alignit_core.settings import Settings, resolve
+from alignit_core.toy.evaluate import fidelity, table1_prompts
 from alignit_core.toy.instances import INSTANCES
 from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
 from alignit_core.toy.shapes import classify
@@ -140,12 +144,32 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
 
 
 def weights_rows(model, concept, inst, args) -> None:
-    """The three rows of a concept that lives in the UNet's weights (Custom Diffusion), from the engine."""
-    hits = reproduction_hits(model, concept, inst["scene"], range(args.seeds), args.steps, args.guidance)
+    """The rows of a concept that lives in the UNet's weights (Custom Diffusion), from the engine: the
+    customized model on `a photo of a <token> <class word>`; AlignIT, the base model on `a photo of a
+    <class word>` with the class word's keys and values from the customized model's `* * * <token>
+    <class word>`; AlignIT with one more group of rows from there (the start of text, which every
+    prompt shares; the token's, written over the `a` before the class word; the end of text and
+    padding), which AlignIT as the paper defines it leaves as p's; and the base model alone."""
+    prompts = model.family.concept_plan(f"a photo of a {concept.token}", concept.words)
+    plan = prompts.plan
+    (cls,) = plan.positions
+    end = len(plan.target.ids) - 1
+    more = {"start": (0, cls), "token": (cls - 1, cls), "end": (cls, *range(end, MAX_LEN))}
+    rows = [Row("customized", prompts.customized, concept=concept), Row("alignit", plan.target, swap=plan, swap_concept=concept)]
+    rows += [Row(k, plan.target, swap=replace(plan, positions=v), swap_concept=concept) for k, v in more.items()]
+    rows.append(Row("base", plan.target))
+    hits = {row.name: [] for row in rows}
+    for seed in range(args.seeds):
+        settings = resolve(model, Settings(seed=seed, steps=args.steps, guidance=args.guidance, record_maps=False))
+        for row, image in zip(rows, run_rows(model, rows, settings)[0]):
+            hits[row.name].append(fidelity(classify(np.asarray(image)), inst["scene"]))
     drawn = hits["customized"]
     labels = {"customized": "customized prompt",
               "alignit": "AlignIT: base prompt, the class word's keys and values from the customized model "
                          "on `* * * <token> <class>`",
+              "start": "AlignIT, and the start of text's row from there",
+              "token": "AlignIT, and the token's row from there (over the `a` before the class word)",
+              "end": "AlignIT, and the rows after the class word (end of text, padding) from there",
               "base": "base model on the base prompt"}
     for row, label in labels.items():
         kept = sum(h and d for h, d in zip(hits[row], drawn))

@@ -855,10 +855,10 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
             cond = encode(encoder, ids, vectors, mask).hidden
         loss = _diffusion_loss(model, z0, alphas, cond, g, device)
         if kind == "cd":  # prior preservation: the class as the base world draws it
-            prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix, novel_mix=args.novel_mix)
+            prior_ids, prior_scenes = cd_prior(args, rng, vocab, b, info["class_word"])
             with torch.no_grad():
-                p_cond = encode(te, prior.ids.to(device)).hidden
-                p_z0 = scene_latents(vae, pool, prior.targets, rng, g, device)[0] * scale
+                p_cond = encode(te, prior_ids.to(device)).hidden
+                p_z0 = scene_latents(vae, pool, prior_scenes, rng, g, device)[0] * scale
             loss = loss + _diffusion_loss(model, p_z0, alphas, p_cond, g, device)
         if kind == "te":  # the empty prompt kept: it is the unconditional half of guidance
             loss = loss + F.mse_loss(encode(encoder, empty).hidden, empty_rows)
@@ -876,6 +876,30 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         log(f"{kind}:{name}: kept step {best[1]} (validation reproduction {best[0]:.2f})")
         return {"token": token, **best[2]}
     return {"token": token, **_concept_state(kind, vec, model, encoder)}
+
+
+def cd_prior(args, rng: random.Random, vocab: Vocab, b: int, class_word: str):
+    """Custom Diffusion's regularization batch: captions and scenes of the base world. `--cd-prior
+    class` keeps only scenes of the concept's class (Kumari et al. regularize with real images of the
+    class, captions naming it): a change of the shared rows' keys and values (start of text, `a photo
+    of a`) that would draw the instance then draws it for the plain class too, and is penalized, so
+    the instance goes to the rows that differ (its token's, its class word's). `templates`: those
+    scenes captioned with the concept prompts' own phrasings (`a photo of a star`, ...), as a real
+    regularization set's captions are phrased like its users' prompts. `world`: any scene."""
+    if args.cd_prior == "world":
+        prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix, novel_mix=args.novel_mix)
+        return prior.ids, prior.targets
+    ids, scenes = [], []
+    while len(ids) < b:
+        prior = sample_batch(rng, vocab, 4 * b, 0.0, args.pattern_mix, novel_mix=args.novel_mix)
+        for i, scene in enumerate(prior.targets):
+            if scene.shape == class_word and len(ids) < b:
+                if args.cd_prior == "templates":
+                    ids.append(torch.tensor(vocab.ids_of(rng.choice(CONCEPT_TEMPLATES).format(class_word).split())))
+                else:
+                    ids.append(prior.ids[i])
+                scenes.append(scene)
+    return torch.stack(ids), scenes
 
 
 def _concept_state(kind: str, vec, model, encoder) -> dict:
@@ -1032,6 +1056,9 @@ def main(argv=None) -> None:
     ap.add_argument("--te-concept-lr", type=float, default=5e-4, help="learning rate of text-encoder concepts")
     ap.add_argument("--cd-kv-lr", type=float, default=2e-4,
                     help="learning rate of Custom Diffusion's cross-attention K/V projections (its token vector: --ti-lr)")
+    ap.add_argument("--cd-prior", choices=("world", "class", "templates"), default="world",
+                    help="Custom Diffusion's regularization scenes: any of the world's, only its class's (as the method "
+                         "does), or its class's captioned with the concept prompts' phrasings")
     ap.add_argument("--ti-lr", type=float, default=5e-3,
                     help="learning rate of a concept's token vector (textual inversion, Custom Diffusion)")
     ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",

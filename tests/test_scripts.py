@@ -19,7 +19,8 @@ def test_figure_script_draws_the_world_and_every_concept(tmp_path):
 
 
 def test_concept_rows_script_reports_every_concept_kind(capsys):
-    """Five conditionings for each text-side concept, three engine rows for Custom Diffusion."""
+    """Five conditionings for each text-side concept; six engine rows for Custom Diffusion (customized,
+    AlignIT, AlignIT with the start-of-text, token or end rows too, base)."""
     from scripts.concept_rows import main
 
     main(["--seeds", "1", "--steps", "2"])
@@ -27,13 +28,14 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     assert {r.split(" | ")[0] for r in rows} == {"| <holed-star>", "| <striped-ball>"}
     kinds = [r.split(" | ")[1] for r in rows]
     assert {k: kinds.count(k) for k in set(kinds)} == {
-        "textual inversion": 10, "text-encoder fine-tune": 10, "Custom Diffusion": 6}
-    assert sum("AlignIT" in r for r in rows) == 6  # one AlignIT row per concept
+        "textual inversion": 10, "text-encoder fine-tune": 10, "Custom Diffusion": 12}
+    assert sum("AlignIT:" in r for r in rows) == 6  # one AlignIT row per concept
+    assert sum("AlignIT, and" in r for r in rows) == 3 * 2  # Custom Diffusion's three more
     assert all(r.split(" | ")[3].endswith("/ 1") for r in rows)
 
     main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
-    assert [r.split(" | ")[:2] for r in rows] == [["| <holed-star>", "Custom Diffusion"]] * 3
+    assert [r.split(" | ")[:2] for r in rows] == [["| <holed-star>", "Custom Diffusion"]] * 6
 
     main(["--seeds", "1", "--steps", "2", "--only", "holed-star-ti", "--table1-prompts"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]

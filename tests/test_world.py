@@ -106,6 +106,33 @@ def test_classifier_reports_no_object_on_a_blank_image():
     assert j.background == "blue" and j.colour is None and j.shape is None
 
 
+def test_custom_diffusions_class_prior_shows_only_its_class_and_names_it():
+    """--cd-prior class: Custom Diffusion's regularization batch is scenes of the concept's class
+    (every one a star, captioned with the word unless the caption was dropped); templates: those scenes
+    captioned with the concept prompts' phrasings; world: any shape."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import CONCEPT_TEMPLATES, TOKENIZER_DIR, Vocab, cd_prior
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+    args = SimpleNamespace(cd_prior="class", pattern_mix=0.3, novel_mix=0.04)
+    ids, scenes = cd_prior(args, random.Random(0), vocab, 32, "star")
+    assert ids.shape == (32, 77) and len(scenes) == 32
+    assert {s.shape for s in scenes} == {"star"}
+    named = [vocab.ids["star"] in row.tolist() for row in ids]
+    assert 0.75 <= np.mean(named) < 1.0  # caption dropout (10 %) leaves some empty
+    args.cd_prior = "templates"  # the same scenes, captioned as the concept prompts are phrased
+    ids, scenes = cd_prior(args, random.Random(0), vocab, 32, "star")
+    assert {s.shape for s in scenes} == {"star"}
+    captions = {" ".join(words[i] for i in row.tolist() if i in words) for row in ids}
+    assert len(captions) > 5 and captions <= {t.format("star") for t in CONCEPT_TEMPLATES}
+    args.cd_prior = "world"
+    assert len({s.shape for s in cd_prior(args, random.Random(0), vocab, 32, "star")[1]}) > 1
+
+
 def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_path, monkeypatch):
     from alignit_core import find_concepts, generate_swap, load_model, Settings
     import scripts.train_embedded as train
@@ -126,7 +153,7 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     exported = tmp_path / "assets" / "embedded-shapes"
     main(["--smoke", "--unet-init", str(exported), "--cosine", "--concepts", "holed-star-cd",
           "--pure-mix", "0.5", "--eot-mix", "1", "--attention-weight", "0.05", "--eot-attention-weight", "0.1",
-          "--row-consistency-weight", "1", "--latent-pool", "1", "--cd-kv-lr", "5e-5",
+          "--row-consistency-weight", "1", "--latent-pool", "1", "--cd-kv-lr", "5e-5", "--cd-prior", "class",
           "--out", str(tmp_path / "more"), "--work", str(tmp_path / "work-more")])
     before, after = (load_model(str(d / "embedded-shapes"), device="cpu") for d in (tmp_path / "assets", tmp_path / "more"))
     assert not torch.equal(before.unet.conv_in.weight, after.unet.conv_in.weight)
