@@ -882,8 +882,9 @@ def cd_prior(args, rng: random.Random, vocab: Vocab, b: int, class_word: str):
     """Custom Diffusion's regularization batch: captions and scenes of the base world. `--cd-prior
     class` keeps only scenes of the concept's class (Kumari et al. regularize with real images of the
     class, captions naming it): a change of the shared rows' keys and values (start of text, `a photo
-    of a`) that would draw the instance then draws it for the plain class too, and is penalized, so
-    the instance goes to the rows that differ (its token's, its class word's). `templates`: those
+    of a`) that would draw the instance then draws it for the plain class too, and is penalized; meant
+    to leave the instance to the rows that differ (its token's, its class word's), which on v16 it did
+    not (README, "Where does Custom Diffusion keep its instance?"). `templates`: those
     scenes captioned with the concept prompts' own phrasings (`a photo of a star`, ...), as a real
     regularization set's captions are phrased like its users' prompts. `world`: any scene."""
     if args.cd_prior == "world":
