@@ -46,6 +46,9 @@ about it, each a share of the captions:
   more of the concepts);
 * --freeze-text: the encoder stays as initialised and the UNet learns to read it, as SD's UNet
   reads a frozen CLIP.
+* --template-mix: captions phrased as the concepts' training prompts are (`a cropped photo of the
+  red circle`, textual inversion's template list), so that those words, which draw nothing, are
+  words the UNet has read before, as `a photo of` is for Stable Diffusion.
 
 They are part of the base model's training, not of AlignIT: the concepts are trained with their
 own methods' objectives only.
@@ -262,9 +265,10 @@ class TextBatch:
 
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
-                 novel_mix: float = 0.0) -> TextBatch:
+                 novel_mix: float = 0.0, template_mix: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
-    `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them."""
+    `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
+    `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`)."""
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
@@ -273,8 +277,10 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     for b in range(batch):
         shown = (novel_scene(rng) if novel_mix and rng.random() < novel_mix
                  else random_scene(rng, patterned=pattern_mix, excluded=excluded))
-        template = pattern_template(rng.choice(TEMPLATES), shown.pattern)
-        words = template.split()
+        template = rng.choice(TEMPLATES)
+        if template_mix and rng.random() < template_mix:
+            template = template_phrasing(rng, template)
+        words = pattern_template(template, shown.pattern).split()
         dummy_words, pos = [], -1
         if rng.random() < 0.1:  # caption dropout for classifier-free guidance
             words = []
@@ -319,6 +325,15 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     return TextBatch(torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), torch.tensor(eos),
                      torch.tensor(source), pure, torch.tensor(pure_sample, dtype=torch.long),
                      torch.tensor(pure_pos, dtype=torch.long), word_class, targets, compounds)
+
+
+def template_phrasing(rng: random.Random, template: str) -> str:
+    """The caption template with the words before its object (`a`, `a photo of a`) replaced by a
+    concept prompt's (`a cropped photo of the`, `a photo of my`; CONCEPT_TEMPLATES): the world's
+    pictures are then also captioned as people caption photos, and these words draw nothing, as
+    `a photo of` draws nothing for Stable Diffusion."""
+    first = min(template.index(k) for k in ("{c}", "{s}") if k in template)
+    return rng.choice(CONCEPT_TEMPLATES).split("{}")[0] + template[first:]
 
 
 def world_excluded(novel_mix: float) -> frozenset[tuple[str, str, str]]:
@@ -697,7 +712,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
-                             args.compound_mix, args.novel_mix)
+                             args.compound_mix, args.novel_mix, args.template_mix)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -888,7 +903,8 @@ def cd_prior(args, rng: random.Random, vocab: Vocab, b: int, class_word: str):
     scenes captioned with the concept prompts' own phrasings (`a photo of a star`, ...), as a real
     regularization set's captions are phrased like its users' prompts. `world`: any scene."""
     if args.cd_prior == "world":
-        prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix, novel_mix=args.novel_mix)
+        prior = sample_batch(rng, vocab, b, 0.0, args.pattern_mix, novel_mix=args.novel_mix,
+                             template_mix=args.template_mix)
         return prior.ids, prior.targets
     ids, scenes = [], []
     while len(ids) < b:
@@ -1026,6 +1042,9 @@ def main(argv=None) -> None:
     ap.add_argument("--novel-mix", type=float, default=0.0, metavar="P",
                     help="make the NOVEL instances part of the base world, a share P of scenes showing one "
                          "(in words: `a red striped circle`); default 0: the world never draws them")
+    ap.add_argument("--template-mix", type=float, default=0.0, metavar="P",
+                    help="share of captions phrased as concept prompts are (`a cropped photo of the red circle "
+                         "...`; template_phrasing); default 0: the world's captions say only `a` or `a photo of a`")
     ap.add_argument("--compound-mix", type=float, default=0.0,
                     help="share of captions whose object words are folded into one vector (`compound_rows`)")
     ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from alignit_core.toy.evaluate import fidelity
-from alignit_core.toy.shapes import (HELD_OUT, NOVEL, PATTERNS, SHAPES, Scene, classify, random_scene, render,
+from alignit_core.toy.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERNS, SHAPES, Scene, classify, random_scene, render,
                                      styled, to_uint8, training_triples)
 
 
@@ -118,7 +118,7 @@ def test_custom_diffusions_class_prior_shows_only_its_class_and_names_it():
 
     vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
     words = {v: k for k, v in vocab.ids.items()}
-    args = SimpleNamespace(cd_prior="class", pattern_mix=0.3, novel_mix=0.04)
+    args = SimpleNamespace(cd_prior="class", pattern_mix=0.3, novel_mix=0.04, template_mix=0.0)
     ids, scenes = cd_prior(args, random.Random(0), vocab, 32, "star")
     assert ids.shape == (32, 77) and len(scenes) == 32
     assert {s.shape for s in scenes} == {"star"}
@@ -131,6 +131,39 @@ def test_custom_diffusions_class_prior_shows_only_its_class_and_names_it():
     assert len(captions) > 5 and captions <= {t.format("star") for t in CONCEPT_TEMPLATES}
     args.cd_prior = "world"
     assert len({s.shape for s in cd_prior(args, random.Random(0), vocab, 32, "star")[1]}) > 1
+
+
+def test_template_mix_captions_the_world_as_concept_prompts_and_changes_nothing_else():
+    """--template-mix 1: every caption begins as a concept prompt does (`a cropped photo of the`), then
+    names the scene as before; its new words draw nothing (word class 0). At 0 the batches are the ones
+    every earlier model was trained on (the same draws from the same generator), in the world's words only."""
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import CONCEPT_TEMPLATES, TOKENIZER_DIR, TEMPLATES, Vocab, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+    prefixes = {t.split("{}")[0].strip() for t in CONCEPT_TEMPLATES}
+    world_words = set(" ".join(TEMPLATES).split()) | {"striped", "with", "hole"}
+
+    def batch(mix):
+        return sample_batch(random.Random(3), vocab, 48, 0.0, 0.3, template_mix=mix)
+
+    plain, phrased = batch(0.0), batch(1.0)
+    assert torch.equal(plain.ids, sample_batch(random.Random(3), vocab, 48, 0.0, 0.3).ids)
+    seen = set()
+    for ids, scene, kinds in zip(phrased.ids.tolist(), phrased.targets, phrased.word_class.tolist()):
+        caption = [words[i] for i in ids[1:] if i in words]
+        if not caption:  # caption dropout
+            continue
+        first = next(i for i, w in enumerate(caption) if w in (scene.colour, scene.shape, "striped"))
+        assert " ".join(caption[:first]) in prefixes, caption
+        seen.add(" ".join(caption[:first]))
+        assert kinds[1:first + 1] == [0] * first  # the phrasing's words draw nothing
+        assert scene.shape in caption
+    assert len(seen) >= 6  # many phrasings, not one
+    for ids in plain.ids.tolist():
+        assert {words[i] for i in ids if i in words} <= world_words | set(COLOURS) | set(SHAPES)
 
 
 def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_path, monkeypatch):
