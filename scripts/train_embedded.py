@@ -42,7 +42,7 @@ about it, each a share of the captions:
 * --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
   the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
   after some words and after as many `*` (AlignIT's p') must agree, so that a concept's row
-  computed in p' would be the one it was trained in (README: it cost the backgrounds and kept no
+  computed in p' would be the one it was trained in (scripts/EXPERIMENTS.md: it cost the backgrounds and kept no
   more of the concepts);
 * --freeze-text: the encoder stays as initialised and the UNet learns to read it, as SD's UNet
   reads a frozen CLIP.
@@ -562,7 +562,7 @@ def row_drift(te, batch: TextBatch, vocab: Vocab, g: torch.Generator, prefixes: 
     words and its row after as many `*` (AlignIT's dummy prompt), same position. `prefixes`:
     "phrasings", the words before the token in textual inversion's phrasings (`a photo of a`, `the`,
     ...: words that name nothing drawn); "captions", a caption's first words (colours and shapes too).
-    Measured (README, models v8 and v9): both cost the backgrounds, and neither kept the concepts."""
+    Measured (scripts/EXPERIMENTS.md, models v8 and v9): both cost the backgrounds, and neither kept the concepts."""
     device = token_embeddings(te).weight.device
     emb = token_embeddings(te).weight  # g is the training loop's generator, on its device (CUDA when present)
     captions = [b for b in range(len(batch.eos)) if batch.eos[b] > 1][:n]
@@ -641,7 +641,7 @@ def neutral_star(te, vocab: Vocab, steps: int, seed: int) -> float:
     """`--neutral-star`: tune the `*` token's embedding alone (encoder and UNet kept) so that a token's
     row after `* * * *` is its row after textual inversion's phrasings, as if AlignIT's dummy prompt said
     nothing; a prompt without `*` encodes bit-identically. Returns the mean drift (`star_drift`) on
-    held-out samples. Measured (README, "And a dummy prompt that says nothing?"): on v4 the drift fell 0.39 ->
+    held-out samples. Measured (scripts/EXPERIMENTS.md, "And a dummy prompt that says nothing?"): on v4 the drift fell 0.39 ->
     0.21 and the holed star's row came closer (cosine 0.86 -> 0.97), yet AlignIT's row kept it less often (the
     striped ball more); on v15 (row noise) AlignIT's row kept both textual inversions in 72 % of their seeds (92 %
     with textual inversions trained on the template list)."""
@@ -899,7 +899,7 @@ def cd_prior(args, rng: random.Random, vocab: Vocab, b: int, class_word: str):
     class, captions naming it): a change of the shared rows' keys and values (start of text, `a photo
     of a`) that would draw the instance then draws it for the plain class too, and is penalized; meant
     to leave the instance to the rows that differ (its token's, its class word's), which on v16 it did
-    not (README, "Where does Custom Diffusion keep its instance?"). `templates`: those
+    not (scripts/EXPERIMENTS.md, "Where does Custom Diffusion keep its instance?"). `templates`: those
     scenes captioned with the concept prompts' own phrasings (`a photo of a star`, ...), as a real
     regularization set's captions are phrased like its users' prompts. `world`: any scene."""
     if args.cd_prior == "world":
