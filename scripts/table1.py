@@ -1,7 +1,8 @@
 """A toy Table 1 on the embedded model: customized baseline vs AlignIT for each shipped concept.
 
-    python scripts/table1.py                 # every prompt x 10 seeds per concept, ~25 min on 2 CPU cores
+    python scripts/table1.py                 # every prompt x 10 seeds per concept, ~10 min a concept on 2 CPU cores
     python scripts/table1.py --seeds 2       # quicker look
+    python scripts/table1.py --words         # and the base model asked for each instance in words
     python scripts/table1.py --model embedded-mmdit   # the MMDiT model's concepts (side-stream AlignIT)
 
 Text alignment: the background colour the prompt asks for is the one drawn. Concept fidelity: the
@@ -10,6 +11,11 @@ every background except the reference images' own and the object's colours (the 
 tell an object from a background of its colour). Each figure comes with its 95 % confidence
 interval from resampling seeds; AlignIT's gain in text alignment and its share of the baseline's
 fidelity are paired (the same seed and prompt for both methods).
+
+`--words` adds a reference row: the base model on each prompt with the token replaced by the
+instance's words (`a photo of a orange star with a hole on a red background`). Its fidelity is how often
+the base model itself draws the instance on the asked backgrounds, so AlignIT's share of it tells a
+concept's row that loses the instance from a base model that cannot draw it there at all.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ import numpy as np
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.models import EMBEDDED, EMBEDDED_MMDIT
-from alignit_core.toy.evaluate import table1
+from alignit_core.toy.evaluate import asked_in_words, table1
 from alignit_core.toy.instances import INSTANCES
 
 
@@ -35,25 +41,35 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=EMBEDDED.name, choices=(EMBEDDED.name, EMBEDDED_MMDIT.name),
                     help="which embedded model (its concepts are those whose manifest names it)")
     ap.add_argument("--only", nargs="+", help="concept folder names to evaluate (default: all)")
+    ap.add_argument("--words", action="store_true",
+                    help="add the base model asked for the instance in words (`a orange star with a hole on a red "
+                         "background`): its fidelity is what the base model itself can draw on those backgrounds")
     ap.add_argument("--write-examples", action="store_true",
                     help="set each concept's example_prompt (its manifest) to the prompt where AlignIT gains most, "
                          "and example_rates to how often each method draws it all there (the demo offers an "
                          "AlignIT example only where AlignIT does in most seeds)")
     args = ap.parse_args(argv)
     model = load_model(str(args.assets / args.model))
+    words = " | base model asked in words: text, fidelity | AlignIT / words" if args.words else ""
     print("| concept | kind | text alignment: customized → AlignIT | gain (paired) | "
-          "concept fidelity: customized → AlignIT | AlignIT / customized | n |")
-    print("|---|---|---|---|---|---|---|")
-    texts, examples = [], []
+          f"concept fidelity: customized → AlignIT | AlignIT / customized{words} | n |")
+    print("|---|---|---|---|---|---|" + "---|" * (2 * args.words) + "---|")
+    texts, examples, asked = [], [], {}
     for concept in find_concepts(args.assets / "concepts", model):
         if args.only and concept.name not in args.only:
             continue
         instance = INSTANCES[concept.token.strip("<>")]["scene"]
         t = table1(model, concept, instance, range(args.seeds), args.steps)
+        if args.words:  # the same for every concept of an instance
+            if instance not in asked:
+                asked[instance] = asked_in_words(model, concept, instance, range(args.seeds), args.steps)
+            t = t.with_method("words", *asked[instance])
         texts.append(t.text["alignit"].mean())
+        extra = (f" | {t.mean('text', 'words')}, {t.mean('fidelity', 'words')} | "
+                 f"{t.fidelity_ratio_to('words')}" if args.words else "")
         print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {t.mean('text', 'customized')} → "
               f"{t.mean('text', 'alignit')} | {t.text_gain} | {t.mean('fidelity', 'customized')} → "
-              f"{t.mean('fidelity', 'alignit')} | {t.fidelity_ratio} | {t.n} |", flush=True)
+              f"{t.mean('fidelity', 'alignit')} | {t.fidelity_ratio}{extra} | {t.n} |", flush=True)
         examples.append((concept, t.best_example()))
     if texts:
         print(f"\nAlignIT's text alignment averaged over the concepts: {np.mean(texts):.2f}")

@@ -42,6 +42,18 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     assert len(rows) == 5 and all(r[1] == "textual inversion" and r[-1] == "12 |" for r in rows)
 
 
+def test_table1_script_adds_the_instance_asked_in_words(capsys):
+    """`--words`: two more columns (the base model on the prompts with the instance's words, and AlignIT's
+    share of its fidelity), the same cells in every row as in the header."""
+    from scripts.table1 import main
+
+    main(["--seeds", "1", "--steps", "2", "--only", "holed-star-ti", "--words"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    header, row = lines[0].split(" | "), next(line.split(" | ") for line in lines if line.startswith("| <"))
+    assert "base model asked in words: text, fidelity" in header and "AlignIT / words" in header
+    assert len(row) == len(header) == 9 and row[0] == "| <holed-star>" and row[-1] == "12 |"
+
+
 def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
     """scripts/train_lora.py writes a LoRA concept the engine loads; scripts/measure_knobs.py
     reports every table on it (a few steps: checked for working, not for its numbers)."""

@@ -385,6 +385,25 @@ def test_table1_intervals_are_paired_over_seeds_and_the_example_is_where_alignit
     assert t.n == 30
 
 
+def test_instance_words_are_the_world_caption_of_the_instance_without_its_background():
+    from alignit_core.toy.evaluate import Table1, instance_words
+    from alignit_core.toy.instances import INSTANCES
+    from alignit_core.toy.shapes import styled
+
+    assert instance_words(INSTANCES["holed-star"]["scene"]) == "orange star with a hole"
+    assert instance_words(INSTANCES["striped-ball"]["scene"]) == "red striped circle"
+    for inst in INSTANCES.values():
+        scene = styled(inst["scene"], background="green")
+        assert scene.caption() == f"a {instance_words(inst['scene'])} on a green background"
+    ones, half = np.ones((4, 2), bool), np.array([[True, False]] * 4)
+    t = Table1({m: ones for m in ("customized", "alignit")}, {"customized": ones, "alignit": half})
+    assert t.fidelity_ratio.mean == 0.5
+    t = t.with_method("words", ones, half)
+    assert t.fidelity_ratio_to("words").mean == 1.0 and t.fidelity_ratio.mean == 0.5
+    with pytest.raises(ValueError, match="seeds, prompts"):
+        t.with_method("words", ones[:3], ones[:3])
+
+
 def test_row_noise_moves_only_word_rows_of_the_captions_picked_and_by_at_most_its_share_of_their_norm():
     from scripts.train_embedded import noisy_rows
 

@@ -17,7 +17,7 @@ from ..conditioning import Row
 from ..generate import generate_concept, run_rows
 from ..prompts import tokenize, word_swap_plan
 from ..settings import Settings, resolve
-from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask
+from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask, pattern_template
 
 
 @dataclass(frozen=True)
@@ -185,8 +185,25 @@ class Table1:
     @property
     def fidelity_ratio(self) -> Estimate:
         """AlignIT's concept fidelity over the customized baseline's, paired."""
-        return seed_bootstrap(self.fidelity, lambda v: float(v["alignit"].mean() / v["customized"].mean())
-                              if v["customized"].mean() > 0 else float("nan"))
+        return self.fidelity_ratio_to("customized")
+
+    def with_method(self, method: str, text: np.ndarray, fidelity: np.ndarray) -> "Table1":
+        """This table with one more method's (seeds, prompts) judgements (same seeds and prompts)."""
+        if not text.shape == fidelity.shape == self.text["customized"].shape:
+            raise ValueError(f"{method}: judgements {text.shape} / {fidelity.shape}, the table's are "
+                             f"{self.text['customized'].shape} (seeds, prompts)")
+        return Table1({**self.text, method: text}, {**self.fidelity, method: fidelity}, self.prompts)
+
+    def fidelity_ratio_to(self, method: str) -> Estimate:
+        """AlignIT's concept fidelity over `method`'s, paired (nan where `method` never draws it)."""
+        return seed_bootstrap(self.fidelity, lambda v: float(v["alignit"].mean() / v[method].mean())
+                              if v[method].mean() > 0 else float("nan"))
+
+
+def instance_words(instance) -> str:
+    """The words the base world has for a novel instance, without its background (`orange star with
+    a hole`, `red striped circle`): what the concept's token stands for."""
+    return pattern_template("{c} {s}", instance.pattern).format(c=instance.colour, s=instance.shape)
 
 
 def table1(model, concept, instance, seeds: range, steps: int = 20) -> Table1:
@@ -203,6 +220,23 @@ def table1(model, concept, instance, seeds: range, steps: int = 20) -> Table1:
                 text[method][i, k] = j.background == background
                 fid[method][i, k] = fidelity(j, instance)
     return Table1(text, fid, tuple(p for p, _ in prompts))
+
+
+def asked_in_words(model, concept, instance, seeds: range, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """(text alignment, fidelity), each (seeds, prompts): the base model on `table1`'s prompts with
+    the token replaced by the instance's words (`instance_words`), same seeds. How often the base
+    model itself draws the instance on those backgrounds: the most AlignIT's row can be expected to
+    bring (`Table1.with_method("words", ...)`). It depends on the instance only, not on the concept."""
+    prompts = table1_prompts(concept, instance)
+    text, fid = (np.zeros((len(seeds), len(prompts)), bool) for _ in range(2))
+    for i, seed in enumerate(seeds):
+        settings = resolve(model, Settings(seed=seed, steps=steps, record_maps=False))
+        rows = [Row(str(k), tokenize(model.tokenizer, p.replace(concept.token, instance_words(instance))))
+                for k, (p, _) in enumerate(prompts)]
+        for k, image in enumerate(run_rows(model, rows, settings)[0]):
+            j = classify(np.asarray(image))
+            text[i, k], fid[i, k] = j.background == prompts[k][1], fidelity(j, instance)
+    return text, fid
 
 
 # ---------------------------------------------------------------- where each word's attention lands
