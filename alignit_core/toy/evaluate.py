@@ -228,11 +228,11 @@ def asked_in_words(model, concept, instance, seeds: range, steps: int = 20) -> t
     model itself draws the instance on those backgrounds: the most AlignIT's row can be expected to
     bring (`Table1.with_method("words", ...)`). It depends on the instance only, not on the concept."""
     prompts = table1_prompts(concept, instance)
+    words = instance_words(instance)
+    rows = [Row(str(k), tokenize(model.tokenizer, p.replace(concept.token, words))) for k, (p, _) in enumerate(prompts)]
     text, fid = (np.zeros((len(seeds), len(prompts)), bool) for _ in range(2))
     for i, seed in enumerate(seeds):
         settings = resolve(model, Settings(seed=seed, steps=steps, record_maps=False))
-        rows = [Row(str(k), tokenize(model.tokenizer, p.replace(concept.token, instance_words(instance))))
-                for k, (p, _) in enumerate(prompts)]
         for k, image in enumerate(run_rows(model, rows, settings)[0]):
             j = classify(np.asarray(image))
             text[i, k], fid[i, k] = j.background == prompts[k][1], fidelity(j, instance)
