@@ -89,6 +89,12 @@ class SwapPlan:
         """This plan writing only those of its positions that are `chosen`."""
         return replace(self, positions=tuple(q for q in self.positions if q in chosen))
 
+    def unstarred(self) -> tuple[int, ...]:
+        """The positions where p' holds its own tokens rather than `*`: a concept's every token, a
+        longer concept's spill included (Custom Diffusion's modifier token, written over the word
+        before the class word), where `positions` holds the class word's only."""
+        return tuple(t.position for t in self.source.tokens if t.word_index >= 0 and t.text != STAR)
+
 
 def _bare(tok: str) -> str:
     return tok[:-4] if tok.endswith("</w>") else tok

@@ -4,6 +4,7 @@
     python scripts/table1.py --seeds 2       # quicker look
     python scripts/table1.py --words         # and the base model asked for each instance in words
     python scripts/table1.py --model embedded-mmdit   # the MMDiT model's concepts (side-stream AlignIT)
+    python scripts/table1.py --rows concept --only holed-star-cd --by-prompt   # Custom Diffusion's modifier row too
 
 Text alignment: the background colour the prompt asks for is the one drawn. Concept fidelity: the
 novel instance is reproduced (stripes / hole, see alignit_core.toy.evaluate.fidelity). Prompts ask for
@@ -16,6 +17,11 @@ fidelity are paired (the same seed and prompt for both methods).
 instance's words (`a photo of a orange star with a hole on a red background`). Its fidelity is how often
 the base model itself draws the instance on the asked backgrounds, so AlignIT's share of it tells a
 concept's row that loses the instance from a base model that cannot draw it there at all.
+
+`--rows concept` has AlignIT take from p' every row where p' holds the concept, not only the class word's: for
+Custom Diffusion (`<holed-star> star`) the modifier token's row too, written over the word before the class word
+(the `positions` a user can tick in the demo or give to `generate --positions`). `--by-prompt` adds each prompt's
+text alignment and fidelity per method: where the misses are.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import numpy as np
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.models import EMBEDDED, EMBEDDED_MMDIT
-from alignit_core.toy.evaluate import asked_in_words, table1
+from alignit_core.toy.evaluate import TABLE1_ROWS, asked_in_words, table1
 from alignit_core.toy.instances import INSTANCES
 
 
@@ -48,18 +54,25 @@ def main(argv=None) -> None:
                     help="set each concept's example_prompt (its manifest) to the prompt where AlignIT gains most, "
                          "and example_rates to how often each method draws it all there (the demo offers an "
                          "AlignIT example only where AlignIT does in most seeds)")
+    ap.add_argument("--rows", choices=TABLE1_ROWS, default="class",
+                    help="the rows AlignIT takes from p': the class word's (the paper's AlignIT) or every row where p' "
+                         "holds the concept (Custom Diffusion's modifier token too, over the word before the class word)")
+    ap.add_argument("--by-prompt", action="store_true", help="each prompt's text alignment and fidelity per method")
     args = ap.parse_args(argv)
+    if args.write_examples and args.rows != "class":
+        ap.error("--write-examples sets the demo's examples, which run the paper's AlignIT: leave --rows class")
     model = load_model(str(args.assets / args.model))
-    words = " | base model asked in words: text, fidelity | AlignIT / words" if args.words else ""
-    print("| concept | kind | text alignment: customized → AlignIT | gain (paired) | "
-          f"concept fidelity: customized → AlignIT | AlignIT / customized{words} | n |")
+    a = "AlignIT" if args.rows == "class" else "AlignIT (every row of the concept)"
+    words = f" | base model asked in words: text, fidelity | {a} / words" if args.words else ""
+    print(f"| concept | kind | text alignment: customized → {a} | gain (paired) | "
+          f"concept fidelity: customized → {a} | {a} / customized{words} | n |")
     print("|---|---|---|---|---|---|" + "---|" * (2 * args.words) + "---|")
-    texts, examples, asked = [], [], {}
+    texts, examples, asked, by_prompt = [], [], {}, []
     for concept in find_concepts(args.assets / "concepts", model):
         if args.only and concept.name not in args.only:
             continue
         instance = INSTANCES[concept.token.strip("<>")]["scene"]
-        t = table1(model, concept, instance, range(args.seeds), args.steps)
+        t = table1(model, concept, instance, range(args.seeds), args.steps, args.rows)
         if args.words:  # the same for every concept of an instance
             if instance not in asked:
                 asked[instance] = asked_in_words(model, concept, instance, range(args.seeds), args.steps)
@@ -71,8 +84,17 @@ def main(argv=None) -> None:
               f"{t.mean('text', 'alignit')} | {t.text_gain} | {t.mean('fidelity', 'customized')} → "
               f"{t.mean('fidelity', 'alignit')} | {t.fidelity_ratio}{extra} | {t.n} |", flush=True)
         examples.append((concept, t.best_example()))
+        if args.by_prompt:
+            by_prompt.append((concept, t))
     if texts:
         print(f"\nAlignIT's text alignment averaged over the concepts: {np.mean(texts):.2f}")
+    for concept, t in by_prompt:
+        methods = list(t.text)
+        print(f"\n{concept.name}, per prompt ({args.seeds} seed{'s' * (args.seeds != 1)}): text alignment, fidelity\n")
+        print("| prompt | " + " | ".join(methods) + " |")
+        print("|---|" + "---|" * len(methods))
+        for prompt, rates in t.by_prompt():
+            print(f"| `{prompt}` | " + " | ".join(f"{rates[m][0]:.2f}, {rates[m][1]:.2f}" for m in methods) + " |")
     print("\n| concept | example (most gained: concept and background both drawn) | customized | AlignIT |")
     print("|---|---|---|---|")
     for concept, (prompt, before, after) in examples:

@@ -54,6 +54,7 @@ def test_multi_vector_concept_spills_before_a_shorter_class_word(tok):
     # right alignment: the last concept vector lands on "cat" (position 5); two spill before it
     assert cp.plan.source.vectors == {3: 0, 4: 1, 5: 2}
     assert cp.plan.positions == (5,)
+    assert cp.plan.unstarred() == (3, 4, 5)  # every row where p' holds the concept
     assert len(cp.plan.source.ids) == len(cp.plan.target.ids)
 
 
@@ -71,6 +72,12 @@ def test_custom_diffusion_phrase_puts_modifier_before_the_class_word(tok):
     assert cp.plan.target.text == "a circle on a green background"
     assert cp.plan.source.text == "<new1> circle * * * *"
     assert cp.plan.positions == (2,)
+    # the modifier's row lands on the `a` before the class word: AlignIT leaves it as p's, `unstarred` names it
+    assert cp.plan.unstarred() == (1, 2)
+    cp = concept_plan(tok, "a photo of a <new1> on a green background", ConceptWords("<new1>", "circle", "{token} {class_word}", 1))
+    assert (cp.plan.positions, cp.plan.unstarred()) == ((5,), (4, 5))
+    assert cp.plan.narrowed({5}).unstarred() == (4, 5)  # what p' holds, whichever rows are written
+    assert word_swap_plan(tok, "a jumping dog", [("dog", "zebra")]).unstarred() == (3,)
 
 
 def test_concept_at_the_very_start_cannot_spill_and_says_so(tok):

@@ -54,6 +54,25 @@ def test_table1_script_adds_the_instance_asked_in_words(capsys):
     assert len(row) == len(header) == 9 and row[0] == "| <holed-star>" and row[-1] == "12 |"
 
 
+def test_table1_script_takes_every_row_of_the_concept_and_reports_each_prompt(capsys):
+    """`--rows concept`: AlignIT takes every row where p' holds the concept (the header says so);
+    `--by-prompt`: one line per prompt with both methods' rates. `--write-examples` with it is refused:
+    the demo's examples run the paper's AlignIT."""
+    import pytest
+
+    from scripts.table1 import main
+
+    main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd", "--rows", "concept", "--by-prompt"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "AlignIT (every row of the concept) / customized" in lines[0]
+    prompts = [line.split(" | ") for line in lines if line.startswith("| `a ")]
+    assert len(prompts) == 12 and all(len(cells) == 3 for cells in prompts)
+    assert all(cell.count(", ") == 1 for cells in prompts for cell in cells[1:])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--seeds", "1", "--rows", "concept", "--write-examples"])
+    assert exit_.value.code == 2 and "leave --rows class" in capsys.readouterr().err
+
+
 def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
     """scripts/train_lora.py writes a LoRA concept the engine loads; scripts/measure_knobs.py
     reports every table on it (a few steps: checked for working, not for its numbers)."""

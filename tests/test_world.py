@@ -383,6 +383,17 @@ def test_table1_intervals_are_paired_over_seeds_and_the_example_is_where_alignit
     assert t.fidelity_ratio.mean == 1.0 and t.fidelity_ratio.low == t.fidelity_ratio.high == 1.0  # paired: no spread
     assert t.best_example()[0] == "c"  # the prompt where only AlignIT draws the background
     assert t.n == 30
+    rates = dict(t.by_prompt())
+    assert list(rates) == ["a", "b", "c"]
+    assert rates["c"]["customized"] == (0.0, 1.0)  # this prompt's column, over the seeds
+    assert rates["c"]["alignit"] == (1.0, 1.0) and rates["a"]["alignit"] == (pytest.approx(base[:, 0].mean()), 1.0)
+
+
+def test_table1_refuses_rows_it_does_not_know_before_drawing_anything():
+    from alignit_core.toy.evaluate import table1
+
+    with pytest.raises(ValueError, match="class, concept"):
+        table1(None, None, None, range(1), rows="end")
 
 
 def test_instance_words_are_the_world_caption_of_the_instance_without_its_background():

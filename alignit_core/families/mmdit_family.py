@@ -50,6 +50,11 @@ class TokenSwapPlan(SwapPlan):
         kept = [(a, b) for a, b in zip(self.positions, self.source_positions) if a in chosen]
         return TokenSwapPlan(self.target, self.source, tuple(a for a, _ in kept), tuple(b for _, b in kept))
 
+    def unstarred(self) -> tuple[int, ...]:
+        """Its own positions: p's rows pair with p''s word by word, so a longer concept has no row of p
+        to spill into."""
+        return self.positions
+
 
 def as_prompt(table) -> Prompt:
     """A token table of mmdit_text as the engine's Prompt (ids, tokens and vector positions, no segments)."""

@@ -194,6 +194,11 @@ class Table1:
                              f"{self.text['customized'].shape} (seeds, prompts)")
         return Table1({**self.text, method: text}, {**self.fidelity, method: fidelity}, self.prompts)
 
+    def by_prompt(self) -> list[tuple[str, dict[str, tuple[float, float]]]]:
+        """Per prompt, each method's (text alignment, fidelity) over the seeds: where the misses are."""
+        return [(p, {m: (float(self.text[m][:, k].mean()), float(self.fidelity[m][:, k].mean())) for m in self.text})
+                for k, p in enumerate(self.prompts)]
+
     def fidelity_ratio_to(self, method: str) -> Estimate:
         """AlignIT's concept fidelity over `method`'s, paired (nan where `method` never draws it)."""
         return seed_bootstrap(self.fidelity, lambda v: float(v["alignit"].mean() / v[method].mean())
@@ -206,15 +211,26 @@ def instance_words(instance) -> str:
     return pattern_template("{c} {s}", instance.pattern).format(c=instance.colour, s=instance.shape)
 
 
-def table1(model, concept, instance, seeds: range, steps: int = 20) -> Table1:
+# Which of p's rows AlignIT takes from p' in Table 1: the class word's (the paper's AlignIT, the engine's
+# default) or every row where p' holds the concept, a longer concept's spill included (Custom Diffusion's
+# modifier token over the word before the class word; the same `positions` a user can tick).
+TABLE1_ROWS = ("class", "concept")
+
+
+def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = "class") -> Table1:
     """The customized baseline and AlignIT on every prompt of `table1_prompts` x seeds, judged by
-    the classifier."""
+    the classifier. `rows`: one of TABLE1_ROWS."""
+    if rows not in TABLE1_ROWS:
+        raise ValueError(f"rows must be one of {', '.join(TABLE1_ROWS)}, not {rows!r}")
     prompts = table1_prompts(concept, instance)
+    positions = [None if rows == "class" else list(model.family.concept_plan(p, concept.words).plan.unstarred())
+                 for p, _ in prompts]
     text = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     fid = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     for i, seed in enumerate(seeds):
         for k, (prompt, background) in enumerate(prompts):
-            gen = generate_concept(model, prompt, concept, Settings(seed=seed, steps=steps, record_maps=False))
+            gen = generate_concept(model, prompt, concept, Settings(seed=seed, steps=steps, record_maps=False),
+                                   positions=positions[k])
             for method in text:
                 j = classify(np.asarray(gen.images[method]))
                 text[method][i, k] = j.background == background
