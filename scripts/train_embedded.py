@@ -9,7 +9,8 @@ fine-tune for each novel instance), `export` (the diffusers folder and concept f
 stage checkpoints into --work and resumes from there; batches are drawn from per-step seeds, so a
 resumed run draws the same data as an uninterrupted one. Uses CUDA when present. `--unet-init`
 continues an exported UNet + text encoder, `--decoder-init` fine-tunes only an exported VAE's
-decoder (its latent space stays), `--init-from` retrains only the concepts.
+decoder (its latent space stays), `--init-from` retrains only the concepts. `--ti-vectors N` gives a
+textual-inversion token N vectors (diffusers' --num_vectors), each starting as the class word.
 
 The world's captions name patterns (`a blue striped square`, `a green star with a hole`,
 --pattern-mix of the scenes) on every shape and colour except the concepts' instances
@@ -770,11 +771,25 @@ def _diffusion_loss(unet, z0, alphas, cond, g, device):
     return F.mse_loss(pred, eps)
 
 
-def concept_ids(vocab: Vocab, words: list[str], token: str):
-    """ids with the concept token's position marked (its id is a placeholder, its vector learned)."""
+def concept_ids(vocab: Vocab, words: list[str], token: str, n: int = 1):
+    """ids with the concept token's first position (its `n` ids are placeholders, its vectors learned)."""
     pos = words.index(token) + 1
-    ids = vocab.ids_of([STAR if w == token else w for w in words])
+    ids = vocab.ids_of([x for w in words for x in ([STAR] * n if w == token else [w])])
     return ids, pos
+
+
+def vector_rows(vec: torch.Tensor, poss, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vectors (b, length, dim), mask (b, length)): the concept's `vec` ((n, dim) or (dim,)) written at
+    positions pos..pos+n-1 of each row."""
+    vec = vec.view(-1, vec.shape[-1])
+    b, n = len(poss), vec.shape[0]
+    at = torch.tensor(poss, device=vec.device).view(-1, 1) + torch.arange(n, device=vec.device)
+    mask = torch.zeros(b, length, dtype=torch.bool, device=vec.device)
+    mask[torch.arange(b, device=vec.device).view(-1, 1), at] = True
+    vectors = torch.zeros(b, length, vec.shape[1], dtype=vec.dtype, device=vec.device)
+    vectors = vectors.index_put((torch.arange(b, device=vec.device).view(-1, 1).expand(b, n), at),
+                                vec.unsqueeze(0).expand(b, n, -1))
+    return vectors, mask
 
 
 # What each concept method trains, and its learning rates: textual inversion one token vector;
@@ -827,7 +842,8 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         refs = vae.encode(render(references(name), device=device)).latent_dist.mean * scale  # (n, 4, 16, 16)
     emb = token_embeddings(te).weight
     init = emb[vocab.ids[STAR] if kind == "cd" else vocab.ids[info["class_word"]]].detach().clone()
-    vec = torch.nn.Parameter(init.clone(), requires_grad=kind != "te")
+    n_vec = args.ti_vectors if kind == "ti" else 1  # diffusers' --num_vectors: each starts as the init word
+    vec = torch.nn.Parameter(init.clone().repeat(n_vec, 1) if n_vec > 1 else init.clone(), requires_grad=kind != "te")
     groups = [dict(params=[vec], lr=args.ti_lr)] if kind != "te" else []
     model, encoder = unet, te
     if kind == "cd":
@@ -860,11 +876,9 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         rng = random.Random(args.seed * 31 + step)
         g = torch.Generator(device).manual_seed(args.seed * 31 + step)
         b = args.concept_batch
-        rows, poss = zip(*[concept_ids(vocab, rng.choice(prompts), token) for _ in range(b)])
+        rows, poss = zip(*[concept_ids(vocab, rng.choice(prompts), token, n_vec) for _ in range(b)])
         ids = torch.tensor(rows, device=device)
-        mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-        mask[torch.arange(b), torch.tensor(poss)] = True
-        vectors = vec.view(1, 1, -1).expand(b, MAX_LEN, -1)
+        vectors, mask = vector_rows(vec, poss, ids.shape[1])
         z0 = refs[torch.tensor([rng.randrange(len(refs)) for _ in range(b)], device=device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             cond = encode(encoder, ids, vectors, mask).hidden
@@ -943,11 +957,11 @@ def validation_reproduction(args, device, name, kind, model, encoder, vae, scale
     info, token = INSTANCES[name], f"<{name}>"
     n = args.concept_eval_n
     words = ["a", "photo", "of", "a", token] + ([info["class_word"]] if kind == "cd" else [])
-    row, pos = concept_ids(vocab, words, token)
+    n_vec = vec.numel() // vec.shape[-1] if kind == "ti" else 1
+    row, pos = concept_ids(vocab, words, token, n_vec)
     ids = torch.tensor([row], device=device)
-    mask = torch.zeros(ids.shape, dtype=torch.bool, device=device)
-    mask[0, pos] = True
-    cond = encode(encoder, ids, vec.detach().view(1, 1, -1).expand(1, MAX_LEN, -1), mask).hidden
+    vectors, mask = vector_rows(vec.detach(), [pos], ids.shape[1])
+    cond = encode(encoder, ids, vectors, mask).hidden
     images = sample(vae, model, encoder, scale, cond.expand(n, -1, -1).float(), args.guidance, VALIDATION_SEED)
     return sum(fidelity(classify(im), info["scene"]) for im in images) / n
 
@@ -976,7 +990,7 @@ def export(args, vae, unet, te, scale, concepts) -> None:
             from PIL import Image
             Image.fromarray(img).save(folder / "references" / f"{i}.png")
             refs.append(f"references/{i}.png")
-        save_file({c["token"]: c["vector"].view(1, -1).to(torch.float16)}, folder / "learned_embeds.safetensors")
+        save_file({c["token"]: c["vector"].view(-1, c["vector"].shape[-1]).to(torch.float16)}, folder / "learned_embeds.safetensors")
         manifest = dict(name=f"{name}-{kind}", token=c["token"], class_word=INSTANCES[name]["class_word"],
                         kind=KINDS[kind],
                         weights="learned_embeds.safetensors", references=refs, model=MODEL_NAME,
@@ -1079,6 +1093,8 @@ def main(argv=None) -> None:
     ap.add_argument("--cd-prior", choices=("world", "class", "templates"), default="world",
                     help="Custom Diffusion's regularization scenes: any of the world's, only its class's (as the method "
                          "does), or its class's captioned with the concept prompts' phrasings")
+    ap.add_argument("--ti-vectors", type=int, default=1, metavar="N",
+                    help="vectors of a textual-inversion token (diffusers' --num_vectors), each starting as its class word")
     ap.add_argument("--ti-lr", type=float, default=5e-3,
                     help="learning rate of a concept's token vector (textual inversion, Custom Diffusion)")
     ap.add_argument("--concept-steps", type=concept_steps, default=concept_steps("400"), metavar="N|KIND=N,...",

@@ -179,3 +179,21 @@ def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(e
     for name in ("holed-star-ti", "holed-star-cd"):
         assert fid[name][1] >= 0.3, name
     assert np.mean([after for _, after in text.values()]) >= 0.65
+
+
+def test_alignit_on_every_row_of_custom_diffusion_writes_the_modifier_row_and_changes_only_alignit(embedded):
+    """`table1(rows="concept")` (scripts/table1.py --rows concept) has AlignIT take Custom Diffusion's
+    modifier row too: the one before the class word, which the paper's AlignIT leaves as p's."""
+    from alignit_core import generate_concept
+
+    concept, _ = _concept(embedded, "holed-star-cd")
+    prompt = "a photo of a <holed-star> on a green background"
+    plan = embedded.family.concept_plan(prompt, concept.words).plan
+    assert plan.positions == (5,) and plan.unstarred() == (4, 5)
+    settings = Settings(seed=3, steps=4, record_maps=False)
+    paper = generate_concept(embedded, prompt, concept, settings)
+    every = generate_concept(embedded, prompt, concept, settings, positions=list(plan.unstarred()))
+    assert every.swapped["alignit"] == (4, 5) and paper.swapped["alignit"] == (5,)
+    assert np.array_equal(np.asarray(every.images["customized"]), np.asarray(paper.images["customized"]))
+    gap = np.abs(np.asarray(every.images["alignit"], float) - np.asarray(paper.images["alignit"], float))
+    assert gap.mean() > 1.0

@@ -139,6 +139,8 @@ def test_a_flux_word_of_other_t5_length_reads_p_prime_at_its_own_positions(flux)
     cat = [t.position for t in plan.source.tokens if t.word == "cat"]
     assert plan.source.text == "* * cat" and plan.positions == tuple(dog) and plan.source_positions == tuple(cat)
     assert dog != cat
+    # p's rows pair with p''s word by word: every row of the concept is a position of its own
+    assert plan.unstarred() == tuple(dog) and plan.narrowed({dog[0]}).unstarred() == (dog[0],)
 
 
 def test_a_flux_word_swap_changes_the_image_and_only_that_rows_keys_and_values(flux):
