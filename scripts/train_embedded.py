@@ -779,16 +779,13 @@ def concept_ids(vocab: Vocab, words: list[str], token: str, n: int = 1):
 
 
 def vector_rows(vec: torch.Tensor, poss, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(vectors (b, length, dim), mask (b, length)): the concept's `vec` ((n, dim) or (dim,)) written at
-    positions pos..pos+n-1 of each row."""
-    vec = vec.view(-1, vec.shape[-1])
+    """(vectors (b, length, dim), mask (b, length)): the concept's vectors `vec` (n, dim) written at
+    positions pos..pos+n-1 of each row (`concept_ids`' first positions)."""
     b, n = len(poss), vec.shape[0]
-    at = torch.tensor(poss, device=vec.device).view(-1, 1) + torch.arange(n, device=vec.device)
     mask = torch.zeros(b, length, dtype=torch.bool, device=vec.device)
-    mask[torch.arange(b, device=vec.device).view(-1, 1), at] = True
-    vectors = torch.zeros(b, length, vec.shape[1], dtype=vec.dtype, device=vec.device)
-    vectors = vectors.index_put((torch.arange(b, device=vec.device).view(-1, 1).expand(b, n), at),
-                                vec.unsqueeze(0).expand(b, n, -1))
+    mask[torch.arange(b).view(-1, 1), torch.tensor(poss).view(-1, 1) + torch.arange(n)] = True
+    vectors = vec.new_zeros(b, length, vec.shape[1])
+    vectors[mask] = vec.repeat(b, 1)  # the mask's True entries run row by row, pos..pos+n-1 in each
     return vectors, mask
 
 
@@ -843,7 +840,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
     emb = token_embeddings(te).weight
     init = emb[vocab.ids[STAR] if kind == "cd" else vocab.ids[info["class_word"]]].detach().clone()
     n_vec = args.ti_vectors if kind == "ti" else 1  # diffusers' --num_vectors: each starts as the init word
-    vec = torch.nn.Parameter(init.clone().repeat(n_vec, 1) if n_vec > 1 else init.clone(), requires_grad=kind != "te")
+    vec = torch.nn.Parameter(init.repeat(n_vec, 1), requires_grad=kind != "te")  # (n_vec, dim)
     groups = [dict(params=[vec], lr=args.ti_lr)] if kind != "te" else []
     model, encoder = unet, te
     if kind == "cd":
@@ -957,8 +954,7 @@ def validation_reproduction(args, device, name, kind, model, encoder, vae, scale
     info, token = INSTANCES[name], f"<{name}>"
     n = args.concept_eval_n
     words = ["a", "photo", "of", "a", token] + ([info["class_word"]] if kind == "cd" else [])
-    n_vec = vec.numel() // vec.shape[-1] if kind == "ti" else 1
-    row, pos = concept_ids(vocab, words, token, n_vec)
+    row, pos = concept_ids(vocab, words, token, vec.shape[0])
     ids = torch.tensor([row], device=device)
     vectors, mask = vector_rows(vec.detach(), [pos], ids.shape[1])
     cond = encode(encoder, ids, vectors, mask).hidden
@@ -990,7 +986,7 @@ def export(args, vae, unet, te, scale, concepts) -> None:
             from PIL import Image
             Image.fromarray(img).save(folder / "references" / f"{i}.png")
             refs.append(f"references/{i}.png")
-        save_file({c["token"]: c["vector"].view(-1, c["vector"].shape[-1]).to(torch.float16)}, folder / "learned_embeds.safetensors")
+        save_file({c["token"]: c["vector"].to(torch.float16)}, folder / "learned_embeds.safetensors")
         manifest = dict(name=f"{name}-{kind}", token=c["token"], class_word=INSTANCES[name]["class_word"],
                         kind=KINDS[kind],
                         weights="learned_embeds.safetensors", references=refs, model=MODEL_NAME,

@@ -230,12 +230,11 @@ def test_a_textual_inversion_of_several_vectors_trains_each_and_loads_as_diffuse
     """--ti-vectors N: the token is N placeholders in every caption (diffusers' --num_vectors), each
     vector starting as the class word; the file holds (N, dim) and the engine spells the token out."""
     from safetensors.torch import load_file
+    from transformers import CLIPTokenizer
 
     from alignit_core import Settings, generate_concept, load_concept, load_model
     from alignit_core.models import EMBEDDED
-    from transformers import CLIPTokenizer
-
-    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, concept_ids, vector_rows
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, concept_ids, main, vector_rows
 
     vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
     ids, pos = concept_ids(vocab, ["a", "photo", "of", "a", "<x>", "circle"], "<x>", 3)
@@ -244,11 +243,8 @@ def test_a_textual_inversion_of_several_vectors_trains_each_and_loads_as_diffuse
     vectors, mask = vector_rows(vec, [1, 4], 9)
     assert mask.nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [1, 4], [1, 5], [1, 6]]
     assert torch.equal(vectors[1, 4:7], vec) and torch.equal(vectors[0, 1:4], vec) and vectors[~mask].abs().sum() == 0
-    main_args = ["--smoke", "--init-from", str(EMBEDDED), "--concepts", "holed-star-ti", "--ti-vectors", "2",
-                 "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
-    from scripts.train_embedded import main
-
-    main(main_args)
+    main(["--smoke", "--init-from", str(EMBEDDED), "--concepts", "holed-star-ti", "--ti-vectors", "2",
+          "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     folder = tmp_path / "out" / "concepts" / "holed-star-ti"
     vectors = load_file(folder / "learned_embeds.safetensors")["<holed-star>"]
     assert vectors.shape[0] == 2 and not torch.equal(vectors[0], vectors[1])
@@ -256,7 +252,10 @@ def test_a_textual_inversion_of_several_vectors_trains_each_and_loads_as_diffuse
     concept = load_concept(folder, model)
     gen = generate_concept(model, "a <holed-star> on a red background", concept, Settings(seed=0, steps=2))
     assert [t.text for t in gen.tokens["customized"]][2:4] == ["<holed-star>", "<holed-star>_1"]
-    assert set(gen.images) == {"customized", "alignit"}
+    # right alignment: the last vector lands on `star`, the first over the `a` before it (AlignIT leaves that row)
+    assert gen.swapped["alignit"] == (2,)
+    plan = model.family.concept_plan("a <holed-star> on a red background", concept.words).plan
+    assert plan.source.vectors == {1: 0, 2: 1} and plan.unstarred() == (1, 2)
 
 
 def test_mmdit_training_smoke_run_exports_an_sd3_folder_and_concepts_that_load(tmp_path):
