@@ -22,6 +22,11 @@ end rows from there too (which of the rows AlignIT leaves as p's hold the instan
 blue background`, ...): text alignment and fidelity of the customized prompt, AlignIT (`p` with the token's
 row from `p'`), AlignIT with the rows after the last word (end of text, padding) also from `p'`, AlignIT with
 them from the customized prompt, and the base model on `p`.
+
+`--levels` asks at which resolution the UNet reads a text-side concept: `a photo of a <token>` drawn with the
+base prompt's rows at every cross-attention layer but some, where the layer reads rows of the customized prompt
+instead (the token's row, the end rows, or both), at every level, at the 16x16 layers only, or at the 8x8 and
+4x4 ones only.
 """
 from __future__ import annotations
 
@@ -54,6 +59,8 @@ def main(argv=None) -> None:
     ap.add_argument("--assets", type=Path, default=ROOT / "assets",
                     help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
     ap.add_argument("--only", nargs="+", help="concept folder names to measure (default: all)")
+    ap.add_argument("--levels", action="store_true",
+                    help="text-side concepts: the customized rows read at some cross-attention levels only")
     ap.add_argument("--table1-prompts", action="store_true",
                     help="text-side concepts on Table 1's prompts, with the end-of-text rows from p' or the customized prompt")
     args = ap.parse_args(argv)
@@ -75,7 +82,7 @@ def main(argv=None) -> None:
         if args.only and concept.name not in args.only:
             continue
         inst = INSTANCES[concept.token.strip("<>")]
-        if concept.kind == "custom_diffusion" and not args.table1_prompts:
+        if concept.kind == "custom_diffusion" and not (args.table1_prompts or args.levels):
             weights_rows(model, concept, inst, args)
             continue
         if concept.kind not in ("textual_inversion", "text_encoder"):
@@ -84,6 +91,9 @@ def main(argv=None) -> None:
         custom_te = concept.text_encoders[0].float() if concept.text_encoders else te
         if args.table1_prompts:
             end_rows(concept, inst, vec, custom_te, (vae, unet, te, scale), ids, args)
+            continue
+        if args.levels:
+            level_rows(concept, inst, vec, custom_te, (vae, unet, te, scale), ids, args)
             continue
         pos = 5  # the token's row in `a photo of a <token>` and in `* * * * <token>`
 
@@ -106,11 +116,18 @@ def main(argv=None) -> None:
         drawn = None  # per seed, by the customized prompt (the first variant)
         for label, cond in variants.items():
             images = sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, 0, args.steps)
-            hits = [fidelity(classify(im), inst["scene"]) for im in images]
-            drawn = hits if drawn is None else drawn
-            kept = sum(h and d for h, d in zip(hits, drawn))
-            print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits)} / {args.seeds} | "
-                  f"{kept} / {sum(drawn)} |", flush=True)
+            drawn = report(concept, inst, label, images, drawn)
+
+
+def report(concept, inst, label, images, drawn: list[bool] | None) -> list[bool]:
+    """Print one table row: how many images draw the instance, and how many of the seeds in `drawn`
+    (those where the customized prompt drew it; None: these images are the customized prompt's)."""
+    hits = [fidelity(classify(im), inst["scene"]) for im in images]
+    drawn = hits if drawn is None else drawn
+    kept = sum(h and d for h, d in zip(hits, drawn))
+    print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits)} / {len(hits)} | "
+          f"{kept} / {sum(drawn)} |", flush=True)
+    return drawn
 
 
 def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
@@ -141,6 +158,72 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
     for label in labels:
         print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {np.mean(text[label]):.2f} | "
               f"{np.mean(fid[label]):.2f} | {len(text[label])} |", flush=True)
+
+
+class LevelRows:
+    """A cross-attention processor that reads `rows` (n, 77, dim) instead of the conditional half of
+    the batch it is given (classifier-free guidance: [unconditional, conditional]) when set."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, **kwargs):
+        if self.rows is not None:
+            encoder_hidden_states = torch.cat([encoder_hidden_states[:len(self.rows)], self.rows.to(encoder_hidden_states)])
+        return self.inner(attn, hidden_states, encoder_hidden_states, **kwargs)
+
+
+def level_processors(unet) -> dict[int, list[LevelRows]]:
+    """One LevelRows on every cross-attention layer, grouped by the latent side it works at (16, 8, 4)."""
+    levels: dict[int, list[LevelRows]] = {}
+    n_down = len(unet.config.block_out_channels) - 1
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            i = 0 if name.startswith("mid_block") else int(name.split(".")[1])
+            level = n_down if name.startswith("mid_block") else i if name.startswith("down_blocks") else n_down - i
+            proc = module.processor  # installed once, for every concept
+            if not isinstance(proc, LevelRows):
+                proc = LevelRows(proc)
+                module.set_processor(proc)
+            levels.setdefault(unet.config.sample_size // 2 ** level, []).append(proc)
+    return levels
+
+
+def level_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
+    """`a photo of a <token>`: the base prompt's rows, and at some levels the customized prompt's."""
+    vae, unet, te, scale = parts
+    pos = 5  # the token's row
+    mask = torch.zeros(1, MAX_LEN, dtype=torch.bool)
+    mask[0, pos] = True
+    with torch.no_grad():
+        custom = encode(custom_te, ids("a photo of a *"), vec, mask).hidden
+        base = encode(te, ids(f"a photo of a {inst['class_word']}")).hidden
+    token = torch.cat([base[:, :pos], custom[:, pos:pos + 1], base[:, pos + 1:]], 1)
+    end = torch.cat([base[:, :pos + 1], custom[:, pos + 1:]], 1)
+    both = torch.cat([base[:, :pos], custom[:, pos:]], 1)
+    levels = level_processors(unet)
+    fine, coarse = [s for s in levels if s == max(levels)], [s for s in levels if s != max(levels)]
+    variants = {
+        "customized prompt": dict.fromkeys(levels, custom),
+        "base prompt": {},
+        "the token's row from the customized prompt, every level": dict.fromkeys(levels, token),
+        "the end rows from the customized prompt, every level": dict.fromkeys(levels, end),
+        "the token's and end rows from the customized prompt, every level": dict.fromkeys(levels, both),
+        "the token's and end rows, at the 16x16 layers only": dict.fromkeys(fine, both),
+        "the token's and end rows, at the 8x8 and 4x4 layers only": dict.fromkeys(coarse, both),
+    }
+    drawn = None
+    try:
+        for label, rows in variants.items():
+            for side, procs in levels.items():
+                for proc in procs:
+                    proc.rows = rows[side].expand(args.seeds, -1, -1) if side in rows else None
+            images = sample(vae, unet, te, scale, base.expand(args.seeds, -1, -1), args.guidance, 0, args.steps)
+            drawn = report(concept, inst, label, images, drawn)
+    finally:
+        for procs in levels.values():
+            for proc in procs:
+                proc.rows = None
 
 
 def weights_rows(model, concept, inst, args) -> None:

@@ -32,6 +32,9 @@ about it, each a share of the captions:
   no row carries another word;
 * --eot-mix: the rows from the end token on are another caption's, so they tell nothing about the
   picture and the UNet learns to read nothing from them;
+* --end-noise: the end and padding rows moved together by one random direction (a text-encoder
+  fine-tune moves them that way), the picture unchanged, so that whatever is later written into
+  them is not read;
 * --compound-mix: the object's words (`red striped circle`) are folded into one vector made of their
   embeddings (scaled 1-10x, as textual inversion's vectors grow, and noised), whose row is computed
   in the caption or among `*`s, and the target shows the object: one row names a whole object,
@@ -609,6 +612,22 @@ def noisy_rows(cond: torch.Tensor, eos: torch.Tensor, share: float, scale: float
     return cond + direction * size * words.unsqueeze(-1)
 
 
+def noisy_end_rows(cond: torch.Tensor, eos: torch.Tensor, share: float, scale: float,
+                   g: torch.Generator) -> torch.Tensor:
+    """`--end-noise`: in a `share` of the captions, every row from the end token on moved by one
+    random direction of norm up to `scale` x the rows' mean norm, the same for all of them, as a
+    text-encoder fine-tune moves them (measured on v4's: 0.7-0.9 x their norm, cosine 0.9 between the
+    rows' shifts); the picture is unchanged, so the UNet learns to read nothing from them."""
+    b, n, _ = cond.shape
+    picked = (torch.rand(b, generator=g, device=cond.device) < share) & (eos > 1)  # captions only
+    end = (torch.arange(n, device=cond.device).view(1, n) >= eos.view(b, 1)) & picked.view(b, 1)
+    direction = torch.randn(b, 1, cond.shape[2], generator=g, device=cond.device, dtype=cond.dtype)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    size = torch.rand(b, 1, 1, generator=g, device=cond.device, dtype=cond.dtype) * scale
+    size = size * cond.norm(dim=-1).mean(1).view(b, 1, 1)
+    return cond + direction * size * end.unsqueeze(-1)
+
+
 def star_drift(te, vocab: Vocab, star: torch.Tensor, rng: random.Random, n: int = 64) -> torch.Tensor:
     """Per sample, how far a token's row after the start of one of textual inversion's phrasings (`a
     photo of a`, `the`, ...) lies from its row after as many `*` with `star` as their embedding: the
@@ -728,6 +747,8 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             cond = condition(te, batch)
             if args.row_noise:
                 cond = noisy_rows(cond, batch.eos.to(device), args.row_noise_mix, args.row_noise, g)
+            if args.end_noise:
+                cond = noisy_end_rows(cond, batch.eos.to(device), args.end_noise_mix, args.end_noise, g)
             probe.maps.clear()
             pred = unet(zt, t, encoder_hidden_states=cond).sample.float()
         loss = F.mse_loss(pred, eps)
@@ -813,9 +834,9 @@ KINDS = {"ti": "textual_inversion", "cd": "custom_diffusion", "te": "text_encode
 TE_LAYERS = (1, 2)  # the text encoder layers whose self-attention k/v a text-encoder concept fine-tunes
 
 
-def _te_params(te) -> dict[str, torch.nn.Parameter]:
+def _te_params(te, layers=TE_LAYERS) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in te.named_parameters()
-            if any(f"layers.{i}.self_attn.{proj}." in n for i in TE_LAYERS for proj in ("k_proj", "v_proj"))}
+            if any(f"layers.{i}.self_attn.{proj}." in n for i in layers for proj in ("k_proj", "v_proj"))}
 
 
 def concept_steps(text: str) -> dict[str, int]:
@@ -851,7 +872,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         groups.append(dict(params=kv, lr=args.cd_kv_lr))
     if kind == "te":
         encoder = copy.deepcopy(te)
-        tuned = list(_te_params(encoder).values())
+        tuned = list(_te_params(encoder, args.te_layers).values())
         for p in tuned:
             p.requires_grad_(True)
         groups.append(dict(params=tuned, lr=args.te_concept_lr))
@@ -937,7 +958,8 @@ def _concept_state(kind: str, vec, model, encoder) -> dict:
         out["kv"] = {n: p.detach().cpu().float().clone() for n, p in model.named_parameters()
                      if "attn2.to_k" in n or "attn2.to_v" in n}
     if kind == "te":
-        out["text_encoder"] = {n: p.detach().cpu().float().clone() for n, p in _te_params(encoder).items()}
+        out["text_encoder"] = {n: p.detach().cpu().float().clone() for n, p in encoder.named_parameters()
+                               if p.requires_grad}  # the layers --te-layers tuned
     return out
 
 
@@ -1060,6 +1082,13 @@ def main(argv=None) -> None:
     ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",
                     help="move word rows by random directions of norm up to R x their own (`noisy_rows`)")
     ap.add_argument("--row-noise-mix", type=float, default=0.5, help="share of captions --row-noise applies to")
+    ap.add_argument("--end-noise", type=float, default=0.0, metavar="R",
+                    help="move the end-of-text and padding rows together by one random direction of norm up to "
+                         "R x their own (`noisy_end_rows`), the picture unchanged")
+    ap.add_argument("--te-layers", type=lambda t: tuple(int(i) for i in t.split(",")), default=TE_LAYERS,
+                    metavar="I,J", help="the text-encoder layers (0-based) whose self-attention k/v a text-encoder "
+                                        "concept fine-tunes (default 1,2: the last two of three)")
+    ap.add_argument("--end-noise-mix", type=float, default=0.5, help="share of captions --end-noise applies to")
     ap.add_argument("--neutral-star", type=int, default=0, metavar="STEPS",
                     help="before the concepts, tune the `*` token's embedding alone (`neutral_star`)")
     ap.add_argument("--eot-mix", type=float, default=0.0,

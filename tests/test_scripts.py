@@ -42,6 +42,39 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     assert len(rows) == 5 and all(r[1] == "textual inversion" and r[-1] == "12 |" for r in rows)
 
 
+def test_concept_rows_levels_read_the_customized_rows_only_at_the_levels_asked(capsys):
+    """`--levels`: the processor that hands a layer the customized rows instead of the base prompt's
+    reproduces the customized prompt exactly when every layer reads them and the base prompt when none
+    does, and a layer set to some rows changes the picture only through those layers."""
+    import torch
+
+    from alignit_core.toy.sampling import load_exported, sample
+    from scripts.concept_rows import ROOT, level_processors, main
+
+    vae, unet, te, scale = load_exported(ROOT / "assets" / "embedded-shapes", torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    base, custom = torch.randn(2, 1, 77, te.config.hidden_size, generator=g)
+    plain = [sample(vae, unet, te, scale, rows, 10.0, 0, 3) for rows in (base, custom)]
+    levels = level_processors(unet)
+    assert sorted(levels) == [4, 8, 16] and sum(map(len, levels.values())) == 7
+    assert level_processors(unet) == levels  # installed once
+    for proc in (p for procs in levels.values() for p in procs):
+        proc.rows = custom
+    assert (sample(vae, unet, te, scale, base, 10.0, 0, 3) == plain[1]).all()
+    for proc in levels[16]:
+        proc.rows = None
+    coarse = sample(vae, unet, te, scale, base, 10.0, 0, 3)
+    assert not (coarse == plain[0]).all() and not (coarse == plain[1]).all()
+    for proc in (p for procs in levels.values() for p in procs):
+        proc.rows = None
+    assert (sample(vae, unet, te, scale, base, 10.0, 0, 3) == plain[0]).all()
+
+    main(["--seeds", "1", "--steps", "2", "--levels", "--only", "holed-star-te", "holed-star-cd"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
+    assert len(rows) == 7 and all(r[1] == "text-encoder fine-tune" for r in rows)  # Custom Diffusion: not text-side
+    assert rows[0][2] == "customized prompt" and rows[1][2] == "base prompt"
+
+
 def test_table1_script_adds_the_instance_asked_in_words(capsys):
     """`--words`: two more columns (the base model on the prompts with the instance's words, and AlignIT's
     share of its fidelity), the same cells in every row as in the header."""

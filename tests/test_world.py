@@ -258,6 +258,31 @@ def test_a_textual_inversion_of_several_vectors_trains_each_and_loads_as_diffuse
     assert plan.source.vectors == {1: 0, 2: 1} and plan.unstarred() == (1, 2)
 
 
+def test_a_text_encoder_fine_tune_tunes_and_writes_only_the_layers_asked(tmp_path):
+    """--te-layers: which layers' self-attention keys and values a text-encoder concept fine-tunes; its
+    file holds those and no others (the shipped ones: the last two of three), and it loads."""
+    from safetensors.torch import load_file
+
+    from alignit_core import load_concept, load_model
+    from alignit_core.models import EMBEDDED
+    from scripts.train_embedded import main
+
+    def layers(path):
+        return {(int(k.split("layers.")[1].split(".")[0]), k.split(".")[-2]) for k in load_file(path)}
+
+    assert layers(EMBEDDED.parent / "concepts" / "holed-star-te" / "text_encoder.safetensors") == {
+        (i, p) for i in (1, 2) for p in ("k_proj", "v_proj")}
+    main(["--smoke", "--init-from", str(EMBEDDED), "--concepts", "holed-star-te", "--te-layers", "2",
+          "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    folder = tmp_path / "out" / "concepts" / "holed-star-te"
+    assert layers(folder / "text_encoder.safetensors") == {(2, "k_proj"), (2, "v_proj")}
+    model = load_model("embedded", device="cpu")
+    tuned = load_concept(folder, model).text_encoders[0]
+    base = dict(model.text_encoders[0].named_parameters())
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p.to(base[n]), base[n])}
+    assert changed and all("layers.2.self_attn." in n for n in changed)
+
+
 def test_mmdit_training_smoke_run_exports_an_sd3_folder_and_concepts_that_load(tmp_path):
     """scripts/train_mmdit.py beside an exported UNet model: the SD3 folder it writes links the UNet
     model's VAE, encoder and tokenizer files (relative links), loads in the engine, swaps, and its
@@ -462,6 +487,28 @@ def test_row_noise_moves_only_word_rows_of_the_captions_picked_and_by_at_most_it
     assert torch.all(shift[picked.view(-1, 1) & words] > 0) and shift.max() <= 0.3 + 1e-5
     assert shift[picked.view(-1, 1) & words].max() > 0.2  # sizes spread up to the scale
     assert torch.equal(noisy_rows(cond, eos, 0.0, 0.3, g), cond)
+
+
+def test_end_noise_moves_the_end_rows_of_the_captions_picked_together_and_nothing_else():
+    from scripts.train_embedded import noisy_end_rows
+
+    g = torch.Generator().manual_seed(0)
+    cond, eos = torch.randn(64, 77, 16), torch.randint(2, 20, (64,))
+    eos[:4] = 1  # captions dropped for guidance: never moved
+    moved = noisy_end_rows(cond, eos, 0.5, 1.0, g)
+    delta = moved - cond
+    pos = torch.arange(77).view(1, -1)
+    end = pos >= eos.view(-1, 1)
+    assert torch.all(delta[~end] == 0)  # start token and words untouched
+    picked = delta.norm(dim=-1).amax(dim=1) > 0
+    assert not picked[:4].any() and 16 <= picked.sum() <= 48  # about half the captions
+    for b in picked.nonzero().flatten().tolist():  # one direction and one size for all of a caption's end rows
+        rows = delta[b, int(eos[b]):]
+        assert torch.allclose(rows, rows[:1].expand_as(rows), atol=1e-6)
+        assert rows[0].norm() <= cond[b].norm(dim=-1).mean() + 1e-5
+    sizes = torch.stack([delta[b, -1].norm() / cond[b].norm(dim=-1).mean() for b in picked.nonzero().flatten()])
+    assert sizes.max() > 0.7  # sizes spread up to the scale
+    assert torch.equal(noisy_end_rows(cond, eos, 0.0, 1.0, g), cond)
 
 
 def test_neutral_star_tunes_only_the_star_so_rows_after_stars_read_as_after_phrasings():
