@@ -40,6 +40,7 @@ import torch
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.encoding import encode
+from alignit_core.families.sd_unet import cross_attention_sides
 from alignit_core.conditioning import Row
 from alignit_core.generate import run_rows
 from alignit_core.settings import Settings, resolve
@@ -176,16 +177,12 @@ class LevelRows:
 def level_processors(unet) -> dict[int, list[LevelRows]]:
     """One LevelRows on every cross-attention layer, grouped by the latent side it works at (16, 8, 4)."""
     levels: dict[int, list[LevelRows]] = {}
-    n_down = len(unet.config.block_out_channels) - 1
-    for name, module in unet.named_modules():
-        if name.endswith("attn2"):
-            i = 0 if name.startswith("mid_block") else int(name.split(".")[1])
-            level = n_down if name.startswith("mid_block") else i if name.startswith("down_blocks") else n_down - i
-            proc = module.processor  # installed once, for every concept
-            if not isinstance(proc, LevelRows):
-                proc = LevelRows(proc)
-                module.set_processor(proc)
-            levels.setdefault(unet.config.sample_size // 2 ** level, []).append(proc)
+    for _, side, module in cross_attention_sides(unet):
+        proc = module.processor  # installed once, for every concept
+        if not isinstance(proc, LevelRows):
+            proc = LevelRows(proc)
+            module.set_processor(proc)
+        levels.setdefault(side, []).append(proc)
     return levels
 
 

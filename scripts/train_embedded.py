@@ -76,6 +76,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from alignit_core.encoding import encode, token_embeddings
+from alignit_core.families.sd_unet import cross_attention_sides
 from alignit_core.toy.instances import INSTANCES, references
 from alignit_core.toy.sampling import MAX_LEN, load_exported, noise_schedule, sample
 from alignit_core.toy.shapes import (COLOURS, HELD_OUT, NOVEL, PATTERN_PHRASES, PATTERNS, SHAPES, TEMPLATES, Scene,
@@ -509,13 +510,9 @@ class AttentionProbe:
 def probe_cross_attention(unet, sides=(16,)) -> AttentionProbe:
     """Install one AttentionProbe on every cross-attention layer working at `sides` (latent 16x16)."""
     probe = AttentionProbe()
-    n_down = len(unet.config.block_out_channels) - 1
-    for name, module in unet.named_modules():
-        if name.endswith("attn2") and (not name.startswith("mid_block") or len(sides) > 1):
-            i = 0 if name.startswith("mid_block") else int(name.split(".")[1])
-            level = n_down if name.startswith("mid_block") else i if name.startswith("down_blocks") else n_down - i
-            if unet.config.sample_size // 2 ** level in sides:
-                module.set_processor(probe)
+    for name, side, module in cross_attention_sides(unet):
+        if side in sides and (not name.startswith("mid_block") or len(sides) > 1):
+            module.set_processor(probe)
     return probe
 
 

@@ -98,9 +98,10 @@ CONCEPTS = [f"{instance}-{kind}" for instance in ("striped-ball", "holed-star") 
 CUSTOMIZED_FLOOR = 0.3  # README: 0.50-1.00 over 16 seeds
 # Textual inversion's identity lives in the token's own row: among the seeds where the customized
 # prompt draws the instance, AlignIT (that row from `* * * * <token>`) draws it too in about half
-# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball).
-# Custom Diffusion and the text-encoder fine-tune keep theirs elsewhere (README), and are not held to it.
-KEPT_FLOOR = {"ti": 0.25}
+# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball), and so
+# does the holed star's text-encoder fine-tune, tuned at the encoder's last layer (7 / 14; 2 / 6 at 8 seeds).
+# Custom Diffusion and the striped ball's fine-tune keep theirs elsewhere (README), and are not held to it.
+KEPT_FLOOR = {"ti": 0.25, "holed-star-te": 0.25}
 IOU_FLOOR = 0.65  # README: object words 0.79, pattern 0.76, background 0.93; a map hot everywhere ~0.2
 
 
@@ -118,7 +119,8 @@ def test_each_shipped_concept_reproduces_its_instance(embedded, name):
     """The concept loads through the engine's loaders and `a photo of a <token>` draws the novel
     instance (a circle striped red and white / an orange star with a hole, `evaluate.fidelity`),
     where the base model on `a photo of a <class word>` draws it in no seed (the world never drew
-    these instances); for textual inversion, AlignIT, whose only customized row is the token's
+    these instances); for textual inversion and the holed star's last-layer text-encoder fine-tune,
+    AlignIT, whose only customized row is the token's
     from `* * * * <token>`, draws it in a good share of the seeds where the customized prompt does.
     README gives each concept's rates over more seeds."""
     concept, instance = _concept(embedded, name)
@@ -126,9 +128,9 @@ def test_each_shipped_concept_reproduces_its_instance(embedded, name):
     print(f"{name}: {rates}")
     assert rates["customized"] >= CUSTOMIZED_FLOOR
     assert rates["base"] == 0.0
-    kind = name.rsplit("-", 1)[1]
-    if kind in KEPT_FLOOR:
-        assert rates["kept"] >= KEPT_FLOOR[kind]
+    floor = KEPT_FLOOR.get(name, KEPT_FLOOR.get(name.rsplit("-", 1)[1]))
+    if floor is not None:
+        assert rates["kept"] >= floor
 
 
 @pytest.mark.slow
@@ -160,9 +162,10 @@ def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_background
 def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(embedded):
     """The toy Table 1 at two seeds (README: ten). Every customized baseline ignores the asked
     background much of the time (the failure AlignIT fixes; README: 0.04-0.74); AlignIT draws it
-    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.74),
-    and keeps the holed star of textual inversion and Custom Diffusion (README: fidelity 0.61 and
-    0.57). What it does not keep (the striped ball's stripes, the text-encoder concepts) is README's too."""
+    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.78),
+    and keeps the holed star of textual inversion, Custom Diffusion and the text-encoder fine-tune
+    (README: fidelity 0.61, 0.57 and 0.50); the fine-tune's whole of it (README: 0.50 -> 0.50, target
+    (4); 0.42 -> 0.62 at these two seeds). What it does not keep (the striped ball's stripes) is README's too."""
     results = {}
     for name in CONCEPTS:
         concept, instance = _concept(embedded, name)
@@ -176,8 +179,9 @@ def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(e
         if not name.endswith("-ti"):
             assert text[name][1] >= text[name][0] + 0.2, name
         assert fid[name][0] >= 0.25, name  # the customized model draws its instance
-    for name in ("holed-star-ti", "holed-star-cd"):
+    for name in ("holed-star-ti", "holed-star-cd", "holed-star-te"):
         assert fid[name][1] >= 0.3, name
+    assert fid["holed-star-te"][1] >= 0.8 * fid["holed-star-te"][0]
     assert np.mean([after for _, after in text.values()]) >= 0.65
 
 

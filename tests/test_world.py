@@ -260,7 +260,8 @@ def test_a_textual_inversion_of_several_vectors_trains_each_and_loads_as_diffuse
 
 def test_a_text_encoder_fine_tune_tunes_and_writes_only_the_layers_asked(tmp_path):
     """--te-layers: which layers' self-attention keys and values a text-encoder concept fine-tunes; its
-    file holds those and no others (the shipped ones: the last two of three), and it loads."""
+    file holds those and no others (the shipped ones: the striped ball's the last two of three, the holed
+    star's the last alone), and it loads."""
     from safetensors.torch import load_file
 
     from alignit_core import load_concept, load_model
@@ -270,8 +271,10 @@ def test_a_text_encoder_fine_tune_tunes_and_writes_only_the_layers_asked(tmp_pat
     def layers(path):
         return {(int(k.split("layers.")[1].split(".")[0]), k.split(".")[-2]) for k in load_file(path)}
 
-    assert layers(EMBEDDED.parent / "concepts" / "holed-star-te" / "text_encoder.safetensors") == {
+    assert layers(EMBEDDED.parent / "concepts" / "striped-ball-te" / "text_encoder.safetensors") == {
         (i, p) for i in (1, 2) for p in ("k_proj", "v_proj")}
+    assert layers(EMBEDDED.parent / "concepts" / "holed-star-te" / "text_encoder.safetensors") == {
+        (2, "k_proj"), (2, "v_proj")}
     main(["--smoke", "--init-from", str(EMBEDDED), "--concepts", "holed-star-te", "--te-layers", "2",
           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
     folder = tmp_path / "out" / "concepts" / "holed-star-te"
@@ -323,6 +326,26 @@ def test_end_share_is_the_attention_given_to_the_end_and_padding_rows():
     probs[0, :, 3], probs[0, :, 0] = 0.0, 1.0  # all on the start token
     probs[1, :, 4], probs[1, :, 1] = 0.0, 1.0
     assert end_share([probs, probs], torch.tensor([3, 2])).item() == 0.0
+
+
+def test_the_attention_probe_sits_on_the_cross_attention_layers_of_the_sides_asked():
+    """The training losses read the 16x16 layers (outer down and up blocks), or every side asked;
+    the side of a layer is the engine's (MapLayers), so losses and heat maps mean the same layers."""
+    from diffusers import UNet2DConditionModel
+
+    from scripts.train_embedded import ROOT, probe_cross_attention
+
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "assets" / "embedded-shapes" / "unet")
+
+    def probed(probe):
+        return {n.split(".transformer")[0] for n, m in unet.named_modules() if n.endswith("attn2") and m.processor is probe}
+
+    fine = {"down_blocks.0.attentions.0", "up_blocks.2.attentions.0", "up_blocks.2.attentions.1"}
+    assert probed(probe_cross_attention(unet)) == fine
+    coarse = {"down_blocks.1.attentions.0", "up_blocks.1.attentions.0", "up_blocks.1.attentions.1",
+              "mid_block.attentions.0"}
+    assert probed(probe_cross_attention(unet, (8, 4))) == coarse
+    assert probed(probe_cross_attention(unet, (16, 8, 4))) == fine | coarse
 
 
 def test_row_drift_is_zero_for_rows_that_ignore_the_words_before_them():

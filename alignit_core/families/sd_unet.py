@@ -45,6 +45,15 @@ def block_of(layer: str) -> str:
     return layer.split("_", 1)[0]
 
 
+def cross_attention_sides(unet) -> list[tuple[str, int, torch.nn.Module]]:
+    """(name, latent side, module) of every cross-attention layer of `unet` at its native size
+    (16, 8 and 4 on the embedded model): the mapping MapLayers uses, for scripts that train or
+    probe a bare UNet."""
+    cross = {name: m for name, m in unet.named_modules() if name.endswith("attn2")}
+    maps = MapLayers(unet, cross, vae_scale=1)
+    return [(name, maps.side(name, unet.config.sample_size), m) for name, m in cross.items()]
+
+
 class MapLayers:
     """Which cross-attention layers record heat maps, and at which resolution."""
 
