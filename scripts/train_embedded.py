@@ -510,8 +510,8 @@ class AttentionProbe:
 def probe_cross_attention(unet, sides=(16,)) -> AttentionProbe:
     """Install one AttentionProbe on every cross-attention layer working at `sides` (latent 16x16)."""
     probe = AttentionProbe()
-    for name, side, module in cross_attention_sides(unet):
-        if side in sides and (not name.startswith("mid_block") or len(sides) > 1):
+    for _, side, module in cross_attention_sides(unet):
+        if side in sides:
             module.set_processor(probe)
     return probe
 

@@ -120,8 +120,8 @@ def test_each_shipped_concept_reproduces_its_instance(embedded, name):
     instance (a circle striped red and white / an orange star with a hole, `evaluate.fidelity`),
     where the base model on `a photo of a <class word>` draws it in no seed (the world never drew
     these instances); for textual inversion and the holed star's last-layer text-encoder fine-tune,
-    AlignIT, whose only customized row is the token's
-    from `* * * * <token>`, draws it in a good share of the seeds where the customized prompt does.
+    AlignIT, whose only customized row is the token's from `* * * * <token>`, draws it in a good share
+    of the seeds where the customized prompt does.
     README gives each concept's rates over more seeds."""
     concept, instance = _concept(embedded, name)
     rates = reproduction(embedded, concept, instance, range(8))

@@ -346,6 +346,7 @@ def test_the_attention_probe_sits_on_the_cross_attention_layers_of_the_sides_ask
               "mid_block.attentions.0"}
     assert probed(probe_cross_attention(unet, (8, 4))) == coarse
     assert probed(probe_cross_attention(unet, (16, 8, 4))) == fine | coarse
+    assert probed(probe_cross_attention(unet, (4,))) == {"mid_block.attentions.0"}
 
 
 def test_row_drift_is_zero_for_rows_that_ignore_the_words_before_them():
