@@ -2,6 +2,7 @@
 of a LoRA concept AlignIT keeps beyond the concept's keys and values.
 
     python scripts/measure_knobs.py --seeds 8                    # keys / values: swaps and shipped concepts
+    python scripts/measure_knobs.py --seeds 4 --only holed-star-te   # one shipped concept's row
     python scripts/measure_knobs.py --seeds 8 --loras out/lora/striped-ball out/lora/holed-star
 
 Keys only / values only / both (token swaps, `a {colour} {shape} on a {background} background`):
@@ -77,9 +78,11 @@ def _prompts(concept, instance, count: int) -> list[tuple[str, str]]:
     return table1_prompts(concept, instance)[:count]
 
 
-def concepts(model, seeds: range, steps: int, count: int) -> list[str]:
+def concepts(model, seeds: range, steps: int, count: int, only: list[str] | None = None) -> list[str]:
     lines = ["| concept | kind | rows swapped | text alignment | concept fidelity | n |", "|---|---|---|---|---|---|"]
     for concept in find_concepts(ROOT / "assets" / "concepts", model):
+        if only and concept.name not in only:
+            continue
         instance = _instance(concept)
         for mode, label in SWAP_KV.items():
             text, fid = [], []
@@ -127,11 +130,15 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per concept (backgrounds asked for)")
     ap.add_argument("--loras", nargs="*", type=Path, default=[], help="LoRA concept folders (scripts/train_lora.py)")
     ap.add_argument("--skip-kv", action="store_true", help="only the LoRA table")
+    ap.add_argument("--only", nargs="+", help="shipped concept folder names to measure (default: all); "
+                                              "the swaps' table is left out")
     args = ap.parse_args(argv)
     model = load_model("embedded", device="cpu")
     seeds = range(args.seeds)
     tables = [] if args.skip_kv else [lambda: swaps(model, seeds, args.steps),
-                                      lambda: concepts(model, seeds, args.steps, args.prompts)]
+                                      lambda: concepts(model, seeds, args.steps, args.prompts, args.only)]
+    if args.only and not args.skip_kv:
+        tables.pop(0)
     if args.loras:
         tables.append(lambda: loras(model, args.loras, seeds, args.steps, args.prompts))
     for table in tables:

@@ -2,6 +2,7 @@
 
     python scripts/table1.py                 # every prompt x 10 seeds per concept, ~10 min a concept on 2 CPU cores
     python scripts/table1.py --seeds 2       # quicker look
+    python scripts/table1.py --first-seed 100   # seeds 100-109: held out from README's table and the tests
     python scripts/table1.py --words         # and the base model asked for each instance in words
     python scripts/table1.py --model embedded-mmdit   # the MMDiT model's concepts (side-stream AlignIT)
     python scripts/table1.py --rows concept --only holed-star-cd --by-prompt   # Custom Diffusion's modifier row too
@@ -41,6 +42,8 @@ from alignit_core.toy.instances import INSTANCES
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="seeds FIRST .. FIRST+SEEDS-1 (e.g. 100: seeds no table or test of this project uses)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--assets", type=Path, default=EMBEDDED.parent,
                     help="a folder holding embedded-shapes/ and concepts/ (what train_embedded.py --out wrote)")
@@ -62,6 +65,7 @@ def main(argv=None) -> None:
     if args.write_examples and args.rows != "class":
         ap.error("--write-examples sets the demo's examples, which run the paper's AlignIT: leave --rows class")
     model = load_model(str(args.assets / args.model))
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     a = "AlignIT" if args.rows == "class" else "AlignIT (every row of the concept)"
     words = f" | base model asked in words: text, fidelity | {a} / words" if args.words else ""
     print(f"| concept | kind | text alignment: customized → {a} | gain (paired) | "
@@ -72,10 +76,10 @@ def main(argv=None) -> None:
         if args.only and concept.name not in args.only:
             continue
         instance = INSTANCES[concept.token.strip("<>")]["scene"]
-        t = table1(model, concept, instance, range(args.seeds), args.steps, args.rows)
+        t = table1(model, concept, instance, seeds, args.steps, args.rows)
         if args.words:  # the same for every concept of an instance
             if instance not in asked:
-                asked[instance] = asked_in_words(model, concept, instance, range(args.seeds), args.steps)
+                asked[instance] = asked_in_words(model, concept, instance, seeds, args.steps)
             t = t.with_method("words", *asked[instance])
         texts.append(t.text["alignit"].mean())
         extra = (f" | {t.mean('text', 'words')}, {t.mean('fidelity', 'words')} | "

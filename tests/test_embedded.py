@@ -98,10 +98,11 @@ CONCEPTS = [f"{instance}-{kind}" for instance in ("striped-ball", "holed-star") 
 CUSTOMIZED_FLOOR = 0.3  # README: 0.50-1.00 over 16 seeds
 # Textual inversion's identity lives in the token's own row: among the seeds where the customized
 # prompt draws the instance, AlignIT (that row from `* * * * <token>`) draws it too in about half
-# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball), and so
-# does the holed star's text-encoder fine-tune, tuned at the encoder's last layer (7 / 14; 2 / 6 at 8 seeds).
+# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball). The holed
+# star's text-encoder fine-tune, tuned at the encoder's last layer on textual inversion's phrasings, meets
+# target (1) (70 %): README 13 / 14 through the engine, 19 / 19 in `concept_rows.py` at 32 seeds; 6 / 6 at 8.
 # Custom Diffusion and the striped ball's fine-tune keep theirs elsewhere (README), and are not held to it.
-KEPT_FLOOR = {"ti": 0.25, "holed-star-te": 0.25}
+KEPT_FLOOR = {"ti": 0.25, "holed-star-te": 0.7}
 IOU_FLOOR = 0.65  # README: object words 0.79, pattern 0.76, background 0.93; a map hot everywhere ~0.2
 
 
@@ -162,10 +163,10 @@ def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_background
 def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(embedded):
     """The toy Table 1 at two seeds (README: ten). Every customized baseline ignores the asked
     background much of the time (the failure AlignIT fixes; README: 0.04-0.74); AlignIT draws it
-    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.78),
+    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.72),
     and keeps the holed star of textual inversion, Custom Diffusion and the text-encoder fine-tune
-    (README: fidelity 0.61, 0.57 and 0.50); the fine-tune's whole of it (README: 0.50 -> 0.50, target
-    (4); 0.42 -> 0.62 at these two seeds). What it does not keep (the striped ball's stripes) is README's too."""
+    (README: fidelity 0.61, 0.57 and 0.71); the fine-tune's whole of it (README: 0.60 -> 0.71, target
+    (4); 0.58 -> 0.71 at these two seeds). What it does not keep (the striped ball's stripes) is README's too."""
     results = {}
     for name in CONCEPTS:
         concept, instance = _concept(embedded, name)
@@ -181,7 +182,7 @@ def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(e
         assert fid[name][0] >= 0.25, name  # the customized model draws its instance
     for name in ("holed-star-ti", "holed-star-cd", "holed-star-te"):
         assert fid[name][1] >= 0.3, name
-    assert fid["holed-star-te"][1] >= 0.8 * fid["holed-star-te"][0]
+    assert fid["holed-star-te"][0] >= 0.45 and fid["holed-star-te"][1] >= 0.8 * fid["holed-star-te"][0]
     assert np.mean([after for _, after in text.values()]) >= 0.65
 
 

@@ -122,3 +122,41 @@ def test_lora_training_and_the_knobs_measurement_run(tmp_path, capsys):
     lora = [line for line in lines if line.startswith("| ohwx (holed-star) |")]
     assert [line.split(" | ")[1] for line in lora] == ["customized baseline", "AlignIT, rest 0", "AlignIT, rest 0.25",
                                                       "AlignIT, rest 0.5", "AlignIT, rest 1"]
+
+
+def test_both_tables_take_held_out_seeds(monkeypatch, capsys):
+    """`table1.py --first-seed F` evaluates seeds F .. F+SEEDS-1 (and asks the words on the same ones);
+    `concept_rows.py --noise-seed S` draws every conditioning's noise batch from generator seed S and
+    starts Custom Diffusion's engine seeds at S: acceptance can be measured on seeds no table uses."""
+    import scripts.concept_rows as rows_script
+    import scripts.table1 as table1_script
+
+    seen = []
+    real_table1, real_words = table1_script.table1, table1_script.asked_in_words
+    monkeypatch.setattr(table1_script, "table1", lambda m, c, i, seeds, *a: seen.append(list(seeds))
+                        or real_table1(m, c, i, seeds, *a))
+    monkeypatch.setattr(table1_script, "asked_in_words", lambda m, c, i, seeds, *a: seen.append(list(seeds))
+                        or real_words(m, c, i, seeds, *a))
+    table1_script.main(["--seeds", "2", "--first-seed", "100", "--steps", "1", "--only", "holed-star-ti", "--words"])
+    assert seen == [[100, 101], [100, 101]]
+
+    noise, engine = [], []
+    real_sample, real_resolve = rows_script.sample, rows_script.resolve
+    monkeypatch.setattr(rows_script, "sample", lambda *a: noise.append(a[6]) or real_sample(*a))
+    monkeypatch.setattr(rows_script, "resolve", lambda m, s: engine.append(s.seed) or real_resolve(m, s))
+    rows_script.main(["--seeds", "2", "--noise-seed", "7", "--steps", "1", "--only", "holed-star-ti", "holed-star-cd"])
+    assert noise == [7] * 5 and engine == [7, 8]
+    capsys.readouterr()
+
+
+def test_knobs_measurement_of_one_shipped_concept_leaves_the_rest_out(capsys):
+    """`measure_knobs.py --only NAME`: that concept's three rows (keys and values, keys only, values
+    only) and no swap table, no other concept."""
+    from scripts.measure_knobs import main as measure
+
+    measure(["--seeds", "1", "--steps", "2", "--prompts", "1", "--only", "holed-star-te"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| <")]
+    assert [r[:3] for r in rows] == [["| <holed-star>", "text encoder", m]
+                                     for m in ("keys and values", "keys only", "values only")]
+    assert not any(line.startswith(("| colour |", "| shape |")) for line in lines)
