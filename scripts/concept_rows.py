@@ -2,6 +2,7 @@
 prompt and the base model's prompt and see which carry the novel instance.
 
     python scripts/concept_rows.py                    # every concept, 16 seeds
+    python scripts/concept_rows.py --seeds 32 --noise-seed 1 --only holed-star-te   # held-out seeds, one concept
 
 For each textual-inversion and text-encoder concept (their UNet is the base model's, so only the 77
 conditioning rows differ), `a photo of a <token>` is drawn from five conditionings, each judged by the pixel
@@ -56,8 +57,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=16)
     ap.add_argument("--noise-seed", type=int, default=0,
-                    help="another set of seeds (held out from README's tables and the tests): the seed of the batch's noise "
-                         "generator, and Custom Diffusion's first engine seed")
+                    help="another set of seeds (held out from README's tables and the tests): the seed of "
+                         "the batch's noise generator, and Custom Diffusion's first engine seed")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=10.0)
     ap.add_argument("--assets", type=Path, default=ROOT / "assets",
@@ -66,7 +67,8 @@ def main(argv=None) -> None:
     ap.add_argument("--levels", action="store_true",
                     help="text-side concepts: the customized rows read at some cross-attention levels only")
     ap.add_argument("--table1-prompts", action="store_true",
-                    help="text-side concepts on Table 1's prompts, with the end-of-text rows from p' or the customized prompt")
+                    help="text-side concepts on Table 1's prompts, with the end-of-text rows from p' "
+                         "or the customized prompt")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
     vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
@@ -110,12 +112,16 @@ def main(argv=None) -> None:
             custom = with_token(f"a photo of a {concept.token}")
             dummy = with_token(f"* * * * {concept.token}")
             base = encode(te, ids(f"a photo of a {inst['class_word']}")).hidden
+        def splice(rows: torch.Tensor, start: int, stop: int = MAX_LEN) -> torch.Tensor:
+            """The base prompt's rows with rows [start, stop) from `rows`."""
+            return torch.cat([base[:, :start], rows[:, start:stop], base[:, stop:]], 1)
+
         variants = {
             "customized prompt": custom,
-            "customized, rows after the token from the base prompt": torch.cat([custom[:, :pos + 1], base[:, pos + 1:]], 1),
-            "base prompt, the token's row from the customized prompt": torch.cat([base[:, :pos], custom[:, pos:pos + 1], base[:, pos + 1:]], 1),
-            "AlignIT: base prompt, the token's row from `* * * * <token>`": torch.cat([base[:, :pos], dummy[:, pos:pos + 1], base[:, pos + 1:]], 1),
-            "base prompt, the token's and later rows from the customized prompt": torch.cat([base[:, :pos], custom[:, pos:]], 1),
+            "customized, rows after the token from the base prompt": splice(custom, 0, pos + 1),
+            "base prompt, the token's row from the customized prompt": splice(custom, pos, pos + 1),
+            "AlignIT: base prompt, the token's row from `* * * * <token>`": splice(dummy, pos, pos + 1),
+            "base prompt, the token's and later rows from the customized prompt": splice(custom, pos),
         }
         drawn = None  # per seed, by the customized prompt (the first variant)
         for label, cond in variants.items():

@@ -135,10 +135,11 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     model = load_model("embedded", device="cpu")
     seeds = range(args.seeds)
-    tables = [] if args.skip_kv else [lambda: swaps(model, seeds, args.steps),
-                                      lambda: concepts(model, seeds, args.steps, args.prompts, args.only)]
-    if args.only and not args.skip_kv:
-        tables.pop(0)
+    tables = []
+    if not args.skip_kv:
+        if not args.only:
+            tables.append(lambda: swaps(model, seeds, args.steps))
+        tables.append(lambda: concepts(model, seeds, args.steps, args.prompts, args.only))
     if args.loras:
         tables.append(lambda: loras(model, args.loras, seeds, args.steps, args.prompts))
     for table in tables:
