@@ -98,11 +98,12 @@ CONCEPTS = [f"{instance}-{kind}" for instance in ("striped-ball", "holed-star") 
 CUSTOMIZED_FLOOR = 0.3  # README: 0.50-1.00 over 16 seeds
 # Textual inversion's identity lives in the token's own row: among the seeds where the customized
 # prompt draws the instance, AlignIT (that row from `* * * * <token>`) draws it too in about half
-# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball). The holed
-# star's text-encoder fine-tune, tuned at the encoder's last layer on textual inversion's phrasings, meets
-# target (1) (70 %): README 13 / 14 through the engine, 19 / 19 in `concept_rows.py` at 32 seeds; 6 / 6 at 8.
-# Custom Diffusion and the striped ball's fine-tune keep theirs elsewhere (README), and are not held to it.
-KEPT_FLOOR = {"ti": 0.25, "holed-star-te": 0.7}
+# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball). The
+# text-encoder fine-tunes, tuned at the encoder's last layer, write it into the token's row too: the holed
+# star's (on textual inversion's phrasings) meets target (1) (70 %): README 13 / 14 through the engine,
+# 19 / 19 in `concept_rows.py` at 32 seeds; 6 / 6 at 8; the striped ball's keeps it in 6 / 10 through the
+# engine, 12 / 19 at 32 seeds; 2 / 5 at 8. Custom Diffusion keeps its own elsewhere (README), and is not held to it.
+KEPT_FLOOR = {"ti": 0.25, "te": 0.25, "holed-star-te": 0.7}
 IOU_FLOOR = 0.65  # README: object words 0.79, pattern 0.76, background 0.93; a map hot everywhere ~0.2
 
 
@@ -120,7 +121,7 @@ def test_each_shipped_concept_reproduces_its_instance(embedded, name):
     """The concept loads through the engine's loaders and `a photo of a <token>` draws the novel
     instance (a circle striped red and white / an orange star with a hole, `evaluate.fidelity`),
     where the base model on `a photo of a <class word>` draws it in no seed (the world never drew
-    these instances); for textual inversion and the holed star's last-layer text-encoder fine-tune,
+    these instances); for textual inversion and the last-layer text-encoder fine-tunes,
     AlignIT, whose only customized row is the token's from `* * * * <token>`, draws it in a good share
     of the seeds where the customized prompt does.
     README gives each concept's rates over more seeds."""
@@ -162,8 +163,8 @@ def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_background
 @pytest.mark.slow
 def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(embedded):
     """The toy Table 1 at two seeds (README: ten). Every customized baseline ignores the asked
-    background much of the time (the failure AlignIT fixes; README: 0.04-0.74); AlignIT draws it
-    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.72),
+    background much of the time (the failure AlignIT fixes; README: 0.09-0.74); AlignIT draws it
+    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.67),
     and keeps the holed star of textual inversion, Custom Diffusion and the text-encoder fine-tune
     (README: fidelity 0.61, 0.57 and 0.71); the fine-tune's whole of it (README: 0.60 -> 0.71, target
     (4); 0.58 -> 0.71 at these two seeds). What it does not keep (the striped ball's stripes) is README's too."""
