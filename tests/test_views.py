@@ -199,6 +199,15 @@ def test_concept_examples_are_offered_where_the_protocol_says_alignit_works():
     assert "all drawn in 0% → 80% of seeds" in label
     assert rows[-1][1] == "holed-star-cd" and rows[-1][5] == "striped-ball-ti"  # the two-concept example
     assert views.example_works(replace(fails, example_rates=None))
+    # its second concept: of two that AlignIT drew alike, the one whose customized model drew it more often
+    cd = replace(works, kind="custom_diffusion")
+    fragile = replace(fails, name="striped-ball-te", kind="text_encoder", example_rates=(0.0, 0.5))
+    for order in ({"holed-star-cd": cd, "striped-ball-te": fragile, "striped-ball-ti": fails},
+                  {"holed-star-cd": cd, "striped-ball-ti": fails, "striped-ball-te": fragile}):
+        assert views.examples_for(shapes, order)[0][-1][5] == "striped-ball-ti"
+    sturdier = replace(fragile, example_rates=(0.5, 0.5))  # its customized model drew it more often than 0.4
+    assert views.examples_for(shapes, {"holed-star-cd": cd, "striped-ball-ti": fails,
+                                       "striped-ball-te": sturdier})[0][-1][5] == "striped-ball-te"
 
 
 def test_an_examples_request_matches_what_the_page_sends(tiny_sd):
