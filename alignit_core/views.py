@@ -382,11 +382,9 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
                  if c.example_rates else "")
         labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")
     pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
-    # kinds mixed first, then the second concept whose own example AlignIT drew most often, then the one
-    # whose customized model drew it most often (of two concepts AlignIT draws alike, the sturdier)
-    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind,
-                                      *(-r for r in reversed(concepts[ab[1]].example_rates or (0, 0)))),
-               default=None)
+    # kinds mixed first, then the second concept whose own example AlignIT, then its customized model, drew most
+    rates = {key: [-r for r in reversed(c.example_rates or (0, 0))] for key, c in concepts.items()}
+    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind, *rates[ab[1]]), default=None)
     if pair is not None:
         first, other = concepts[pair[0]], concepts[pair[1]]
         rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),
