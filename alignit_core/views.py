@@ -54,9 +54,9 @@ def header_markdown(model) -> str:
     elif model.is_embedded:
         about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
                  "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
-                 "concepts keep drawing their reference pictures' background whatever the prompt asks (a third of "
-                 "the time they follow it); AlignIT draws the asked background in three quarters, and keeps the "
-                 "holed star (README, toy Table 1).")
+                 "concepts keep drawing their reference pictures' background whatever the prompt asks (they follow "
+                 "it in 38 % of samples); AlignIT draws the asked background in 79 %, and keeps the holed star "
+                 "(README, toy Table 1).")
     else:
         about = ""
     return (
