@@ -53,6 +53,11 @@ from alignit_core.toy.shapes import classify
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def splice(base: torch.Tensor, rows: torch.Tensor, start: int, stop: int = MAX_LEN) -> torch.Tensor:
+    """`base`'s conditioning rows, (1, 77, dim), with rows [start, stop) from `rows`."""
+    return torch.cat([base[:, :start], rows[:, start:stop], base[:, stop:]], 1)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=16)
@@ -112,16 +117,12 @@ def main(argv=None) -> None:
             custom = with_token(f"a photo of a {concept.token}")
             dummy = with_token(f"* * * * {concept.token}")
             base = encode(te, ids(f"a photo of a {inst['class_word']}")).hidden
-        def splice(rows: torch.Tensor, start: int, stop: int = MAX_LEN) -> torch.Tensor:
-            """The base prompt's rows with rows [start, stop) from `rows`."""
-            return torch.cat([base[:, :start], rows[:, start:stop], base[:, stop:]], 1)
-
         variants = {
             "customized prompt": custom,
-            "customized, rows after the token from the base prompt": splice(custom, 0, pos + 1),
-            "base prompt, the token's row from the customized prompt": splice(custom, pos, pos + 1),
-            "AlignIT: base prompt, the token's row from `* * * * <token>`": splice(dummy, pos, pos + 1),
-            "base prompt, the token's and later rows from the customized prompt": splice(custom, pos),
+            "customized, rows after the token from the base prompt": splice(base, custom, 0, pos + 1),
+            "base prompt, the token's row from the customized prompt": splice(base, custom, pos, pos + 1),
+            "AlignIT: base prompt, the token's row from `* * * * <token>`": splice(base, dummy, pos, pos + 1),
+            "base prompt, the token's and later rows from the customized prompt": splice(base, custom, pos),
         }
         drawn = None  # per seed, by the customized prompt (the first variant)
         for label, cond in variants.items():
@@ -157,9 +158,8 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
             custom = encode(custom_te, ids(" ".join("*" if w == concept.token else w for w in words)), vec, mask).hidden
             dummy = encode(custom_te, ids(" ".join(["*"] * len(words))), vec, mask).hidden
             base = encode(te, ids(" ".join(inst["class_word"] if w == concept.token else w for w in words))).hidden
-        alignit = torch.cat([base[:, :pos], dummy[:, pos:pos + 1], base[:, pos + 1:]], 1)
-        conds = (custom, alignit, torch.cat([alignit[:, :end], dummy[:, end:]], 1),
-                 torch.cat([alignit[:, :end], custom[:, end:]], 1), base)
+        alignit = splice(base, dummy, pos, pos + 1)
+        conds = (custom, alignit, splice(alignit, dummy, end), splice(alignit, custom, end), base)
         for label, cond in zip(labels, conds):
             for image in sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps):
                 j = classify(image)
@@ -204,9 +204,7 @@ def level_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
     with torch.no_grad():
         custom = encode(custom_te, ids("a photo of a *"), vec, mask).hidden
         base = encode(te, ids(f"a photo of a {inst['class_word']}")).hidden
-    token = torch.cat([base[:, :pos], custom[:, pos:pos + 1], base[:, pos + 1:]], 1)
-    end = torch.cat([base[:, :pos + 1], custom[:, pos + 1:]], 1)
-    both = torch.cat([base[:, :pos], custom[:, pos:]], 1)
+    token, end, both = splice(base, custom, pos, pos + 1), splice(base, custom, pos + 1), splice(base, custom, pos)
     levels = level_processors(unet)
     fine, coarse = [s for s in levels if s == max(levels)], [s for s in levels if s != max(levels)]
     variants = {
