@@ -661,7 +661,8 @@ def neutral_star(te, vocab: Vocab, steps: int, seed: int) -> float:
     held-out samples. Measured (scripts/EXPERIMENTS.md, "And a dummy prompt that says nothing?"): on v4 the drift fell 0.39 ->
     0.21 and the holed star's row came closer (cosine 0.86 -> 0.97), yet AlignIT's row kept it less often (the
     striped ball more); on v15 (row noise) AlignIT's row kept both textual inversions in 72 % of their seeds (92 %
-    with textual inversions trained on the template list)."""
+    with textual inversions trained on the template list); on v4 with the holed star's textual inversion on the
+    template list, textual inversions 89 % and the last-layer text-encoder fine-tunes 58 % (v4's `*`: 57 %, 82 %)."""
     emb = token_embeddings(te).weight
     star = torch.nn.Parameter(emb[vocab.ids[STAR]].detach().clone())
     opt = torch.optim.Adam([star], lr=3e-3)
