@@ -152,7 +152,12 @@ def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="
 
 
 def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments", second=""):
-    """The chips and the p / p′ texts for positions ticked by hand (the swapped rows follow them)."""
+    """The chips and the p / p′ texts for positions ticked by hand (the swapped rows follow them).
+    In token-swap mode a tick rewrites the swaps box (`positions_picked`), whose own view redraws them
+    all; a second writer here, reading the swaps box as it was when the box was ticked, could land
+    after that view and show a half-typed swap's problem under a finished one."""
+    if mode == SWAP:
+        return gr.update(), gr.update(), gr.update()
     view = token_view(model, mode, prompt, chosen_concepts(concepts, uploaded, concept_key, second), swaps, long)
     return chips_html(view, selected), prompts_markdown(view, selected), diagram_html(view, selected)
 

@@ -261,6 +261,17 @@ def test_an_extra_position_ticked_in_alignit_mode_is_shown_and_called_out(clip):
     assert "will take the keys and values of `*`" not in md
 
 
+def test_a_tick_in_swap_mode_leaves_the_texts_to_the_swaps_box_view(clip):
+    """Bug (a browser run): ticking `red` wrote `2=` into the swaps box; the visitor typed `red=yellow`, and
+    the tick's own redraw, made from the half-typed `2=`, landed after the finished swap's view and left
+    "needs both a target and a source" under a valid swap. In swap mode the swaps box's view draws them."""
+    assert app.positions_picked(clip, app.SWAP, PROMPT, "", [2]) == "2="
+    chips, md, diagram = app.show_chips(clip, {}, {}, app.SWAP, None, PROMPT, "2=", [2])
+    assert all(isinstance(u, dict) and set(u) <= {"__type__"} for u in (chips, md, diagram))
+    _, _, _, md, _ = app.describe(clip, {}, {}, app.SWAP, None, PROMPT, "red=yellow")
+    assert "* yellow" in md and "Problem" not in md
+
+
 def test_sizes_far_from_the_models_own_are_warned_about(tiny_sd):
     """Bug: the embedded model at 256 px draws four objects and at 64 px noise, silently."""
     native = tiny_sd.native_size
