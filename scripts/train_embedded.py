@@ -35,6 +35,9 @@ about it, each a share of the captions:
 * --end-noise: the end and padding rows moved together by one random direction (a text-encoder
   fine-tune moves them that way), the picture unchanged, so that whatever is later written into
   them is not read;
+* --prefix-noise: the same for the start token's row and the rows of the words that draw nothing
+  (`a`, `photo`, `of`, `on`), where a last-layer fine-tune wrote its instance once the UNet read nothing
+  from the end rows (scripts/EXPERIMENTS.md, v22);
 * --compound-mix: the object's words (`red striped circle`) are folded into one vector made of their
   embeddings (scaled 1-10x, as textual inversion's vectors grow, and noised), whose row is computed
   in the caption or among `*`s, and the target shows the object: one row names a whole object,
@@ -625,6 +628,24 @@ def noisy_end_rows(cond: torch.Tensor, eos: torch.Tensor, share: float, scale: f
     return cond + direction * size * end.unsqueeze(-1)
 
 
+def noisy_prefix_rows(cond: torch.Tensor, eos: torch.Tensor, word_class: torch.Tensor, share: float, scale: float,
+                      g: torch.Generator) -> torch.Tensor:
+    """`--prefix-noise`: in a `share` of the captions, the start token's row and the rows of the words
+    that draw nothing (`a`, `photo`, `of`, `on`: word class 0) moved by one random direction of norm up
+    to `scale` x their mean norm, as a text-encoder fine-tune moves the rows before its token; the
+    picture is unchanged, so the UNet learns to read nothing from them and a fine-tune has its own
+    token's row left to write into."""
+    b, n, _ = cond.shape
+    picked = (torch.rand(b, generator=g, device=cond.device) < share) & (eos > 1)  # captions only
+    pos = torch.arange(n, device=cond.device).view(1, n)
+    rows = (pos < eos.view(b, 1)) & (word_class == 0) & picked.view(b, 1)
+    direction = torch.randn(b, 1, cond.shape[2], generator=g, device=cond.device, dtype=cond.dtype)
+    direction = direction / direction.norm(dim=-1, keepdim=True)
+    size = torch.rand(b, 1, 1, generator=g, device=cond.device, dtype=cond.dtype) * scale
+    size = size * cond.norm(dim=-1).mean(1).view(b, 1, 1)
+    return cond + direction * size * rows.unsqueeze(-1)
+
+
 def star_drift(te, vocab: Vocab, star: torch.Tensor, rng: random.Random, n: int = 64) -> torch.Tensor:
     """Per sample, how far a token's row after the start of one of textual inversion's phrasings (`a
     photo of a`, `the`, ...) lies from its row after as many `*` with `star` as their embedding: the
@@ -747,6 +768,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
                 cond = noisy_rows(cond, batch.eos.to(device), args.row_noise_mix, args.row_noise, g)
             if args.end_noise:
                 cond = noisy_end_rows(cond, batch.eos.to(device), args.end_noise_mix, args.end_noise, g)
+            if args.prefix_noise:
+                cond = noisy_prefix_rows(cond, batch.eos.to(device), batch.word_class.to(device),
+                                         args.prefix_noise_mix, args.prefix_noise, g)
             probe.maps.clear()
             pred = unet(zt, t, encoder_hidden_states=cond).sample.float()
         loss = F.mse_loss(pred, eps)
@@ -1087,6 +1111,9 @@ def main(argv=None) -> None:
                     metavar="I,J", help="the text-encoder layers (0-based) whose self-attention k/v a text-encoder "
                                         "concept fine-tunes (default 1,2: the last two of three)")
     ap.add_argument("--end-noise-mix", type=float, default=0.5, help="share of captions --end-noise applies to")
+    ap.add_argument("--prefix-noise", type=float, default=0.0, metavar="R",
+                    help="the start and nothing-drawing words' rows moved together by one random direction (see noisy_prefix_rows)")
+    ap.add_argument("--prefix-noise-mix", type=float, default=0.5, help="share of captions --prefix-noise applies to")
     ap.add_argument("--neutral-star", type=int, default=0, metavar="STEPS",
                     help="before the concepts, tune the `*` token's embedding alone (`neutral_star`)")
     ap.add_argument("--eot-mix", type=float, default=0.0,

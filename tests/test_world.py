@@ -533,6 +533,27 @@ def test_end_noise_moves_the_end_rows_of_the_captions_picked_together_and_nothin
     assert torch.equal(noisy_end_rows(cond, eos, 0.0, 1.0, g), cond)
 
 
+def test_prefix_noise_moves_the_start_and_nothing_drawing_rows_together_and_leaves_the_drawing_words():
+    from scripts.train_embedded import noisy_prefix_rows
+
+    g = torch.Generator().manual_seed(0)
+    cond, eos = torch.randn(64, 77, 16), torch.full((64,), 8)  # `a red circle on a blue background`
+    eos[:4] = 1  # captions dropped for guidance: never moved
+    word_class = torch.zeros(64, 77, dtype=torch.long)
+    word_class[:, [2, 3]], word_class[:, [6, 7]] = 1, 2  # red circle: the object; blue background
+    delta = noisy_prefix_rows(cond, eos, word_class, 0.5, 1.0, g) - cond
+    prefix = torch.zeros(77, dtype=torch.bool)
+    prefix[[0, 1, 4, 5]] = True  # start, `a`, `on`, `a`
+    assert torch.all(delta[:, ~prefix] == 0)  # the drawing words, the end token and the padding untouched
+    picked = delta.norm(dim=-1).amax(dim=1) > 0
+    assert not picked[:4].any() and 16 <= picked.sum() <= 48  # about half the captions
+    for b in picked.nonzero().flatten().tolist():  # one direction and one size for all of a caption's moved rows
+        rows = delta[b, prefix]
+        assert torch.allclose(rows, rows[:1].expand_as(rows), atol=1e-6)
+        assert rows[0].norm() <= cond[b].norm(dim=-1).mean() + 1e-5
+    assert torch.equal(noisy_prefix_rows(cond, eos, word_class, 0.0, 1.0, g), cond)
+
+
 def test_neutral_star_tunes_only_the_star_so_rows_after_stars_read_as_after_phrasings():
     """--neutral-star: the `*` token's embedding alone is tuned so that a token's row after `* * * *`
     lies where it lies after textual inversion's phrasings; the drift falls on held-out samples, and
