@@ -618,14 +618,21 @@ def noisy_end_rows(cond: torch.Tensor, eos: torch.Tensor, share: float, scale: f
     random direction of norm up to `scale` x the rows' mean norm, the same for all of them, as a
     text-encoder fine-tune moves them (measured on v4's: 0.7-0.9 x their norm, cosine 0.9 between the
     rows' shifts); the picture is unchanged, so the UNet learns to read nothing from them."""
-    b, n, _ = cond.shape
+    end = torch.arange(cond.shape[1], device=cond.device).view(1, -1) >= eos.view(-1, 1)
+    return shifted_together(cond, eos, end, share, scale, g)
+
+
+def shifted_together(cond: torch.Tensor, eos: torch.Tensor, rows: torch.Tensor, share: float, scale: float,
+                     g: torch.Generator) -> torch.Tensor:
+    """`rows` (batch, tokens) of a `share` of the captions (never a dropped caption) moved by one random
+    direction per caption, of norm up to `scale` x the caption's mean row norm, all by the same vector."""
+    b = cond.shape[0]
     picked = (torch.rand(b, generator=g, device=cond.device) < share) & (eos > 1)  # captions only
-    end = (torch.arange(n, device=cond.device).view(1, n) >= eos.view(b, 1)) & picked.view(b, 1)
     direction = torch.randn(b, 1, cond.shape[2], generator=g, device=cond.device, dtype=cond.dtype)
     direction = direction / direction.norm(dim=-1, keepdim=True)
     size = torch.rand(b, 1, 1, generator=g, device=cond.device, dtype=cond.dtype) * scale
     size = size * cond.norm(dim=-1).mean(1).view(b, 1, 1)
-    return cond + direction * size * end.unsqueeze(-1)
+    return cond + direction * size * (rows & picked.view(b, 1)).unsqueeze(-1)
 
 
 def noisy_prefix_rows(cond: torch.Tensor, eos: torch.Tensor, word_class: torch.Tensor, share: float, scale: float,
@@ -635,15 +642,8 @@ def noisy_prefix_rows(cond: torch.Tensor, eos: torch.Tensor, word_class: torch.T
     to `scale` x their mean norm, as a text-encoder fine-tune moves the rows before its token; the
     picture is unchanged, so the UNet learns to read nothing from them and a fine-tune has its own
     token's row left to write into."""
-    b, n, _ = cond.shape
-    picked = (torch.rand(b, generator=g, device=cond.device) < share) & (eos > 1)  # captions only
-    pos = torch.arange(n, device=cond.device).view(1, n)
-    rows = (pos < eos.view(b, 1)) & (word_class == 0) & picked.view(b, 1)
-    direction = torch.randn(b, 1, cond.shape[2], generator=g, device=cond.device, dtype=cond.dtype)
-    direction = direction / direction.norm(dim=-1, keepdim=True)
-    size = torch.rand(b, 1, 1, generator=g, device=cond.device, dtype=cond.dtype) * scale
-    size = size * cond.norm(dim=-1).mean(1).view(b, 1, 1)
-    return cond + direction * size * rows.unsqueeze(-1)
+    pos = torch.arange(cond.shape[1], device=cond.device).view(1, -1)
+    return shifted_together(cond, eos, (pos < eos.view(-1, 1)) & (word_class == 0), share, scale, g)
 
 
 def star_drift(te, vocab: Vocab, star: torch.Tensor, rng: random.Random, n: int = 64) -> torch.Tensor:
