@@ -76,8 +76,10 @@ def main(argv=None) -> None:
                          "or the customized prompt")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
+    # on the CPU where a GPU is present too: its noise (and so every seed) is README's, and the concepts'
+    # text encoders sit beside the rows they are spliced into
     vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
-    model = load_model(str(folder))
+    model = load_model(str(folder), device="cpu")
     tok = model.tokenizer
 
     def ids(text: str) -> torch.Tensor:

@@ -41,7 +41,9 @@ about it, each a share of the captions:
 * --compound-mix: the object's words (`red striped circle`) are folded into one vector made of their
   embeddings (scaled 1-10x, as textual inversion's vectors grow, and noised), whose row is computed
   in the caption or among `*`s, and the target shows the object: one row names a whole object,
-  whatever came before it, as a concept's token must;
+  whatever came before it, as a concept's token must; --compound-class makes a share of them AlignIT's
+  own case: the caption holds the bare shape word there (`a circle on a blue background`, the later rows
+  computed after it) and the vector's row is computed among `*`s (scripts/EXPERIMENTS.md, v24);
 * --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
@@ -273,10 +275,12 @@ class TextBatch:
 
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
-                 novel_mix: float = 0.0, template_mix: float = 0.0) -> TextBatch:
+                 novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
-    `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`)."""
+    `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
+    `compound_class` of the folded objects stand in their caption as AlignIT's p holds a concept
+    (`fold_object`)."""
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
@@ -306,7 +310,8 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                 dummy_words[pos - 1] = new
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
         if words and not dummy_words and compound_mix and rng.random() < compound_mix:
-            caption, compound = fold_object(rng, vocab, words, caption, b)
+            as_class = bool(compound_class) and rng.random() < compound_class
+            caption, compound = fold_object(rng, vocab, words, caption, b, as_class)
             compounds.append(compound)
         elif words and pure_mix and rng.random() < pure_mix:
             shown_words = [dummy_words[i] if i == pos - 1 else w for i, w in enumerate(caption)]
@@ -356,17 +361,22 @@ def novel_scene(rng: random.Random) -> Scene:
     return styled(random_scene(rng, triple), pattern=pattern)
 
 
-def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int):
+def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int,
+                as_class: bool = False):
     """The caption with its object's words (colour, pattern, shape: `red striped circle`, `star with
     a hole`) replaced by one vector made of their embeddings, as a customized concept's token names
-    a whole object; its row is computed in the caption or, half the time, among `*`s."""
+    a whole object; its row is computed in the caption or, half the time, among `*`s. `as_class`:
+    AlignIT's own case, the caption holds the bare shape word where the vector stands (`a circle on a
+    blue background`, every later row computed after it) and the vector's row is computed among `*`s."""
     first = template.index("{c}") if "{c}" in template else min(
         i for i, w in enumerate(template) if w in ("striped", "{s}"))
     last = template.index("hole") if "hole" in template else template.index("{s}")
     parts = [w for w in caption[first:last + 1] if w in COLOURS or w in OBJECT_WORDS]
     folded = caption[:first] + [STAR] + caption[last + 1:]
-    dummy = rng.random() < 0.5
+    dummy = as_class or rng.random() < 0.5
     ids = vocab.ids_of([STAR] * len(folded) if dummy else folded)
+    if as_class:
+        folded[first] = next(w for w in caption[first:last + 1] if w in SHAPES)
     compound = Compound(sample=b, pos=first + 1, ids=ids, words=[vocab.ids[w] for w in parts],
                         mix=[rng.uniform(0.5, 1.5) for _ in parts], weight=math.exp(rng.uniform(0.0, math.log(10.0))),
                         noise=rng.uniform(0.0, 0.3), seed=rng.randrange(2 ** 31), dummy=dummy)
@@ -751,7 +761,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
-                             args.compound_mix, args.novel_mix, args.template_mix)
+                             args.compound_mix, args.novel_mix, args.template_mix, args.compound_class)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -1101,6 +1111,9 @@ def main(argv=None) -> None:
                          "...`; template_phrasing); default 0: the world's captions say only `a` or `a photo of a`")
     ap.add_argument("--compound-mix", type=float, default=0.0,
                     help="share of captions whose object words are folded into one vector (`compound_rows`)")
+    ap.add_argument("--compound-class", type=float, default=0.0, metavar="P",
+                    help="share of the folded objects whose caption holds the bare shape word where the vector's "
+                         "row goes, that row computed among `*`s (AlignIT's p and p'; `fold_object`)")
     ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",
                     help="move word rows by random directions of norm up to R x their own (`noisy_rows`)")
     ap.add_argument("--row-noise-mix", type=float, default=0.5, help="share of captions --row-noise applies to")

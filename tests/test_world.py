@@ -411,6 +411,35 @@ def test_compound_captions_fold_the_object_into_one_row_read_from_its_own_prompt
         assert torch.allclose(compound_rows(te, [c]), compound_rows(te, [other]), atol=1e-5)
 
 
+def test_compound_class_captions_are_alignit_s_p_with_the_vector_s_row_from_stars():
+    """--compound-class: a folded object's caption holds its bare shape word where the vector's row
+    goes (AlignIT's p: `a circle on a blue background`, every later row computed after it), that row
+    computed among `*`s (AlignIT's p'), the picture the whole object; share 0 draws exactly as before."""
+    import random
+
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+    batch = sample_batch(random.Random(3), vocab, 24, swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0,
+                         compound_class=1.0)
+    assert len(batch.compound) > 12 and {c.dummy for c in batch.compound} == {True}
+    for c in batch.compound:
+        caption = [words[i] for i in batch.ids[c.sample, 1:batch.eos[c.sample]].tolist()]
+        scene = batch.targets[c.sample]
+        assert caption[c.pos - 1] == scene.shape and STAR not in caption
+        assert scene.colour not in caption[:c.pos] and not {"striped", "hole"} & set(caption)
+        assert c.ids == vocab.ids_of([STAR] * len(caption)) and batch.word_class[c.sample, c.pos] == 1
+    patterned = [c for c in batch.compound if batch.targets[c.sample].pattern != "plain"]
+    assert patterned and all({"striped", "hole"} & {words[w] for w in c.words} for c in patterned)
+    before = sample_batch(random.Random(3), vocab, 24, swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0)
+    same = sample_batch(random.Random(3), vocab, 24, swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0,
+                        compound_class=0.0)
+    assert torch.equal(before.ids, same.ids) and before.compound == same.compound
+
+
 def test_training_script_reads_steps_per_concept_kind():
     import argparse
 
