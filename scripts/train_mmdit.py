@@ -3,7 +3,7 @@
     python scripts/train_mmdit.py --out assets                 # resumable; writes assets/embedded-mmdit
     python scripts/train_mmdit.py --smoke --out /tmp/x          # seconds-long check of every stage
 
-It shares the embedded UNet model's VAE and CLIP text encoder (`assets/embedded-shapes`), both frozen,
+It starts from the embedded UNet model's VAE and CLIP text encoder (`assets/embedded-shapes`), both frozen,
 as SD3 freezes its encoders: SD3's two CLIP encoders are this one encoder twice (its penultimate layer,
 as SD3 reads them), with zero text projections, so the pooled vector is the same for every prompt and
 nothing of a prompt reaches the picture but its rows. No T5: the pipeline feeds zeros in its place
@@ -11,7 +11,9 @@ nothing of a prompt reaches the picture but its rows. No T5: the pipeline feeds 
 objective (v = noise - x0, logit-normal times) on the same batches as the UNet (`train_embedded.py`):
 --swap-mix, --pure-mix and --eot-mix teach it to read each word from its own row, as a large model does,
 which is what token swaps and AlignIT rely on. The export is a StableDiffusion3Pipeline folder whose
-VAE, encoder and tokenizer files are links to the UNet model's (nothing is stored twice).
+VAE and tokenizer files are links to the UNet model's; the encoder it was trained with is copied into it
+(`text_encoder/`, with `text_encoder_2/` linking there), so a later UNet model with another encoder leaves it
+as it was trained.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -226,8 +229,9 @@ def export_concepts(args, concepts: dict) -> None:
 
 
 def export(args, model) -> None:
-    """A StableDiffusion3Pipeline folder; the VAE's, encoders' and tokenizer's files are links to
-    the UNet model's (relative, so a clone keeps them)."""
+    """A StableDiffusion3Pipeline folder; the VAE's and tokenizer's files are links to the UNet model's
+    (relative, so a clone keeps them); the encoder trained against is a copy in `text_encoder/`, which
+    `text_encoder_2/` links to (SD3's two CLIP encoders are this one)."""
     out, src = args.out / MODEL_NAME, args.out / UNET_MODEL
     model.to(torch.float16).save_pretrained(out / "transformer")
     model.float()  # the shipped weights, rounded to fp16: what the concepts are trained against
@@ -244,7 +248,13 @@ def export(args, model) -> None:
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").write_text(json.dumps(te_cfg, indent=2) + "\n")
-        _link(folder / "model-00001-of-00002.safetensors", src / "text_encoder" / "model.safetensors")
+        weights = folder / "model-00001-of-00002.safetensors"
+        if name == "text_encoder":
+            if weights.is_symlink():
+                weights.unlink()
+            shutil.copyfile(src / "text_encoder" / "model.safetensors", weights)
+        else:
+            _link(weights, out / "text_encoder" / "model-00001-of-00002.safetensors")
         save_file({"text_projection.weight": torch.zeros(width, width, dtype=torch.float16)},
                   folder / "model-00002-of-00002.safetensors")
         from safetensors import safe_open

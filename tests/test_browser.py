@@ -90,9 +90,9 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
     prompt = page.locator("#prompt textarea").input_value()
     assert "<holed-star>" in prompt
     # p replaces the concept by its class word; the class word's position is pre-selected
-    star = page.locator("#positions label", has_text="2: star")
+    star = page.locator("#positions label", has_text="5: star")
     expect(star.locator("input")).to_be_checked(timeout=30_000)
-    expect(page.locator("#prompt-texts")).to_contain_text("a star on a red background")
+    expect(page.locator("#prompt-texts")).to_contain_text("a photo of a star on a yellow background")
     expect(page.locator("#prompt-texts")).to_contain_text("<holed-star> star * * * *")
     expect(page.locator("#tokens")).to_contain_text("background")
     _screenshot(page, tmp_path, "app_initial.png")
@@ -222,7 +222,7 @@ def test_a_long_prompt_is_read_in_segments_generated_and_scored(page, tmp_path):
 def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     expect = _expect()
     page.get_by_role("button", name=re.compile("AlignIT · <holed-star> · textual inversion")).click()
-    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> on a yellow background")
+    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> on a white background")
     expect(page.locator("#positions label", has_text="2: star").locator("input")).to_be_checked(timeout=30_000)
     # the first view's images stay on the page until this run ends; its command line comes with its results
     expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2"),
@@ -278,15 +278,16 @@ def _expect():
 def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
     expect = _expect()
     page.get_by_role("button", name=re.compile("AlignIT · two concepts")).click()
-    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> and a <striped-ball> on a red background")
-    for label in ("2: star", "5: circle"):  # each concept's position, pre-selected
+    expect(page.locator("#prompt textarea")).to_have_value(
+        "a photo of a <holed-star> and a <striped-ball> on a yellow background")
+    for label in ("5: star", "8: circle"):  # each concept's position, pre-selected
         expect(page.locator("#positions label", has_text=label).locator("input")).to_be_checked(timeout=30_000)
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <holed-star>")
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <striped-ball>")
     expect(page.locator("#tokens")).to_contain_text("token of p′ (<striped-ball>)")
     # the first view's images stay on the page until this run ends; its command line comes with its results
     expect(page.locator("#command textarea")).to_have_value(
-        re.compile(r"--concept holed-star-cd --concept striped-ball-ti --positions 2 5"), timeout=GENERATE_TIMEOUT_MS)
+        re.compile(r"--concept holed-star-cd --concept striped-ball-te --positions 5 8"), timeout=GENERATE_TIMEOUT_MS)
     for i in (0, 1):
         expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=30_000)
     expect(page.locator("#image-0")).to_contain_text("customized baseline")

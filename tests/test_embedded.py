@@ -3,8 +3,8 @@ judged by the shapes world's deterministic pixel classifier.
 
 The thresholds are the project's targets (README, "The embedded model"): each attribute of the
 held-out prompts drawn as asked in >= 90 % of samples; a colour swap draws the source colour in
->= 90 % while the shape stays (>= 90 %) and the background (>= 80 %: model v4 keeps it in 86 %); a
-shape swap draws the source shape in >= 80 %. Below them: the concepts, the cross-attention maps and
+>= 90 % while the shape stays (>= 90 %) and the background (>= 85 %: model v24c keeps it in 94 %, v4
+in 86 %); a shape swap draws the source shape in >= 80 %. Below them: the concepts, the cross-attention maps and
 the toy Table 1, at floors a little under README's figures.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 from alignit_core import Settings, generate_swap, tokenize
 from alignit_core.models import EMBEDDED
 from alignit_core.toy.evaluate import (asked_in_words, held_out_quality, localisation, patterned_quality, reproduction,
-                                      swap_semantics, table1, table1_prompts)
+                                      reproduction_hits, swap_semantics, table1, table1_prompts)
 from alignit_core.toy.shapes import Scene, classify, styled
 
 COLOUR_SWAPS = [(("red", "circle", "blue"), "red", "yellow"), (("green", "square", "white"), "green", "purple"),
@@ -59,9 +59,9 @@ def test_colour_swap_draws_the_source_colour(embedded):
     print(f"colour swap: swapped {swapped}, baseline {baseline}")
     assert min(baseline.colour, baseline.shape, baseline.background) >= 0.9
     assert swapped.colour >= 0.9  # the drawn colour is the source colour
-    # and the rest stays: the shape always; the background in 86 % on model v4 (README: two of the
-    # eight cases, yellow -> red and white -> orange, often turn the background green / blue)
-    assert swapped.shape >= 0.9 and swapped.background >= 0.8
+    # and the rest stays: the shape always; the background in 94 % on model v24c (README; v4 86 %: two of
+    # the eight cases, yellow -> red and white -> orange, often turned the background green / blue)
+    assert swapped.shape >= 0.9 and swapped.background >= 0.85
 
 
 @pytest.mark.slow
@@ -93,18 +93,16 @@ def test_the_base_world_draws_patterns_it_is_asked_for(embedded):
 
 CONCEPTS = [f"{instance}-{kind}" for instance in ("striped-ball", "holed-star") for kind in ("ti", "cd", "te")]
 
-# Floors a little under README's figures (model v4; those are measured over more seeds and prompts).
+# Floors a little under README's figures (model v24c; those are measured over more seeds and prompts).
 # `a photo of a <token>`, 8 seeds: how often the customized model draws the instance.
-CUSTOMIZED_FLOOR = 0.3  # README: 0.50-1.00 over 16 seeds
-# Textual inversion's identity lives in the token's own row: among the seeds where the customized
-# prompt draws the instance, AlignIT (that row from `* * * * <token>`) draws it too in about half
-# (README, 16 seeds through the engine: 9 / 11 for the holed star, 4 / 9 for the striped ball). The
-# text-encoder fine-tunes, tuned at the encoder's last layer, write it into the token's row too: the holed
-# star's (on textual inversion's phrasings) meets target (1) (70 %): README 13 / 14 through the engine,
-# 19 / 19 in `concept_rows.py` at 32 seeds; 6 / 6 at 8; the striped ball's keeps it in 6 / 10 through the
-# engine, 12 / 19 at 32 seeds; 2 / 5 at 8. Custom Diffusion keeps its own elsewhere (README), and is not held to it.
-KEPT_FLOOR = {"ti": 0.25, "te": 0.25, "holed-star-te": 0.7}
-IOU_FLOOR = 0.65  # README: object words 0.79, pattern 0.76, background 0.93; a map hot everywhere ~0.2
+CUSTOMIZED_FLOOR = 0.2  # README: 0.31-1.00 over 16 seeds (the striped ball's textual inversion 2 / 8 here)
+# Target (1): among the seeds where the customized prompt draws the instance, AlignIT (the token's row from
+# `* * * * <token>`) draws it too. README, through the engine over seeds 0-15: textual inversions 13 / 19, the
+# last-layer text-encoder fine-tunes 16 / 24 (`concept_rows.py` over 32 seeds: 79 % and 71 %). Pooled per kind,
+# as (1) counts; one concept's share over a few seeds swings (the holed star's textual inversion: 1 / 6 over
+# seeds 0-7, 7 / 8 over 8-15). Custom Diffusion keeps its instance in every row (README) and is not held to it.
+KEPT_FLOOR = {"ti": 0.6, "te": 0.6}
+IOU_FLOOR = 0.7  # README: object words 0.81, pattern 0.79, background 0.93; a map hot everywhere ~0.2
 
 
 def _concept(embedded, name):
@@ -116,23 +114,36 @@ def _concept(embedded, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CONCEPTS)
-def test_each_shipped_concept_reproduces_its_instance(embedded, name):
+@pytest.mark.parametrize("name", [n for n in CONCEPTS if n.endswith("-cd")])
+def test_each_custom_diffusion_concept_reproduces_its_instance(embedded, name):
     """The concept loads through the engine's loaders and `a photo of a <token>` draws the novel
     instance (a circle striped red and white / an orange star with a hole, `evaluate.fidelity`),
     where the base model on `a photo of a <class word>` draws it in no seed (the world never drew
-    these instances); for textual inversion and the last-layer text-encoder fine-tunes,
-    AlignIT, whose only customized row is the token's from `* * * * <token>`, draws it in a good share
-    of the seeds where the customized prompt does.
-    README gives each concept's rates over more seeds."""
+    these instances). README gives each concept's rates over more seeds."""
     concept, instance = _concept(embedded, name)
     rates = reproduction(embedded, concept, instance, range(8))
     print(f"{name}: {rates}")
     assert rates["customized"] >= CUSTOMIZED_FLOOR
     assert rates["base"] == 0.0
-    floor = KEPT_FLOOR.get(name, KEPT_FLOOR.get(name.rsplit("-", 1)[1]))
-    if floor is not None:
-        assert rates["kept"] >= floor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ti", "te"])
+def test_alignit_keeps_each_text_side_concept_in_its_tokens_row(embedded, kind):
+    """Target (1) for textual inversion and the text-encoder fine-tunes: each concept draws its instance on
+    `a photo of a <token>` where the base model on the class word never does, and AlignIT, whose only
+    customized row is the token's from `* * * * <token>`, draws it in most of the seeds where the customized
+    prompt does, pooled over both instances (16 seeds each)."""
+    kept = []
+    for name in (f"striped-ball-{kind}", f"holed-star-{kind}"):
+        concept, instance = _concept(embedded, name)
+        hits = reproduction_hits(embedded, concept, instance, range(16))
+        rates = {row: float(np.mean(v)) for row, v in hits.items()}
+        print(f"{name}: {rates}, kept {sum(a for c, a in zip(hits['customized'], hits['alignit']) if c)} / "
+              f"{sum(hits['customized'])}")
+        assert rates["customized"] >= CUSTOMIZED_FLOOR and rates["base"] == 0.0, name
+        kept += [a for c, a in zip(hits["customized"], hits["alignit"]) if c]
+    assert np.mean(kept) >= KEPT_FLOOR[kind], f"{sum(kept)} / {len(kept)}"
 
 
 @pytest.mark.slow
@@ -149,8 +160,8 @@ def test_each_words_cross_attention_lands_on_what_it_drew(embedded):
 
 @pytest.mark.slow
 def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_backgrounds(embedded):
-    """`table1.py --words`' reference row at two seeds (README, ten: text 0.94 / 0.85, fidelity 0.76 /
-    0.67): the instance's words in place of the token draw it on most asked backgrounds, where the
+    """`table1.py --words`' reference row at two seeds (README, ten: text 0.95 / 0.97, fidelity 0.90 /
+    0.73; here 0.92 / 1.00, 0.75 / 0.75): the instance's words in place of the token draw it on most asked backgrounds, where the
     class word never draws it."""
     for name in ("holed-star-ti", "striped-ball-ti"):
         concept, instance = _concept(embedded, name)
@@ -162,12 +173,13 @@ def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_background
 
 @pytest.mark.slow
 def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(embedded):
-    """The toy Table 1 at two seeds (README: ten). Every customized baseline ignores the asked
-    background much of the time (the failure AlignIT fixes; README: 0.09-0.74); AlignIT draws it
-    far more often for Custom Diffusion and the text-encoder fine-tunes (README: +0.40 to +0.67),
-    and keeps the holed star of textual inversion, Custom Diffusion and the text-encoder fine-tune
-    (README: fidelity 0.61, 0.57 and 0.71); the fine-tune's whole of it (README: 0.60 -> 0.71, target
-    (4); 0.58 -> 0.71 at these two seeds). What it does not keep (the striped ball's stripes) is README's too."""
+    """The toy Table 1 at two seeds (README: ten), against target (4). Target (2): the customized
+    baselines ignore the asked background (README: five of six at 0.01-0.70; here 0.04-0.70, the striped
+    ball's fine-tune 0.95). AlignIT draws it at least +0.10 more often wherever the baseline draws it in
+    0.80 or less (README: +0.22 to +0.97; here +0.20 to +0.92), 0.85 or more on average (README 0.92; here
+    0.92). The striped ball's textual inversion and fine-tune keep most of their fidelity (README: ratios
+    0.89 and 0.80; here 0.55 / 0.70 and 0.30 / 0.45). What AlignIT does not keep (Custom Diffusion's
+    instance, half of the holed star's) is README's too."""
     results = {}
     for name in CONCEPTS:
         concept, instance = _concept(embedded, name)
@@ -176,15 +188,16 @@ def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(e
               f"fidelity {t.fidelity['customized'].mean():.2f} -> {t.fidelity['alignit'].mean():.2f}")
     text = {n: (t.text["customized"].mean(), t.text["alignit"].mean()) for n, t in results.items()}
     fid = {n: (t.fidelity["customized"].mean(), t.fidelity["alignit"].mean()) for n, t in results.items()}
-    assert sum(before <= 0.75 for before, _ in text.values()) >= len(CONCEPTS) // 2
+    assert sum(before <= 0.75 for before, _ in text.values()) >= 4
     for name in CONCEPTS:
-        if not name.endswith("-ti"):
-            assert text[name][1] >= text[name][0] + 0.2, name
+        before, after = text[name]
+        if before <= 0.8:
+            assert after >= before + 0.1, name
         assert fid[name][0] >= 0.25, name  # the customized model draws its instance
-    for name in ("holed-star-ti", "holed-star-cd", "holed-star-te"):
-        assert fid[name][1] >= 0.3, name
-    assert fid["holed-star-te"][0] >= 0.45 and fid["holed-star-te"][1] >= 0.8 * fid["holed-star-te"][0]
-    assert np.mean([after for _, after in text.values()]) >= 0.65
+    assert np.mean([after for _, after in text.values()]) >= 0.85
+    for name, ratio in (("striped-ball-ti", 0.7), ("striped-ball-te", 0.6)):
+        assert fid[name][0] >= 0.4 and fid[name][1] >= ratio * fid[name][0], name
+    assert fid["holed-star-ti"][1] >= 0.3  # half of the holed star's textual inversion (README: 0.46)
 
 
 def test_alignit_on_every_row_of_custom_diffusion_writes_the_modifier_row_and_changes_only_alignit(embedded):

@@ -29,22 +29,30 @@ def mmdit():
 
 
 def test_it_is_an_sd3_pipeline_whose_shared_parts_are_the_unet_models_files(mmdit, embedded):
+    """The VAE and tokenizer are the UNet model's files (links); SD3's two CLIP encoders are one encoder, the
+    one this transformer was trained against, stored once in its own folder (the UNet model's of that time:
+    a later UNet model with its own encoder leaves it as trained)."""
     pipe = mmdit.family.pipe
     assert type(pipe).__name__ == "StableDiffusion3Pipeline" and pipe.text_encoder_3 is None
     assert (mmdit.name, mmdit.source, mmdit.is_embedded, mmdit.native_size) == ("embedded-mmdit", "embedded-mmdit",
                                                                              True, 128)
     unet_te = embedded.family.text_encoders[0]
     unet_te = getattr(unet_te, "text_model", unet_te).state_dict()
+    first = pipe.text_encoder.text_model.state_dict()
+    assert first.keys() == unet_te.keys() and all(first[k].shape == v.shape for k, v in unet_te.items())
     for encoder in (pipe.text_encoder, pipe.text_encoder_2):
         own = encoder.text_model.state_dict()
-        assert own.keys() == unet_te.keys() and all(torch.equal(own[k], v) for k, v in unet_te.items())
+        assert all(torch.equal(own[k], v) for k, v in first.items())
         assert not encoder.text_projection.weight.any()  # the pooled vector is the same for every prompt
     unet_vae = embedded.family.vae.state_dict()
     assert all(torch.equal(pipe.vae.state_dict()[k], v) for k, v in unet_vae.items())
     assert pipe.vae.config.shift_factor == 0.0
-    for link in [p for p in EMBEDDED_MMDIT.rglob("*") if p.is_symlink()]:
+    links = {p.relative_to(EMBEDDED_MMDIT).parts[0]: p for p in EMBEDDED_MMDIT.rglob("*") if p.is_symlink()}
+    assert set(links) == {"vae", "tokenizer", "tokenizer_2", "text_encoder_2"}, links
+    for name, link in links.items():
         target = link.resolve()
-        assert not link.readlink().is_absolute() and target.is_relative_to(EMBEDDED), link  # a clone keeps them
+        inside = EMBEDDED_MMDIT / "text_encoder" if name == "text_encoder_2" else EMBEDDED
+        assert not link.readlink().is_absolute() and target.is_relative_to(inside), link  # a clone keeps them
     assert (EMBEDDED_MMDIT / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_size <= 8 * 2**20
     index = json.loads((EMBEDDED_MMDIT / "model_index.json").read_text())
     assert index["text_encoder_3"] == [None, None]
