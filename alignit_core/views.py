@@ -55,8 +55,9 @@ def header_markdown(model) -> str:
         about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
                  "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
                  "concepts keep drawing their reference pictures' background whatever the prompt asks (they follow "
-                 "it in 38 % of samples); AlignIT draws the asked background in 79 %, and keeps the holed star "
-                 "(README, toy Table 1).")
+                 "it in 43 % of samples); AlignIT draws the asked background in 92 %, keeping most of the striped "
+                 "ball's textual inversion and fine-tune, and the holed star on light backgrounds (README, toy "
+                 "Table 1).")
     else:
         about = ""
     return (
@@ -375,6 +376,8 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
     shown = [key for key, c in concepts.items() if c.example_prompt and example_works(c)]
+    # the example AlignIT draws most often first (the page opens on it), then the one it gains most on
+    shown.sort(key=lambda key: [-r for r in _drawn_and_gain(concepts[key])])
     for key in shown:
         c = concepts[key]
         rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
@@ -392,6 +395,12 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         labels.append(f"AlignIT · two concepts · {first.token} ({KIND_LABELS[first.kind]}) and {other.token} "
                       f"({KIND_LABELS[other.kind]})")
     return rows, labels
+
+
+def _drawn_and_gain(c: Concept) -> tuple[float, float]:
+    """How often AlignIT drew the example, and how much more often than the customized model (0, 0 unmeasured)."""
+    before, after = c.example_rates or (0.0, 0.0)
+    return after, after - before
 
 
 def example_works(c: Concept) -> bool:
