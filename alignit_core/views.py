@@ -54,10 +54,8 @@ def header_markdown(model) -> str:
     elif model.is_embedded:
         about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
                  "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
-                 "concepts keep drawing their reference pictures' background whatever the prompt asks (they follow "
-                 "it in 43 % of samples); AlignIT draws the asked background in 92 %, keeping most of the striped "
-                 "ball's textual inversion and fine-tune, and the holed star on light backgrounds (README, toy "
-                 "Table 1).")
+                 "concepts keep drawing their references' background whatever the prompt asks (the asked one in 43 % "
+                 "of samples); AlignIT draws the asked one in 92 %, keeping most of the striped ball (README, toy Table 1).")
     else:
         about = ""
     return (
@@ -376,8 +374,8 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
     shown = [key for key, c in concepts.items() if c.example_prompt and example_works(c)]
-    # the example AlignIT draws most often first (the page opens on it), then the one it gains most on
-    shown.sort(key=lambda key: [-r for r in _drawn_and_gain(concepts[key])])
+    drawn = {key: [-r for r in reversed(c.example_rates or (0, 0))] for key, c in concepts.items()}  # -AlignIT, -customized
+    shown.sort(key=lambda key: (drawn[key][0], drawn[key][0] - drawn[key][1]))  # drawn most, then gained most: opens on it
     for key in shown:
         c = concepts[key]
         rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
@@ -386,8 +384,7 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")
     pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
     # kinds mixed first, then the second concept whose own example AlignIT, then its customized model, drew most
-    rates = {key: [-r for r in reversed(c.example_rates or (0, 0))] for key, c in concepts.items()}
-    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind, *rates[ab[1]]), default=None)
+    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind, *drawn[ab[1]]), default=None)
     if pair is not None:
         first, other = concepts[pair[0]], concepts[pair[1]]
         rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),
@@ -395,12 +392,6 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         labels.append(f"AlignIT · two concepts · {first.token} ({KIND_LABELS[first.kind]}) and {other.token} "
                       f"({KIND_LABELS[other.kind]})")
     return rows, labels
-
-
-def _drawn_and_gain(c: Concept) -> tuple[float, float]:
-    """How often AlignIT drew the example, and how much more often than the customized model (0, 0 unmeasured)."""
-    before, after = c.example_rates or (0.0, 0.0)
-    return after, after - before
 
 
 def example_works(c: Concept) -> bool:
