@@ -491,7 +491,9 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     unet = not model.family.own_loop  # SD3 / Flux: token swaps with keys/values chosen per block, no UNet knobs
     example_rows, example_labels = examples_for(model, registry)
     swap_example = (example_rows[0][2], example_rows[0][3])
-    first = next(iter(registry.values()), None)
+    # the page opens on the first AlignIT example (the one AlignIT draws most often), else on the first concept
+    first = next((registry[row[1]] for row in example_rows if row[0] == ALIGNIT and not row[5]),
+                 next(iter(registry.values()), None))
     start = ALIGNIT if first else SWAP  # no concept for this model: start where there is something to do
     examples = ExampleResults(example_requests(model, registry, example_rows, defaults))
     run = on_gpu(partial(run_generation, model), gpu_seconds)

@@ -374,6 +374,8 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
     shown = [key for key, c in concepts.items() if c.example_prompt and example_works(c)]
+    drawn = {key: [-r for r in reversed(c.example_rates or (0, 0))] for key, c in concepts.items()}  # -AlignIT, -customized
+    shown.sort(key=lambda key: (drawn[key][0], drawn[key][0] - drawn[key][1]))  # drawn most, then gained most: opens on it
     for key in shown:
         c = concepts[key]
         rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
@@ -382,8 +384,7 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")
     pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
     # kinds mixed first, then the second concept whose own example AlignIT, then its customized model, drew most
-    rates = {key: [-r for r in reversed(c.example_rates or (0, 0))] for key, c in concepts.items()}
-    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind, *rates[ab[1]]), default=None)
+    pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind, *drawn[ab[1]]), default=None)
     if pair is not None:
         first, other = concepts[pair[0]], concepts[pair[1]]
         rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),

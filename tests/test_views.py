@@ -210,6 +210,19 @@ def test_concept_examples_are_offered_where_the_protocol_says_alignit_works():
                                        "striped-ball-te": sturdier})[0][-1][5] == "striped-ball-te"
 
 
+def test_the_concept_example_alignit_draws_most_often_comes_first():
+    """The page opens on the first AlignIT example: the one AlignIT drew in most seeds, then the one it
+    gained most on (a first visitor's seed-0 picture is then the likeliest to show AlignIT working)."""
+    shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True)
+    star = replace(_concept(), token="<holed-star>", example_prompt="a <holed-star> on a red background")
+    concepts = {"holed-star-cd": replace(star, name="holed-star-cd", example_rates=(0.0, 0.8)),
+                "holed-star-te": replace(star, name="holed-star-te", example_rates=(0.0, 1.0)),
+                "holed-star-ti": replace(star, name="holed-star-ti", example_rates=(0.1, 1.0)),
+                "holed-star-x": replace(star, name="holed-star-x", example_rates=(0.6, 0.5))}  # not offered
+    rows, _ = views.examples_for(shapes, concepts)
+    assert [r[1] for r in rows if r[0] == views.ALIGNIT] == ["holed-star-te", "holed-star-ti", "holed-star-cd"]
+
+
 def test_an_examples_request_matches_what_the_page_sends(tiny_sd):
     concepts = {"tiny-ti": Concept("tiny-ti", "<tiny>", "dog", "textual_inversion", vectors=(torch.zeros(1, 32),),
                                    example_prompt="a <tiny> on the grass")}
