@@ -17,7 +17,8 @@ A Custom Diffusion concept differs in the UNet's cross-attention key/value weigh
 its rows are the engine's (one seed at a time): the customized model on `a photo of a <token> <class word>`;
 AlignIT, the base model on `a photo of a <class word>` with the class word's keys and values from the
 customized model's `* * * <token> <class word>`; AlignIT with the start of text's row, the token's row or the
-end rows from there too (which of the rows AlignIT leaves as p's hold the instance); and the base model alone.
+end rows from there too (which of the rows AlignIT leaves as p's hold the instance); the class word's keys and
+values from `* * * * <token>` instead (the token alone, as target (1) words it); and the base model alone.
 
 `--table1-prompts` asks where a text-side concept's fidelity goes on Table 1's own prompts (`a <token> on a
 blue background`, ...): text alignment and fidelity of the customized prompt, AlignIT (`p` with the token's
@@ -238,7 +239,9 @@ def weights_rows(model, concept, inst, args) -> None:
     <class word>` with the class word's keys and values from the customized model's `* * * <token>
     <class word>`; AlignIT with one more group of rows from there (the start of text, which every
     prompt shares; the token's, written over the `a` before the class word; the end of text and
-    padding), which AlignIT as the paper defines it leaves as p's; and the base model alone."""
+    padding), which AlignIT as the paper defines it leaves as p's; the class word's keys and values from
+    `* * * * <token>` instead (the token alone at the class word's position, the row target (1) names); and
+    the base model alone."""
     prompts = model.family.concept_plan(f"a photo of a {concept.token}", concept.words)
     plan = prompts.plan
     (cls,) = plan.positions
@@ -246,6 +249,8 @@ def weights_rows(model, concept, inst, args) -> None:
     more = {"start": (0, cls), "token": (cls - 1, cls), "end": (cls, *range(end, MAX_LEN))}
     rows = [Row("customized", prompts.customized, concept=concept), Row("alignit", plan.target, swap=plan, swap_concept=concept)]
     rows += [Row(k, plan.target, swap=replace(plan, positions=v), swap_concept=concept) for k, v in more.items()]
+    alone = model.family.concept_plan(f"a photo of a {concept.token}", replace(concept.words, phrase="{token}")).plan
+    rows.append(Row("alone", plan.target, swap=alone, swap_concept=concept))
     rows.append(Row("base", plan.target))
     hits = {row.name: [] for row in rows}
     for seed in range(args.noise_seed, args.noise_seed + args.seeds):
@@ -259,6 +264,7 @@ def weights_rows(model, concept, inst, args) -> None:
               "start": "AlignIT, and the start of text's row from there",
               "token": "AlignIT, and the token's row from there (over the `a` before the class word)",
               "end": "AlignIT, and the rows after the class word (end of text, padding) from there",
+              "alone": "the class word's keys and values from `* * * * <token>` instead (the token alone)",
               "base": "base model on the base prompt"}
     for row, label in labels.items():
         kept = sum(h and d for h, d in zip(hits[row], drawn))

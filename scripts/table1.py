@@ -21,8 +21,9 @@ concept's row that loses the instance from a base model that cannot draw it ther
 
 `--rows concept` has AlignIT take from p' every row where p' holds the concept, not only the class word's: for
 Custom Diffusion (`<holed-star> star`) the modifier token's row too, written over the word before the class word
-(the `positions` a user can tick in the demo or give to `generate --positions`). `--by-prompt` adds each prompt's
-text alignment and fidelity per method: where the misses are.
+(the `positions` a user can tick in the demo or give to `generate --positions`). `--rows token` takes the class
+word's row from a p' holding Custom Diffusion's token alone there (`* <holed-star> * * * *`, without its class word).
+`--by-prompt` adds each prompt's text alignment and fidelity per method: where the misses are.
 """
 from __future__ import annotations
 
@@ -58,15 +59,17 @@ def main(argv=None) -> None:
                          "and example_rates to how often each method draws it all there (the demo offers an "
                          "AlignIT example only where AlignIT does in most seeds)")
     ap.add_argument("--rows", choices=TABLE1_ROWS, default="class",
-                    help="the rows AlignIT takes from p': the class word's (the paper's AlignIT) or every row where p' "
-                         "holds the concept (Custom Diffusion's modifier token too, over the word before the class word)")
+                    help="the rows AlignIT takes from p': the class word's (the paper's AlignIT), every row where p' "
+                         "holds the concept (Custom Diffusion's modifier token too, over the word before the class word) "
+                         "or the class word's from a p' holding the concept's token alone there")
     ap.add_argument("--by-prompt", action="store_true", help="each prompt's text alignment and fidelity per method")
     args = ap.parse_args(argv)
     if args.write_examples and args.rows != "class":
         ap.error("--write-examples sets the demo's examples, which run the paper's AlignIT: leave --rows class")
     model = load_model(str(args.assets / args.model))
     seeds = range(args.first_seed, args.first_seed + args.seeds)
-    a = "AlignIT" if args.rows == "class" else "AlignIT (every row of the concept)"
+    a = {"class": "AlignIT", "concept": "AlignIT (every row of the concept)",
+         "token": "AlignIT (the token alone at the class word)"}[args.rows]
     words = f" | base model asked in words: text, fidelity | {a} / words" if args.words else ""
     print(f"| concept | kind | text alignment: customized → {a} | gain (paired) | "
           f"concept fidelity: customized → {a} | {a} / customized{words} | n |")

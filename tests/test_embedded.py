@@ -216,3 +216,23 @@ def test_alignit_on_every_row_of_custom_diffusion_writes_the_modifier_row_and_ch
     assert np.array_equal(np.asarray(every.images["customized"]), np.asarray(paper.images["customized"]))
     gap = np.abs(np.asarray(every.images["alignit"], float) - np.asarray(paper.images["alignit"], float))
     assert gap.mean() > 1.0
+
+
+def test_alignit_from_custom_diffusions_token_alone_reads_the_token_at_the_class_words_position(embedded):
+    """`table1(rows="token")`: p' holds Custom Diffusion's token alone at the class word's position (no class word
+    after it); the class word's row comes from there, the customized baseline is the concept's own."""
+    from dataclasses import replace
+
+    from alignit_core import generate_concept
+
+    concept, _ = _concept(embedded, "holed-star-cd")
+    prompt = "a photo of a <holed-star> on a green background"
+    alone = replace(concept, phrase="{token}")
+    plan = embedded.family.concept_plan(prompt, alone.words).plan
+    assert plan.positions == (5,) and plan.source.text == "* * * * <holed-star> * * * *"
+    settings = Settings(seed=3, steps=4, record_maps=False)
+    paper = generate_concept(embedded, prompt, concept, settings)
+    token = generate_concept(embedded, prompt, alone, settings, include_customized=False)
+    assert token.swapped["alignit"] == paper.swapped["alignit"] == (5,) and "customized" not in token.images
+    gap = np.abs(np.asarray(token.images["alignit"], float) - np.asarray(paper.images["alignit"], float))
+    assert gap.mean() > 1.0

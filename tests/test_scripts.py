@@ -19,8 +19,9 @@ def test_figure_script_draws_the_world_and_every_concept(tmp_path):
 
 
 def test_concept_rows_script_reports_every_concept_kind(capsys):
-    """Five conditionings for each text-side concept; six engine rows for Custom Diffusion (customized,
-    AlignIT, AlignIT with the start-of-text, token or end rows too, base)."""
+    """Five conditionings for each text-side concept; seven engine rows for Custom Diffusion (customized,
+    AlignIT, AlignIT with the start-of-text, token or end rows too, the token alone at the class word's
+    position, base)."""
     from scripts.concept_rows import main
 
     main(["--seeds", "1", "--steps", "2"])
@@ -28,14 +29,15 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     assert {r.split(" | ")[0] for r in rows} == {"| <holed-star>", "| <striped-ball>"}
     kinds = [r.split(" | ")[1] for r in rows]
     assert {k: kinds.count(k) for k in set(kinds)} == {
-        "textual inversion": 10, "text-encoder fine-tune": 10, "Custom Diffusion": 12}
+        "textual inversion": 10, "text-encoder fine-tune": 10, "Custom Diffusion": 14}
     assert sum("AlignIT:" in r for r in rows) == 6  # one AlignIT row per concept
     assert sum("AlignIT, and" in r for r in rows) == 3 * 2  # Custom Diffusion's three more
+    assert sum("(the token alone)" in r for r in rows) == 2
     assert all(r.split(" | ")[3].endswith("/ 1") for r in rows)
 
     main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
-    assert [r.split(" | ")[:2] for r in rows] == [["| <holed-star>", "Custom Diffusion"]] * 6
+    assert [r.split(" | ")[:2] for r in rows] == [["| <holed-star>", "Custom Diffusion"]] * 7
 
     main(["--seeds", "1", "--steps", "2", "--only", "holed-star-ti", "--table1-prompts"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
@@ -88,7 +90,8 @@ def test_table1_script_adds_the_instance_asked_in_words(capsys):
 
 
 def test_table1_script_takes_every_row_of_the_concept_and_reports_each_prompt(capsys):
-    """`--rows concept`: AlignIT takes every row where p' holds the concept (the header says so);
+    """`--rows concept`: AlignIT takes every row where p' holds the concept (the header says so; `--rows token`
+    names its own);
     `--by-prompt`: one line per prompt with both methods' rates. `--write-examples` with it is refused:
     the demo's examples run the paper's AlignIT."""
     import pytest
@@ -101,6 +104,9 @@ def test_table1_script_takes_every_row_of_the_concept_and_reports_each_prompt(ca
     prompts = [line.split(" | ") for line in lines if line.startswith("| `a ")]
     assert len(prompts) == 12 and all(len(cells) == 3 for cells in prompts)
     assert all(cell.count(", ") == 1 for cells in prompts for cell in cells[1:])
+    main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd", "--rows", "token"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "AlignIT (the token alone at the class word) / customized" in lines[0] and lines[2].startswith("| <holed-star>")
     with pytest.raises(SystemExit) as exit_:
         main(["--seeds", "1", "--rows", "concept", "--write-examples"])
     assert exit_.value.code == 2 and "leave --rows class" in capsys.readouterr().err

@@ -7,7 +7,7 @@ the customized baseline vs AlignIT, with confidence intervals).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -212,9 +212,11 @@ def instance_words(instance) -> str:
 
 
 # Which of p's rows AlignIT takes from p' in Table 1: the class word's (the paper's AlignIT, the engine's
-# default) or every row where p' holds the concept, a longer concept's spill included (Custom Diffusion's
-# modifier token over the word before the class word; the same `positions` a user can tick).
-TABLE1_ROWS = ("class", "concept")
+# default), every row where p' holds the concept, a longer concept's spill included (Custom Diffusion's
+# modifier token over the word before the class word; the same `positions` a user can tick), or the class
+# word's from a p' holding the concept's token alone there (Custom Diffusion's `<token>` without its class
+# word: `* <token> * * * *`).
+TABLE1_ROWS = ("class", "concept", "token")
 
 
 def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = "class") -> Table1:
@@ -223,16 +225,20 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
     if rows not in TABLE1_ROWS:
         raise ValueError(f"rows must be one of {', '.join(TABLE1_ROWS)}, not {rows!r}")
     prompts = table1_prompts(concept, instance)
-    positions = [None if rows == "class" else list(model.family.concept_plan(p, concept.words).plan.unstarred())
+    positions = [list(model.family.concept_plan(p, concept.words).plan.unstarred()) if rows == "concept" else None
                  for p, _ in prompts]
+    alone = replace(concept, phrase="{token}") if rows == "token" else None
     text = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     fid = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     for i, seed in enumerate(seeds):
         for k, (prompt, background) in enumerate(prompts):
-            gen = generate_concept(model, prompt, concept, Settings(seed=seed, steps=steps, record_maps=False),
-                                   positions=positions[k])
+            settings = Settings(seed=seed, steps=steps, record_maps=False)
+            gen = generate_concept(model, prompt, concept, settings, positions=positions[k])
+            images = dict(gen.images)
+            if alone is not None:  # same seed, so the same noise as the customized baseline's
+                images["alignit"] = generate_concept(model, prompt, alone, settings, include_customized=False).images["alignit"]
             for method in text:
-                j = classify(np.asarray(gen.images[method]))
+                j = classify(np.asarray(images[method]))
                 text[method][i, k] = j.background == background
                 fid[method][i, k] = fidelity(j, instance)
     return Table1(text, fid, tuple(p for p, _ in prompts))
