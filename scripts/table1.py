@@ -60,8 +60,8 @@ def main(argv=None) -> None:
                          "AlignIT example only where AlignIT does in most seeds)")
     ap.add_argument("--rows", choices=TABLE1_ROWS, default="class",
                     help="the rows AlignIT takes from p': the class word's (the paper's AlignIT), every row where p' "
-                         "holds the concept (Custom Diffusion's modifier token too, over the word before the class word) "
-                         "or the class word's from a p' holding the concept's token alone there")
+                         "holds the concept (Custom Diffusion's modifier token too, over the word before the class "
+                         "word) or the class word's from a p' holding the concept's token alone there")
     ap.add_argument("--by-prompt", action="store_true", help="each prompt's text alignment and fidelity per method")
     args = ap.parse_args(argv)
     if args.write_examples and args.rows != "class":

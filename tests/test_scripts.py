@@ -91,9 +91,8 @@ def test_table1_script_adds_the_instance_asked_in_words(capsys):
 
 def test_table1_script_takes_every_row_of_the_concept_and_reports_each_prompt(capsys):
     """`--rows concept`: AlignIT takes every row where p' holds the concept (the header says so; `--rows token`
-    names its own);
-    `--by-prompt`: one line per prompt with both methods' rates. `--write-examples` with it is refused:
-    the demo's examples run the paper's AlignIT."""
+    names its own); `--by-prompt`: one line per prompt with both methods' rates. `--write-examples` with it is
+    refused: the demo's examples run the paper's AlignIT."""
     import pytest
 
     from scripts.table1 import main
@@ -106,7 +105,8 @@ def test_table1_script_takes_every_row_of_the_concept_and_reports_each_prompt(ca
     assert all(cell.count(", ") == 1 for cells in prompts for cell in cells[1:])
     main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd", "--rows", "token"])
     lines = capsys.readouterr().out.splitlines()
-    assert "AlignIT (the token alone at the class word) / customized" in lines[0] and lines[2].startswith("| <holed-star>")
+    assert "AlignIT (the token alone at the class word) / customized" in lines[0]
+    assert lines[2].startswith("| <holed-star> | Custom Diffusion |")
     with pytest.raises(SystemExit) as exit_:
         main(["--seeds", "1", "--rows", "concept", "--write-examples"])
     assert exit_.value.code == 2 and "leave --rows class" in capsys.readouterr().err

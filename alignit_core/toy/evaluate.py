@@ -236,7 +236,8 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
             gen = generate_concept(model, prompt, concept, settings, positions=positions[k])
             images = dict(gen.images)
             if alone is not None:  # same seed, so the same noise as the customized baseline's
-                images["alignit"] = generate_concept(model, prompt, alone, settings, include_customized=False).images["alignit"]
+                token = generate_concept(model, prompt, alone, settings, include_customized=False)
+                images["alignit"] = token.images["alignit"]
             for method in text:
                 j = classify(np.asarray(images[method]))
                 text[method][i, k] = j.background == background
