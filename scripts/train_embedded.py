@@ -889,7 +889,7 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
     `a <token>` and `a photo of a <token>` (Custom Diffusion: `<token> <class word>`)."""
     info, token = INSTANCES[name], f"<{name}>"
     with torch.no_grad():
-        refs = vae.encode(render(references(name), device=device)).latent_dist.mean * scale  # (n, 4, 16, 16)
+        refs = vae.encode(render(references(name, backgrounds=args.reference_backgrounds), device=device)).latent_dist.mean * scale  # (n, 4, 16, 16)
     emb = token_embeddings(te).weight
     init = emb[vocab.ids[STAR] if kind == "cd" else vocab.ids[info["class_word"]]].detach().clone()
     n_vec = args.ti_vectors if kind == "ti" else 1  # diffusers' --num_vectors: each starts as the init word
@@ -1036,7 +1036,7 @@ def export(args, vae, unet, te, scale, concepts) -> None:
         folder = args.out / "concepts" / f"{name}-{kind}"
         (folder / "references").mkdir(parents=True, exist_ok=True)
         refs = []
-        for i, img in enumerate(to_uint8(render(references(name)))):
+        for i, img in enumerate(to_uint8(render(references(name, backgrounds=args.reference_backgrounds)))):
             from PIL import Image
             Image.fromarray(img).save(folder / "references" / f"{i}.png")
             refs.append(f"references/{i}.png")
@@ -1165,6 +1165,9 @@ def main(argv=None) -> None:
     ap.add_argument("--concept-prompts", choices=("templates", "two"), default="two",
                     help="the concepts' training prompts: only `a <token>` and `a photo of a <token>` (the shipped "
                          "concepts), or textual inversion's template list (`templates`)")
+    ap.add_argument("--reference-backgrounds", type=int, default=1,
+                    help="how many backgrounds the six reference pictures show the instance on (1: its own only, "
+                         "the shipped concepts; more: its own and others in turn, as a user's photos vary)")
     ap.add_argument("--concept-batch", type=int, default=16)
     ap.add_argument("--concept-eval-every", type=int, default=0, metavar="N",
                     help="every N steps, sample `a photo of a <token>` (--concept-eval-n seeds) with the customized "

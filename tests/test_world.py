@@ -100,6 +100,34 @@ def test_fidelity_tells_the_novel_instances_from_plain_shapes():
     assert fidelity(judged[2], star) and not fidelity(judged[3], star)
 
 
+def test_references_on_several_backgrounds_keep_the_instance_and_table1_asks_none_of_them(tmp_path):
+    """`--reference-backgrounds 3`: the instance itself in every picture, on its own background and
+    two others that are none of its colours; Table 1 then asks for none of the backgrounds its
+    references show (the classifier reads them off the pictures a concept folder holds)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from alignit_core.toy.evaluate import table1_prompts
+    from alignit_core.toy.instances import INSTANCES, references
+    for name in INSTANCES:
+        instance = INSTANCES[name]["scene"]
+        assert {s.background for s in references(name)} == {instance.background}
+        scenes = references(name, backgrounds=3)
+        assert len({s.background for s in scenes}) == 3 and scenes[0].background == instance.background
+        images = to_uint8(render(scenes))
+        assert all(fidelity(classify(im), instance) for im in images)
+        assert {classify(im).background for im in images} == {s.background for s in scenes}
+        paths = []
+        for i, im in enumerate(images):
+            Image.fromarray(im).save(tmp_path / f"{name}-{i}.png")
+            paths.append(tmp_path / f"{name}-{i}.png")
+        concept = SimpleNamespace(token=f"<{name}>", references=tuple(paths))
+        asked = {b for _, b in table1_prompts(concept, instance)}
+        one_place = {b for _, b in table1_prompts(SimpleNamespace(token=f"<{name}>", references=()), instance)}
+        assert asked == one_place - {s.background for s in scenes} and len(asked) >= 3
+
+
 def test_classifier_reports_no_object_on_a_blank_image():
     blank = np.zeros((128, 128, 3), np.uint8) + np.array([40, 70, 220], np.uint8)
     j = classify(blank)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
@@ -68,9 +69,12 @@ def swap_semantics(model, cases: list[tuple[tuple[str, str, str], str, str]], se
 
 def table1_prompts(concept, instance) -> list[tuple[str, str]]:
     """(prompt, asked background): every background the classifier can tell from the instance (its
-    colour, and a striped one's second colour) and that is not its reference images' own background."""
+    colour, and a striped one's second colour) and that none of the concept's reference images shows
+    it on (the instance's own background, and any other its references were photographed on)."""
     colours = {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set())
-    backgrounds = [c for c in COLOURS if c != instance.background and c not in colours]
+    seen = {instance.background} | {classify(np.asarray(Image.open(p).convert("RGB"))).background
+                                    for p in getattr(concept, "references", ())}
+    backgrounds = [c for c in COLOURS if c not in seen and c not in colours]
     return [(t.format(tok=concept.token, b=b), b) for t in ("a {tok} on a {b} background",
                                                             "a photo of a {tok} on a {b} background")
             for b in backgrounds]

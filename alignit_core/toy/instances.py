@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
-from .shapes import Scene, styled
+from .shapes import COLOURS, Scene, styled
 
 INSTANCES = {
     "striped-ball": dict(scene=styled(Scene("red", "circle", "blue"), pattern="striped"),  # white stripes
@@ -18,8 +18,14 @@ INSTANCES = {
 }
 
 
-def references(name: str, n: int = 6) -> list[Scene]:
+def references(name: str, n: int = 6, backgrounds: int = 1) -> list[Scene]:
+    """The instance's `n` reference pictures. `backgrounds` > 1 photographs it in that many places,
+    as a user's photos of one object are: its own background, then others the instance's seeded draw
+    picks among the colours that are none of the instance's own, in turn."""
     rng = random.Random(sum(map(ord, name)))
     base = INSTANCES[name]["scene"]
-    return [replace(base, cx=rng.uniform(-0.1, 0.1), cy=rng.uniform(-0.1, 0.1), radius=rng.uniform(0.5, 0.6))
-            for _ in range(n)]
+    own = {base.background, base.colour, base.second_colour if base.pattern == "striped" else base.colour}
+    places = [base.background] + random.Random(len(name)).sample(sorted(c for c in COLOURS if c not in own),
+                                                                 backgrounds - 1)
+    return [replace(base, background=places[i % len(places)], cx=rng.uniform(-0.1, 0.1),
+                    cy=rng.uniform(-0.1, 0.1), radius=rng.uniform(0.5, 0.6)) for i in range(n)]
