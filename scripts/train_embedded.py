@@ -889,7 +889,8 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
     `a <token>` and `a photo of a <token>` (Custom Diffusion: `<token> <class word>`)."""
     info, token = INSTANCES[name], f"<{name}>"
     with torch.no_grad():
-        refs = vae.encode(render(references(name, backgrounds=args.reference_backgrounds), device=device)).latent_dist.mean * scale  # (n, 4, 16, 16)
+        pictures = render(references(name, backgrounds=args.reference_backgrounds), device=device)
+        refs = vae.encode(pictures).latent_dist.mean * scale  # (n, 4, 16, 16)
     emb = token_embeddings(te).weight
     init = emb[vocab.ids[STAR] if kind == "cd" else vocab.ids[info["class_word"]]].detach().clone()
     n_vec = args.ti_vectors if kind == "ti" else 1  # diffusers' --num_vectors: each starts as the init word
@@ -1165,7 +1166,7 @@ def main(argv=None) -> None:
     ap.add_argument("--concept-prompts", choices=("templates", "two"), default="two",
                     help="the concepts' training prompts: only `a <token>` and `a photo of a <token>` (the shipped "
                          "concepts), or textual inversion's template list (`templates`)")
-    ap.add_argument("--reference-backgrounds", type=int, default=1,
+    ap.add_argument("--reference-backgrounds", type=int, default=1, choices=range(1, 6), metavar="{1..5}",
                     help="how many backgrounds the six reference pictures show the instance on (1: its own only, "
                          "the shipped concepts; more: its own and others in turn, as a user's photos vary)")
     ap.add_argument("--concept-batch", type=int, default=16)

@@ -18,6 +18,7 @@ from ..conditioning import Row
 from ..generate import generate_concept, run_rows
 from ..prompts import tokenize, word_swap_plan
 from ..settings import Settings, resolve
+from .instances import object_colours
 from .shapes import COLOURS, HELD_OUT, PATTERN_PHRASES, Judgement, classify, object_mask, pattern_template
 
 
@@ -71,10 +72,9 @@ def table1_prompts(concept, instance) -> list[tuple[str, str]]:
     """(prompt, asked background): every background the classifier can tell from the instance (its
     colour, and a striped one's second colour) and that none of the concept's reference images shows
     it on (the instance's own background, and any other its references were photographed on)."""
-    colours = {instance.colour} | ({instance.second_colour} if instance.pattern == "striped" else set())
     seen = {instance.background} | {classify(np.asarray(Image.open(p).convert("RGB"))).background
                                     for p in getattr(concept, "references", ())}
-    backgrounds = [c for c in COLOURS if c not in seen and c not in colours]
+    backgrounds = [c for c in COLOURS if c not in seen and c not in object_colours(instance)]
     return [(t.format(tok=concept.token, b=b), b) for t in ("a {tok} on a {b} background",
                                                             "a photo of a {tok} on a {b} background")
             for b in backgrounds]

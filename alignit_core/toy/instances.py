@@ -18,14 +18,18 @@ INSTANCES = {
 }
 
 
+def object_colours(scene: Scene) -> set[str]:
+    """The colours the object itself shows: its colour, and a striped one's second colour."""
+    return {scene.colour} | ({scene.second_colour} if scene.pattern == "striped" else set())
+
+
 def references(name: str, n: int = 6, backgrounds: int = 1) -> list[Scene]:
     """The instance's `n` reference pictures. `backgrounds` > 1 photographs it in that many places,
     as a user's photos of one object are: its own background, then others the instance's seeded draw
     picks among the colours that are none of the instance's own, in turn."""
     rng = random.Random(sum(map(ord, name)))
     base = INSTANCES[name]["scene"]
-    own = {base.background, base.colour, base.second_colour if base.pattern == "striped" else base.colour}
-    places = [base.background] + random.Random(len(name)).sample(sorted(c for c in COLOURS if c not in own),
-                                                                 backgrounds - 1)
+    others = sorted(c for c in COLOURS if c != base.background and c not in object_colours(base))
+    places = [base.background] + random.Random(len(name)).sample(others, backgrounds - 1)
     return [replace(base, background=places[i % len(places)], cx=rng.uniform(-0.1, 0.1),
                     cy=rng.uniform(-0.1, 0.1), radius=rng.uniform(0.5, 0.6)) for i in range(n)]
