@@ -294,7 +294,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
              scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
              long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
              map_blocks=MAP_BLOCKS, map_start=0.0, map_end=1.0, map_by="words", map_special=False,
-             progress=gr.Progress(), run=None, examples=None, first_view=False):
+             progress=gr.Progress(), run=None, examples=None, first_view=False, example=False):
     """Generate a comparison from one seed: AlignIT (customized baseline | AlignIT | optionally the base model
     on p) or a token swap (baseline | swapped), each image with its per-word cross-attention heat maps.
 
@@ -337,6 +337,8 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
                         swap_kv=swap_kv, swap_strength=swap_strength, lora_rest=lora_rest,
                         map_blocks=tuple(map_blocks or ()), map_start=map_start, map_end=map_end)
     run = run or partial(run_generation, model)
+    if example:  # an example asks for its concept's own positions: the box may still hold the last prompt's
+        positions = None  # (a token view of the previous prompt can land after the example's own)
     try:
         chosen = concepts_asked(concepts, uploaded, concept_key, second_concept, STATE_TTL_S) if mode == ALIGNIT else []
         request = read_request(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
@@ -704,9 +706,10 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
         return gr.update(interactive=False), *[None] * MAX_COLUMNS
 
     generate_after(run_button.click(start_run, None, [run_button, *maps], **quick), **api("generate"))
-    # an example runs once its values, and the positions they imply, are in place
+    # an example runs once its values are in place, on its concept's own positions
     generate_after(examples_box.load_input_event.then(**show_view, **private)
-                   .then(start_run, None, [run_button, *maps], **quick), **private)
+                   .then(start_run, None, [run_button, *maps], **quick),
+                   fn=named(generate, "generate", *ctx, run=run, examples=examples, example=True), **private)
     # the first view shows the first example's result (made once, on the first view of all)
     first_view = named(generate, "generate", *ctx, run=run, examples=examples, first_view=True)
     generate_after(demo.load(**show_view, **private).then(start_run, None, [run_button, *maps], **quick),

@@ -110,6 +110,18 @@ def test_alignit_with_the_base_model_fills_three_labelled_columns(tiny_sd):
     assert [u["visible"] for u in labels[3:]] == [True, True, True]
 
 
+def test_an_example_runs_on_its_concepts_own_positions_whatever_the_box_still_holds(tiny_sd):
+    """A token view of the previous prompt can land after the example's own and leave its positions
+    in the box: the example's run asks for the concept's positions, a click on Generate for the box's."""
+    concept = {"striped-ball-ti": _concept()}
+    args = (tiny_sd, concept, {}, app.ALIGNIT, "striped-ball-ti", "a <striped-ball> on a green background", [5], "",
+            1, 2, 5.0, tiny_sd.native_size, "ddim", False, 0.0, 1.0, None, False, "raw")
+    *_, command, gen, _, _ = app.generate(*args, progress=lambda *a, **k: None, example=True)
+    assert "--positions 2" in command and gen.swapped["alignit"] == (2,)
+    *_, command, gen, _, _ = app.generate(*args, progress=lambda *a, **k: None)
+    assert "--positions 5" in command and gen.swapped["alignit"] == (5,)
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"swaps": "cat=zebra"}, "the word 'cat' is not in the prompt"),
     ({"swaps": "12=zebra"}, "position 12 is outside the prompt"),
