@@ -494,8 +494,8 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     example_rows, example_labels = examples_for(model, registry)
     swap_example = (example_rows[0][2], example_rows[0][3])
     # the page opens on the first AlignIT example (the one AlignIT draws most often), else on the first concept
-    first = next((registry[row[1]] for row in example_rows if row[0] == ALIGNIT and not row[5]),
-                 next(iter(registry.values()), None))
+    opening = next((row for row in example_rows if row[0] == ALIGNIT and not row[5]), None)
+    first = registry[opening[1]] if opening else next(iter(registry.values()), None)
     start = ALIGNIT if first else SWAP  # no concept for this model: start where there is something to do
     examples = ExampleResults(example_requests(model, registry, example_rows, defaults))
     run = on_gpu(partial(run_generation, model), gpu_seconds)
@@ -549,8 +549,8 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
                 table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
         with gr.Column(scale=2, min_width=300):
             with gr.Row(equal_height=False):
-                seed = gr.Number(value=0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, scale=3,
-                                 elem_id="seed")
+                seed = gr.Number(value=opening[4] if opening else 0, label="Seed", precision=0, minimum=0,
+                                 maximum=MAX_SEED, scale=3, elem_id="seed")
                 dice = gr.Button("Random seed", size="sm", scale=1, elem_id="dice")
             steps = gr.Slider(1, 100, value=defaults.steps, step=1, label="Denoising steps")
             guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults.guidance, step=0.5, label="Guidance scale")
@@ -647,9 +647,11 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     view_outputs = [table, positions, chips, texts, diagram]
     show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
                      outputs=view_outputs, show_progress="hidden", **TOKEN_VIEWS)
-    # one listener for every input of the view, so that its runs never overtake one another
-    gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change],
-          **show_view, trigger_mode="always_last", **api("tokens"))
+    # one listener for every input of the view, so that its runs never overtake one another; an example
+    # asks for a view through it too (`reviews`), even when its values are those already on the page
+    reviews = gr.State(0, time_to_live=STATE_TTL_S)
+    gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change,
+           reviews.change], **show_view, trigger_mode="always_last", **api("tokens"))
     second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
     concept.change(partial(show_concept, registry), [uploaded, concept], [card, references],
                    show_progress="hidden", **private)
@@ -706,9 +708,10 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
         return gr.update(interactive=False), *[None] * MAX_COLUMNS
 
     generate_after(run_button.click(start_run, None, [run_button, *maps], **quick), **api("generate"))
-    # an example runs once its values are in place, on its concept's own positions
-    generate_after(examples_box.load_input_event.then(**show_view, **private)
-                   .then(start_run, None, [run_button, *maps], **quick),
+    # an example runs once its values are in place, on its concept's own positions; its view comes from the
+    # listener (`reviews` is bumped through the queue: a call outside it reports no state change to the page)
+    bump = dict(fn=lambda n: n + 1, inputs=reviews, outputs=reviews, show_progress="hidden", **private)
+    generate_after(examples_box.load_input_event.then(**bump).then(start_run, None, [run_button, *maps], **quick),
                    fn=named(generate, "generate", *ctx, run=run, examples=examples, example=True), **private)
     # the first view shows the first example's result (made once, on the first view of all)
     first_view = named(generate, "generate", *ctx, run=run, examples=examples, first_view=True)

@@ -122,6 +122,22 @@ def test_an_example_runs_on_its_concepts_own_positions_whatever_the_box_still_ho
     assert "--positions 5" in command and gen.swapped["alignit"] == (5,)
 
 
+def test_every_token_view_after_the_pages_first_comes_from_one_always_last_listener(tiny_sd):
+    """A visitor's token views overtake one another only if two events compute them: an example's own
+    view, started beside a view of the previous prompt, could land first and leave that prompt's ticks in
+    the positions box. One `always_last` listener runs them one at a time, the last with the page's values;
+    an example asks it for a view even when its values are those already on the page."""
+    demo = app.build_demo(tiny_sd, [])
+    views = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "tokens"]
+    later = [fn for fn in views if [event for _, event in fn.targets] != ["load"]]
+    assert len(later) == 1 and later[0].trigger_mode == "always_last"
+    triggers = {demo.blocks[block]: event for block, event in later[0].targets}
+    bumped = [fn for fn in demo.fns.values() if fn.outputs and fn.outputs[0] in triggers and fn.inputs == fn.outputs
+              and [event for _, event in fn.targets] == ["then"]]
+    assert len(bumped) == 1  # the examples' chain
+    assert bumped[0].fn(0) == 1  # a new value, so the listener runs
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"swaps": "cat=zebra"}, "the word 'cat' is not in the prompt"),
     ({"swaps": "12=zebra"}, "position 12 is outside the prompt"),
