@@ -34,6 +34,7 @@ import torch
 from .concept_files import (MAX_EMBEDDING_BYTES, MAX_FILE_BYTES, check_file, check_safetensors, checked_tensor,
                             read_custom_diffusion, read_embeddings, read_file)
 from .errors import ConceptError, short
+from .settings import MAX_SEED
 from .lora import read_lora
 from .concept_prompts import ConceptWords
 from .weights import Edit, LowRank, Replace, overlay
@@ -67,6 +68,9 @@ class Concept:
     # how often (share of seeds) the customized model and AlignIT draw both the concept and the rest of
     # `example_prompt`, measured by `scripts/table1.py --write-examples`; None when not measured
     example_rates: tuple[float, float] | None = None
+    # the seed the demo runs the example on (`--write-examples`: the first where AlignIT draws it all and
+    # the customized baseline draws the concept on another background); 0 when not measured
+    example_seed: int = 0
     warnings: tuple[str, ...] = ()  # what in its files was not used, said to the user with every generation
     scale: float = 1.0  # a LoRA's adapter weight (diffusers' set_adapters), already in its updates
     # several concepts held at once (one_model): (token, vector count) each, in the order `vectors` stacks them
@@ -96,6 +100,12 @@ class Concept:
                 k, v = out.get(layer, (None, None))
                 out[layer] = (edit, v) if proj == "to_k" else (k, edit)
         return out
+
+
+def _example_seed(m: dict) -> int:
+    """The manifest's `example_seed`, or 0 when absent or not a seed (it only chooses the example's seed)."""
+    seed = m.get("example_seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED else 0
 
 
 def _example_rates(m: dict) -> tuple[float, float] | None:
@@ -185,7 +195,7 @@ def load_concept(source: str | Path, model, allow_pickle: bool = True, max_bytes
     phrase = m.get("phrase", "{token} {class_word}" if kind == "custom_diffusion" else "{token}")
     concept = Concept(m.get("name", folder.name), tok, m["class_word"], kind, phrase=phrase, vectors=vectors,
                       unet=unet, text_encoders=encoders, references=refs, example_prompt=m.get("example_prompt", ""),
-                      example_rates=_example_rates(m), warnings=tuple(warnings))
+                      example_rates=_example_rates(m), example_seed=_example_seed(m), warnings=tuple(warnings))
     return _bind(concept, model)
 
 
@@ -223,7 +233,8 @@ def _lora_concept(name: str, path: Path, model, max_bytes: int, token, class_wor
                       text_encoders=tuple({layer: edit.scaled(scale) for layer, edit in text.items()}
                                           for text in lora.text),
                       references=tuple(_inside(path.parent, r) for r in m.get("references", [])),
-                      example_prompt=m.get("example_prompt", ""), example_rates=_example_rates(m), scale=float(scale))
+                      example_prompt=m.get("example_prompt", ""), example_rates=_example_rates(m),
+                      example_seed=_example_seed(m), scale=float(scale))
     return _bind(concept, model)
 
 

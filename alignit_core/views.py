@@ -378,7 +378,7 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     shown.sort(key=lambda key: (drawn[key][0], drawn[key][0] - drawn[key][1]))  # drawn most, then gained most: opens on it
     for key in shown:
         c = concepts[key]
-        rows.append([ALIGNIT, key, c.example_prompt, "", 0, ""])
+        rows.append([ALIGNIT, key, c.example_prompt, "", c.example_seed, ""])
         rates = (f" · all drawn in {c.example_rates[0]:.0%} → {c.example_rates[1]:.0%} of seeds"
                  if c.example_rates else "")
         labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")

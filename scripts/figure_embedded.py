@@ -8,11 +8,14 @@ draws as customized baseline and with AlignIT.
 Top: the base model on patterned prompts (combinations it never saw); for the MMDiT model, the demo's
 token swaps (baseline | swapped). Then one row per concept:
 its first three reference images, `a photo of a <token>` on the customized model, and the concept's
-example prompt as customized baseline | AlignIT, all from the same seed.
+example prompt as customized baseline | AlignIT, both from the seed the demo runs that example on (the
+manifest's `example_seed`, `scripts/table1.py --write-examples`; 0 where not measured; `--seed` with
+`--same-seed`).
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -46,6 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--model", default="embedded", choices=("embedded", "embedded-mmdit"))
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--same-seed", action="store_true", help="the examples too from --seed, not their own seeds")
     args = ap.parse_args(argv)
     name = "embedded.png" if args.model == "embedded" else "embedded_mmdit.png"
     out = args.out or ROOT / "assets" / "figures" / name
@@ -64,12 +68,14 @@ def main(argv=None) -> None:
     for concept in find_concepts(ROOT / "assets" / "concepts", model):
         refs = [Image.open(r).convert("RGB") for r in concept.references[:3]]
         photo = generate_concept(model, f"a photo of a {concept.token}", concept, settings)
-        example = generate_concept(model, concept.example_prompt, concept, settings)
+        seed = args.seed if args.same_seed else concept.example_seed
+        example = generate_concept(model, concept.example_prompt, concept, replace(settings, seed=seed))
         columns = [(f"reference {i + 1}", im, None) for i, im in enumerate(refs)]
         columns += [(f"a photo of a {concept.token}", photo.images["customized"], None),
                     (f"customized: {concept.example_prompt}", example.images["customized"], None),
                     (f"AlignIT: {concept.example_prompt}", example.images["alignit"], None)]
-        parts.append(comparison_grid(columns, f"{concept.name} ({concept.kind.replace('_', ' ')})"))
+        parts.append(comparison_grid(columns, f"{concept.name} ({concept.kind.replace('_', ' ')}); "
+                                              f"its example (the last two) at seed {seed}"))
     out.parent.mkdir(parents=True, exist_ok=True)
     stack(parts).save(out, optimize=True)
     print(f"wrote {out}")

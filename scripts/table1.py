@@ -57,7 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--write-examples", action="store_true",
                     help="set each concept's example_prompt (its manifest) to the prompt where AlignIT gains most, "
                          "and example_rates to how often each method draws it all there (the demo offers an "
-                         "AlignIT example only where AlignIT does in most seeds)")
+                         "AlignIT example only where AlignIT does in most seeds), and example_seed to the first "
+                         "seed where AlignIT draws it all and the customized baseline draws the concept on another "
+                         "background (Table1.example_seed; the demo runs the example on it)")
     ap.add_argument("--rows", choices=TABLE1_ROWS, default="class",
                     help="the rows AlignIT takes from p': the class word's (the paper's AlignIT), every row where p' "
                          "holds the concept (Custom Diffusion's modifier token too, over the word before the class "
@@ -74,7 +76,7 @@ def main(argv=None) -> None:
     print(f"| concept | kind | text alignment: customized → {a} | gain (paired) | "
           f"concept fidelity: customized → {a} | {a} / customized{words} | n |")
     print("|---|---|---|---|---|---|" + "---|" * (2 * args.words) + "---|")
-    texts, examples, asked, by_prompt = [], [], {}, []
+    texts, examples, asked, by_prompt, tables = [], [], {}, [], {}
     for concept in find_concepts(args.assets / "concepts", model):
         if args.only and concept.name not in args.only:
             continue
@@ -91,6 +93,7 @@ def main(argv=None) -> None:
               f"{t.mean('text', 'alignit')} | {t.text_gain} | {t.mean('fidelity', 'customized')} → "
               f"{t.mean('fidelity', 'alignit')} | {t.fidelity_ratio}{extra} | {t.n} |", flush=True)
         examples.append((concept, t.best_example()))
+        tables[concept.name] = t
         if args.by_prompt:
             by_prompt.append((concept, t))
     if texts:
@@ -111,6 +114,10 @@ def main(argv=None) -> None:
             data = json.loads(manifest.read_text())
             data["example_prompt"] = prompt
             data["example_rates"] = [round(before, 3), round(after, 3)]
+            seed = tables[concept.name].example_seed(prompt)
+            data.pop("example_seed", None)
+            if seed is not None:
+                data["example_seed"] = seeds[seed]
             manifest.write_text(json.dumps(data, indent=2) + "\n")
 
 

@@ -242,6 +242,17 @@ def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     expect(page.locator("#generate")).to_be_enabled(timeout=30_000)
     assert _pixels(_image_bytes(page, "#image-0")) == _pixels(first)  # (its PNG's settings now name three rows)
     _screenshot(page, tmp_path, "app_alignit.png")
+    # ticks moved by hand, then the same example again: its values are already on the page, and its view
+    # (the one its run follows) still shows its own positions
+    box = page.locator("#positions")
+    box.locator("label", has_text="1: a").click()
+    box.locator("label", has_text="2: star").click()
+    expect(box.locator("label", has_text="2: star").locator("input")).not_to_be_checked()
+    page.get_by_role("button", name=re.compile("AlignIT · <holed-star> · textual inversion")).click()
+    expect(box.locator("label", has_text="2: star").locator("input")).to_be_checked(timeout=30_000)
+    expect(box.locator("label", has_text="1: a").locator("input")).not_to_be_checked()
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2 "),
+                                                            timeout=GENERATE_TIMEOUT_MS)
 
 
 def test_an_uploaded_embedding_becomes_a_concept_of_this_session(page, tmp_path):
@@ -402,11 +413,12 @@ def test_downloads_are_named_for_the_run_and_keep_the_settings(page):
     """Bug 5: every image downloaded as `image.png` without settings; the grid as `heatmaps.png`."""
     expect = _expect()
     _results_shown(page)
+    seed = int(page.locator("#seed input").input_value())  # the first example's own seed
     link = page.locator("#image-1 a[download]").first
     name = link.get_attribute("download")
-    assert re.fullmatch(r"[a-z-]+-seed0-alignit\.png", name), name
+    assert re.fullmatch(rf"[a-z-]+-seed{seed}-alignit\.png", name), name
     with Image.open(io.BytesIO(page.request.get(link.get_attribute("href")).body())) as png:
-        assert json.loads(png.text["alignit"])["seed"] == 0  # the settings travel with the image
+        assert json.loads(png.text["alignit"])["seed"] == seed  # the settings travel with the image
     prefix = name.removesuffix("alignit.png")
     for box, suffix in (("#grid-file", "heatmaps.png"), ("#maps-file", "maps.safetensors"),
                         ("#settings-file", "settings.json")):

@@ -384,6 +384,16 @@ def test_manifest_with_an_unknown_kind_is_refused(tiny_sd, tmp_path):
         load_concept(folder, tiny_sd)
 
 
+@pytest.mark.parametrize("seed, kept", [(7, 7), (0, 0), (2**32 - 1, 2**32 - 1), (2**32, 0), (-1, 0), ("7", 0),
+                                         (True, 0), (7.0, 0), (None, 0)])
+def test_a_manifests_example_seed_is_kept_only_when_it_is_a_seed(tiny_sd, tmp_path, seed, kept):
+    """`example_seed` only chooses the seed the demo runs the example on: anything but a seed reads as 0."""
+    folder = write_concept(tmp_path / "toy", {"e.safetensors": {"<toy>": vec(1, WIDTH)}}, token="<toy>",
+                           class_word="toy", kind="textual_inversion", weights="e.safetensors",
+                           example_prompt="a <toy> on the grass", example_seed=seed)
+    assert load_concept(folder, tiny_sd).example_seed == kept
+
+
 def test_file_over_max_bytes_is_refused_before_reading(tiny_sd, tmp_path):
     path = tmp_path / "learned_embeds.safetensors"
     save_file({"<toy>": vec(16, WIDTH)}, str(path))

@@ -200,6 +200,28 @@ def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(e
     assert fid["holed-star-ti"][1] >= 0.3  # half of the holed star's textual inversion (README: 0.46)
 
 
+def test_each_offered_example_shows_on_its_seed_the_failure_alignit_fixes(embedded):
+    """The demo runs each AlignIT example on its manifest's `example_seed` (`table1.py --write-examples`), the
+    first of Table 1's seeds where the customized model draws the concept on another background and AlignIT
+    draws it on the asked one: run as the demo runs it (heat maps recorded), each offered example shows that."""
+    from alignit_core import generate_concept
+    from alignit_core.toy.evaluate import fidelity
+    from alignit_core.views import example_works
+
+    offered = 0
+    for name in CONCEPTS:
+        concept, instance = _concept(embedded, name)
+        if not example_works(concept):
+            continue
+        offered += 1
+        asked = dict(table1_prompts(concept, instance))[concept.example_prompt]
+        gen = generate_concept(embedded, concept.example_prompt, concept, Settings(seed=concept.example_seed))
+        customized, alignit = (classify(np.asarray(gen.images[m])) for m in ("customized", "alignit"))
+        assert fidelity(customized, instance) and customized.background != asked, (name, customized)
+        assert fidelity(alignit, instance) and alignit.background == asked, (name, alignit)
+    assert offered == 3  # README: the holed star's three
+
+
 def test_alignit_on_every_row_of_custom_diffusion_writes_the_modifier_row_and_changes_only_alignit(embedded):
     """`table1(rows="concept")` (scripts/table1.py --rows concept) has AlignIT take Custom Diffusion's
     modifier row too: the one before the class word, which the paper's AlignIT leaves as p's."""

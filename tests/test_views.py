@@ -190,11 +190,12 @@ def test_concept_examples_are_offered_where_the_protocol_says_alignit_works():
     model, and says the rates in its label; a concept without rates (a visitor's) keeps its example."""
     shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True)
     works = replace(_concept(), name="holed-star-cd", token="<holed-star>", example_prompt="a <holed-star> on a red background",
-                    example_rates=(0.0, 0.8))
+                    example_rates=(0.0, 0.8), example_seed=3)
     fails = replace(_concept(), example_rates=(0.4, 0.5))  # half the seeds: not most
     rows, labels = views.examples_for(shapes, {"holed-star-cd": works, "striped-ball-ti": fails})
     alignit = [r[1] for r in rows if r[0] == views.ALIGNIT and not r[5]]
     assert alignit == ["holed-star-cd"]
+    assert [r[4] for r in rows if r[0] == views.ALIGNIT and not r[5]] == [3]  # on its measured seed
     label = next(l for r, l in zip(rows, labels) if r[0] == views.ALIGNIT and r[1] == "holed-star-cd" and not r[5])
     assert "all drawn in 0% → 80% of seeds" in label
     assert rows[-1][1] == "holed-star-cd" and rows[-1][5] == "striped-ball-ti"  # the two-concept example
@@ -212,7 +213,7 @@ def test_concept_examples_are_offered_where_the_protocol_says_alignit_works():
 
 def test_the_concept_example_alignit_draws_most_often_comes_first():
     """The page opens on the first AlignIT example: the one AlignIT drew in most seeds, then the one it
-    gained most on (a first visitor's seed-0 picture is then the likeliest to show AlignIT working)."""
+    gained most on (the picture a first visitor sees is then the likeliest to show AlignIT working)."""
     shapes = SimpleNamespace(name="embedded-shapes", is_embedded=True)
     star = replace(_concept(), token="<holed-star>", example_prompt="a <holed-star> on a red background")
     concepts = {"holed-star-cd": replace(star, name="holed-star-cd", example_rates=(0.0, 0.8)),

@@ -518,6 +518,24 @@ def test_table1_intervals_are_paired_over_seeds_and_the_example_is_where_alignit
     assert gain.low <= gain.mean <= gain.high
     assert t.fidelity_ratio.mean == 1.0 and t.fidelity_ratio.low == t.fidelity_ratio.high == 1.0  # paired: no spread
     assert t.best_example()[0] == "c"  # the prompt where only AlignIT draws the background
+    # the seed the demo runs it on: the first where AlignIT draws it all and the customized baseline does not
+    assert t.example_seed("c") == 0
+    # the seed the demo opens the example on: AlignIT draws it all where the baseline draws the concept on
+    # another background (seed 3) before one where the baseline misses both (2) or only the concept (1)
+    seeds = {"text": {"customized": [True, True, False, False], "alignit": [True, True, True, True]},
+             "fidelity": {"customized": [True, False, False, True], "alignit": [True, True, True, True]}}
+    def example_seed():
+        arrays = ({m: np.array(v)[:, None] for m, v in seeds[k].items()} for k in ("text", "fidelity"))
+        return Table1(*arrays, ("d",)).example_seed("d")
+
+    assert example_seed() == 3
+    seeds["fidelity"]["customized"][3] = False
+    assert example_seed() == 2
+    seeds["text"]["customized"][2:] = [True, True]
+    assert example_seed() == 1
+    # where the baseline draws it whenever AlignIT does: the first seed AlignIT draws it; where AlignIT never does, none
+    assert base[:, 0].any() and t.example_seed("a") == int(np.argmax(base[:, 0]))
+    assert Table1(text, {**fid, "alignit": np.zeros((10, 3), bool)}, ("a", "b", "c")).example_seed("c") is None
     assert t.n == 30
     rates = dict(t.by_prompt())
     assert list(rates) == ["a", "b", "c"]

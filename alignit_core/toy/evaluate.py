@@ -186,6 +186,20 @@ class Table1:
         k = int(np.argmax(both["alignit"] - both["customized"] + 1e-3 * both["alignit"]))
         return self.prompts[k], float(both["customized"][k]), float(both["alignit"][k])
 
+    def example_seed(self, prompt: str) -> int | None:
+        """The seed (an index into the table's seeds) for the demo to run `prompt`'s example on: the first
+        where AlignIT draws both the concept and the asked background and the customized baseline draws the
+        concept on another background (the failure the paper fixes); else the first where the baseline
+        misses the background, else the first where it misses either, else the first where AlignIT draws
+        both; None where AlignIT never does."""
+        k = self.prompts.index(prompt)
+        text, fid = self.text["customized"][:, k], self.fidelity["customized"][:, k]
+        alignit = self.text["alignit"][:, k] & self.fidelity["alignit"][:, k]
+        for wins in (alignit & fid & ~text, alignit & ~text, alignit & ~(text & fid), alignit):
+            if wins.any():
+                return int(np.argmax(wins))
+        return None
+
     @property
     def fidelity_ratio(self) -> Estimate:
         """AlignIT's concept fidelity over the customized baseline's, paired."""
