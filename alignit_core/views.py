@@ -54,8 +54,9 @@ def header_markdown(model) -> str:
     elif model.is_embedded:
         about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
                  "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
-                 "concepts keep drawing their references' background whatever the prompt asks (the asked one in 43 % "
-                 "of samples); AlignIT draws the asked one in 92 %, keeping most of the striped ball (README, toy Table 1).")
+                 "concepts ignore the background the prompt asks for (they draw it in 43 % of samples); AlignIT draws "
+                 "it in 92 %, keeping most of a textual inversion and little of a Custom Diffusion concept (README, "
+                 "toy Table 1).")
     else:
         about = ""
     return (
