@@ -55,8 +55,7 @@ def header_markdown(model) -> str:
         about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
                  "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: the customized "
                  "concepts ignore the background the prompt asks for (they draw it in 43 % of samples); AlignIT draws "
-                 "it in 92 %, keeping most of a textual inversion and little of a Custom Diffusion concept (README, "
-                 "toy Table 1).")
+                 "it in 92 %, keeping most of a textual inversion, little of a Custom Diffusion (README, toy Table 1).")
     else:
         about = ""
     return (
