@@ -84,6 +84,9 @@ LONG_CHOICES = [("segments (LongAlign): every word kept", "segments"), ("truncat
 # Small generations (128 px on the embedded model) are shown enlarged; the files keep their size.
 CSS = (".generated img { width: 100%; height: 100%; object-fit: contain; }\n"
        "#what-box .diagram td { padding: 1px 6px; text-align: center; font-family: monospace; }")
+# what the rates that end an AlignIT example's label say
+RATES_NOTE = (". AlignIT's a% → b%: how often the customized model → AlignIT drew the concept and the rest of the "
+              "prompt (toy Table 1)")
 # System fonts: the page asks no font server, so it looks the same offline.
 THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
@@ -589,7 +592,9 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
                                        elem_id="include-base")
             run_button = gr.Button("Generate", variant="primary", elem_id="generate")
     examples_box = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second],
-                               label="Examples (click to run; results are kept, so a second visit is instant)",
+                               label="Examples (click to run; results are kept, so a second visit is instant)"
+                                     + (RATES_NOTE if any(registry[r[1]].example_rates for r in example_rows
+                                                          if r[0] == ALIGNIT) else ""),
                                example_labels=example_labels, cache_examples=False, examples_per_page=12,
                                api_visibility="private")
     gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each word's "

@@ -368,7 +368,8 @@ def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, drafts, 
 
 def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed, second concept] rows
-    and labels; with two concepts of different tokens, one example holds both."""
+    and labels (short: the page shows a label's first 60 characters); with two concepts of different tokens,
+    one example holds both."""
     swaps = SHAPES_SWAPS if model.is_embedded else PAPER_SWAPS
     concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
     rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
@@ -379,8 +380,7 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
     for key in shown:
         c = concepts[key]
         rows.append([ALIGNIT, key, c.example_prompt, "", c.example_seed, ""])
-        rates = (f" · all drawn in {c.example_rates[0]:.0%} → {c.example_rates[1]:.0%} of seeds"
-                 if c.example_rates else "")
+        rates = f" · {c.example_rates[0]:.0%} → {c.example_rates[1]:.0%}" if c.example_rates else ""
         labels.append(f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}")
     pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
     # kinds mixed first, then the second concept whose own example AlignIT, then its customized model, drew most
@@ -389,8 +389,7 @@ def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
         first, other = concepts[pair[0]], concepts[pair[1]]
         rows.append([ALIGNIT, pair[0], first.example_prompt.replace(first.token, f"{first.token} and a {other.token}", 1),
                      "", 0, pair[1]])
-        labels.append(f"AlignIT · two concepts · {first.token} ({KIND_LABELS[first.kind]}) and {other.token} "
-                      f"({KIND_LABELS[other.kind]})")
+        labels.append(f"AlignIT · two concepts · {first.token} and {other.token}")
     return rows, labels
 
 

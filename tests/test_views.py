@@ -197,7 +197,7 @@ def test_concept_examples_are_offered_where_the_protocol_says_alignit_works():
     assert alignit == ["holed-star-cd"]
     assert [r[4] for r in rows if r[0] == views.ALIGNIT and not r[5]] == [3]  # on its measured seed
     label = next(l for r, l in zip(rows, labels) if r[0] == views.ALIGNIT and r[1] == "holed-star-cd" and not r[5])
-    assert "all drawn in 0% → 80% of seeds" in label
+    assert label.endswith("0% → 80%")
     assert rows[-1][1] == "holed-star-cd" and rows[-1][5] == "striped-ball-ti"  # the two-concept example
     assert views.example_works(replace(fails, example_rates=None))
     # its second concept: of two that AlignIT drew alike, the one whose customized model drew it more often
