@@ -34,7 +34,7 @@ import torch
 from .concept_files import (MAX_EMBEDDING_BYTES, MAX_FILE_BYTES, check_file, check_safetensors, checked_tensor,
                             read_custom_diffusion, read_embeddings, read_file)
 from .errors import ConceptError, short
-from .settings import MAX_SEED
+from .settings import is_seed
 from .lora import read_lora
 from .concept_prompts import ConceptWords
 from .weights import Edit, LowRank, Replace, overlay
@@ -105,7 +105,7 @@ class Concept:
 def _example_seed(m: dict) -> int:
     """The manifest's `example_seed`, or 0 when absent or not a seed (it only chooses the example's seed)."""
     seed = m.get("example_seed")
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED else 0
+    return seed if is_seed(seed) else 0
 
 
 def _example_rates(m: dict) -> tuple[float, float] | None:

@@ -180,6 +180,11 @@ def _whole(x, low: int, high: int) -> bool:
     return not isinstance(x, bool) and isinstance(x, int) and low <= x <= high
 
 
+def is_seed(x) -> bool:
+    """A whole number from 0 to MAX_SEED (a bool is not one)."""
+    return _whole(x, 0, MAX_SEED)
+
+
 def _number(x, low: float, high: float) -> bool:
     return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and low <= x <= high
 
@@ -192,7 +197,7 @@ def resolve(model, s: Settings) -> Settings:
     steps = defaults.steps if s.steps is None else s.steps
     guidance = defaults.guidance if s.guidance is None else s.guidance
     size = model.native_size if s.size is None else s.size
-    if not _whole(s.seed, 0, MAX_SEED):
+    if not is_seed(s.seed):
         raise SettingsError(f"seed must be a whole number from 0 to {MAX_SEED}")
     if not _whole(steps, 1, MAX_STEPS):
         raise SettingsError(f"steps must be a whole number from 1 to {MAX_STEPS}")

@@ -506,10 +506,10 @@ def test_find_concepts_returns_the_six_shipped_concepts(shipped, embedded):
 def test_the_shipped_examples_labels_are_shown_whole(shipped, embedded):
     """Gradio shows an example's label up to its 60th character and `...`: the rates that end an AlignIT
     example's label (how often the customized model and AlignIT drew it all) were cut off."""
-    from alignit_core.views import examples_for
+    from alignit_core.views import ALIGNIT, examples_for
 
     rows, labels = examples_for(embedded, shipped)
-    assert [r[0] for r in rows].count("AlignIT (customized concept)") == 4  # three concepts and the pair
+    assert [r[0] for r in rows].count(ALIGNIT) == 4  # three concepts and the pair
     assert all(len(label) <= 60 for label in labels), [label for label in labels if len(label) > 60]
     assert "AlignIT · <holed-star> · textual inversion · 10% → 100%" in labels
 
