@@ -23,7 +23,8 @@ concept's row that loses the instance from a base model that cannot draw it ther
 Custom Diffusion (`<holed-star> star`) the modifier token's row too, written over the word before the class word
 (the `positions` a user can tick in the demo or give to `generate --positions`). `--rows token` takes the class
 word's row from a p' holding Custom Diffusion's token alone there (`* <holed-star> * * * *`, without its class word).
-`--by-prompt` adds each prompt's text alignment and fidelity per method: where the misses are.
+`--by-prompt` adds each prompt's text alignment and fidelity per method: where the misses are. `--parts` adds how
+often each method draws each part of the instance (its shape, its colour, its stripes or hole): what a miss drops.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import numpy as np
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.models import EMBEDDED, EMBEDDED_MMDIT
-from alignit_core.toy.evaluate import TABLE1_ROWS, asked_in_words, table1
+from alignit_core.toy.evaluate import PARTS, TABLE1_ROWS, asked_in_words, table1
 from alignit_core.toy.instances import INSTANCES
 
 
@@ -65,6 +66,9 @@ def main(argv=None) -> None:
                          "holds the concept (Custom Diffusion's modifier token too, over the word before the class "
                          "word) or the class word's from a p' holding the concept's token alone there")
     ap.add_argument("--by-prompt", action="store_true", help="each prompt's text alignment and fidelity per method")
+    ap.add_argument("--parts", action="store_true",
+                    help="how often each method's pictures have each part of the instance (its shape, its colour, "
+                         "its pattern: the stripes or the hole): what a method keeps of a concept and what it drops")
     args = ap.parse_args(argv)
     if args.write_examples and args.rows != "class":
         ap.error("--write-examples sets the demo's examples, which run the paper's AlignIT: leave --rows class")
@@ -105,6 +109,14 @@ def main(argv=None) -> None:
         print("|---|" + "---|" * len(methods))
         for prompt, rates in t.by_prompt():
             print(f"| `{prompt}` | " + " | ".join(f"{rates[m][0]:.2f}, {rates[m][1]:.2f}" for m in methods) + " |")
+    if args.parts and tables:
+        print("\nParts of the instance drawn (customized → AlignIT; fidelity asks for all three)\n")
+        print("| concept | kind | " + " | ".join(PARTS) + " |")
+        print("|---|---|" + "---|" * len(PARTS))
+        for concept in find_concepts(args.assets / "concepts", model):
+            if (t := tables.get(concept.name)) is not None:
+                print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | " + " | ".join(
+                    f"{t.part_rate(part, 'customized')} → {t.part_rate(part, 'alignit')}" for part in PARTS) + " |")
     print("\n| concept | example (most gained: concept and background both drawn) | customized | AlignIT |")
     print("|---|---|---|---|")
     for concept, (prompt, before, after) in examples:

@@ -155,6 +155,20 @@ def test_both_tables_take_held_out_seeds(monkeypatch, capsys):
     capsys.readouterr()
 
 
+def test_table1_parts_prints_each_part_per_method_only_when_asked(capsys):
+    """`table1.py --parts`: one row per concept with its shape, colour and pattern rates, customized → AlignIT,
+    each with its interval; without the flag, no such table."""
+    import scripts.table1 as table1_script
+
+    table1_script.main(["--seeds", "1", "--steps", "1", "--only", "holed-star-ti", "--parts"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| <holed-star> | textual inversion |")]
+    assert "| concept | kind | shape | colour | pattern |" in out and len(rows) == 2, out
+    assert rows[1].count("→") == 3 and rows[1].count("[") == 6, rows[1]
+    table1_script.main(["--seeds", "1", "--steps", "1", "--only", "holed-star-ti"])
+    assert "| shape | colour | pattern |" not in capsys.readouterr().out
+
+
 def test_knobs_measurement_of_one_shipped_concept_leaves_the_rest_out(capsys):
     """`measure_knobs.py --only NAME`: that concept's three rows (keys and values, keys only, values
     only) and no swap table, no other concept."""

@@ -100,6 +100,25 @@ def test_fidelity_tells_the_novel_instances_from_plain_shapes():
     assert fidelity(judged[2], star) and not fidelity(judged[3], star)
 
 
+def test_fidelity_parts_name_the_part_of_the_instance_a_picture_drops():
+    """`fidelity_parts` (table1.py --parts): a picture that drops one part of an instance misses exactly that
+    part, and `fidelity` is all three."""
+    from alignit_core.toy.evaluate import PARTS, fidelity_parts
+    ball = Scene("red", "circle", "blue", pattern="striped", second_colour="white")
+    star = Scene("orange", "star", "purple", pattern="holed")
+    cases = [(ball, ball, set()), (ball, Scene("red", "circle", "blue"), {"pattern"}),
+             (ball, Scene("green", "circle", "blue", pattern="striped", second_colour="white"), {"colour"}),
+             (ball, Scene("red", "square", "blue", pattern="striped", second_colour="white"), {"shape"}),
+             (star, star, set()), (star, Scene("orange", "star", "purple"), {"pattern"}),
+             (star, Scene("green", "star", "purple", pattern="holed"), {"colour"}),
+             (star, Scene("orange", "square", "purple", pattern="holed"), {"shape"})]
+    images = to_uint8(render([drawn for _, drawn, _ in cases]))
+    for (instance, drawn, dropped), image in zip(cases, images):
+        parts = fidelity_parts(classify(image), instance)
+        assert set(parts) == set(PARTS) and {p for p, has in parts.items() if not has} == dropped, (drawn, parts)
+        assert fidelity(classify(image), instance) == (not dropped)
+
+
 def test_references_on_several_backgrounds_keep_the_instance_and_table1_asks_none_of_them(tmp_path):
     """`--reference-backgrounds 3`: the instance itself in every picture, on its own background and
     two others that are none of its colours; Table 1 then asks for none of the backgrounds its

@@ -7,7 +7,7 @@ the customized baseline vs AlignIT, with confidence intervals).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -82,14 +82,24 @@ def table1_prompts(concept, instance) -> list[tuple[str, str]]:
 
 def fidelity(j: Judgement, instance) -> bool:
     """Is the novel instance reproduced? Striped: its shape with both stripe colours each covering
-    at least 20 % of the object; holed: its shape and colour, with a hole (`Judgement.hole`)."""
-    if j.shape != instance.shape:
-        return False
-    if instance.pattern == "striped":
-        return all(j.colour_shares.get(c, 0) >= 0.2 for c in (instance.colour, instance.second_colour))
-    if instance.pattern == "holed":
-        return j.hole and j.colour == instance.colour
-    return j.colour == instance.colour
+    at least 20 % of the object; holed: its shape and colour, with a hole (`Judgement.hole`). Every
+    part of `fidelity_parts`."""
+    return all(fidelity_parts(j, instance).values())
+
+
+PARTS = ("shape", "colour", "pattern")
+
+
+def fidelity_parts(j: Judgement, instance) -> dict[str, bool]:
+    """Which parts of the instance the picture has (`fidelity` asks for all): its shape; its colour (a
+    striped one's: covering at least 20 % of the object, else the object's dominant colour); its pattern
+    (a striped one's second colour covering at least 20 %, a holed one's hole; a plain one has none to
+    lose). What a method keeps and what it drops of a concept."""
+    striped = instance.pattern == "striped"
+    return {"shape": j.shape == instance.shape,
+            "colour": j.colour_shares.get(instance.colour, 0) >= 0.2 if striped else j.colour == instance.colour,
+            "pattern": (j.colour_shares.get(instance.second_colour, 0) >= 0.2 if striped
+                        else j.hole if instance.pattern == "holed" else True)}
 
 
 def reproduction_hits(model, concept, instance, seeds: range, steps: int = 20,
@@ -159,11 +169,13 @@ def seed_bootstrap(values: dict[str, np.ndarray], statistic, resamples: int = 20
 @dataclass(frozen=True)
 class Table1:
     """One concept's row of the toy Table 1: per method (customized, alignit) text alignment (the
-    asked background drawn) and concept fidelity (the instance drawn), each (seeds, prompts)."""
+    asked background drawn) and concept fidelity (the instance drawn), each (seeds, prompts); `parts`:
+    which of the instance's parts each picture has (`fidelity_parts`), where `table1` judged them."""
 
     text: dict[str, np.ndarray]
     fidelity: dict[str, np.ndarray]
     prompts: tuple[str, ...] = ()
+    parts: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # method -> PARTS -> (seeds, prompts)
 
     @property
     def n(self) -> int:
@@ -210,7 +222,11 @@ class Table1:
         if not text.shape == fidelity.shape == self.text["customized"].shape:
             raise ValueError(f"{method}: judgements {text.shape} / {fidelity.shape}, the table's are "
                              f"{self.text['customized'].shape} (seeds, prompts)")
-        return Table1({**self.text, method: text}, {**self.fidelity, method: fidelity}, self.prompts)
+        return Table1({**self.text, method: text}, {**self.fidelity, method: fidelity}, self.prompts, self.parts)
+
+    def part_rate(self, part: str, method: str) -> Estimate:
+        """How often `method`'s pictures have that part of the instance (`fidelity_parts`), with its interval."""
+        return seed_bootstrap({method: self.parts[method][part]}, lambda v: float(v[method].mean()))
 
     def by_prompt(self) -> list[tuple[str, dict[str, tuple[float, float]]]]:
         """Per prompt, each method's (text alignment, fidelity) over the seeds: where the misses are."""
@@ -248,6 +264,7 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
     alone = replace(concept, phrase="{token}") if rows == "token" else None
     text = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
     fid = {m: np.zeros((len(seeds), len(prompts)), bool) for m in ("customized", "alignit")}
+    parts = {m: {part: np.zeros((len(seeds), len(prompts)), bool) for part in PARTS} for m in text}
     for i, seed in enumerate(seeds):
         for k, (prompt, background) in enumerate(prompts):
             settings = Settings(seed=seed, steps=steps, record_maps=False)
@@ -259,8 +276,10 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
             for method in text:
                 j = classify(np.asarray(images[method]))
                 text[method][i, k] = j.background == background
-                fid[method][i, k] = fidelity(j, instance)
-    return Table1(text, fid, tuple(p for p, _ in prompts))
+                for part, has in fidelity_parts(j, instance).items():
+                    parts[method][part][i, k] = has
+                fid[method][i, k] = all(parts[method][part][i, k] for part in PARTS)
+    return Table1(text, fid, tuple(p for p, _ in prompts), parts)
 
 
 def asked_in_words(model, concept, instance, seeds: range, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
