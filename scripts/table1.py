@@ -113,10 +113,10 @@ def main(argv=None) -> None:
         print("\nParts of the instance drawn (customized → AlignIT; fidelity asks for all three)\n")
         print("| concept | kind | " + " | ".join(PARTS) + " |")
         print("|---|---|" + "---|" * len(PARTS))
-        for concept in find_concepts(args.assets / "concepts", model):
-            if (t := tables.get(concept.name)) is not None:
-                print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | " + " | ".join(
-                    f"{t.part_rate(part, 'customized')} → {t.part_rate(part, 'alignit')}" for part in PARTS) + " |")
+        for concept, _ in examples:
+            t = tables[concept.name]
+            print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | " + " | ".join(
+                f"{t.part_rate(part, 'customized')} → {t.part_rate(part, 'alignit')}" for part in PARTS) + " |")
     print("\n| concept | example (most gained: concept and background both drawn) | customized | AlignIT |")
     print("|---|---|---|---|")
     for concept, (prompt, before, after) in examples:
