@@ -93,6 +93,22 @@ def before_after(gen: Generation, shown: list[str]):
     return shown[0], shown[gen.rows.index(after)]
 
 
+def caption(gen: Generation, row: str, world: bool) -> str:
+    """The image box's name for `row`; on a model of the shapes world (`world`), with what its classifier,
+    Table 1's judge, sees in the picture: a shipped concept's token where the picture is its instance
+    (`AlignIT: <holed-star> on yellow`), else the world's words (`red star with a hole on yellow`)."""
+    if not world:
+        return CAPTIONS[row]
+    from .toy.evaluate import fidelity  # the shapes world, only for its own models
+    from .toy.instances import INSTANCES
+    from .toy.shapes import classify
+    j = classify(np.asarray(gen.images[row].convert("RGB")))
+    tokens = [c.token for c in gen.request.concepts if c.token.strip("<>") in INSTANCES]
+    drawn = next((f"{t} on {j.background}" for t in tokens if fidelity(j, INSTANCES[t.strip("<>")]["scene"])),
+                 j.words)
+    return f"{CAPTIONS[row]}: {drawn}"
+
+
 def download_prefix(gen: Generation) -> str:
     """What a downloaded file's name starts with: the concept(s) or "swap", and the seed, so that
     files of different runs neither collide nor look alike (`striped-ball-seed0-alignit.png`)."""

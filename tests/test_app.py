@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -108,6 +109,31 @@ def test_alignit_with_the_base_model_fills_three_labelled_columns(tiny_sd):
     labels = app.label_columns(gen)
     assert [u["label"] for u in labels[:3]] == ["customized baseline", "AlignIT", "base model on p"]
     assert [u["visible"] for u in labels[3:]] == [True, True, True]
+
+
+def test_on_the_embedded_model_each_image_box_says_what_its_picture_shows(embedded):
+    """On a model of the shapes world the image boxes' names add what Table 1's classifier sees in each picture:
+    the concept's token where it drew the instance, else the world's words for what it drew, then the background.
+    At the example's seed (README) the customized model draws the holed star on another background and AlignIT on
+    the asked one; the base model on p draws a star that is not it. Other models keep the bare names (above)."""
+    from alignit_core.toy.shapes import classify
+    concepts = {c.name: c for c in app.find_concepts(app.ASSETS / "concepts", embedded)}
+    star = concepts["holed-star-ti"]
+    *shown, _, _, _, gen, _, _ = app.generate(
+        embedded, concepts, {}, app.ALIGNIT, star.name, star.example_prompt, None, "", star.example_seed, 20, 10.0,
+        embedded.native_size, "ddim", False, 0.0, 1.0, None, True, "raw", progress=lambda *a, **k: None)
+    asked = star.example_prompt.split(" on a ")[1].split()[0]
+    seen = {r: classify(np.asarray(gen.images[r].convert("RGB"))) for r in gen.rows}
+    labels = [u["label"] for u in app.label_columns(gen)[:3]]
+    assert seen["customized"].background != asked and seen["alignit"].background == asked
+    assert labels[:2] == [f"customized baseline: <holed-star> on {seen['customized'].background}",
+                          f"AlignIT: <holed-star> on {asked}"]
+    assert labels[2] == f"base model on p: {seen['base'].words}" and "star" in labels[2]
+    *_, gen, _, _ = app.generate(embedded, concepts, {}, app.SWAP, star.name, "a red circle on a blue background", None,
+                                 "red=yellow", 0, 20, 10.0, embedded.native_size, "ddim", False, 0.0, 1.0, None, False,
+                                 "raw", progress=lambda *a, **k: None)
+    assert [u["label"] for u in app.label_columns(gen)[:2]] == ["baseline: red circle on blue",
+                                                                "swapped: yellow circle on blue"]
 
 
 def test_an_example_runs_on_its_concepts_own_positions_whatever_the_box_still_holds(tiny_sd):

@@ -231,8 +231,11 @@ def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2"),
                                                             timeout=GENERATE_TIMEOUT_MS)
     _results_shown(page)
-    expect(page.locator("#image-0")).to_contain_text("customized baseline")
-    expect(page.locator("#image-1")).to_contain_text("AlignIT")
+    # each image named with what the world's classifier sees: at the example's seed, the concept on another
+    # background, then on the asked one
+    expect(page.locator("#image-0")).to_contain_text(re.compile(r"customized baseline: <holed-star> on (?!white)"),
+                                                     timeout=30_000)
+    expect(page.locator("#image-1")).to_contain_text("AlignIT: <holed-star> on white", timeout=30_000)
     # the base model on p as a third column, from the same seed
     first = _image_bytes(page, "#image-0")
     page.locator("#include-base label").click()

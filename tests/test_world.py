@@ -119,6 +119,17 @@ def test_fidelity_parts_name_the_part_of_the_instance_a_picture_drops():
         assert fidelity(classify(image), instance) == (not dropped)
 
 
+def test_a_judgement_says_what_the_picture_shows_in_the_worlds_words():
+    """`Judgement.words`, which the demo's image boxes show on the embedded models: the colours over a fifth of the
+    object (the striped ball's two), its shape, its hole, and the background; nothing drawn, nothing named."""
+    scenes = [Scene("orange", "star", "yellow", pattern="holed"), Scene("red", "circle", "blue", pattern="striped",
+              second_colour="white"), Scene("green", "triangle", "black")]
+    said = [classify(im).words for im in to_uint8(render(scenes))]
+    assert said[0] == "orange star with a hole on yellow" and said[2] == "green triangle on black"
+    assert said[1] in ("red and white circle on blue", "white and red circle on blue"), said[1]
+    assert classify(np.full((128, 128, 3), 245, np.uint8)).words == "nothing on white"
+
+
 def test_references_on_several_backgrounds_keep_the_instance_and_table1_asks_none_of_them(tmp_path):
     """`--reference-backgrounds 3`: the instance itself in every picture, on its own background and
     two others that are none of its colours; Table 1 then asks for none of the backgrounds its

@@ -259,6 +259,17 @@ class Judgement:
     colour_shares: dict[str, float]  # fraction of object pixels nearest to each colour
     hole: bool  # the object encloses background, or its centre shows the background
 
+    @property
+    def words(self) -> str:
+        """What the picture shows, in the world's words: `orange star with a hole on yellow`; every colour
+        over a fifth of the object, the most first (`red and white circle on blue`: a striped ball, as
+        Table 1's fidelity reads one; the classifier does not see where the colours lie); `nothing on blue`."""
+        if self.shape is None:
+            return f"nothing on {self.background}"
+        colours = [self.colour] + [c for c, share in sorted(self.colour_shares.items(), key=lambda kv: -kv[1])
+                                   if c != self.colour and share >= 0.2]
+        return f"{' and '.join(colours)} {self.shape}{' with a hole' if self.hole else ''} on {self.background}"
+
 
 def _segment(image: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
     """(background colour index, each pixel's nearest colour index (H*W,), object mask (H, W)):
