@@ -80,7 +80,6 @@ ARENAS = 2
 MAX_COLUMNS = 3  # customized baseline | AlignIT | base
 ROWS = {ALIGNIT: ("customized", "alignit", "base"), SWAP: ("baseline", "swapped")}
 MAP_VIEWS = [("words", "words"), ("positions (tokens)", "positions")]
-WORLD_MODELS = (EMBEDDED.name, EMBEDDED_MMDIT.name)  # they draw the shapes world, whose classifier names each picture
 LONG_CHOICES = [("segments (LongAlign): every word kept", "segments"), ("truncate at 75 tokens", "truncate")]
 # Small generations (128 px on the embedded model) are shown enlarged; the files keep their size.
 CSS = (".generated img { width: 100%; height: 100%; object-fit: contain; }\n"
@@ -387,7 +386,7 @@ def label_columns(gen: Generation | None):
     """Name the image boxes for the rows of `gen` and show only as many columns as it has rows."""
     if gen is None:
         return [gr.update()] * (2 * MAX_COLUMNS)
-    names = _pad([caption(gen, r, gen.model.get("name") in WORLD_MODELS) for r in gen.rows])
+    names = _pad([caption(gen, r) for r in gen.rows])
     return [gr.update(label=n) if n else gr.update() for n in names] + [gr.update(visible=bool(n)) for n in names]
 
 
@@ -493,7 +492,6 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
         return dict(api_name=name) if public else dict(api_visibility="private")
 
     registry = {c.name: c for c in concepts}
-    world = model.name in WORLD_MODELS
     defaults = resolve(model, Settings())
     size_step = model.size_step
     low, high = model.family.size_range()
@@ -604,7 +602,7 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each word's "
                 f"cross-attention lands ({SCALE_NOTE}; swapped words framed in orange). Click a tile for a "
                 "large map." + (" Each image's name says what the shapes world's classifier (toy Table 1's judge) "
-                                "sees in it: the concept's token where it drew the concept." if world else ""))
+                                "sees in it: the concept's token where it drew the concept." if model.is_embedded else ""))
     with gr.Row(equal_height=False):
         # wide enough each that a phone puts them one under another instead of squeezing the last
         map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, min_width=220,

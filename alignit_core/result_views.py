@@ -13,6 +13,7 @@ import numpy as np
 from visualize import heatmap_row, large_map, tile_at
 
 from .maps import entries, entry_maps
+from .models import draws_shapes_world
 from .record import CAPTIONS, Generation, command
 from .scores import MI_SAMPLES, AlignmentReport
 from .views import GPU_MAX_S, GPU_SETUP_S, GPU_UNET_S, plain
@@ -93,20 +94,21 @@ def before_after(gen: Generation, shown: list[str]):
     return shown[0], shown[gen.rows.index(after)]
 
 
-def caption(gen: Generation, row: str, world: bool) -> str:
-    """The image box's name for `row`; on a model of the shapes world (`world`), with what its classifier,
-    Table 1's judge, sees in the picture: a shipped concept's token where the picture is its instance
-    (`AlignIT: <holed-star> on yellow`), else the world's words (`red star with a hole on yellow`)."""
-    if not world:
+def caption(gen: Generation, row: str) -> str:
+    """The image box's name for `row`; on a model of the shapes world, with what its classifier, Table 1's
+    judge, sees in the picture: a shipped concept's token where the picture is its instance (`AlignIT:
+    <holed-star> on yellow`), else the world's words (`red star with a hole on yellow`)."""
+    if not draws_shapes_world(gen.model.get("name")):
         return CAPTIONS[row]
     from .toy.evaluate import fidelity  # the shapes world, only for its own models
     from .toy.instances import INSTANCES
     from .toy.shapes import classify
     j = classify(np.asarray(gen.images[row].convert("RGB")))
-    tokens = [c.token for c in gen.request.concepts if c.token.strip("<>") in INSTANCES]
-    drawn = next((f"{t} on {j.background}" for t in tokens if fidelity(j, INSTANCES[t.strip("<>")]["scene"])),
-                 j.words)
-    return f"{CAPTIONS[row]}: {drawn}"
+    for c in gen.request.concepts:
+        known = INSTANCES.get(c.token.strip("<>"))
+        if known and fidelity(j, known["scene"]):
+            return f"{CAPTIONS[row]}: {c.token} on {j.background}"
+    return f"{CAPTIONS[row]}: {j.words}"
 
 
 def download_prefix(gen: Generation) -> str:

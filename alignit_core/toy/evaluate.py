@@ -276,9 +276,10 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
             for method in text:
                 j = classify(np.asarray(images[method]))
                 text[method][i, k] = j.background == background
-                for part, has in fidelity_parts(j, instance).items():
-                    parts[method][part][i, k] = has
-                fid[method][i, k] = all(parts[method][part][i, k] for part in PARTS)
+                has = fidelity_parts(j, instance)
+                for part in PARTS:
+                    parts[method][part][i, k] = has[part]
+                fid[method][i, k] = all(has.values())  # `fidelity`
     return Table1(text, fid, tuple(p for p, _ in prompts), parts)
 
 
