@@ -275,12 +275,13 @@ class TextBatch:
 
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
-                 novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0) -> TextBatch:
+                 novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0,
+                 fold_noise: float = 0.3) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
     `compound_class` of the folded objects stand in their caption as AlignIT's p holds a concept
-    (`fold_object`)."""
+    (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x its norm."""
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
@@ -311,7 +312,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
         if words and not dummy_words and compound_mix and rng.random() < compound_mix:
             as_class = bool(compound_class) and rng.random() < compound_class
-            caption, compound = fold_object(rng, vocab, words, caption, b, as_class)
+            caption, compound = fold_object(rng, vocab, words, caption, b, as_class, fold_noise)
             compounds.append(compound)
         elif words and pure_mix and rng.random() < pure_mix:
             shown_words = [dummy_words[i] if i == pos - 1 else w for i, w in enumerate(caption)]
@@ -362,7 +363,7 @@ def novel_scene(rng: random.Random) -> Scene:
 
 
 def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int,
-                as_class: bool = False):
+                as_class: bool = False, noise: float = 0.3):
     """The caption with its object's words (colour, pattern, shape: `red striped circle`, `star with
     a hole`) replaced by one vector made of their embeddings, as a customized concept's token names
     a whole object; its row is computed in the caption or, half the time, among `*`s. `as_class`:
@@ -379,19 +380,23 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
         folded[first] = next(w for w in caption[first:last + 1] if w in SHAPES)
     compound = Compound(sample=b, pos=first + 1, ids=ids, words=[vocab.ids[w] for w in parts],
                         mix=[rng.uniform(0.5, 1.5) for _ in parts], weight=math.exp(rng.uniform(0.0, math.log(10.0))),
-                        noise=rng.uniform(0.0, 0.3), seed=rng.randrange(2 ** 31), dummy=dummy)
+                        noise=rng.uniform(0.0, noise), seed=rng.randrange(2 ** 31), dummy=dummy)
     return folded, compound
+
+
+def compound_vector(emb: torch.Tensor, c: Compound) -> torch.Tensor:
+    """The folded vector of `c` in the embedding table `emb`: its words' mix, moved by a random
+    direction of `c.noise` x its own norm."""
+    v = c.weight * sum(m * emb[w] for m, w in zip(c.mix, c.words))
+    g = torch.Generator().manual_seed(c.seed)
+    n = torch.randn(v.shape, generator=g).to(v)
+    return v + n / n.norm() * c.noise * v.norm()
 
 
 def compound_rows(te, compounds: list[Compound], penultimate: bool = False) -> torch.Tensor:
     """The rows of `compounds`' vectors (n, dim), each computed in its own prompt."""
     emb = token_embeddings(te).weight
-    vectors = []
-    for c in compounds:
-        v = c.weight * sum(m * emb[w] for m, w in zip(c.mix, c.words))
-        g = torch.Generator().manual_seed(c.seed)
-        n = torch.randn(v.shape, generator=g).to(v)
-        vectors.append(v + n / n.norm() * c.noise * v.norm())
+    vectors = [compound_vector(emb, c) for c in compounds]
     ids = torch.tensor([c.ids for c in compounds], device=emb.device)
     pos = torch.tensor([c.pos for c in compounds], device=emb.device)
     mask = torch.zeros(ids.shape, dtype=torch.bool, device=emb.device)
@@ -761,7 +766,8 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
             log(f"unet: {rate:.1f} it/s, training to step {total} to fit {args.unet_fit_seconds:.0f} s")
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
-                             args.compound_mix, args.novel_mix, args.template_mix, args.compound_class)
+                             args.compound_mix, args.novel_mix, args.template_mix, args.compound_class,
+                             args.fold_noise)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -1115,6 +1121,9 @@ def main(argv=None) -> None:
     ap.add_argument("--compound-class", type=float, default=0.0, metavar="P",
                     help="share of the folded objects whose caption holds the bare shape word where the vector's "
                          "row goes, that row computed among `*`s (AlignIT's p and p'; `fold_object`)")
+    ap.add_argument("--fold-noise", type=float, default=0.3, metavar="R",
+                    help="a folded vector moves off its words' mix by a random direction of norm up to R x its "
+                         "own (a textual inversion's vector lies mostly off its words: cosine 0.1-0.4)")
     ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",
                     help="move word rows by random directions of norm up to R x their own (`noisy_rows`)")
     ap.add_argument("--row-noise-mix", type=float, default=0.5, help="share of captions --row-noise applies to")

@@ -498,6 +498,34 @@ def test_compound_class_captions_are_alignit_s_p_with_the_vector_s_row_from_star
     assert torch.equal(before.ids, same.ids) and before.compound == same.compound
 
 
+def test_fold_noise_moves_folded_vectors_off_their_words_and_draws_nothing_else():
+    """--fold-noise R: each folded vector moves off its words' mix by a random direction of up to R x
+    its norm (a textual inversion's vector has cosine 0.1-0.4 with its words); the captions, the
+    pictures and every other draw stay those of the default 0.3."""
+    from dataclasses import replace
+
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import TOKENIZER_DIR, Vocab, compound_vector, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    emb = torch.randn(max(vocab.ids.values()) + 1, 64)
+    kw = dict(swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0, compound_class=1.0)
+    near = sample_batch(random.Random(5), vocab, 32, **kw)
+    far = sample_batch(random.Random(5), vocab, 32, fold_noise=8.0, **kw)
+    assert torch.equal(near.ids, far.ids) and near.targets == far.targets and len(far.compound) > 16
+    cos = []
+    for a, b in zip(near.compound, far.compound):
+        assert replace(a, noise=0.0) == replace(b, noise=0.0) and b.noise == pytest.approx(a.noise * 8.0 / 0.3)
+        words = a.weight * sum(m * emb[w] for m, w in zip(a.mix, a.words))
+        for c in (a, b):
+            v = compound_vector(emb, c)
+            assert (v - words).norm() == pytest.approx(c.noise * words.norm().item(), rel=1e-4)
+        cos.append([torch.cosine_similarity(compound_vector(emb, c), words, 0).item() for c in (a, b)])
+    near_cos, far_cos = zip(*cos)
+    assert min(near_cos) > 0.95 and min(far_cos) < 0.4  # nearly its words; mostly off them
+
+
 def test_training_script_reads_steps_per_concept_kind():
     import argparse
 
