@@ -281,7 +281,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
     `compound_class` of the folded objects stand in their caption as AlignIT's p holds a concept
-    (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x its norm."""
+    (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x their norm."""
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
