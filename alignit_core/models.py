@@ -25,14 +25,14 @@ EMBEDDED = ASSETS / "embedded-shapes"
 EMBEDDED_MMDIT = ASSETS / "embedded-mmdit"  # an SD3 pipeline on the same world (scripts/train_mmdit.py)
 EMBEDDED_NAMES = {"embedded": EMBEDDED, EMBEDDED.name: EMBEDDED, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT}
 _EMBEDDED_DEFAULTS = {EMBEDDED.name: EMBEDDED_DEFAULTS, EMBEDDED_MMDIT.name: EMBEDDED_MMDIT_DEFAULTS}  # by name
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
+log = logging.getLogger(__name__)
 
 
 def draws_shapes_world(name: str | None) -> bool:
     """Is the model of that name one of the shipped models of the shapes world (`Model.is_embedded`)?"""
     return name in _EMBEDDED_DEFAULTS
-SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
-log = logging.getLogger(__name__)
 
 
 @functools.cache

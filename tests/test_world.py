@@ -517,11 +517,11 @@ def test_fold_noise_moves_folded_vectors_off_their_words_and_draws_nothing_else(
     cos = []
     for a, b in zip(near.compound, far.compound):
         assert replace(a, noise=0.0) == replace(b, noise=0.0) and b.noise == pytest.approx(a.noise * 8.0 / 0.3)
-        words = a.weight * sum(m * emb[w] for m, w in zip(a.mix, a.words))
-        for c in (a, b):
-            v = compound_vector(emb, c)
+        words = compound_vector(emb, replace(a, noise=0.0))  # the words' mix alone
+        vectors = [compound_vector(emb, c) for c in (a, b)]
+        for c, v in zip((a, b), vectors):
             assert (v - words).norm() == pytest.approx(c.noise * words.norm().item(), rel=1e-4)
-        cos.append([torch.cosine_similarity(compound_vector(emb, c), words, 0).item() for c in (a, b)])
+        cos.append([torch.cosine_similarity(v, words, 0).item() for v in vectors])
     near_cos, far_cos = zip(*cos)
     assert min(near_cos) > 0.95 and min(far_cos) < 0.4  # nearly its words; mostly off them
 
