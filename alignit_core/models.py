@@ -175,13 +175,13 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
     offline = not hub_reachable()
     if name == "auto":
         try:
-            pipe = DiffusionPipeline.from_pretrained(SD15, torch_dtype=dtype, local_files_only=True,
+            pipe = DiffusionPipeline.from_pretrained(SD15, dtype=dtype, local_files_only=True,
                                                      safety_checker=None, requires_safety_checker=False)
             return _from_pipeline(pipe, SD15, SD15, dev, dtype, f"auto: {SD15} found in the local cache")
         except Exception:
             if not offline:
                 try:
-                    pipe = DiffusionPipeline.from_pretrained(SD15, torch_dtype=dtype, safety_checker=None,
+                    pipe = DiffusionPipeline.from_pretrained(SD15, dtype=dtype, safety_checker=None,
                                                              requires_safety_checker=False)
                     return _from_pipeline(pipe, SD15, SD15, dev, dtype, f"auto: downloaded {SD15}")
                 except Exception as e:
@@ -200,7 +200,7 @@ def load_model(name: str = "auto", device: str | None = None, dtype: torch.dtype
         if not path.is_dir():
             path, because = name, f"hub id {name}"
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), torch_dtype=dtype, local_files_only=offline,
+        pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype, local_files_only=offline,
                                                  **_loading_arguments(path))
     except Exception as e:
         if isinstance(path, str) and offline:

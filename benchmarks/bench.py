@@ -133,7 +133,7 @@ def cpu_runs(args) -> list[dict]:
 
     runs = []
     if "embedded" in args.only:
-        plain = StableDiffusionPipeline.from_pretrained(EMBEDDED, torch_dtype=torch.float32, safety_checker=None,
+        plain = StableDiffusionPipeline.from_pretrained(EMBEDDED, dtype=torch.float32, safety_checker=None,
                                                         requires_safety_checker=False)
         plain.set_progress_bar_config(disable=True)
         model, plain = _speedups(load_model("embedded", device="cpu"), plain, args)

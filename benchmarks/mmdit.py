@@ -74,7 +74,7 @@ def embedded_mmdit(device: str):
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(str(EMBEDDED_MMDIT), text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=torch.float32).to(device)
+                                                    dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -59,7 +59,7 @@ def train(args) -> Path:
     class_word = info["class_word"]
     model = load_model("embedded", device=str(device), dtype=torch.float32)  # only draws the class images
     prior = class_latents(model, class_word, args.class_images, args.class_steps)
-    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED, torch_dtype=torch.float32, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.to(device)
     unet, te, vae = pipe.unet, pipe.text_encoder, pipe.vae

@@ -329,7 +329,7 @@ def main(argv=None) -> None:
         export(args, model.float())
         return
     if args.concepts_only:
-        model = SD3Transformer2DModel.from_pretrained(args.out / MODEL_NAME / "transformer", torch_dtype=torch.float32)
+        model = SD3Transformer2DModel.from_pretrained(args.out / MODEL_NAME / "transformer", dtype=torch.float32)
         model = model.to(device).eval().requires_grad_(False)
     else:
         pool = LatentPool(vae, device, args.latent_pool, args.seed, args.work) if args.latent_pool else None

@@ -334,6 +334,16 @@ def test_bad_input_as_a_process_exits_2_with_one_error_line(tiny_sd_dir, tmp_pat
     assert not out.exists()
 
 
+def test_an_unknown_model_is_the_only_line_on_stderr():
+    """Loading passed diffusers' deprecated `torch_dtype`: its FutureWarning came before the error."""
+    proc = run_cli("tokens", "--model", "no-such-org/no-such-model", "--prompt", "a jumping dog")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: model 'no-such-org/no-such-model' is not available offline (no "
+                                        "local copy; the hub is not reachable). Use --model embedded or a local "
+                                        "diffusers folder"]
+    assert proc.stdout == ""
+
+
 # ------------------------------------------------------------------------------ cost of a run
 
 

@@ -71,7 +71,7 @@ def test_the_baseline_is_plain_diffusers_bit_for_bit(mmdit):
     from diffusers import StableDiffusion3Pipeline
 
     pipe = StableDiffusion3Pipeline.from_pretrained(str(EMBEDDED_MMDIT), text_encoder_3=None, tokenizer_3=None,
-                                                    torch_dtype=torch.float32)
+                                                    dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(2))
     latents = pipe(PROMPT, num_inference_steps=4, guidance_scale=5.0, max_sequence_length=1,

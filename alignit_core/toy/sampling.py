@@ -43,8 +43,8 @@ def sample(vae, unet, te, scale, cond: torch.Tensor, guidance: float, seed: int,
 
 def load_exported(folder: Path, device):
     """(vae, unet, text encoder, latent scale) of an exported model folder, fp32, in eval mode."""
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).to(device)
-    te = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).to(device)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).to(device)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch.float32).to(device)
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).to(device)
     vae.eval().requires_grad_(False)
     return vae, unet.eval(), te.eval(), vae.config.scaling_factor
