@@ -265,3 +265,36 @@ def test_alignit_from_custom_diffusions_token_alone_reads_the_token_at_the_class
     assert token.swapped["alignit"] == paper.swapped["alignit"] == (5,) and "customized" not in token.images
     gap = np.abs(np.asarray(token.images["alignit"], float) - np.asarray(paper.images["alignit"], float))
     assert gap.mean() > 1.0
+
+
+def test_table1_from_the_token_alone_draws_two_images_a_sample_the_alignit_one_from_the_token_alone(embedded,
+                                                                                                    monkeypatch):
+    """`table1(rows="token")` draws the customized baseline and AlignIT in one batch: no discarded AlignIT image
+    of the class word's rows (1.5 times the work). Its baseline is the paper's Table 1's; its AlignIT, p' with the
+    token alone (within 1/255 of generate_concept's, which draws it in a batch of its own)."""
+    import alignit_core.toy.evaluate as evaluate
+    from dataclasses import replace
+
+    from alignit_core import generate_concept
+
+    concept, instance = _concept(embedded, "holed-star-cd")
+    drawn, images, run = [], [], evaluate.run_rows
+
+    def counted(model, rows, settings, *args):
+        out = run(model, rows, settings, *args)
+        drawn.append([r.name for r in rows])
+        images.append(out[0])
+        return out
+
+    monkeypatch.setattr(evaluate, "run_rows", counted)
+    token = table1(embedded, concept, instance, range(1), steps=4, rows="token")
+    prompts = table1_prompts(concept, instance)
+    assert drawn == [["customized", "alignit"]] * len(prompts)
+    monkeypatch.setattr(evaluate, "run_rows", run)
+    paper = table1(embedded, concept, instance, range(1), steps=4)
+    assert np.array_equal(token.text["customized"], paper.text["customized"])
+    assert np.array_equal(token.fidelity["customized"], paper.fidelity["customized"])
+    settings = Settings(seed=0, steps=4, record_maps=False)
+    alone = generate_concept(embedded, prompts[0][0], replace(concept, phrase="{token}"), settings,
+                             include_customized=False).images["alignit"]
+    assert np.abs(np.asarray(images[0][1], float) - np.asarray(alone, float)).max() <= 1

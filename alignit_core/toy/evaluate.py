@@ -268,11 +268,10 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
     for i, seed in enumerate(seeds):
         for k, (prompt, background) in enumerate(prompts):
             settings = Settings(seed=seed, steps=steps, record_maps=False)
-            gen = generate_concept(model, prompt, concept, settings, positions=positions[k])
-            images = dict(gen.images)
-            if alone is not None:  # same seed, so the same noise as the customized baseline's
-                token = generate_concept(model, prompt, alone, settings, include_customized=False)
-                images["alignit"] = token.images["alignit"]
+            if alone is None:
+                images = generate_concept(model, prompt, concept, settings, positions=positions[k]).images
+            else:
+                images = _token_alone(model, prompt, concept, alone, settings)
             for method in text:
                 j = classify(np.asarray(images[method]))
                 text[method][i, k] = j.background == background
@@ -281,6 +280,15 @@ def table1(model, concept, instance, seeds: range, steps: int = 20, rows: str = 
                     parts[method][part][i, k] = has[part]
                 fid[method][i, k] = all(has.values())  # `fidelity`
     return Table1(text, fid, tuple(p for p, _ in prompts), parts)
+
+
+def _token_alone(model, prompt: str, concept, alone, settings: Settings) -> dict:
+    """{customized, alignit} images in one batch: the concept's customized baseline, and AlignIT
+    taking the class word's row from a p' that holds `alone` (the concept's token without its class word)."""
+    mine, theirs = (model.family.concept_plan(prompt, c.words) for c in (concept, alone))
+    rows = [Row("customized", mine.customized, concept=concept),
+            Row("alignit", theirs.plan.target, swap=theirs.plan, swap_concept=alone)]
+    return dict(zip((r.name for r in rows), run_rows(model, rows, resolve(model, settings))[0]))
 
 
 def asked_in_words(model, concept, instance, seeds: range, steps: int = 20) -> tuple[np.ndarray, np.ndarray]:
