@@ -448,9 +448,14 @@ def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, pr
         report = run(gen, refs, clip_note, progress)
     except AlignITError as e:
         raise ui_error(e) from None
-    shown = _shown(_pad(mi_rows(gen, report, map_mode)))
+    pictures = _pad(mi_rows(gen, report, map_mode))  # plain pictures, so that an MCP agent gets them as images
     release_memory()
-    return (scores_markdown(report), *shown, report)
+    return (scores_markdown(report), *pictures, report)
+
+
+def mi_boxes(gen: Generation | None) -> list:
+    """After a score: show one per-token MI box per image of the generation, hide the others."""
+    return [gr.update(visible=gen is not None and i < len(gen.rows)) for i in range(MAX_COLUMNS)]
 
 
 def _shown(pictures: list) -> list:
@@ -689,8 +694,9 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     for column, heat in enumerate(maps):
         heat.select(tile_clicked(column), [last] + map_view, large, show_progress="hidden", **private)
     scored = gr.State(None, time_to_live=STATE_TTL_S)
-    score_button.click(named(score, "score", model, clip, clip_note, registry, run=scorer), [last, map_mode],
-                       [score_text, *mi_maps, scored], show_progress_on=score_text, **api("score"), **HEAVY)
+    scoring = score_button.click(named(score, "score", model, clip, clip_note, registry, run=scorer), [last, map_mode],
+                                 [score_text, *mi_maps, scored], show_progress_on=score_text, **api("score"), **HEAVY)
+    scoring.success(mi_boxes, last, mi_maps, **quick)
     map_mode.change(redraw_mi, [last, scored, map_mode], mi_maps, **private)
     last.change(lambda: ("", *_shown([None] * MAX_COLUMNS), None), None, [score_text, *mi_maps, scored],
                 show_progress="hidden", **private)  # a new generation: old scores go

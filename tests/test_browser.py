@@ -219,6 +219,8 @@ def test_a_long_prompt_is_read_in_segments_generated_and_scored(page, tmp_path):
     expect(page.locator("#scores")).to_contain_text("MI score", timeout=GENERATE_TIMEOUT_MS)
     expect(page.locator("#scores")).to_contain_text("CLIP is not available")
     expect(page.locator("#mi-1 img")).to_have_attribute("src", re.compile(r"\.png"), timeout=30_000)
+    expect(page.locator("#mi-1 img")).to_be_visible()  # shown after the score, one box per image
+    expect(page.locator("#mi-2")).to_be_hidden()
     _screenshot(page, tmp_path, "app_long_scored.png")
 
 

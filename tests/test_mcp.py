@@ -63,3 +63,31 @@ def test_an_agent_swaps_a_word_and_gets_the_images_back(app_url):
     texts = " ".join(c.text for c in result.content if c.type == "text")
     assert "--swap red=yellow --seed 3 --steps 6" in texts  # the command line that reproduces it
     assert any("denoising" in (m or "") for m in progress)
+
+
+def test_an_agent_scores_its_generation_and_gets_the_per_token_maps_as_images(app_url):
+    """`score` after `generate`: the table as text, and one per-token MI row per image as MCP image content
+    (the tool had returned the rows as gradio updates, which reached the agent as their dicts' text)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    async def work(session):
+        async def seen(done, total, message):
+            pass
+
+        made = await session.call_tool("generate", {"mode": "Token swap", "prompt": "a red circle on a blue background",
+                                                    "swaps": "red=yellow", "seed": 3, "steps": 6},
+                                       progress_callback=seen)
+        assert not made.isError, made.content
+        return await session.call_tool("score", {"map_mode": "overlay"}, progress_callback=seen)
+
+    result = _session(app_url, work)
+    assert not result.isError, result.content
+    texts = [c.text for c in result.content if c.type == "text"]
+    assert "| MI score (nats) |" in texts[0] and "`a yellow circle on a blue background`" in texts[0]
+    assert not any("__type__" in t for t in texts)
+    rows = [Image.open(io.BytesIO(base64.b64decode(c.data))) for c in result.content if c.type == "image"]
+    assert len(rows) == 2  # baseline and swapped; the third box is empty
+    assert all(row.width > 128 for row in rows)  # a row of token tiles, not a picture of the generation

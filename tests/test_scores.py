@@ -292,9 +292,10 @@ def test_the_score_button_fills_the_table_and_one_mi_row_per_image(tiny_sd, swap
                                       progress=lambda *a, **k: None)
     assert "`a jumping zebra`" in md and "| MI score (nats) |" in md and "| vs baseline |" in md
     assert "| MI of *zebra* (3) |" in md and "CLIP is not available (offline); showing the MI score only" in md
-    assert [p["visible"] for p in pictures] == [True, True, False]
-    assert pictures[0]["value"].size == app.mi_rows(swap_gen, report, "overlay")[0].size
-    assert app.redraw_mi(swap_gen, report, "raw")[0]["value"].tobytes() != pictures[0]["value"].tobytes()
+    assert [p is not None for p in pictures] == [True, True, False]  # pictures, not updates: MCP sends them as images
+    assert [box["visible"] for box in app.mi_boxes(swap_gen)] == [True, True, False]
+    assert pictures[0].size == app.mi_rows(swap_gen, report, "overlay")[0].size
+    assert app.redraw_mi(swap_gen, report, "raw")[0]["value"].tobytes() != pictures[0].tobytes()
     with pytest.raises(gr.Error, match="generate images first"):
         app.score(tiny_sd, None, "", {}, None, "overlay", progress=lambda *a, **k: None)
     assert "score" in {fn.api_name for fn in app.build_demo(tiny_sd, []).fns.values()}
