@@ -85,7 +85,10 @@ LONG_CHOICES = [("segments (LongAlign): every word kept", "segments"), ("truncat
 CSS = (".generated img { width: 100%; height: 100%; object-fit: contain; }\n"
        # an image's name (what it drew, on the embedded model) wraps before its two buttons on a phone
        ".generated [data-testid='block-label'] { max-width: calc(100% - 64px); white-space: normal; }\n"
-       "#what-box .diagram td { padding: 1px 6px; text-align: center; font-family: monospace; }")
+       "#what-box .diagram td { padding: 1px 6px; text-align: center; font-family: monospace; }\n"
+       # gradio 6.31's theme paints a hovered radio white, its white dot included: the chosen option vanished
+       "input[type=radio]:checked:hover { background-color: var(--checkbox-background-color-selected); "
+       "border-color: var(--checkbox-border-color-selected); }")
 # what the rates that end an AlignIT example's label say
 RATES_NOTE = (". AlignIT's a% → b%: how often the customized model → AlignIT drew the concept and the rest of the "
               "prompt (toy Table 1)")

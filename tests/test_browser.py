@@ -475,6 +475,12 @@ def test_small_things_gallery_dice_old_maps_and_header(page):
     page.locator("#generate").click()
     expect(page.locator("#heatmap-1 img")).to_have_count(0, timeout=10_000)  # cleared while the run goes
     _results_shown(page)
+    # the chosen heat-map mode stays drawn under the pointer (the theme painted a hovered radio white)
+    chosen = page.locator("#map-mode input[value=overlay]")
+    chosen.hover()
+    filled = chosen.evaluate("e => getComputedStyle(e).backgroundColor")
+    blank = page.locator("#map-mode input[value=raw]").evaluate("e => getComputedStyle(e).backgroundColor")
+    assert filled != blank, filled  # the chosen one filled, the other white
 
 
 # ------------------------------------------------------------------------------ heat maps people can read
