@@ -14,6 +14,7 @@ import argparse
 import os
 import random
 import threading
+import typing
 import uuid
 import weakref
 from functools import partial
@@ -157,6 +158,27 @@ def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="
              else "Positions to swap (checking one adds a `pos=` line to the swaps)")
     return (token_table(view), gr.update(choices=position_choices(view), value=list(view.selected), label=label),
             chips_html(view, view.selected), prompts_markdown(view), diagram_html(view, view.selected))
+
+
+def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segments", second=""):
+    """Tokenize a prompt as the demo would and say how AlignIT or a token swap will read it.
+
+    Args:
+        mode: "AlignIT (customized concept)" or "Token swap".
+        concept_key: AlignIT mode: the concept's name, e.g. "striped-ball-ti" (ignored in token-swap mode).
+        prompt: AlignIT mode: with the concept's token ("a <striped-ball> on a green background"); else plain text.
+        swaps: token-swap mode: one "word=source" or "position=source" per line, e.g. "red=yellow".
+        long: prompts over 75 tokens: "segments" (every word kept) or "truncate".
+        second: AlignIT mode: an optional second concept's name for the same prompt.
+
+    Returns:
+        The token table as {"headers", "data"} (position, segment, local position, token of p, word, token of
+        p′); the positions swapped unless others are given; Markdown with p, p′, the swapped rows and any problem.
+    """
+    view = token_view(model, mode, prompt, chosen_concepts(concepts, {}, concept_key, second), swaps, long)
+    table = token_table(view)
+    return ({"headers": list(table.columns), "data": table.astype(object).values.tolist()}, list(view.selected),
+            prompts_markdown(view))
 
 
 def show_chips(model, concepts, uploaded, mode, concept_key, prompt, swaps, selected, long="segments", second=""):
@@ -661,13 +683,21 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     quick = dict(queue=False, show_progress="hidden", api_visibility="private")
     view_inputs = [uploaded, mode, concept, prompt, swaps]
     view_outputs = [table, positions, chips, texts, diagram]
-    show_view = dict(fn=named(describe, "tokens", *ctx), inputs=view_inputs + [long_mode, second],
+    show_view = dict(fn=named(describe, "token_view", *ctx), inputs=view_inputs + [long_mode, second],
                      outputs=view_outputs, show_progress="hidden", **TOKEN_VIEWS)
     # one listener for every input of the view, so that its runs never overtake one another; an example
     # asks for a view through it too (`reviews`), even when its values are those already on the page
     reviews = gr.State(0, time_to_live=STATE_TTL_S)
     gr.on([prompt.change, swaps.change, mode.change, concept.change, second.change, long_mode.change,
-           reviews.change], **show_view, trigger_mode="always_last", **api("tokens"))
+           reviews.change], **show_view, trigger_mode="always_last", **private)
+    if public:  # the page's view is HTML for the page; callers and agents get the table and the texts as data
+        def tokens(mode: str, concept_key: str | None, prompt: str, swaps: str = "", long: str = "segments",
+                   second: str = "") -> tuple[dict, list[int], str]:
+            return tokens_tool(model, registry, mode, concept_key, prompt, swaps, long, second)
+
+        tokens.__doc__ = tokens_tool.__doc__
+        tokens.__annotations__ = typing.get_type_hints(tokens)  # types, not this module's strings: three outputs
+        gr.api(tokens, api_name="tokens", **TOKEN_VIEWS)
     second.input(partial(second_concept_prompt, registry), [uploaded, prompt, second], prompt, **private)
     concept.change(partial(show_concept, registry), [uploaded, concept], [card, references],
                    show_progress="hidden", **private)

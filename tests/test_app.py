@@ -154,7 +154,7 @@ def test_every_token_view_after_the_pages_first_comes_from_one_always_last_liste
     the positions box. One `always_last` listener runs them one at a time, the last with the page's values;
     an example asks it for a view even when its values are those already on the page."""
     demo = app.build_demo(tiny_sd, [])
-    views = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "tokens"]
+    views = [fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", "") == "token_view"]
     later = [fn for fn in views if [event for _, event in fn.targets] != ["load"]]
     assert len(later) == 1 and later[0].trigger_mode == "always_last"
     triggers = {demo.blocks[block]: event for block, event in later[0].targets}

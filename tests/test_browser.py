@@ -280,8 +280,9 @@ def test_named_api_endpoints_answer_gradio_client(app_url):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
-    table, *_ = client.predict("Token swap", None, PROMPT, "", api_name="/tokens")
+    table, positions, texts = client.predict("Token swap", None, PROMPT, "circle=square", api_name="/tokens")
     assert [row[3] for row in table["data"]][:4] == ["<|startoftext|>", "a", "red", "circle"]
+    assert positions == [3] and "`3 circle ← square`" in texts  # README's three values
     out = client.predict("Token swap", None, PROMPT, [], "circle=square", 3, 4, 5.0, 128, "ddim", False, 0.0, 1.0,
                          16, False, "overlay", api_name="/generate")
     baseline, swapped = out[0], out[1]

@@ -91,3 +91,26 @@ def test_an_agent_scores_its_generation_and_gets_the_per_token_maps_as_images(ap
     rows = [Image.open(io.BytesIO(base64.b64decode(c.data))) for c in result.content if c.type == "image"]
     assert len(rows) == 2  # baseline and swapped; the third box is empty
     assert all(row.width > 128 for row in rows)  # a row of token tiles, not a picture of the generation
+
+
+def test_an_agent_reads_the_tokens_as_data_not_as_the_pages_html(app_url):
+    """`tokens` gives an agent the table, the positions swapped and the p / p′ text (it had sent the page's views:
+    two HTML blocks and a checkbox group's gradio update)."""
+    import ast
+
+    async def work(session):
+        async def seen(done, total, message):
+            pass
+
+        return await session.call_tool("tokens", {"mode": "Token swap", "concept_key": None,
+                                                  "prompt": "a red circle on a blue background", "swaps": "red=yellow"},
+                                       progress_callback=seen)
+
+    result = _session(app_url, work)
+    assert not result.isError, result.content
+    table, positions, texts = (c.text for c in result.content)
+    table = ast.literal_eval(table)
+    assert table["headers"][3] == "token of p" and [row[3] for row in table["data"]][:3] == ["<|startoftext|>", "a", "red"]
+    assert table["data"][2][5] == "yellow"  # p′ holds the source at the swapped position
+    assert ast.literal_eval(positions) == [2]
+    assert "`2 red ← yellow`" in texts and "<span" not in texts
