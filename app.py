@@ -138,21 +138,9 @@ def visitor_watch():
 # ------------------------------------------------------------------------------ callbacks
 
 def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="segments", second=""):
-    """Tokenize a prompt as the demo would and show how AlignIT or a token swap will read it.
-
-    Args:
-        uploaded: the caller's uploaded concepts (kept by the page; leave empty).
-        mode: "AlignIT (customized concept)" or "Token swap".
-        concept_key: AlignIT mode: the concept's name, e.g. "striped-ball-ti" (ignored in token-swap mode).
-        prompt: AlignIT mode: with the concept's token ("a <striped-ball> on a green background"); else plain text.
-        swaps: token-swap mode: one "word=source" or "position=source" per line, e.g. "red=yellow".
-        long: prompts over 75 tokens: "segments" (every word kept) or "truncate".
-        second: AlignIT mode: an optional second concept's name for the same prompt.
-
-    Returns:
-        The token table (position, segment, local position, token of p, word, token of p′); the swappable positions;
-        the tokens as HTML chips; Markdown with p, p′, the swapped rows and any problem; p over p′ as an HTML table.
-    """
+    """The page's token views of a prompt (the arguments as `tokens_tool`'s, with the visitor's `uploaded`
+    concepts): the token table, the position boxes, the tokens as HTML chips, the p / p′ Markdown and p over
+    p′ as an HTML table."""
     view = token_view(model, mode, prompt, chosen_concepts(concepts, uploaded, concept_key, second), swaps, long)
     label = ("Swapped positions of p (the concepts' are pre-selected)" if mode == ALIGNIT
              else "Positions to swap (checking one adds a `pos=` line to the swaps)")
