@@ -160,9 +160,10 @@ def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segm
         second: AlignIT mode: an optional second concept's name for the same prompt.
 
     Returns:
-        The token table as {"headers", "data"} (position, segment, local position, token of p, word, token of
-        p′); the positions swapped unless others are given; Markdown with p, p′, the swapped rows and any problem.
-    """
+        the token table as {"headers", "data"} (position, segment, local position, token of p, word, token of p′)
+        the positions swapped unless others are given
+        Markdown with p, p′, the swapped rows and any problem
+    """  # (a line each: MCP joins the lines of Returns with commas)
     view = token_view(model, mode, prompt, chosen_concepts(concepts, {}, concept_key, second), swaps, long)
     table = token_table(view)
     return ({"headers": list(table.columns), "data": table.astype(object).values.tolist()}, list(view.selected),
@@ -346,9 +347,10 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
         map_special: also show the start and end tokens' maps.
 
     Returns:
-        Up to three images (PNG, settings in their metadata), their heat-map rows, the comparison grid, settings.json,
-        the command line that reproduces it, a before/after pair of images, and maps.safetensors (the raw maps).
-    """
+        up to three images (PNG, settings in their metadata) and their heat-map rows
+        the comparison grid, settings.json and the command line that reproduces it
+        a before/after pair of images, and maps.safetensors (the raw maps)
+    """  # (a line each: MCP joins the lines of Returns with commas)
     settings = Settings(seed=_whole(seed), steps=_whole(steps), guidance=guidance, size=_whole(size),
                         scheduler=scheduler, swap_uncond=bool(swap_uncond), swap_start=swap_start,
                         swap_end=swap_end, map_resolution=_whole(map_resolution), long_prompt=long_prompt,

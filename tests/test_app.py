@@ -401,4 +401,6 @@ def test_the_api_and_mcp_tools_are_tokens_generate_and_score_documented(tiny_sd)
     for name, fn in public.items():
         description, parameters, returns = get_function_description(fn.fn)
         assert fn.fn.__name__ == name and description and returns
+        # MCP joins the lines of Returns with ", ": each line must be a whole item, not half a sentence
+        assert not any(line.endswith((",", " of", " and")) for line in returns), returns
         assert all(parameters.get(p) for p in ("prompt", "mode", "swaps", "seed") if p in parameters)
