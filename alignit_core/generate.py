@@ -118,6 +118,11 @@ def _finish(model, rows: list[Row], settings: Settings, request: Request, result
                       warnings + _long_warnings(model, request.p) + _size_warnings(model, settings))
 
 
+# several concepts on a model of the shapes world, whose pictures hold one object each
+ONE_OBJECT = ("the embedded model draws one object per picture, so the concepts come out mixed into one object; "
+              "AlignIT still swaps in each concept's rows, as on Stable Diffusion, which draws each concept")
+
+
 def generate_concept(model, text: str, concept: Concept | list[Concept], settings: Settings = Settings(),
                      positions: list[int] | None = None, include_base: bool = False,
                      include_customized: bool = True, progress=None, on_kv=None) -> Generation:
@@ -147,6 +152,8 @@ def generate_concept(model, text: str, concept: Concept | list[Concept], setting
         except ConceptError as e:
             whole = None
             warnings.append(str(e))
+        if model.is_embedded:
+            warnings.append(ONE_OBJECT)
     p = pairs[0][0].target
     rows = [Row("customized", customized, concept=whole)] if include_customized and whole is not None else []
     rows.append(Row("alignit", p, swap=pairs[0][0], swap_concept=pairs[0][1], more_swaps=tuple(pairs[1:])))

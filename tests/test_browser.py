@@ -310,6 +310,7 @@ def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
     for i in (0, 1):
         expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=30_000)
     expect(page.locator("#image-0")).to_contain_text("customized baseline")
+    expect(_toast(page)).to_contain_text("draws one object per picture")  # why the picture mixes them
     _screenshot(page, tmp_path, "app_two_concepts.png")
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from alignit_core.cli import main
+from alignit_core.generate import ONE_OBJECT
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS_KEYS = {"model", "prompt", "p", "p_dummy", "positions", "token_tables", "seed", "steps", "guidance", "size",
@@ -192,6 +193,8 @@ def test_two_concepts_in_one_prompt_each_from_its_own_model(tmp_path, capsys):
         ("striped-ball-ti", "* <striped-ball> * * * * * * *", [2]),
         ("holed-star-cd", "* * * <holed-star> star * * * *", [5])]
     assert s["positions"] == [2, 5] and s["rows"] == ["customized", "alignit"]
+    # the shapes world draws one object a picture: said beside the result (tiny Stable Diffusion models: no warning)
+    assert s["warnings"] == [ONE_OBJECT] and f"warning: {ONE_OBJECT}" in capsys.readouterr().err
     assert main(["tokens", "--model", "embedded", "--concept", "striped-ball-ti", "--concept", "holed-star-cd",
                  "--prompt", "a <striped-ball> and a <holed-star> on a green background"]) == 0
     printed = capsys.readouterr().out
