@@ -33,7 +33,7 @@ except ImportError:
     spaces = None
 
 from alignit_core import (AlignITError, Concept, ConceptError, Generation, Settings, find_concepts,  # noqa: E402
-                          generate_concept, generate_swap, load_concept, load_model)
+                          PromptError, generate_concept, generate_swap, load_concept, load_model)
 from alignit_core.concepts import MAX_EMBEDDING_BYTES  # noqa: E402
 from alignit_core.generate import check_prompt  # noqa: E402
 from alignit_core.maps import MAPS_FILE  # noqa: E402
@@ -164,6 +164,13 @@ def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segm
         the positions swapped unless others are given
         Markdown with p, p′, the swapped rows and any problem
     """  # (a line each: MCP joins the lines of Returns with commas)
+    if mode == ALIGNIT:
+        try:  # a name that is no concept is an error; none at all is the table's own problem line
+            concepts_asked(concepts, {}, concept_key, second, STATE_TTL_S)
+        except ConceptError as e:
+            raise ui_error(e) from None
+        except PromptError:
+            pass
     view = token_view(model, mode, prompt, chosen_concepts(concepts, {}, concept_key, second), swaps, long)
     table = token_table(view)
     return ({"headers": list(table.columns), "data": table.astype(object).values.tolist()}, list(view.selected),

@@ -205,6 +205,16 @@ def test_an_uploaded_embedding_joins_this_session_only(tiny_sd, tmp_path):
     assert choices["value"] == "uploaded:<x>"
 
 
+def test_the_tokens_tool_names_an_unknown_concept_and_lists_the_known_ones(tiny_sd):
+    """An agent's misspelt concept is an error that says which exist; no concept at all is the table's problem line
+    (as on the page, where the concept is picked after the prompt)."""
+    with pytest.raises(gr.Error, match=r"unknown concept 'nope'; available: toy"):
+        app.tokens_tool(tiny_sd, {"toy": object()}, app.ALIGNIT, "nope", "a photo of a <x>")
+    table, positions, texts = app.tokens_tool(tiny_sd, {}, app.ALIGNIT, None, "a jumping dog")
+    assert [row[3] for row in table["data"]][1:4] == ["a", "jumping", "dog"] and positions == []
+    assert "choose or upload a concept" in texts
+
+
 def test_the_demo_exposes_named_generate_and_tokens_endpoints(tiny_sd):
     demo = app.build_demo(tiny_sd, [])
     names = {fn.api_name for fn in demo.fns.values()}
