@@ -11,13 +11,14 @@ a visitor uploads and the last generation live in that visitor's `gr.State`, for
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import random
 import threading
 import typing
 import uuid
 import weakref
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported
@@ -100,9 +101,12 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
 
 # ------------------------------------------------------------------------------ engine -> UI values
 
-def ui_error(e: AlignITError) -> gr.Error:
-    """The engine's message, shown as an error toast (as written: HTML escaped)."""
-    return gr.Error(as_html(e), title=type(e).__name__.removesuffix("Error") + " error", print_exception=False)
+def ui_error(e: AlignITError, caller: gr.Request | None = None) -> gr.Error:
+    """The engine's message, shown as an error toast (as written: HTML escaped); to a program calling the API
+    or an MCP agent as plain text (gradio_client sends `x-gradio-user: api`, gradio's MCP server `mcp`)."""
+    plain = caller is not None and caller.headers.get("x-gradio-user") in ("api", "mcp")
+    return gr.Error(str(e) if plain else as_html(e), title=type(e).__name__.removesuffix("Error") + " error",
+                    print_exception=False)
 
 
 def _whole(x):
@@ -148,7 +152,7 @@ def describe(model, concepts, uploaded, mode, concept_key, prompt, swaps, long="
             chips_html(view, view.selected), prompts_markdown(view), diagram_html(view, view.selected))
 
 
-def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segments", second=""):
+def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segments", second="", caller=None):
     """Tokenize a prompt as the demo would and say how AlignIT or a token swap will read it.
 
     Args:
@@ -168,7 +172,7 @@ def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segm
         try:  # a name that is no concept is an error; none at all is the table's own problem line
             concepts_asked(concepts, {}, concept_key, second, STATE_TTL_S)
         except ConceptError as e:
-            raise ui_error(e) from None
+            raise ui_error(e, caller) from None
         except PromptError:
             pass
     view = token_view(model, mode, prompt, chosen_concepts(concepts, {}, concept_key, second), swaps, long)
@@ -320,7 +324,8 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
              scheduler, swap_uncond, swap_start, swap_end, map_resolution, include_base, map_mode,
              long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
              map_blocks=MAP_BLOCKS, map_start=0.0, map_end=1.0, map_by="words", map_special=False,
-             progress=gr.Progress(), run=None, examples=None, first_view=False, example=False):
+             progress=gr.Progress(), caller: gr.Request = None, run=None, examples=None, first_view=False,
+             example=False):
     """Generate a comparison from one seed: AlignIT (customized baseline | AlignIT | optionally the base model
     on p) or a token swap (baseline | swapped), each image with its per-word cross-attention heat maps.
 
@@ -381,7 +386,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
             # a visitor who changed them first (swaps chosen, the box still empty) asked for nothing:
             # the token view already says what is missing, and the page stays as it is
             raise gr.Error(as_html(e), visible=False, print_exception=False) from None
-        raise ui_error(e) from None
+        raise ui_error(e, caller) from None
     except VisitorLeft:
         raise gr.Error("the request was cancelled", print_exception=False) from None
     except Exception as e:  # a bug or a broken concept: this visitor is told, the server log gets the trace
@@ -450,7 +455,8 @@ def run_score(model, clip, gen: Generation, references, clip_note: str, progress
     return score_generation(model, gen, clip, references, clip_note=clip_note, progress=tick)
 
 
-def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, progress=gr.Progress(), run=None):
+def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, progress=gr.Progress(),
+          caller: gr.Request = None, run=None):
     """Score how well the caller's last generation follows its text: the MI score of every image (and CLIP
     where available), the difference to the first image, and each word's share (per-token MI).
 
@@ -469,7 +475,7 @@ def score(model, clip, clip_note, concepts, gen: Generation | None, map_mode, pr
     try:
         report = run(gen, refs, clip_note, progress)
     except AlignITError as e:
-        raise ui_error(e) from None
+        raise ui_error(e, caller) from None
     pictures = _pad(mi_rows(gen, report, map_mode))  # plain pictures, so that an MCP agent gets them as images
     release_memory()
     return (scores_markdown(report), *pictures, report)
@@ -689,8 +695,8 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
            reviews.change], **show_view, trigger_mode="always_last", **private)
     if public:  # the page's view is HTML for the page; callers and agents get the table and the texts as data
         def tokens(mode: str, concept_key: str | None, prompt: str, swaps: str = "", long: str = "segments",
-                   second: str = "") -> tuple[dict, list[int], str]:
-            return tokens_tool(model, registry, mode, concept_key, prompt, swaps, long, second)
+                   second: str = "", caller: gr.Request = None) -> tuple[dict, list[int], str]:
+            return tokens_tool(model, registry, mode, concept_key, prompt, swaps, long, second, caller)
 
         tokens.__doc__ = tokens_tool.__doc__
         tokens.__annotations__ = typing.get_type_hints(tokens)  # types, not this module's strings: three outputs
@@ -789,8 +795,13 @@ def other_embedded(model) -> list:
 def named(fn, name: str, *bound, **keywords):
     """`fn` with its first arguments bound to this app's model and concepts, under `name` and with its
     docstring, so that the API and MCP list it as a tool an agent can read (a bare partial has neither)."""
-    tool = partial(fn, *bound, **keywords)
-    tool.__name__, tool.__doc__ = name, fn.__doc__
+    bound_fn = partial(fn, *bound, **keywords)
+
+    @wraps(fn)  # a function, not a partial, so that gradio reads its type hints (`gr.Request`)
+    def tool(*args, **kw):
+        return bound_fn(*args, **kw)
+
+    tool.__name__, tool.__signature__ = name, inspect.signature(bound_fn)
     return tool
 
 

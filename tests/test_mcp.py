@@ -114,3 +114,24 @@ def test_an_agent_reads_the_tokens_as_data_not_as_the_pages_html(app_url):
     assert table["data"][2][5] == "yellow"  # p′ holds the source at the swapped position
     assert ast.literal_eval(positions) == [2]
     assert "`2 red ← yellow`" in texts and "<span" not in texts
+
+
+def test_an_agent_reads_error_messages_as_plain_text(app_url):
+    """The page's toasts show messages HTML-escaped (a token such as `<holed-star>` is no tag there); an agent got
+    the escapes too (`&lt;holed-star&gt;`) and now gets the words as written."""
+    async def work(session):
+        async def seen(done, total, message):
+            pass
+
+        tools = (await session.list_tools()).tools
+        failed = await session.call_tool("generate", {"mode": "AlignIT (customized concept)",
+                                                      "concept_key": "holed-star-ti", "prompt": "a photo of a star",
+                                                      "seed": 0, "steps": 2}, progress_callback=seen)
+        unknown = await session.call_tool("tokens", {"mode": "AlignIT (customized concept)", "concept_key": "<nope>",
+                                                     "prompt": "a photo of a <nope>"}, progress_callback=seen)
+        return tools, failed, unknown
+
+    tools, failed, unknown = _session(app_url, work)
+    assert failed.isError and "the concept token <holed-star> is not in the prompt" in failed.content[0].text
+    assert unknown.isError and "unknown concept '<nope>'" in unknown.content[0].text
+    assert all("caller" not in t.inputSchema["properties"] for t in tools)  # the request is no argument
