@@ -168,14 +168,13 @@ def tokens_tool(model, concepts, mode, concept_key, prompt, swaps="", long="segm
         the positions swapped unless others are given
         Markdown with p, p′, the swapped rows and any problem
     """  # (a line each: MCP joins the lines of Returns with commas)
-    if mode == ALIGNIT:
-        try:  # a name that is no concept is an error; none at all is the table's own problem line
-            concepts_asked(concepts, {}, concept_key, second, STATE_TTL_S)
-        except ConceptError as e:
-            raise ui_error(e, caller) from None
-        except PromptError:
-            pass
-    view = token_view(model, mode, prompt, chosen_concepts(concepts, {}, concept_key, second), swaps, long)
+    try:  # a name that is no concept is an error; none at all is the table's own problem line
+        chosen = concepts_asked(concepts, {}, concept_key, second, STATE_TTL_S) if mode == ALIGNIT else []
+    except ConceptError as e:
+        raise ui_error(e, caller) from None
+    except PromptError:
+        chosen = []
+    view = token_view(model, mode, prompt, chosen, swaps, long)
     table = token_table(view)
     return ({"headers": list(table.columns), "data": table.astype(object).values.tolist()}, list(view.selected),
             prompts_markdown(view))
