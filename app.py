@@ -71,6 +71,10 @@ HEAVY = dict(concurrency_id="generation", concurrency_limit=2)
 # The token table follows every keystroke; a few at once keep it quick without letting a flood of
 # them crowd out the generations.
 TOKEN_VIEWS = dict(concurrency_id="tokens", concurrency_limit=2)
+# Generate brings the results into view when they are below it (two screens down on a laptop, one on a
+# phone), so that the progress shows where the images come; a visitor who scrolled to them stays there.
+SHOW_RESULTS = """() => { const r = document.getElementById("results");
+    if (r && r.getBoundingClientRect().top > window.innerHeight) r.scrollIntoView({behavior: "smooth"}); }"""
 # How long a visitor's uploaded concepts, last generation and scores are kept after they were last
 # set, and for how many visitors at most (the least recently active go first). Gradio would keep ten
 # thousand sessions, each its generation and a 130 KB copy of the page's settings.
@@ -579,11 +583,6 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
             positions = gr.CheckboxGroup(label="Swapped positions", elem_id="positions")
             chips = gr.HTML(elem_id="chips")
             texts = gr.Markdown(elem_id="prompt-texts", padding=True)
-            with gr.Accordion("What am I looking at?", open=True, elem_id="what-box"):
-                diagram = gr.HTML(elem_id="diagram")
-                gr.Markdown(WHAT)
-            with gr.Accordion("Token table", open=True):
-                table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
         with gr.Column(scale=2, min_width=300):
             with gr.Row(equal_height=False):
                 seed = gr.Number(value=opening[4] if opening else 0, label="Seed", precision=0, minimum=0,
@@ -625,6 +624,13 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
             include_base = gr.Checkbox(False, label="Also show the base model on p", visible=start == ALIGNIT,
                                        elem_id="include-base")
             run_button = gr.Button("Generate", variant="primary", elem_id="generate")
+    # under the settings, not in the prompt's column: a phone, which stacks the columns, reaches Generate
+    # before the explanations; the whole width gives the position diagram and the table room
+    with gr.Accordion("What am I looking at?", open=True, elem_id="what-box"):
+        diagram = gr.HTML(elem_id="diagram")
+        gr.Markdown(WHAT)
+    with gr.Accordion("Token table", open=True, elem_id="table-box"):
+        table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, elem_id="tokens", max_height=320)
     examples_box = gr.Examples(example_rows, [mode, concept, prompt, swaps, seed, second],
                                label="Examples (click to run; results are kept, so a second visit is instant)"
                                      + (RATES_NOTE if any(registry[r[1]].example_rates for r in example_rows
@@ -634,7 +640,8 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     gr.Markdown("### Results\nEvery image starts from the same seed's noise. Under each: where each word's "
                 f"cross-attention lands ({SCALE_NOTE}; swapped words framed in orange). Click a tile for a "
                 "large map." + (" Each image's name says what the shapes world's classifier (toy Table 1's judge) "
-                                "sees in it: the concept's token where it drew the concept." if model.is_embedded else ""))
+                                "sees in it: the concept's token where it drew the concept." if model.is_embedded else ""),
+                elem_id="results")
     with gr.Row(equal_height=False):
         # wide enough each that a phone puts them one under another instead of squeezing the last
         map_mode = gr.Radio(["overlay", "raw"], value="overlay", label="Heat maps", scale=1, min_width=220,
@@ -756,7 +763,8 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
     def start_run():
         return gr.update(interactive=False), *[None] * MAX_COLUMNS
 
-    generate_after(run_button.click(start_run, None, [run_button, *maps], **quick), **api("generate"))
+    generate_after(run_button.click(start_run, None, [run_button, *maps], js=SHOW_RESULTS, **quick),
+                   **api("generate"))
     # an example runs once its values are in place, on its concept's own positions; its view comes from the
     # listener (`reviews` is bumped through the queue: a call outside it reports no state change to the page)
     bump = dict(fn=lambda n: n + 1, inputs=reviews, outputs=reviews, show_progress="hidden", **private)

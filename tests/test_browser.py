@@ -95,6 +95,8 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
     expect(page.locator("#prompt-texts")).to_contain_text("a photo of a star on a yellow background")
     expect(page.locator("#prompt-texts")).to_contain_text("* * * * <holed-star> * * * *")
     expect(page.locator("#tokens")).to_contain_text("background")
+    # the first view's result comes without moving the page: the visitor starts at the top
+    assert page.evaluate("window.scrollY") == 0
     _screenshot(page, tmp_path, "app_initial.png")
 
 
@@ -156,6 +158,8 @@ def test_token_swap_red_to_yellow_then_a_bad_swap_shows_the_engine_error(page, t
 
     page.locator("#generate").click()
     expect(page.locator("#generate")).to_be_disabled()
+    # the results, two screens below the button, come into view, where the progress shows
+    expect(page.locator("#results")).to_be_in_viewport(timeout=10_000)
     # the progress bar counts denoising steps
     expect(page.locator("#image-0")).to_contain_text(re.compile(r"\d+/20 steps"), timeout=GENERATE_TIMEOUT_MS)
     _screenshot(page, tmp_path, "app_progress.png")
@@ -533,4 +537,8 @@ def test_the_whole_page_at_desktop_and_phone_width(browser, app_url, tmp_path, w
     shot = _screenshot(page, tmp_path, f"app_page_{width}.png")
     overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0, f"the page is {overflow}px wider than the window"
+    # a phone stacks the columns: the settings and Generate come before the explanations, not after them
+    generate = page.locator("#generate").bounding_box()
+    for panel in ("#what-box", "#table-box"):
+        assert generate["y"] + generate["height"] < page.locator(panel).bounding_box()["y"], panel
     assert shot.stat().st_size > 50_000
