@@ -2,7 +2,7 @@
 
     python -m alignit_core tokens --model embedded --prompt "a red circle on a blue background"
     python -m alignit_core generate --model embedded --prompt "a red circle" --swap red=yellow --out out/
-    python -m alignit_core generate --model embedded --concept striped-ball-ti \
+    python -m alignit_core generate --model embedded --concept striped-ball-ti \\
         --prompt "a <striped-ball> on a green background" --out out/
     python -m alignit_core eval --model embedded --dataset assets/eval/embedded.json --out out/eval
 

@@ -28,6 +28,9 @@ _EMBEDDED_DEFAULTS = {EMBEDDED.name: EMBEDDED_DEFAULTS, EMBEDDED_MMDIT.name: EMB
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 HUB_TIMEOUT_S = 3.0  # one answer from the hub within this, or the process treats it as offline
 log = logging.getLogger(__name__)
+# Loading a pipeline, diffusers looks up the image-processor classes of every pipeline it knows; without
+# torchvision (not needed here) transformers warns about two of them, on every load, before anything else.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 
 def draws_shapes_world(name: str | None) -> bool:

@@ -347,6 +347,30 @@ def test_an_unknown_model_is_the_only_line_on_stderr():
     assert proc.stdout == ""
 
 
+def test_loading_the_model_warns_about_nothing_this_product_does_not_use():
+    """diffusers looks up image-processor classes while loading; without torchvision transformers warned
+    about `CLIPImageProcessor` and `SiglipImageProcessor` as the first lines of every command."""
+    proc = run_cli("tokens", "--model", "embedded", "--prompt", "a red circle on a blue background")
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision" not in proc.stderr and "ImageProcessor" not in proc.stderr, proc.stderr
+
+
+def test_the_help_examples_are_commands_a_shell_reads_as_written():
+    """A backslash at a line's end in the help's docstring joined the lines (a run of spaces inside one
+    command); each example is now shown with its continuation and parses as written."""
+    import shlex
+
+    from alignit_core.cli import parser
+
+    text = parser().format_help()
+    joined = re.sub(r"\\\n\s+", " ", text)  # as a shell reads a line that ends in a backslash
+    commands = [c for c in joined.splitlines() if c.strip().startswith("python -m alignit_core ")]
+    assert len(commands) == 4, text
+    for command in commands:
+        assert "   " not in command.strip(), command
+        parser().parse_args(shlex.split(command)[3:])
+
+
 # ------------------------------------------------------------------------------ cost of a run
 
 
