@@ -276,12 +276,13 @@ class TextBatch:
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
                  novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0,
-                 fold_noise: float = 0.3) -> TextBatch:
+                 fold_noise: float = 0.3, fold_background: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
     `compound_class` of the folded objects stand in their caption as AlignIT's p holds a concept
-    (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x their norm."""
+    (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x their norm, and
+    `fold_background` of those also hold another background's words."""
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
@@ -312,7 +313,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
         if words and not dummy_words and compound_mix and rng.random() < compound_mix:
             as_class = bool(compound_class) and rng.random() < compound_class
-            caption, compound = fold_object(rng, vocab, words, caption, b, as_class, fold_noise)
+            caption, compound = fold_object(rng, vocab, words, caption, b, as_class, fold_noise, fold_background)
             compounds.append(compound)
         elif words and pure_mix and rng.random() < pure_mix:
             shown_words = [dummy_words[i] if i == pos - 1 else w for i, w in enumerate(caption)]
@@ -363,12 +364,16 @@ def novel_scene(rng: random.Random) -> Scene:
 
 
 def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int,
-                as_class: bool = False, noise: float = 0.3):
+                as_class: bool = False, noise: float = 0.3, background: float = 0.0):
     """The caption with its object's words (colour, pattern, shape: `red striped circle`, `star with
     a hole`) replaced by one vector made of their embeddings, as a customized concept's token names
     a whole object; its row is computed in the caption or, half the time, among `*`s. `as_class`:
     AlignIT's own case, the caption holds the bare shape word where the vector stands (`a circle on a
-    blue background`, every later row computed after it) and the vector's row is computed among `*`s."""
+    blue background`, every later row computed after it) and the vector's row is computed among `*`s.
+    `background`: that share of AlignIT's case also folds in the words of a background the caption does not
+    ask for (`purple background`), as a textual inversion learns its references' background with its
+    object; the picture shows the caption's. Drawn from the compound's own seed, so that every other
+    draw, caption and picture stays the same."""
     first = template.index("{c}") if "{c}" in template else min(
         i for i, w in enumerate(template) if w in ("striped", "{s}"))
     last = template.index("hole") if "hole" in template else template.index("{s}")
@@ -381,6 +386,13 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
     compound = Compound(sample=b, pos=first + 1, ids=ids, words=[vocab.ids[w] for w in parts],
                         mix=[rng.uniform(0.5, 1.5) for _ in parts], weight=math.exp(rng.uniform(0.0, math.log(10.0))),
                         noise=rng.uniform(0.0, noise), seed=rng.randrange(2 ** 31), dummy=dummy)
+    if as_class and background and "background" in caption:
+        own = random.Random(compound.seed + 1)
+        if own.random() < background:
+            asked = caption[caption.index("background") - 1]
+            other = own.choice([c for c in COLOURS if c != asked and vocab.ids[c] not in compound.words])
+            compound.words += [vocab.ids[other], vocab.ids["background"]]
+            compound.mix += [own.uniform(0.5, 1.5), own.uniform(0.5, 1.5)]
     return folded, compound
 
 
@@ -767,7 +779,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
                              args.compound_mix, args.novel_mix, args.template_mix, args.compound_class,
-                             args.fold_noise)
+                             args.fold_noise, args.fold_background)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -1124,6 +1136,9 @@ def main(argv=None) -> None:
     ap.add_argument("--fold-noise", type=float, default=0.3, metavar="R",
                     help="a folded vector moves off its words' mix by a random direction of norm up to R x its "
                          "own (a textual inversion's vector lies mostly off its words: cosine 0.1-0.4)")
+    ap.add_argument("--fold-background", type=float, default=0.0, metavar="P",
+                    help="share of AlignIT's folded objects (--compound-class) that also hold another background's "
+                         "words, as a textual inversion holds its references' background (`fold_object`)")
     ap.add_argument("--row-noise", type=float, default=0.0, metavar="R",
                     help="move word rows by random directions of norm up to R x their own (`noisy_rows`)")
     ap.add_argument("--row-noise-mix", type=float, default=0.5, help="share of captions --row-noise applies to")

@@ -526,6 +526,39 @@ def test_fold_noise_moves_folded_vectors_off_their_words_and_draws_nothing_else(
     assert min(near_cos) > 0.95 and min(far_cos) < 0.4  # nearly its words; mostly off them
 
 
+def test_fold_background_folds_another_backgrounds_words_into_alignits_case_and_draws_nothing_else():
+    """--fold-background P: that share of AlignIT's folded objects (the caption holding the bare shape word,
+    the row computed among `*`s) also folds in a background the caption does not ask for and the word
+    `background`, as a textual inversion learns its references' background; captions, pictures and every
+    other draw stay those without it."""
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import TOKENIZER_DIR, Vocab, sample_batch
+    from alignit_core.toy.shapes import COLOURS
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    word = {i: w for w, i in vocab.ids.items()}
+    kw = dict(swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0, compound_class=1.0)
+    plain = sample_batch(random.Random(7), vocab, 64, **kw)
+    mixed = sample_batch(random.Random(7), vocab, 64, fold_background=1.0, **kw)
+    assert torch.equal(plain.ids, mixed.ids) and plain.targets == mixed.targets
+    grown = 0
+    for a, b in zip(plain.compound, mixed.compound):
+        caption = [word[int(i)] for i in plain.ids[a.sample] if int(i) not in (vocab.bos, vocab.eos, vocab.pad)]
+        if "background" not in caption:
+            assert a == b
+            continue
+        grown += 1
+        extra = [word[w] for w in b.words[len(a.words):]]
+        assert b.words[:len(a.words)] == a.words and len(b.mix) == len(b.words) and extra[1] == "background"
+        asked = caption[caption.index("background") - 1]
+        assert extra[0] in COLOURS and extra[0] != asked and extra[0] not in [word[w] for w in a.words]
+        assert a.pos == b.pos and a.ids == b.ids and a.seed == b.seed
+    assert grown > 16
+    none = sample_batch(random.Random(7), vocab, 64, fold_background=0.0, **kw)
+    assert none.compound == plain.compound
+
+
 def test_training_script_reads_steps_per_concept_kind():
     import argparse
 
