@@ -73,6 +73,7 @@ HEAVY = dict(concurrency_id="generation", concurrency_limit=2)
 TOKEN_VIEWS = dict(concurrency_id="tokens", concurrency_limit=2)
 # Generate brings the results into view when they are below it (two screens down on a laptop, one on a
 # phone), so that the progress shows where the images come; a visitor who scrolled to them stays there.
+# (An example, just above the results, needs none; there a `js` step let the run read the page's old values.)
 SHOW_RESULTS = """() => { const r = document.getElementById("results");
     if (r && r.getBoundingClientRect().top > window.innerHeight) r.scrollIntoView({behavior: "smooth"}); }"""
 # How long a visitor's uploaded concepts, last generation and scores are kept after they were last

@@ -170,7 +170,9 @@ def test_token_swap_red_to_yellow_then_a_bad_swap_shows_the_engine_error(page, t
     assert baseline != swapped, "swapping red for yellow left the image unchanged"
     heatmaps = [_image_bytes(page, f"#heatmap-{i}") for i in (0, 1)]
     assert all(len(h) > 1000 for h in heatmaps)
-    command = re.compile(r"python -m alignit_core generate .*--swap red=yellow")
+    # the run read the values typed last (the seed just before the click), not older ones
+    command = re.compile(r"python -m alignit_core generate .*'a red circle on a blue background' .*--swap red=yellow "
+                         r"--seed 3 ")
     expect(page.locator("#command textarea")).to_have_value(command)
     # raw maps are drawn again from the kept generation; the images stay as they are
     overlay_src = page.locator("#heatmap-1 img").get_attribute("src")
