@@ -347,7 +347,7 @@ def test_an_unknown_model_is_the_only_line_on_stderr():
     assert proc.stdout == ""
 
 
-def test_loading_the_model_warns_about_nothing_this_product_does_not_use():
+def test_loading_a_model_does_not_warn_about_image_processors_it_never_uses():
     """diffusers looks up image-processor classes while loading; without torchvision transformers warned
     about `CLIPImageProcessor` and `SiglipImageProcessor` as the first lines of every command."""
     proc = run_cli("tokens", "--model", "embedded", "--prompt", "a red circle on a blue background")
