@@ -766,6 +766,9 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
 
     generate_after(run_button.click(start_run, None, [run_button, *maps], js=SHOW_RESULTS, **quick),
                    **api("generate"))
+    # Enter in the prompt box generates too, once the prompt's own view (its positions) is in place
+    generate_after(prompt.submit(**show_view, **private).then(start_run, None, [run_button, *maps], js=SHOW_RESULTS,
+                                                              **quick), **private)
     # an example runs once its values are in place, on its concept's own positions; its view comes from the
     # listener (`reviews` is bumped through the queue: a call outside it reports no state change to the page)
     bump = dict(fn=lambda n: n + 1, inputs=reviews, outputs=reviews, show_progress="hidden", **private)

@@ -44,6 +44,9 @@ about it, each a share of the captions:
   whatever came before it, as a concept's token must; --compound-class makes a share of them AlignIT's
   own case: the caption holds the bare shape word there (`a circle on a blue background`, the later rows
   computed after it) and the vector's row is computed among `*`s (scripts/EXPERIMENTS.md, v24);
+  --fold-bank with --bank-mix gives a share of captions that case with a textual inversion of one of the
+  world's own objects for the row (`scripts/concept_bank.py`), the picture that object on the caption's
+  background, as a user's concept meets AlignIT (scripts/EXPERIMENTS.md, v24i);
 * --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
@@ -246,6 +249,7 @@ class Compound:
     noise: float
     seed: int
     dummy: bool
+    vector: torch.Tensor | None = None  # a textual inversion of the bank (`--fold-bank`), in place of the mix
 
 
 @dataclass
@@ -276,13 +280,17 @@ class TextBatch:
 def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, pattern_mix: float = 0.0,
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
                  novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0,
-                 fold_noise: float = 0.3, fold_background: float = 0.0) -> TextBatch:
+                 fold_noise: float = 0.3, fold_background: float = 0.0, bank: dict | None = None,
+                 bank_mix: float = 0.0, bank_seed: int = 0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
     `compound_class` of the folded objects stand in their caption as AlignIT's p holds a concept
     (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x their norm, and
-    `fold_background` of those also hold another background's words."""
+    `fold_background` of those also hold another background's words. `bank_mix` of the captions show an
+    object of the `bank` (`scripts/concept_bank.py`) on their background, in AlignIT's case, its row from the
+    entry's textual inversion (`bank_fold`; drawn from `bank_seed`)."""
+    brng = random.Random(bank_seed)
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
     compounds: list[Compound] = []
@@ -294,9 +302,15 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
         template = rng.choice(TEMPLATES)
         if template_mix and rng.random() < template_mix:
             template = template_phrasing(rng, template)
+        banked = bank is not None and bank_mix and brng.random() < bank_mix
+        if banked:
+            entry = brng.randrange(len(bank["scenes"]))
+            shown = bank_scene(brng, bank["scenes"][entry], shown)
         words = pattern_template(template, shown.pattern).split()
         dummy_words, pos = [], -1
-        if rng.random() < 0.1:  # caption dropout for classifier-free guidance
+        if banked:  # AlignIT's case, whatever else the caption would have been
+            pass
+        elif rng.random() < 0.1:  # caption dropout for classifier-free guidance
             words = []
         elif rng.random() < swap_mix:
             key, attr = rng.choice([(k, a) for k, a in (("{c}", "colour"), ("{s}", "shape"),
@@ -311,7 +325,11 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                 dummy_words = [STAR] * len(words)
                 dummy_words[pos - 1] = new
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
-        if words and not dummy_words and compound_mix and rng.random() < compound_mix:
+        if banked:
+            caption, compound = fold_object(brng, vocab, words, caption, b, as_class=True)
+            compound.vector = bank["vectors"][entry]
+            compounds.append(compound)
+        elif words and not dummy_words and compound_mix and rng.random() < compound_mix:
             as_class = bool(compound_class) and rng.random() < compound_class
             caption, compound = fold_object(rng, vocab, words, caption, b, as_class, fold_noise, fold_background)
             compounds.append(compound)
@@ -396,9 +414,19 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
     return folded, compound
 
 
+def bank_scene(rng: random.Random, entry: Scene, shown: Scene) -> Scene:
+    """The bank's object `entry` on `shown`'s background, or on another where that one is the object's own
+    colour or makes a held-out triple (the held-out prompts stay unseen)."""
+    grounds = [b for b in COLOURS if b != entry.colour and (entry.colour, entry.shape, b) not in HELD_OUT]
+    ground = shown.background if shown.background in grounds else rng.choice(grounds)
+    return styled(replace(shown, colour=entry.colour, shape=entry.shape, pattern=entry.pattern), background=ground)
+
+
 def compound_vector(emb: torch.Tensor, c: Compound) -> torch.Tensor:
     """The folded vector of `c` in the embedding table `emb`: its words' mix, moved by a random
-    direction of `c.noise` x its own norm."""
+    direction of `c.noise` x its own norm; a bank entry's textual inversion as it is."""
+    if c.vector is not None:
+        return c.vector.to(emb)
     v = c.weight * sum(m * emb[w] for m, w in zip(c.mix, c.words))
     g = torch.Generator().manual_seed(c.seed)
     n = torch.randn(v.shape, generator=g).to(v)
@@ -767,6 +795,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
     every_layer = args.eot_attention_weight or args.sink_weight
     probe = (probe_cross_attention(unet, sides=(4, 8, 16) if every_layer else (16,))
              if args.attention_weight or every_layer else AttentionProbe())
+    bank = torch.load(args.fold_bank, map_location="cpu", weights_only=False) if args.fold_bank else None
     t0, step = time.time(), start
     while step < min(total, args.unet_stop or total):
         step += 1
@@ -779,7 +808,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
                              args.compound_mix, args.novel_mix, args.template_mix, args.compound_class,
-                             args.fold_noise, args.fold_background)
+                             args.fold_noise, args.fold_background, bank, args.bank_mix, args.seed * 6007 + step)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -833,7 +862,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
 
 # ---------------------------------------------------------------------------------- concepts
 
-def _diffusion_loss(unet, z0, alphas, cond, g, device):
+def diffusion_loss(unet, z0, alphas, cond, g, device):
     t = torch.randint(0, 1000, (z0.shape[0],), generator=g, device=device)
     eps = torch.randn(z0.shape, generator=g, device=device)
     a = alphas[t].view(-1, 1, 1, 1)
@@ -951,13 +980,13 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         z0 = refs[torch.tensor([rng.randrange(len(refs)) for _ in range(b)], device=device)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             cond = encode(encoder, ids, vectors, mask).hidden
-        loss = _diffusion_loss(model, z0, alphas, cond, g, device)
+        loss = diffusion_loss(model, z0, alphas, cond, g, device)
         if kind == "cd":  # prior preservation: the class as the base world draws it
             prior_ids, prior_scenes = cd_prior(args, rng, vocab, b, info["class_word"])
             with torch.no_grad():
                 p_cond = encode(te, prior_ids.to(device)).hidden
                 p_z0 = scene_latents(vae, pool, prior_scenes, rng, g, device)[0] * scale
-            loss = loss + _diffusion_loss(model, p_z0, alphas, p_cond, g, device)
+            loss = loss + diffusion_loss(model, p_z0, alphas, p_cond, g, device)
         if kind == "te":  # the empty prompt kept: it is the unconditional half of guidance
             loss = loss + F.mse_loss(encode(encoder, empty).hidden, empty_rows)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
@@ -1136,6 +1165,11 @@ def main(argv=None) -> None:
     ap.add_argument("--fold-noise", type=float, default=0.3, metavar="R",
                     help="a folded vector moves off its words' mix by a random direction of norm up to R x its "
                          "own (a textual inversion's vector lies mostly off its words: cosine 0.1-0.4)")
+    ap.add_argument("--fold-bank", type=Path, metavar="PATH",
+                    help="textual inversions of the world's own objects (`scripts/concept_bank.py`) for --bank-mix")
+    ap.add_argument("--bank-mix", type=float, default=0.0, metavar="P",
+                    help="share of captions in AlignIT's case whose concept row is a bank entry's textual "
+                         "inversion, the picture that object on the caption's background (`bank_scene`)")
     ap.add_argument("--fold-background", type=float, default=0.0, metavar="P",
                     help="share of AlignIT's folded objects (--compound-class) that also hold another background's "
                          "words, as a textual inversion holds its references' background (`fold_object`)")

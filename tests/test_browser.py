@@ -100,6 +100,23 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
     _screenshot(page, tmp_path, "app_initial.png")
 
 
+def test_enter_in_the_prompt_box_generates_on_the_new_prompts_own_positions(page):
+    """Enter right after typing: the run waits for the new prompt's view, so it swaps the concept's new
+    position (2), not the one the old prompt had ticked (5), and the results come into view."""
+    expect = _expect()
+    box = page.locator("#prompt textarea")
+    box.fill("a <holed-star> on a green background")
+    box.press("Enter")
+    expect(page.locator("#generate")).to_be_disabled(timeout=10_000)
+    expect(page.locator("#results")).to_be_in_viewport(timeout=10_000)
+    expect(page.locator("#generate")).to_be_enabled(timeout=GENERATE_TIMEOUT_MS)
+    command = page.locator("#command textarea")
+    expect(command).to_have_value(re.compile(r"generate .*'a <holed-star> on a green background' "))
+    assert "--positions 2 " in command.input_value()  # the concept's new position, not the old prompt's 5
+    expect(page.locator("#positions label", has_text="2: star").locator("input")).to_be_checked()
+    assert box.input_value() == "a <holed-star> on a green background"  # Enter wrote no newline
+
+
 def test_the_embedded_mmdit_model_has_its_own_page_with_a_swap_shown(browser, app_url, tmp_path):
     """`python app.py` serves the embedded SD3-architecture model beside the UNet one: its page
     opens on a colour swap's result, its maps on the 8x8 image-token grid; the nav bar leads back."""

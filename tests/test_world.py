@@ -557,6 +557,79 @@ def test_fold_background_folds_another_backgrounds_words_into_alignits_case_and_
     assert grown > 16
 
 
+def test_a_concept_bank_inverts_objects_of_the_world_never_a_novel_one(tmp_path):
+    """scripts/concept_bank.py: each entry is an object the world draws (never a NOVEL instance), on a
+    background that is none of its colours and makes a training triple, inverted into one vector by textual
+    inversion's objective; the vectors move off their shape word, the base stays as it was."""
+    from alignit_core import load_model
+    from alignit_core.models import EMBEDDED
+    from alignit_core.toy.instances import object_colours
+    from scripts.concept_bank import bank_instances, main
+
+    scenes = bank_instances(24, 0)
+    assert len({(s.colour, s.shape) for s in scenes}) == 24 and {s.pattern for s in scenes} == {"plain", *PATTERNS}
+    for s in scenes:
+        assert (s.colour, s.shape, s.pattern) not in NOVEL
+        assert (s.colour, s.shape, s.background) in training_triples() and s.background not in object_colours(s)
+    assert bank_instances(24, 0) == scenes and bank_instances(24, 1) != scenes
+    main(["--init", str(EMBEDDED), "--out", str(tmp_path / "bank.pt"), "--smoke"])
+    bank = torch.load(tmp_path / "bank.pt", weights_only=False)
+    model = load_model(str(EMBEDDED), device="cpu")
+    emb = model.text_encoders[0].get_input_embeddings().weight
+    tok = model.tokenizers[0]
+    assert bank["scenes"] == bank_instances(3, 0) and bank["vectors"].shape == (3, emb.shape[1])
+    for s, v in zip(bank["scenes"], bank["vectors"]):
+        start = emb[tok.convert_tokens_to_ids(s.shape + "</w>")]
+        assert not torch.allclose(v, start)
+
+
+def test_fold_bank_shows_a_bank_object_in_alignits_case_its_row_the_entrys_inversion():
+    """--fold-bank with --bank-mix P: that share of captions is AlignIT's case (the bare shape word in the
+    caption, the row computed among `*`s) with the row from a bank entry's vector, the picture that entry's
+    object on the caption's background (another where that would be a held-out prompt or the object's own
+    colour); with P = 0 every draw is that of a run without a bank."""
+    from transformers import CLIPTokenizer
+
+    from alignit_core.encoding import encode
+    from alignit_core.models import EMBEDDED
+    from alignit_core.toy.sampling import load_exported
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, condition, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    word = {i: w for w, i in vocab.ids.items()}
+    _, _, te, _ = load_exported(EMBEDDED, torch.device("cpu"))
+    dim = te.get_input_embeddings().weight.shape[1]
+    scenes = [styled(Scene("blue", "square", "black"), pattern="striped"), Scene("green", "star", "red", pattern="holed"),
+              Scene("white", "circle", "yellow")]
+    bank = dict(scenes=scenes, vectors=torch.randn(3, dim, generator=torch.Generator().manual_seed(0)))
+    kw = dict(swap_mix=0.3, pattern_mix=0.3, pure_mix=0.3, eot_mix=1.0, compound_mix=0.5, compound_class=1.0)
+    none = sample_batch(random.Random(3), vocab, 32, **kw)
+    idle = sample_batch(random.Random(3), vocab, 32, bank=bank, bank_mix=0.0, bank_seed=5, **kw)
+    assert torch.equal(none.ids, idle.ids) and none.targets == idle.targets
+    batch = sample_batch(random.Random(3), vocab, 48, bank=bank, bank_mix=1.0, bank_seed=5, **kw)
+    assert len(batch.compound) == 48 and torch.all(batch.swap_pos == -1) and len(batch.pure_ids) == 0
+    entries = []
+    for c in batch.compound:
+        shown = batch.targets[c.sample]
+        k = next(i for i, v in enumerate(bank["vectors"]) if torch.equal(c.vector, v))
+        entries.append(k)
+        assert (shown.colour, shown.shape, shown.pattern) == (scenes[k].colour, scenes[k].shape, scenes[k].pattern)
+        assert (shown.colour, shown.shape, shown.background) not in HELD_OUT and shown.background != shown.colour
+        caption = [word[int(i)] for i in batch.ids[c.sample] if int(i) not in (vocab.bos, vocab.eos, vocab.pad)]
+        assert caption[c.pos - 1] == shown.shape and shown.colour not in caption[:c.pos]
+        if "background" in caption:
+            assert caption[caption.index("background") - 1] == shown.background
+        assert {word[i] for i in c.ids if i not in (vocab.bos, vocab.eos, vocab.pad)} == {STAR}
+    assert set(entries) == {0, 1, 2}
+    cond = condition(te, batch)
+    c = batch.compound[0]
+    ids = torch.tensor([c.ids])
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    mask[0, c.pos] = True
+    own = encode(te, ids, c.vector.view(1, 1, -1).expand(1, ids.shape[1], -1), mask).hidden[0, c.pos]
+    assert torch.allclose(cond[c.sample, c.pos], own, atol=1e-5)
+
+
 def test_training_script_reads_steps_per_concept_kind():
     import argparse
 
