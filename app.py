@@ -329,7 +329,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
              long_prompt="segments", swap_kv="kv", swap_strength=1.0, second_concept="", lora_rest=0.0,
              map_blocks=MAP_BLOCKS, map_start=0.0, map_end=1.0, map_by="words", map_special=False,
              progress=gr.Progress(), caller: gr.Request = None, run=None, examples=None, first_view=False,
-             example=False):
+             example=False, typed=False):
     """Generate a comparison from one seed: AlignIT (customized baseline | AlignIT | optionally the base model
     on p) or a token swap (baseline | swapped), each image with its per-word cross-attention heat maps.
 
@@ -378,7 +378,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     try:
         chosen = concepts_asked(concepts, uploaded, concept_key, second_concept, STATE_TTL_S) if mode == ALIGNIT else []
         request = read_request(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
-                               include_base, second_concept)
+                               include_base, second_concept, typed)
 
         def make() -> Generation:
             return run(mode, chosen, request.prompt, request.settings, list(request.positions or ()) or None,
@@ -766,9 +766,10 @@ def _page(demo: gr.Blocks, model, concepts: list[Concept], clip, clip_note: str,
 
     generate_after(run_button.click(start_run, None, [run_button, *maps], js=SHOW_RESULTS, **quick),
                    **api("generate"))
-    # Enter in the prompt box generates too, once the prompt's own view (its positions) is in place
-    generate_after(prompt.submit(**show_view, **private).then(start_run, None, [run_button, *maps], js=SHOW_RESULTS,
-                                                              **quick), **private)
+    # Enter in the prompt box generates too; the positions box may still hold the last prompt's ticks (its new
+    # view comes from the listener), and ticks without this prompt's concept position count as none (`typed`)
+    generate_after(prompt.submit(start_run, None, [run_button, *maps], js=SHOW_RESULTS, **quick),
+                   fn=named(generate, "generate", *ctx, run=run, examples=examples, typed=True), **private)
     # an example runs once its values are in place, on its concept's own positions; its view comes from the
     # listener (`reviews` is bumped through the queue: a call outside it reports no state change to the page)
     bump = dict(fn=lambda n: n + 1, inputs=reviews, outputs=reviews, show_progress="hidden", **private)

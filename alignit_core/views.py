@@ -414,14 +414,15 @@ class PageRequest:
 
 
 def read_request(model, registry, uploaded, mode, concept_key, prompt, positions, swaps, settings: Settings,
-                 include_base, second_concept="") -> PageRequest:
-    """The request the page's inputs make; positions equal to the concepts' own count as none (the
-    default). Raises AlignITError for input the engine would refuse."""
+                 include_base, second_concept="", typed=False) -> PageRequest:
+    """The request the page's inputs make; positions equal to the concepts' own count as none (the default),
+    and so do, when `typed` (Enter right after typing: the box may hold the last prompt's ticks), ticks without
+    this prompt's concept positions. Raises AlignITError for input the engine would refuse."""
     text = check_prompt(prompt)
     if mode == ALIGNIT:
         chosen = chosen_concepts(registry, uploaded, concept_key, second_concept)
         own = token_view(model, mode, text, chosen, "", settings.long_prompt).selected
-        picked = tuple(positions or ())
+        picked = () if typed and not set(own) <= set(positions or ()) else tuple(positions or ())
         return PageRequest(mode, tuple(c.name for c in chosen), text, None if not picked or set(picked) == set(own)
                        else picked, (), resolve(model, settings), bool(include_base))
     return PageRequest(mode, (), text, None, tuple(parse_swaps(swaps)), resolve(model, settings), False)

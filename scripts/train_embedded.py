@@ -289,7 +289,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x their norm, and
     `fold_background` of those also hold another background's words. `bank_mix` of the captions show an
     object of the `bank` (`scripts/concept_bank.py`) on their background, in AlignIT's case, its row from the
-    entry's textual inversion (`bank_fold`; drawn from `bank_seed`)."""
+    entry's textual inversion (`bank_scene`; drawn from `bank_seed`)."""
     brng = random.Random(bank_seed)
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows

@@ -148,6 +148,25 @@ def test_an_example_runs_on_its_concepts_own_positions_whatever_the_box_still_ho
     assert "--positions 5" in command and gen.swapped["alignit"] == (5,)
 
 
+def test_enter_right_after_typing_drops_ticks_that_miss_the_new_prompts_concept_position(tiny_sd):
+    """Enter in the prompt box can come before the new prompt's view: the box may still hold the last
+    prompt's ticks. Ticks without this prompt's concept position are those and count as none; ticks that hold
+    it are the visitor's own and are kept. A click on Generate takes the box as it is."""
+    concept = {"striped-ball-ti": _concept()}
+    args = (tiny_sd, concept, {}, app.ALIGNIT, "striped-ball-ti", "a <striped-ball> on a green background")
+    rest = ("", 1, 2, 5.0, tiny_sd.native_size, "ddim", False, 0.0, 1.0, None, False, "raw")
+    quiet = dict(progress=lambda *a, **k: None)
+    *_, command, gen, _, _ = app.generate(*args, [5], *rest, **quiet, typed=True)
+    assert "--positions 2 " in command and gen.swapped["alignit"] == (2,)
+    *_, command, gen, _, _ = app.generate(*args, [2, 5], *rest, **quiet, typed=True)
+    assert gen.swapped["alignit"] == (2, 5)
+    *_, command, gen, _, _ = app.generate(*args, [5], *rest, **quiet)
+    assert gen.swapped["alignit"] == (5,)
+    enter = [fn for fn in app.build_demo(tiny_sd, []).fns.values()
+             if [event for _, event in fn.targets] == ["submit"]]
+    assert len(enter) == 1 and enter[0].js  # Enter generates (and brings the results into view)
+
+
 def test_every_token_view_after_the_pages_first_comes_from_one_always_last_listener(tiny_sd):
     """A visitor's token views overtake one another only if two events compute them: an example's own
     view, started beside a view of the previous prompt, could land first and leave that prompt's ticks in

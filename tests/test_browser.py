@@ -101,8 +101,8 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
 
 
 def test_enter_in_the_prompt_box_generates_on_the_new_prompts_own_positions(page):
-    """Enter right after typing: the run waits for the new prompt's view, so it swaps the concept's new
-    position (2), not the one the old prompt had ticked (5), and the results come into view."""
+    """Enter right after typing, before the new prompt's view may have landed: the run swaps the concept's
+    new position (2), not the one the old prompt had ticked (5), and the results come into view."""
     expect = _expect()
     box = page.locator("#prompt textarea")
     box.fill("a <holed-star> on a green background")
