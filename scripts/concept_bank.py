@@ -7,7 +7,7 @@ world already draws (`a blue striped square`, never a NOVEL instance), photograp
 and inverted by textual inversion's own objective (`a <token>`, `a photo of a <token>`, the base frozen) into
 one vector. Nothing here sees a shipped concept, its references or AlignIT.
 
-    python scripts/concept_bank.py --init assets/embedded-shapes --out bank.pt --size 16 --steps 600
+    python scripts/concept_bank.py --init assets/embedded-shapes --out bank.pt --size 16 --steps 1200
 
 Seeded and resumable (a checkpoint every --ckpt-every steps next to --out); `--smoke` runs two steps.
 """
@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler
 from transformers import CLIPTokenizer
 
 from alignit_core.encoding import encode, token_embeddings
+from alignit_core.toy.evaluate import instance_words
 from alignit_core.toy.instances import object_colours
 from alignit_core.toy.sampling import MAX_LEN, load_exported, noise_schedule
 from alignit_core.toy.shapes import COLOURS, NOVEL, PATTERNS, SHAPES, Scene, render, styled, training_triples
@@ -93,17 +94,11 @@ def train_bank(args) -> dict:
         progress("bank", step, args.steps, t0, loss)
         if step % args.ckpt_every == 0 or step == args.steps:
             torch.save(dict(vectors=vec.detach().cpu(), opt=opt.state_dict(), step=step), ckpt)
-    words = torch.stack([sum(emb[vocab.ids[w]] for w in describe(s)) for s in scenes]).cpu()
+    words = torch.stack([sum(emb[vocab.ids[w]] for w in instance_words(s).split()) for s in scenes]).cpu()
     v = vec.detach().cpu()
     log(f"bank: norms {v.norm(dim=1).mean():.2f} (a word {emb.norm(dim=1).mean():.2f}), cosine with the words "
         f"{torch.nn.functional.cosine_similarity(v, words).mean():.2f}")
     return dict(vectors=v, scenes=scenes)
-
-
-def describe(scene: Scene) -> list[str]:
-    """The words of the object: `red striped circle`, `orange star with a hole`."""
-    pattern = {"striped": ["striped"], "holed": []}.get(scene.pattern, [])
-    return [scene.colour] + pattern + [scene.shape] + (["hole"] if scene.pattern == "holed" else [])
 
 
 def main(argv=None) -> None:
@@ -111,7 +106,7 @@ def main(argv=None) -> None:
     ap.add_argument("--init", type=Path, required=True, help="an exported model folder (its UNet and encoder frozen)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--size", type=int, default=16, help="how many objects the bank inverts")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1200, help="textual inversion's")
     ap.add_argument("--batch", type=int, default=4, help="pictures of each object a step")
     ap.add_argument("--lr", type=float, default=5e-3, help="textual inversion's")
     ap.add_argument("--seed", type=int, default=0)

@@ -560,7 +560,7 @@ def test_fold_background_folds_another_backgrounds_words_into_alignits_case_and_
 def test_a_concept_bank_inverts_objects_of_the_world_never_a_novel_one(tmp_path):
     """scripts/concept_bank.py: each entry is an object the world draws (never a NOVEL instance), on a
     background that is none of its colours and makes a training triple, inverted into one vector by textual
-    inversion's objective; the vectors move off their shape word, the base stays as it was."""
+    inversion's objective; the vectors move off the shape word they start from."""
     from alignit_core import load_model
     from alignit_core.models import EMBEDDED
     from alignit_core.toy.instances import object_colours
