@@ -46,7 +46,8 @@ about it, each a share of the captions:
   computed after it) and the vector's row is computed among `*`s (scripts/EXPERIMENTS.md, v24);
   --fold-bank with --bank-mix gives a share of captions that case with a textual inversion of one of the
   world's own objects for the row (`scripts/concept_bank.py`), the picture that object on the caption's
-  background, as a user's concept meets AlignIT (scripts/EXPERIMENTS.md, v24i);
+  background, as a user's concept meets AlignIT (scripts/EXPERIMENTS.md, v24i), and --bank-context a share of
+  those the customized model's case, the vector in the caption (v24j);
 * --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
@@ -250,6 +251,7 @@ class Compound:
     seed: int
     dummy: bool
     vector: torch.Tensor | None = None  # a textual inversion of the bank (`--fold-bank`), in place of the mix
+    whole: bool = False  # the customized case: every row from `pos` to the end token computed after the vector
 
 
 @dataclass
@@ -281,7 +283,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
                  novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0,
                  fold_noise: float = 0.3, fold_background: float = 0.0, bank: dict | None = None,
-                 bank_mix: float = 0.0, bank_seed: int = 0) -> TextBatch:
+                 bank_mix: float = 0.0, bank_seed: int = 0, bank_context: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
@@ -289,7 +291,8 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     (`fold_object`), whose vectors move off their words' mix by up to `fold_noise` x their norm, and
     `fold_background` of those also hold another background's words. `bank_mix` of the captions show an
     object of the `bank` (`scripts/concept_bank.py`) on their background, in AlignIT's case, its row from the
-    entry's textual inversion (`bank_scene`; drawn from `bank_seed`)."""
+    entry's textual inversion (`bank_scene`; drawn from `bank_seed`); `bank_context` of those are the customized
+    model's case instead: the vector stands in the caption and every later row is computed after it."""
     brng = random.Random(bank_seed)
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
@@ -326,8 +329,9 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                 dummy_words[pos - 1] = new
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
         if banked:
-            caption, compound = fold_object(brng, vocab, words, caption, b, as_class=True)
-            compound.vector = bank["vectors"][entry]
+            context = bool(bank_context) and brng.random() < bank_context
+            caption, compound = fold_object(brng, vocab, words, caption, b, as_class=not context, in_caption=context)
+            compound.vector, compound.whole = bank["vectors"][entry], context
             compounds.append(compound)
         elif words and not dummy_words and compound_mix and rng.random() < compound_mix:
             as_class = bool(compound_class) and rng.random() < compound_class
@@ -382,13 +386,13 @@ def novel_scene(rng: random.Random) -> Scene:
 
 
 def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int,
-                as_class: bool = False, noise: float = 0.3, background: float = 0.0):
+                as_class: bool = False, noise: float = 0.3, background: float = 0.0, in_caption: bool = False):
     """The caption with its object's words (colour, pattern, shape: `red striped circle`, `star with
     a hole`) replaced by one vector made of their embeddings, as a customized concept's token names
     a whole object; its row is computed in the caption or, half the time, among `*`s. `as_class`:
     AlignIT's own case, the caption holds the bare shape word where the vector stands (`a circle on a
     blue background`, every later row computed after it) and the vector's row is computed among `*`s.
-    `background`: that share of AlignIT's case also folds in the words of a background the caption does not
+    `in_caption`: the row always computed in the caption. `background`: that share of AlignIT's case also folds in the words of a background the caption does not
     ask for (`purple background`), as a textual inversion learns its references' background with its
     object; the picture shows the caption's. Drawn from the compound's own seed, so that every other
     draw, caption and picture stays the same."""
@@ -397,7 +401,7 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
     last = template.index("hole") if "hole" in template else template.index("{s}")
     parts = [w for w in caption[first:last + 1] if w in COLOURS or w in OBJECT_WORDS]
     folded = caption[:first] + [STAR] + caption[last + 1:]
-    dummy = as_class or rng.random() < 0.5
+    dummy = as_class or (not in_caption and rng.random() < 0.5)
     ids = vocab.ids_of([STAR] * len(folded) if dummy else folded)
     if as_class:
         folded[first] = next(w for w in caption[first:last + 1] if w in SHAPES)
@@ -433,8 +437,9 @@ def compound_vector(emb: torch.Tensor, c: Compound) -> torch.Tensor:
     return v + n / n.norm() * c.noise * v.norm()
 
 
-def compound_rows(te, compounds: list[Compound], penultimate: bool = False) -> torch.Tensor:
-    """The rows of `compounds`' vectors (n, dim), each computed in its own prompt."""
+def compound_rows(te, compounds: list[Compound], penultimate: bool = False, full: bool = False) -> torch.Tensor:
+    """The rows of `compounds`' vectors (n, dim), each computed in its own prompt (`full`: all of that
+    prompt's rows, (n, 77, dim))."""
     emb = token_embeddings(te).weight
     vectors = [compound_vector(emb, c) for c in compounds]
     ids = torch.tensor([c.ids for c in compounds], device=emb.device)
@@ -443,7 +448,7 @@ def compound_rows(te, compounds: list[Compound], penultimate: bool = False) -> t
     mask[torch.arange(len(compounds), device=emb.device), pos] = True
     vec = torch.stack(vectors).unsqueeze(1).expand(-1, ids.shape[1], -1)
     hidden = encode(te, ids, vec, mask, penultimate=penultimate).hidden
-    return hidden[torch.arange(len(compounds), device=emb.device), pos]
+    return hidden if full else hidden[torch.arange(len(compounds), device=emb.device), pos]
 
 
 def condition(te, batch: TextBatch, penultimate: bool = False) -> torch.Tensor:
@@ -469,7 +474,17 @@ def condition(te, batch: TextBatch, penultimate: bool = False) -> torch.Tensor:
     if batch.compound:
         where = (torch.tensor([c.sample for c in batch.compound], device=device),
                  torch.tensor([c.pos for c in batch.compound], device=device))
-        hidden = hidden.index_put(where, compound_rows(te, batch.compound, penultimate).to(hidden.dtype))
+        full = compound_rows(te, batch.compound, penultimate, full=True).to(hidden.dtype)
+        hidden = hidden.index_put(where, full[torch.arange(len(full), device=device), where[1]])
+        if any(c.whole for c in batch.compound):  # the customized case: the caption's later rows after the vector
+            later = torch.zeros(hidden.shape[:2], dtype=torch.bool, device=device)
+            rows = torch.zeros_like(hidden)
+            for i, c in enumerate(batch.compound):
+                if c.whole:
+                    end = int(batch.eos[c.sample])
+                    later[c.sample, c.pos:end] = True
+                    rows[c.sample, c.pos:end] = full[i, c.pos:end]
+            hidden = torch.where(later.unsqueeze(-1), rows, hidden)
     source = batch.eot_source.to(device)
     if (source >= 0).any():
         eos = batch.eos.to(device)
@@ -808,7 +823,8 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         rng = random.Random(args.seed * 104729 + step)
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
                              args.compound_mix, args.novel_mix, args.template_mix, args.compound_class,
-                             args.fold_noise, args.fold_background, bank, args.bank_mix, args.seed * 6007 + step)
+                             args.fold_noise, args.fold_background, bank, args.bank_mix, args.seed * 6007 + step,
+                             args.bank_context)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -1170,6 +1186,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bank-mix", type=float, default=0.0, metavar="P",
                     help="share of captions in AlignIT's case whose concept row is a bank entry's textual "
                          "inversion, the picture that object on the caption's background (`bank_scene`)")
+    ap.add_argument("--bank-context", type=float, default=0.0, metavar="Q",
+                    help="share of --bank-mix's captions in the customized model's case instead: the entry's vector "
+                         "stands in the caption (`a <vector> on a blue background`), every later row computed after it")
     ap.add_argument("--fold-background", type=float, default=0.0, metavar="P",
                     help="share of AlignIT's folded objects (--compound-class) that also hold another background's "
                          "words, as a textual inversion holds its references' background (`fold_object`)")

@@ -630,6 +630,45 @@ def test_fold_bank_shows_a_bank_object_in_alignits_case_its_row_the_entrys_inver
     assert torch.allclose(cond[c.sample, c.pos], own, atol=1e-5)
 
 
+def test_bank_context_is_the_customized_models_case_the_vector_in_the_caption_every_later_row_after_it():
+    """--bank-context Q: that share of the bank's captions hold the entry's vector in the caption itself
+    (`a <vector> on a blue background`), and the conditioning's rows from the vector to the end token are
+    those of the caption encoded with the vector in place; the rows before it stay the caption's."""
+    from transformers import CLIPTokenizer
+
+    from alignit_core.encoding import encode
+    from alignit_core.models import EMBEDDED
+    from alignit_core.toy.sampling import load_exported
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, condition, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    word = {i: w for w, i in vocab.ids.items()}
+    _, _, te, _ = load_exported(EMBEDDED, torch.device("cpu"))
+    dim = te.get_input_embeddings().weight.shape[1]
+    bank = dict(scenes=[Scene("green", "star", "red", pattern="holed"), Scene("white", "circle", "yellow")],
+                vectors=2 * torch.randn(2, dim, generator=torch.Generator().manual_seed(1)))
+    kw = dict(swap_mix=0.3, pattern_mix=0.3, pure_mix=0.3, eot_mix=0.0, bank=bank, bank_mix=1.0, bank_seed=2)
+    half = sample_batch(random.Random(4), vocab, 64, bank_context=0.5, **kw)
+    assert 16 < sum(c.whole for c in half.compound) < 48
+    batch = sample_batch(random.Random(4), vocab, 32, bank_context=1.0, **kw)
+    assert len(batch.compound) == 32 and all(c.whole and not c.dummy for c in batch.compound)
+    later = 0
+    cond, plain = condition(te, batch), encode(te, batch.ids).hidden
+    for c in batch.compound:
+        assert c.ids == batch.ids[c.sample].tolist() and word[c.ids[c.pos]] == STAR
+        ids = torch.tensor([c.ids])
+        mask = torch.zeros(ids.shape, dtype=torch.bool)
+        mask[0, c.pos] = True
+        own = encode(te, ids, c.vector.view(1, 1, -1).expand(1, ids.shape[1], -1), mask).hidden[0]
+        end = int(batch.eos[c.sample])
+        assert torch.allclose(cond[c.sample, c.pos:end], own[c.pos:end], atol=1e-5)
+        if end > c.pos + 1:  # words after the vector (`on a blue background`) read it
+            later += 1
+            assert not torch.allclose(own[c.pos + 1:end], plain[c.sample, c.pos + 1:end], atol=1e-3)
+        assert torch.equal(cond[c.sample, :c.pos], plain[c.sample, :c.pos])
+    assert later >= 4
+
+
 def test_training_script_reads_steps_per_concept_kind():
     import argparse
 
