@@ -392,10 +392,10 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
     a whole object; its row is computed in the caption or, half the time, among `*`s. `as_class`:
     AlignIT's own case, the caption holds the bare shape word where the vector stands (`a circle on a
     blue background`, every later row computed after it) and the vector's row is computed among `*`s.
-    `in_caption`: the row always computed in the caption. `background`: that share of AlignIT's case also folds in the words of a background the caption does not
-    ask for (`purple background`), as a textual inversion learns its references' background with its
-    object; the picture shows the caption's. Drawn from the compound's own seed, so that every other
-    draw, caption and picture stays the same."""
+    `in_caption`: the row always computed in the caption. `background`: that share of AlignIT's case also
+    folds in the words of a background the caption does not ask for (`purple background`), as a textual
+    inversion learns its references' background with its object; the picture shows the caption's. Drawn
+    from the compound's own seed, so that every other draw, caption and picture stays the same."""
     first = template.index("{c}") if "{c}" in template else min(
         i for i, w in enumerate(template) if w in ("striped", "{s}"))
     last = template.index("hole") if "hole" in template else template.index("{s}")
