@@ -378,7 +378,7 @@ def generate(model, concepts, uploaded, mode, concept_key, prompt, positions, sw
     try:
         chosen = concepts_asked(concepts, uploaded, concept_key, second_concept, STATE_TTL_S) if mode == ALIGNIT else []
         request = read_request(model, concepts, uploaded, mode, concept_key, prompt, positions, swaps, settings,
-                               include_base, second_concept, typed)
+                               include_base, second_concept, typed or first_view)
 
         def make() -> Generation:
             return run(mode, chosen, request.prompt, request.settings, list(request.positions or ()) or None,

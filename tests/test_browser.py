@@ -42,7 +42,9 @@ def _open(browser, url: str, width: int = 1400):
     page = browser.new_page(viewport={"width": width, "height": 1000})
     page.goto(url)
     page.wait_for_selector("#prompt textarea", timeout=60_000)
-    # the first view shows the first example's result: wait for it, so that it does not land on a test's own
+    # the first view shows the first example's result: wait for it (its command line, then the button: enabled
+    # alone passes before that run has begun), so that it neither reads nor lands on a test's own inputs
+    _expect()(page.locator("#command textarea")).not_to_have_value("", timeout=GENERATE_TIMEOUT_MS)
     _expect()(page.locator("#generate")).to_be_enabled(timeout=GENERATE_TIMEOUT_MS)
     return page
 
