@@ -46,8 +46,9 @@ about it, each a share of the captions:
   computed after it) and the vector's row is computed among `*`s (scripts/EXPERIMENTS.md, v24);
   --fold-bank with --bank-mix gives a share of captions that case with a textual inversion of one of the
   world's own objects for the row (`scripts/concept_bank.py`), the picture that object on the caption's
-  background, as a user's concept meets AlignIT (scripts/EXPERIMENTS.md, v24i), and --bank-context a share of
-  those the customized model's case, the vector in the caption (v24j);
+  background, as a user's concept meets AlignIT (scripts/EXPERIMENTS.md, v24i), --bank-context a share of
+  those the customized model's case, the vector in the caption (v24j), and --bank-modifier a share of AlignIT's
+  cases in Custom Diffusion's form, the class word's row after the vector;
 * --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
@@ -252,6 +253,7 @@ class Compound:
     dummy: bool
     vector: torch.Tensor | None = None  # a textual inversion of the bank (`--fold-bank`), in place of the mix
     whole: bool = False  # the customized case: every row from `pos` to the end token computed after the vector
+    at: int | None = None  # where the vector stands in `ids`, if not at `pos` (Custom Diffusion's `<vector> <class>`)
 
 
 @dataclass
@@ -283,7 +285,8 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                  pure_mix: float = 0.0, eot_mix: float = 0.0, compound_mix: float = 0.0,
                  novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0,
                  fold_noise: float = 0.3, fold_background: float = 0.0, bank: dict | None = None,
-                 bank_mix: float = 0.0, bank_seed: int = 0, bank_context: float = 0.0) -> TextBatch:
+                 bank_mix: float = 0.0, bank_seed: int = 0, bank_context: float = 0.0,
+                 bank_modifier: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
@@ -292,7 +295,9 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     `fold_background` of those also hold another background's words. `bank_mix` of the captions show an
     object of the `bank` (`scripts/concept_bank.py`) on their background, in AlignIT's case, its row from the
     entry's textual inversion (`bank_scene`; drawn from `bank_seed`); `bank_context` of those are the customized
-    model's case instead: the vector stands in the caption and every later row is computed after it."""
+    model's case instead: the vector stands in the caption and every later row is computed after it;
+    `bank_modifier` of AlignIT's cases are Custom Diffusion's: the row is the class word's, computed after the
+    vector among `*`s (`* * <vector> circle`)."""
     brng = random.Random(bank_seed)
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
@@ -330,7 +335,9 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
         if banked:
             context = bool(bank_context) and brng.random() < bank_context
-            caption, compound = fold_object(brng, vocab, words, caption, b, as_class=not context, in_caption=context)
+            modifier = not context and bool(bank_modifier) and brng.random() < bank_modifier
+            caption, compound = fold_object(brng, vocab, words, caption, b, as_class=not context, in_caption=context,
+                                            modifier=modifier)
             compound.vector, compound.whole = bank["vectors"][entry], context
             compounds.append(compound)
         elif words and not dummy_words and compound_mix and rng.random() < compound_mix:
@@ -386,7 +393,8 @@ def novel_scene(rng: random.Random) -> Scene:
 
 
 def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: list[str], b: int,
-                as_class: bool = False, noise: float = 0.3, background: float = 0.0, in_caption: bool = False):
+                as_class: bool = False, noise: float = 0.3, background: float = 0.0, in_caption: bool = False,
+                modifier: bool = False):
     """The caption with its object's words (colour, pattern, shape: `red striped circle`, `star with
     a hole`) replaced by one vector made of their embeddings, as a customized concept's token names
     a whole object; its row is computed in the caption or, half the time, among `*`s. `as_class`:
@@ -394,8 +402,10 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
     blue background`, every later row computed after it) and the vector's row is computed among `*`s.
     `in_caption`: the row always computed in the caption. `background`: that share of AlignIT's case also
     folds in the words of a background the caption does not ask for (`purple background`), as a textual
-    inversion learns its references' background with its object; the picture shows the caption's. Drawn
-    from the compound's own seed, so that every other draw, caption and picture stays the same."""
+    inversion learns its references' background with its object; the picture shows the caption's.
+    `modifier` (with `as_class`): Custom Diffusion's case, the row is the shape word's after the vector
+    (`* <vector> circle * *`), where there is a word before the object to stand the vector on. Drawn from
+    the compound's own seed, so that every other draw, caption and picture stays the same."""
     first = template.index("{c}") if "{c}" in template else min(
         i for i, w in enumerate(template) if w in ("striped", "{s}"))
     last = template.index("hole") if "hole" in template else template.index("{s}")
@@ -403,11 +413,14 @@ def fold_object(rng: random.Random, vocab: Vocab, template: list[str], caption: 
     folded = caption[:first] + [STAR] + caption[last + 1:]
     dummy = as_class or (not in_caption and rng.random() < 0.5)
     ids = vocab.ids_of([STAR] * len(folded) if dummy else folded)
+    at = None
     if as_class:
         folded[first] = next(w for w in caption[first:last + 1] if w in SHAPES)
+        if modifier and first > 0:
+            ids, at = vocab.ids_of([STAR] * first + [folded[first]] + [STAR] * (len(folded) - first - 1)), first
     compound = Compound(sample=b, pos=first + 1, ids=ids, words=[vocab.ids[w] for w in parts],
                         mix=[rng.uniform(0.5, 1.5) for _ in parts], weight=math.exp(rng.uniform(0.0, math.log(10.0))),
-                        noise=rng.uniform(0.0, noise), seed=rng.randrange(2 ** 31), dummy=dummy)
+                        noise=rng.uniform(0.0, noise), seed=rng.randrange(2 ** 31), dummy=dummy, at=at)
     if as_class and background and "background" in caption:
         own = random.Random(compound.seed + 1)
         if own.random() < background:
@@ -444,8 +457,9 @@ def compound_rows(te, compounds: list[Compound], penultimate: bool = False, full
     vectors = [compound_vector(emb, c) for c in compounds]
     ids = torch.tensor([c.ids for c in compounds], device=emb.device)
     pos = torch.tensor([c.pos for c in compounds], device=emb.device)
+    at = torch.tensor([c.pos if c.at is None else c.at for c in compounds], device=emb.device)
     mask = torch.zeros(ids.shape, dtype=torch.bool, device=emb.device)
-    mask[torch.arange(len(compounds), device=emb.device), pos] = True
+    mask[torch.arange(len(compounds), device=emb.device), at] = True
     vec = torch.stack(vectors).unsqueeze(1).expand(-1, ids.shape[1], -1)
     hidden = encode(te, ids, vec, mask, penultimate=penultimate).hidden
     return hidden if full else hidden[torch.arange(len(compounds), device=emb.device), pos]
@@ -824,7 +838,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
                              args.compound_mix, args.novel_mix, args.template_mix, args.compound_class,
                              args.fold_noise, args.fold_background, bank, args.bank_mix, args.seed * 6007 + step,
-                             args.bank_context)
+                             args.bank_context, args.bank_modifier)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -1189,6 +1203,9 @@ def main(argv=None) -> None:
     ap.add_argument("--bank-context", type=float, default=0.0, metavar="Q",
                     help="share of --bank-mix's captions in the customized model's case instead: the entry's vector "
                          "stands in the caption (`a <vector> on a blue background`), every later row computed after it")
+    ap.add_argument("--bank-modifier", type=float, default=0.0, metavar="Q",
+                    help="share of --bank-mix's AlignIT cases in Custom Diffusion's form: the row is the class word's, "
+                         "computed after the entry's vector among `*`s (`* * <vector> circle`)")
     ap.add_argument("--fold-background", type=float, default=0.0, metavar="P",
                     help="share of AlignIT's folded objects (--compound-class) that also hold another background's "
                          "words, as a textual inversion holds its references' background (`fold_object`)")

@@ -583,22 +583,42 @@ def test_a_concept_bank_inverts_objects_of_the_world_never_a_novel_one(tmp_path)
         assert not torch.allclose(v, start)
 
 
+def _bank_world():
+    """(vocab, id -> word, the embedded text encoder, its width): what the bank's tests build on."""
+    from transformers import CLIPTokenizer
+
+    from alignit_core.models import EMBEDDED
+    from alignit_core.toy.sampling import load_exported
+    from scripts.train_embedded import TOKENIZER_DIR, Vocab
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    _, _, te, _ = load_exported(EMBEDDED, torch.device("cpu"))
+    return vocab, {i: w for w, i in vocab.ids.items()}, te, te.get_input_embeddings().weight.shape[1]
+
+
+def _two_entries(dim: int) -> dict:
+    return dict(scenes=[Scene("green", "star", "red", pattern="holed"), Scene("white", "circle", "yellow")],
+                vectors=2 * torch.randn(2, dim, generator=torch.Generator().manual_seed(1)))
+
+
+def _encode_with(te, ids: list[int], at: int, vector: torch.Tensor) -> torch.Tensor:
+    """The rows (77, dim) of `ids` encoded with `vector` in place of the token at `at`."""
+    from alignit_core.encoding import encode
+
+    t = torch.tensor([ids])
+    mask = torch.zeros(t.shape, dtype=torch.bool)
+    mask[0, at] = True
+    return encode(te, t, vector.view(1, 1, -1).expand(1, t.shape[1], -1), mask).hidden[0]
+
+
 def test_fold_bank_shows_a_bank_object_in_alignits_case_its_row_the_entrys_inversion():
     """--fold-bank with --bank-mix P: that share of captions is AlignIT's case (the bare shape word in the
     caption, the row computed among `*`s) with the row from a bank entry's vector, the picture that entry's
     object on the caption's background (another where that would be a held-out prompt or the object's own
     colour); with P = 0 every draw is that of a run without a bank."""
-    from transformers import CLIPTokenizer
+    from scripts.train_embedded import STAR, condition, sample_batch
 
-    from alignit_core.encoding import encode
-    from alignit_core.models import EMBEDDED
-    from alignit_core.toy.sampling import load_exported
-    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, condition, sample_batch
-
-    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
-    word = {i: w for w, i in vocab.ids.items()}
-    _, _, te, _ = load_exported(EMBEDDED, torch.device("cpu"))
-    dim = te.get_input_embeddings().weight.shape[1]
+    vocab, word, te, dim = _bank_world()
     scenes = [styled(Scene("blue", "square", "black"), pattern="striped"), Scene("green", "star", "red", pattern="holed"),
               Scene("white", "circle", "yellow")]
     bank = dict(scenes=scenes, vectors=torch.randn(3, dim, generator=torch.Generator().manual_seed(0)))
@@ -623,10 +643,7 @@ def test_fold_bank_shows_a_bank_object_in_alignits_case_its_row_the_entrys_inver
     assert set(entries) == {0, 1, 2}
     cond = condition(te, batch)
     c = batch.compound[0]
-    ids = torch.tensor([c.ids])
-    mask = torch.zeros(ids.shape, dtype=torch.bool)
-    mask[0, c.pos] = True
-    own = encode(te, ids, c.vector.view(1, 1, -1).expand(1, ids.shape[1], -1), mask).hidden[0, c.pos]
+    own = _encode_with(te, c.ids, c.pos, c.vector)[c.pos]
     assert torch.allclose(cond[c.sample, c.pos], own, atol=1e-5)
 
 
@@ -634,19 +651,11 @@ def test_bank_context_is_the_customized_models_case_the_vector_in_the_caption_ev
     """--bank-context Q: that share of the bank's captions hold the entry's vector in the caption itself
     (`a <vector> on a blue background`), and the conditioning's rows from the vector to the end token are
     those of the caption encoded with the vector in place; the rows before it stay the caption's."""
-    from transformers import CLIPTokenizer
-
     from alignit_core.encoding import encode
-    from alignit_core.models import EMBEDDED
-    from alignit_core.toy.sampling import load_exported
-    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, condition, sample_batch
+    from scripts.train_embedded import STAR, condition, sample_batch
 
-    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
-    word = {i: w for w, i in vocab.ids.items()}
-    _, _, te, _ = load_exported(EMBEDDED, torch.device("cpu"))
-    dim = te.get_input_embeddings().weight.shape[1]
-    bank = dict(scenes=[Scene("green", "star", "red", pattern="holed"), Scene("white", "circle", "yellow")],
-                vectors=2 * torch.randn(2, dim, generator=torch.Generator().manual_seed(1)))
+    vocab, word, te, dim = _bank_world()
+    bank = _two_entries(dim)
     kw = dict(swap_mix=0.3, pattern_mix=0.3, pure_mix=0.3, eot_mix=0.0, bank=bank, bank_mix=1.0, bank_seed=2)
     half = sample_batch(random.Random(4), vocab, 64, bank_context=0.5, **kw)
     assert 16 < sum(c.whole for c in half.compound) < 48
@@ -656,10 +665,7 @@ def test_bank_context_is_the_customized_models_case_the_vector_in_the_caption_ev
     cond, plain = condition(te, batch), encode(te, batch.ids).hidden
     for c in batch.compound:
         assert c.ids == batch.ids[c.sample].tolist() and word[c.ids[c.pos]] == STAR
-        ids = torch.tensor([c.ids])
-        mask = torch.zeros(ids.shape, dtype=torch.bool)
-        mask[0, c.pos] = True
-        own = encode(te, ids, c.vector.view(1, 1, -1).expand(1, ids.shape[1], -1), mask).hidden[0]
+        own = _encode_with(te, c.ids, c.pos, c.vector)
         end = int(batch.eos[c.sample])
         assert torch.allclose(cond[c.sample, c.pos:end], own[c.pos:end], atol=1e-5)
         if end > c.pos + 1:  # words after the vector (`on a blue background`) read it
@@ -667,6 +673,35 @@ def test_bank_context_is_the_customized_models_case_the_vector_in_the_caption_ev
             assert not torch.allclose(own[c.pos + 1:end], plain[c.sample, c.pos + 1:end], atol=1e-3)
         assert torch.equal(cond[c.sample, :c.pos], plain[c.sample, :c.pos])
     assert later >= 4
+
+
+def test_bank_modifier_is_custom_diffusions_case_the_class_words_row_after_the_vector():
+    """--bank-modifier Q: that share of AlignIT's bank cases take the class word's row as Custom Diffusion's
+    concept gives it (`* * <vector> star`, the vector before the bare shape word among `*`s), not the
+    vector's own row; the customized case and, with Q = 0, every draw stay as they were."""
+    from scripts.train_embedded import STAR, condition, sample_batch
+
+    vocab, word, te, dim = _bank_world()
+    kw = dict(swap_mix=0.3, pattern_mix=0.3, pure_mix=0.3, eot_mix=0.0, bank=_two_entries(dim), bank_mix=1.0,
+              bank_seed=2)
+    plain, idle = (sample_batch(random.Random(4), vocab, 32, bank_context=0.5, bank_modifier=q, **kw) for q in (0, 0))
+    assert torch.equal(plain.ids, idle.ids) and all(c.at is None for c in plain.compound)
+    half = sample_batch(random.Random(4), vocab, 64, bank_modifier=0.5, **kw)
+    assert 16 < sum(c.at is not None for c in half.compound) < 48
+    mixed = sample_batch(random.Random(4), vocab, 32, bank_context=0.5, bank_modifier=1.0, **kw)
+    assert all((c.at is None) == c.whole for c in mixed.compound)
+    batch = sample_batch(random.Random(4), vocab, 32, bank_modifier=1.0, **kw)
+    cond, held = condition(te, batch), 0
+    for c in batch.compound:
+        caption = [word.get(int(i)) for i in batch.ids[c.sample]]
+        assert c.at == c.pos - 1 and c.dummy and caption[c.pos] in SHAPES
+        assert [word[i] for i in c.ids[1:int(batch.eos[c.sample])]] == [
+            caption[c.pos] if i == c.pos else STAR for i in range(1, int(batch.eos[c.sample]))]
+        row = _encode_with(te, c.ids, c.at, c.vector)[c.pos]
+        assert torch.allclose(cond[c.sample, c.pos], row, atol=1e-5)
+        alone = _encode_with(te, c.ids, c.pos, c.vector)[c.pos]  # the textual inversion's case
+        held += not torch.allclose(row, alone, atol=1e-3)
+    assert held == len(batch.compound)
 
 
 def test_training_script_reads_steps_per_concept_kind():
