@@ -42,6 +42,7 @@ from .weights import Edit, LowRank, Replace, overlay
 KINDS = ("textual_inversion", "custom_diffusion", "text_encoder", "lora")
 KIND_LABELS = {"textual_inversion": "textual inversion", "custom_diffusion": "Custom Diffusion",
                "text_encoder": "text-encoder fine-tune", "lora": "DreamBooth-LoRA"}
+SHORT_KIND_LABELS = {**KIND_LABELS, "text_encoder": "text encoder", "lora": "LoRA"}  # where a label has to be short
 # A token or class word is a word or two; every label, prompt and file name it enters stays short.
 MAX_WORD_CHARS = 64
 # A learned embedding lies within a few times the norm of the model's own token embeddings (the

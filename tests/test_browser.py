@@ -94,7 +94,7 @@ def test_first_visit_shows_alignit_mode_with_the_concept_position_preselected(pa
     # p replaces the concept by its class word; the class word's position is pre-selected
     star = page.locator("#positions label", has_text="5: star")
     expect(star.locator("input")).to_be_checked(timeout=30_000)
-    expect(page.locator("#prompt-texts")).to_contain_text("a photo of a star on a yellow background")
+    expect(page.locator("#prompt-texts")).to_contain_text("a photo of a star on a green background")
     expect(page.locator("#prompt-texts")).to_contain_text("* * * * <holed-star> * * * *")
     expect(page.locator("#tokens")).to_contain_text("background")
     # the first view's result comes without moving the page: the visitor starts at the top
@@ -252,17 +252,17 @@ def test_a_long_prompt_is_read_in_segments_generated_and_scored(page, tmp_path):
 def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     expect = _expect()
     page.get_by_role("button", name=re.compile("AlignIT · <holed-star> · textual inversion")).click()
-    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> on a white background")
-    expect(page.locator("#positions label", has_text="2: star").locator("input")).to_be_checked(timeout=30_000)
+    expect(page.locator("#prompt textarea")).to_have_value("a photo of a <holed-star> on a yellow background")
+    expect(page.locator("#positions label", has_text="5: star").locator("input")).to_be_checked(timeout=30_000)
     # the first view's images stay on the page until this run ends; its command line comes with its results
-    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2"),
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 5"),
                                                             timeout=GENERATE_TIMEOUT_MS)
     _results_shown(page)
     # each image named with what the world's classifier sees: at the example's seed, the concept on another
     # background, then on the asked one
-    expect(page.locator("#image-0")).to_contain_text(re.compile(r"customized baseline: <holed-star> on (?!white)"),
+    expect(page.locator("#image-0")).to_contain_text(re.compile(r"customized baseline: <holed-star> on (?!yellow)"),
                                                      timeout=30_000)
-    expect(page.locator("#image-1")).to_contain_text("AlignIT: <holed-star> on white", timeout=30_000)
+    expect(page.locator("#image-1")).to_contain_text("AlignIT: <holed-star> on yellow", timeout=30_000)
     # the base model on p as a third column, from the same seed
     first = _image_bytes(page, "#image-0")
     page.locator("#include-base label").click()
@@ -276,12 +276,12 @@ def test_clicking_a_concept_example_runs_alignit(page, tmp_path):
     # (the one its run follows) still shows its own positions
     box = page.locator("#positions")
     box.locator("label", has_text="1: a").click()
-    box.locator("label", has_text="2: star").click()
-    expect(box.locator("label", has_text="2: star").locator("input")).not_to_be_checked()
+    box.locator("label", has_text="5: star").click()
+    expect(box.locator("label", has_text="5: star").locator("input")).not_to_be_checked()
     page.get_by_role("button", name=re.compile("AlignIT · <holed-star> · textual inversion")).click()
-    expect(box.locator("label", has_text="2: star").locator("input")).to_be_checked(timeout=30_000)
+    expect(box.locator("label", has_text="5: star").locator("input")).to_be_checked(timeout=30_000)
     expect(box.locator("label", has_text="1: a").locator("input")).not_to_be_checked()
-    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 2 "),
+    expect(page.locator("#command textarea")).to_have_value(re.compile(r"--concept holed-star-ti --positions 5 "),
                                                             timeout=GENERATE_TIMEOUT_MS)
 
 
@@ -323,15 +323,16 @@ def _expect():
 def test_a_visitor_picks_two_concepts_for_one_prompt(page, tmp_path):
     expect = _expect()
     page.get_by_role("button", name=re.compile("AlignIT · two concepts")).click()
-    expect(page.locator("#prompt textarea")).to_have_value("a <holed-star> and a <striped-ball> on a white background")
-    for label in ("2: star", "5: circle"):  # each concept's position, pre-selected
+    expect(page.locator("#prompt textarea")).to_have_value(
+        "a photo of a <striped-ball> and a <holed-star> on a purple background")
+    for label in ("5: circle", "8: star"):  # each concept's position, pre-selected
         expect(page.locator("#positions label", has_text=label).locator("input")).to_be_checked(timeout=30_000)
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <holed-star>")
     expect(page.locator("#prompt-texts")).to_contain_text("p′ of <striped-ball>")
     expect(page.locator("#tokens")).to_contain_text("token of p′ (<striped-ball>)")
     # the first view's images stay on the page until this run ends; its command line comes with its results
     expect(page.locator("#command textarea")).to_have_value(
-        re.compile(r"--concept holed-star-ti --concept striped-ball-te --positions 2 5"), timeout=GENERATE_TIMEOUT_MS)
+        re.compile(r"--concept striped-ball-ti --concept holed-star-te --positions 5 8"), timeout=GENERATE_TIMEOUT_MS)
     for i in (0, 1):
         expect(page.locator(f"#image-{i} img")).to_be_visible(timeout=30_000)
     expect(page.locator("#image-0")).to_contain_text("customized baseline")

