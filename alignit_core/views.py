@@ -54,8 +54,8 @@ def header_markdown(model) -> str:
     elif model.is_embedded:
         about = (" — a small offline model of a shapes world: coloured circles, squares, triangles and stars, plain, "
                  "striped or with a hole, on coloured backgrounds, 128 px. What AlignIT fixes on it: half of the "
-                 "customized concepts ignore the background the prompt asks for (drawn in 51-70 % of samples); AlignIT "
-                 "draws it in 94-100 %, keeping 0.9 of a textual inversion, under half of a Custom Diffusion (README).")
+                 "customized concepts ignore the asked background (drawn in 51-70 % of samples); AlignIT draws it in "
+                 "94-100 %, keeping 0.9 of a textual inversion, under half of Custom Diffusion (README, toy Table 1).")
     else:
         about = ""
     return (
