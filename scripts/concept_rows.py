@@ -11,7 +11,9 @@ text and padding) taken from the base prompt `a photo of a <class word>`; the ba
 the token's row from the customized prompt; AlignIT (the base prompt with the token's row from
 `* * * * <token>`); and the base prompt with the token's and all later rows from the customized one.
 The last column counts, among the seeds whose customized prompt draws the instance, those where
-each conditioning draws it too (same noise).
+each conditioning draws it too (same noise). Guidance is the engine's: the customized prompt against the empty
+prompt through the concept's own text encoder (a fine-tune's), every conditioning built on the base prompt
+against the base encoder's.
 
 A Custom Diffusion concept differs in the UNet's cross-attention key/value weights, not in the rows, so
 its rows are the engine's (one seed at a time): the customized model on `a photo of a <token> <class word>`;
@@ -23,7 +25,10 @@ values from `* * * * <token>` instead (the token alone, as target (1) words it);
 `--table1-prompts` asks where a text-side concept's fidelity goes on Table 1's own prompts (`a <token> on a
 blue background`, ...): text alignment and fidelity of the customized prompt, AlignIT (`p` with the token's
 row from `p'`), AlignIT with the rows after the last word (end of text, padding) also from `p'`, AlignIT with
-them from the customized prompt, and the base model on `p`.
+them from the customized prompt, and the base model on `p`; for each, how often the instance's colour and its
+pattern are drawn. For Custom Diffusion, from the engine (one seed at a time): the customized model, AlignIT,
+AlignIT with more of `p'`'s rows (the token's; the token's, start of text's and end rows), `p` through the
+customized keys and values with the class word's row from `p'` and without it, and the base model.
 
 `--levels` asks at which resolution the UNet reads a text-side concept: `a photo of a <token>` drawn with the
 base prompt's rows at every cross-attention layer but some, where the layer reads rows of the customized prompt
@@ -46,7 +51,7 @@ from alignit_core.families.sd_unet import cross_attention_sides
 from alignit_core.conditioning import Row
 from alignit_core.generate import run_rows
 from alignit_core.settings import Settings, resolve
-from alignit_core.toy.evaluate import fidelity, table1_prompts
+from alignit_core.toy.evaluate import fidelity, fidelity_parts, table1_prompts
 from alignit_core.toy.instances import INSTANCES
 from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
 from alignit_core.toy.shapes import classify
@@ -73,8 +78,8 @@ def main(argv=None) -> None:
     ap.add_argument("--levels", action="store_true",
                     help="text-side concepts: the customized rows read at some cross-attention levels only")
     ap.add_argument("--table1-prompts", action="store_true",
-                    help="text-side concepts on Table 1's prompts, with the end-of-text rows from p' "
-                         "or the customized prompt")
+                    help="every concept on Table 1's prompts: a text-side one with the end-of-text rows from p' "
+                         "or the customized prompt, Custom Diffusion with more of p's rows or weights customized")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
     # on the CPU where a GPU is present too: its noise (and so every seed) is README's, and the concepts'
@@ -87,8 +92,8 @@ def main(argv=None) -> None:
         return torch.tensor([tok(text, padding="max_length", max_length=MAX_LEN).input_ids])
 
     if args.table1_prompts:
-        print("| concept | kind | conditioning | text alignment | fidelity | n |")
-        print("|---|---|---|---|---|---|")
+        print("| concept | kind | conditioning | text alignment | fidelity | its colour | its pattern | n |")
+        print("|---|---|---|---|---|---|---|---|")
     else:
         print("| concept | kind | conditioning | instance drawn | where the customized prompt draws it |")
         print("|---|---|---|---|---|")
@@ -96,8 +101,8 @@ def main(argv=None) -> None:
         if args.only and concept.name not in args.only:
             continue
         inst = INSTANCES[concept.token.strip("<>")]
-        if concept.kind == "custom_diffusion" and not (args.table1_prompts or args.levels):
-            weights_rows(model, concept, inst, args)
+        if concept.kind == "custom_diffusion" and not args.levels:
+            (weights_table1 if args.table1_prompts else weights_rows)(model, concept, inst, args)
             continue
         if concept.kind not in ("textual_inversion", "text_encoder"):
             continue
@@ -129,7 +134,10 @@ def main(argv=None) -> None:
         }
         drawn = None  # per seed, by the customized prompt (the first variant)
         for label, cond in variants.items():
-            images = sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps)
+            # the unconditional rows as the engine makes them: the customized model's own empty prompt
+            # for the customized prompt, the base model's for every conditioning built on the base prompt
+            empty = custom_te if label.startswith("customized") else te
+            images = sample(vae, unet, empty, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps)
             drawn = report(concept, inst, label, images, drawn)
 
 
@@ -151,7 +159,7 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
     labels = ("customized prompt", "AlignIT: `p`, the token's row from `p'`",
               "AlignIT, and the rows after the last word from `p'`",
               "AlignIT, and the rows after the last word from the customized prompt", "base model on `p`")
-    text, fid = {k: [] for k in labels}, {k: [] for k in labels}
+    judged = {k: [] for k in labels}
     for prompt, background in table1_prompts(concept, scene):
         words = prompt.split()
         pos, end = words.index(concept.token) + 1, len(words) + 1  # the token's row; the end of text's
@@ -164,13 +172,53 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
         alignit = splice(base, dummy, pos, pos + 1)
         conds = (custom, alignit, splice(alignit, dummy, end), splice(alignit, custom, end), base)
         for label, cond in zip(labels, conds):
-            for image in sample(vae, unet, te, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps):
-                j = classify(image)
-                text[label].append(j.background == background)
-                fid[label].append(fidelity(j, scene))
+            empty = custom_te if label == labels[0] else te  # the customized prompt's own empty prompt
+            for image in sample(vae, unet, empty, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps):
+                judged[label].append(judge(classify(image), background, scene))
     for label in labels:
-        print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {np.mean(text[label]):.2f} | "
-              f"{np.mean(fid[label]):.2f} | {len(text[label])} |", flush=True)
+        table1_row(concept, label, judged[label])
+
+
+def judge(j, background: str, scene) -> tuple[bool, bool, bool, bool]:
+    """(the asked background drawn, the instance drawn, its colour, its pattern) of one picture."""
+    parts = fidelity_parts(j, scene)
+    return j.background == background, all(parts.values()), parts["colour"], parts["pattern"]
+
+
+def table1_row(concept, label: str, judged: list) -> None:
+    means = " | ".join(f"{m:.2f}" for m in np.mean(judged, 0))
+    print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {means} | {len(judged)} |", flush=True)
+
+
+def weights_table1(model, concept, inst, args) -> None:
+    """Custom Diffusion on Table 1's prompts, from the engine: which of the customized model's rows and
+    weights AlignIT's picture needs to keep the instance. The customized model; AlignIT (`p`, the class word's
+    keys and values from `p'`); AlignIT with the token's row too (over the word before the class word); and
+    with the start of text's and the end rows too; `p` with the customized model's keys and values on every
+    row and the class word's from `p'`; the customized model on `p` without a swap; the base model on `p`."""
+    scene, labels = inst["scene"], {
+        "customized": "customized prompt", "class": "AlignIT: `p`, the class word's row from `p'`",
+        "concept": "AlignIT, and the token's row from `p'`",
+        "every": "AlignIT, and the token's, start of text's and end rows from `p'`",
+        "weights": "`p` through the customized keys and values, the class word's row from `p'`",
+        "plain": "`p` through the customized keys and values, no swap", "base": "base model on `p`"}
+    judged = {k: [] for k in labels}
+    for seed in range(args.noise_seed, args.noise_seed + args.seeds):
+        settings = resolve(model, Settings(seed=seed, steps=args.steps, guidance=args.guidance, record_maps=False))
+        for prompt, background in table1_prompts(concept, scene):
+            prompts = model.family.concept_plan(prompt, concept.words)
+            plan, end = prompts.plan, len(prompts.plan.target.ids) - 1
+            token, every = plan.unstarred(), (0, *plan.unstarred(), *range(end, MAX_LEN))
+            rows = [Row("customized", prompts.customized, concept=concept),
+                    Row("class", plan.target, swap=plan, swap_concept=concept),
+                    Row("concept", plan.target, swap=replace(plan, positions=token), swap_concept=concept),
+                    Row("every", plan.target, swap=replace(plan, positions=every), swap_concept=concept),
+                    Row("weights", plan.target, concept=concept, swap=plan, swap_concept=concept),
+                    Row("plain", plan.target, concept=concept), Row("base", plan.target)]
+            for row, image in zip(rows, run_rows(model, rows, settings)[0]):
+                judged[row.name].append(judge(classify(np.asarray(image)), background, scene))
+    for name, label in labels.items():
+        table1_row(concept, label, judged[name])
 
 
 class LevelRows:
@@ -225,7 +273,8 @@ def level_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
             for side, procs in levels.items():
                 for proc in procs:
                     proc.rows = rows[side].expand(args.seeds, -1, -1) if side in rows else None
-            images = sample(vae, unet, te, scale, base.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps)
+            empty = custom_te if label == "customized prompt" else te
+            images = sample(vae, unet, empty, scale, base.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps)
             drawn = report(concept, inst, label, images, drawn)
     finally:
         for procs in levels.values():

@@ -511,7 +511,7 @@ def test_the_shipped_examples_labels_are_shown_whole(shipped, embedded):
     rows, labels = examples_for(embedded, shipped)
     assert [r[0] for r in rows].count(ALIGNIT) == 6  # five concepts and the pair
     assert all(len(label) <= 60 for label in labels), [label for label in labels if len(label) > 60]
-    assert "AlignIT · <holed-star> · text-encoder fine-tune · 0% → 100%" in labels  # 59 characters
+    assert "AlignIT · <holed-star> · text-encoder fine-tune · 10% → 100%" in labels  # 60 characters
     assert "AlignIT · <striped-ball> · text encoder · 30% → 70%" in labels  # the kind's long name: 61
 
 

@@ -42,6 +42,29 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     main(["--seeds", "1", "--steps", "2", "--only", "holed-star-ti", "--table1-prompts"])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
     assert len(rows) == 5 and all(r[1] == "textual inversion" and r[-1] == "12 |" for r in rows)
+    assert all(len(r) == 8 and all(0 <= float(x) <= 1 for x in r[3:7]) for r in rows)  # text, fidelity, colour, pattern
+
+    main(["--seeds", "1", "--steps", "2", "--only", "holed-star-cd", "--table1-prompts"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
+    assert len(rows) == 7 and all(r[1] == "Custom Diffusion" and r[-1] == "12 |" for r in rows)
+    assert rows[0][2] == "customized prompt" and rows[1][2].startswith("AlignIT:") and rows[-1][2] == "base model on `p`"
+
+
+def test_concept_rows_encodes_the_empty_prompt_as_the_engine_does(monkeypatch, capsys):
+    """The customized prompt's unconditional rows come from the concept's own text encoder (a fine-tune's),
+    every conditioning built on the base prompt's from the base encoder: the engine's classifier-free guidance."""
+    import scripts.concept_rows as rows_script
+
+    encoders = []
+    real = rows_script.sample
+    monkeypatch.setattr(rows_script, "sample", lambda vae, unet, te, *a: encoders.append(te) or real(vae, unet, te, *a))
+    rows_script.main(["--seeds", "1", "--steps", "1", "--only", "holed-star-te", "holed-star-ti"])
+    rows = [line.split(" | ")[1:3] for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
+    assert len(rows) == len(encoders) == 10
+    base = {te for (kind, _), te in zip(rows, encoders) if kind == "textual inversion"}
+    assert len(base) == 1  # the textual inversion's five conditionings: the base encoder
+    own = [(label, te not in base) for (kind, label), te in zip(rows, encoders) if kind == "text-encoder fine-tune"]
+    assert [mine for _, mine in own] == [label.startswith("customized") for label, _ in own] == [True, True, False, False, False]
 
 
 def test_concept_rows_levels_read_the_customized_rows_only_at_the_levels_asked(capsys):

@@ -27,7 +27,8 @@ def noise_schedule() -> dict:
 @torch.no_grad()
 def sample(vae, unet, te, scale, cond: torch.Tensor, guidance: float, seed: int, steps: int = 20):
     """A plain DDIM loop with classifier-free guidance from conditioning rows (n, 77, dim) to
-    uint8 images (n, H, W, 3); the unconditional rows are the empty prompt's."""
+    uint8 images (n, H, W, 3); the unconditional rows are the empty prompt's through `te` (a
+    customized text encoder's for a customized prompt, as the engine encodes them)."""
     n, device = cond.shape[0], cond.device
     sched = DDIMScheduler(**noise_schedule())
     sched.set_timesteps(steps)
