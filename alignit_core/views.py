@@ -35,6 +35,7 @@ SHAPES_SWAPS = [("a red circle on a blue background", "red=yellow", "colour swap
                 ("a blue star on a yellow background", "yellow=green", "background swap · yellow ← green"),
                 ("a green triangle with a hole on a black background", "triangle=circle",
                  "shape swap, the hole kept · triangle ← circle")]
+LABEL_CHARS = 60  # the page shows an example label up to its 60th character, then "..."
 TABLE_COLUMNS = ["position", "segment", "local", "token of p", "word", "token of p′"]
 # ZeroGPU lends a GPU for a stated time; a shorter claim is queued sooner, one too short is cut off.
 # Per UNet evaluation of one 512x512 image: 13.5 ms measured on a whole H200 (SD 1.5, fp16, README),
@@ -367,22 +368,21 @@ def mode_switched(concepts, uploaded, mode, concept_key, prompt, swaps, drafts, 
 # ------------------------------------------------------------------------------ examples and requests
 
 def examples_for(model, concepts: dict) -> tuple[list[list], list[str]]:
-    """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed, second concept] rows
-    and labels (short: the page shows a label's first 60 characters); with two concepts of different tokens,
-    one example holds both."""
+    """The paper's experiments on the loaded model: [mode, concept, prompt, swaps, seed, second concept] rows and
+    labels (of at most LABEL_CHARS); with two concepts of different tokens, one example holds both."""
     swaps = SHAPES_SWAPS if model.is_embedded else PAPER_SWAPS
     concept_key = next(iter(concepts), None)  # swap examples leave the concept picker on a valid choice
     rows = [[SWAP, concept_key, prompt, swap, 0, ""] for prompt, swap, _ in swaps]
     labels = [label for _, _, label in swaps]
-    shown = [key for key, c in concepts.items() if c.example_prompt and example_works(c)]
     drawn = {key: [-r for r in reversed(c.example_rates or (0, 0))] for key, c in concepts.items()}  # -AlignIT, -customized
-    shown.sort(key=lambda key: (drawn[key][0], drawn[key][0] - drawn[key][1]))  # drawn most, then gained most: opens on it
-    for key, c in ((key, concepts[key]) for key in shown):
+    shown = sorted(((key, c) for key, c in concepts.items() if c.example_prompt and example_works(c)),
+                   key=lambda kc: (drawn[kc[0]][0], drawn[kc[0]][0] - drawn[kc[0]][1]))  # drawn most, then gained most
+    for key, c in shown:  # the page opens on the first
         rows.append([ALIGNIT, key, c.example_prompt, "", c.example_seed, ""])
         rates = f" · {c.example_rates[0]:.0%} → {c.example_rates[1]:.0%}" if c.example_rates else ""
         label = f"AlignIT · {c.token} · {KIND_LABELS[c.kind]}{rates}"  # the kind named shorter where it is cut
-        labels.append(label if len(label) <= 60 else f"AlignIT · {c.token} · {SHORT_KIND_LABELS[c.kind]}{rates}")
-    pairs = [(a, b) for a in shown for b in concepts if concepts[a].token != concepts[b].token]
+        labels.append(label if len(label) <= LABEL_CHARS else f"AlignIT · {c.token} · {SHORT_KIND_LABELS[c.kind]}{rates}")
+    pairs = [(a, b) for a, _ in shown for b in concepts if concepts[a].token != concepts[b].token]
     # kinds mixed first, then the second concept whose own example AlignIT, then its customized model, drew most
     pair = min(pairs, key=lambda ab: (concepts[ab[0]].kind == concepts[ab[1]].kind, *drawn[ab[1]]), default=None)
     if pair is not None:

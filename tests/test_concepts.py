@@ -506,11 +506,12 @@ def test_find_concepts_returns_the_six_shipped_concepts(shipped, embedded):
 def test_the_shipped_examples_labels_are_shown_whole(shipped, embedded):
     """Gradio shows an example's label up to its 60th character and `...`: the rates that end an AlignIT
     example's label (how often the customized model and AlignIT drew it all) were cut off."""
-    from alignit_core.views import ALIGNIT, examples_for
+    from alignit_core.views import ALIGNIT, LABEL_CHARS, examples_for
 
     rows, labels = examples_for(embedded, shipped)
     assert [r[0] for r in rows].count(ALIGNIT) == 6  # five concepts and the pair
-    assert all(len(label) <= 60 for label in labels), [label for label in labels if len(label) > 60]
+    assert LABEL_CHARS == 60  # where Gradio cuts an example's label
+    assert all(len(label) <= LABEL_CHARS for label in labels), [label for label in labels if len(label) > LABEL_CHARS]
     assert "AlignIT · <holed-star> · text-encoder fine-tune · 10% → 100%" in labels  # 60 characters
     assert "AlignIT · <striped-ball> · text encoder · 30% → 70%" in labels  # the kind's long name: 61
 
