@@ -64,6 +64,12 @@ def splice(base: torch.Tensor, rows: torch.Tensor, start: int, stop: int = MAX_L
     return torch.cat([base[:, :start], rows[:, start:stop], base[:, stop:]], 1)
 
 
+def unconditional_encoder(label: str, custom_te, te):
+    """The text encoder of a conditioning's empty prompt, as the engine guides: the concept's own (a fine-tune's)
+    for a customized prompt (a label starting `customized`), the base one for every conditioning built on `p`."""
+    return custom_te if label.startswith("customized") else te
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=16)
@@ -134,9 +140,7 @@ def main(argv=None) -> None:
         }
         drawn = None  # per seed, by the customized prompt (the first variant)
         for label, cond in variants.items():
-            # the unconditional rows as the engine makes them: the customized model's own empty prompt
-            # for the customized prompt, the base model's for every conditioning built on the base prompt
-            empty = custom_te if label.startswith("customized") else te
+            empty = unconditional_encoder(label, custom_te, te)
             images = sample(vae, unet, empty, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps)
             drawn = report(concept, inst, label, images, drawn)
 
@@ -172,7 +176,7 @@ def end_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
         alignit = splice(base, dummy, pos, pos + 1)
         conds = (custom, alignit, splice(alignit, dummy, end), splice(alignit, custom, end), base)
         for label, cond in zip(labels, conds):
-            empty = custom_te if label == labels[0] else te  # the customized prompt's own empty prompt
+            empty = unconditional_encoder(label, custom_te, te)
             for image in sample(vae, unet, empty, scale, cond.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps):
                 judged[label].append(judge(classify(image), background, scene))
     for label in labels:
@@ -273,7 +277,7 @@ def level_rows(concept, inst, vec, custom_te, parts, ids, args) -> None:
             for side, procs in levels.items():
                 for proc in procs:
                     proc.rows = rows[side].expand(args.seeds, -1, -1) if side in rows else None
-            empty = custom_te if label == "customized prompt" else te
+            empty = unconditional_encoder(label, custom_te, te)
             images = sample(vae, unet, empty, scale, base.expand(args.seeds, -1, -1), args.guidance, args.noise_seed, args.steps)
             drawn = report(concept, inst, label, images, drawn)
     finally:
