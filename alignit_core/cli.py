@@ -98,8 +98,19 @@ def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
     return "\n".join(lines)
 
 
+def quiet_loading() -> None:
+    """No loading progress bars on stderr (diffusers' pipeline components, transformers' weights): a
+    command's stderr is its `model: ...` line and, on bad input, its one error line."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_loading()
     if args.command == "eval":
         from .sweep import run_command
 

@@ -355,6 +355,16 @@ def test_loading_a_model_does_not_warn_about_image_processors_it_never_uses():
     assert "torchvision" not in proc.stderr and "ImageProcessor" not in proc.stderr, proc.stderr
 
 
+def test_a_generation_writes_only_its_model_line_on_stderr(tmp_path):
+    """diffusers' "Loading pipeline components" and transformers' "Loading weights" bars (two nested bars
+    of carriage returns) came before the `model: ...` line on every command."""
+    proc = run_cli("generate", "--model", "embedded", "--prompt", "a red circle on a blue background", "--swap",
+                   "red=yellow", "--steps", "2", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("model: embedded-shapes"), proc.stderr
+
+
 def test_the_help_examples_are_commands_a_shell_reads_as_written():
     """A backslash at a line's end in the help's docstring joined the lines (a run of spaces inside one
     command); each example is now shown with its continuation and parses as written."""
