@@ -30,6 +30,13 @@ pattern are drawn. For Custom Diffusion, from the engine (one seed at a time): t
 AlignIT with more of `p'`'s rows (the token's; the token's, start of text's and end rows), `p` through the
 customized keys and values with the class word's row from `p'` and without it, and the base model.
 
+`--reads` asks where the object's pixels read the prompt: on `a photo of a <class word> on a {b} background`
+(four backgrounds), the base model's and each Custom Diffusion concept's share of the object pixels' cross-attention
+that goes to each group of rows (the start of text; the words that draw nothing, `a photo of a` and `on a`; the class
+word; the background's words; the end rows), per latent side, and for Custom Diffusion the share of its value change
+(customized minus base projection of each row, weighted by that attention) that reaches the object through each group.
+AlignIT takes only the class word's row from the customized model: what reaches the object through the others is lost.
+
 `--levels` asks at which resolution the UNet reads a text-side concept: `a photo of a <token>` drawn with the
 base prompt's rows at every cross-attention layer but some, where the layer reads rows of the customized prompt
 instead (the token's row, the end rows, or both), at every level, at the 16x16 layers only, or at the 8x8 and
@@ -38,11 +45,15 @@ instead (the token's row, the end rows, or both), at every level, at the 16x16 l
 from __future__ import annotations
 
 import argparse
+import copy
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler
+from diffusers.models.attention_processor import AttnProcessor
 
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
@@ -53,8 +64,8 @@ from alignit_core.generate import run_rows
 from alignit_core.settings import Settings, resolve
 from alignit_core.toy.evaluate import fidelity, fidelity_parts, table1_prompts
 from alignit_core.toy.instances import INSTANCES
-from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
-from alignit_core.toy.shapes import classify
+from alignit_core.toy.sampling import MAX_LEN, load_exported, noise_schedule, sample
+from alignit_core.toy.shapes import classify, object_mask, to_uint8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,6 +97,9 @@ def main(argv=None) -> None:
     ap.add_argument("--table1-prompts", action="store_true",
                     help="every concept on Table 1's prompts: a text-side one with the end-of-text rows from p' "
                          "or the customized prompt, Custom Diffusion with more of p's rows or weights customized")
+    ap.add_argument("--reads", action="store_true",
+                    help="where the object's pixels read the prompt (attention per group of rows), base model and "
+                         "each Custom Diffusion, and through which rows Custom Diffusion's value change reaches it")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
     # on the CPU where a GPU is present too: its noise (and so every seed) is README's, and the concepts'
@@ -97,6 +111,9 @@ def main(argv=None) -> None:
     def ids(text: str) -> torch.Tensor:
         return torch.tensor([tok(text, padding="max_length", max_length=MAX_LEN).input_ids])
 
+    if args.reads:
+        reads(model, (vae, unet, te, scale), ids, args)
+        return
     if args.table1_prompts:
         print("| concept | kind | conditioning | text alignment | fidelity | its colour | its pattern | n |")
         print("|---|---|---|---|---|---|---|---|")
@@ -323,6 +340,108 @@ def weights_rows(model, concept, inst, args) -> None:
         kept = sum(h and d for h, d in zip(hits[row], drawn))
         print(f"| {concept.token} | {KIND_LABELS[concept.kind]} | {label} | {sum(hits[row])} / {args.seeds} | "
               f"{kept} / {sum(drawn)} |", flush=True)
+
+
+READ_GROUPS = ("start of text", "`a photo of a`, `on a`", "class word", "background's words", "end rows")
+
+
+class ReadProbe:
+    """Cross-attention as diffusers' plain processor computes it; while `state["on"]`, it adds the object
+    pixels' share of attention per row group and, given `base` (the base model's layer), the norm of the
+    value change of each row weighted by that attention, to `state["totals"][side]` (with a count)."""
+
+    def __init__(self, side: int, base, state: dict):
+        self.side, self.base, self.state = side, base, state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        values = attn.to_v(encoder_hidden_states)
+        probs = attn.get_attention_scores(q, attn.head_to_batch_dim(attn.to_k(encoder_hidden_states)), None)
+        st = self.state
+        if st["on"] and st["masks"][self.side].any():
+            share = probs.view(b, attn.heads, n, -1).mean(1)[-1][st["masks"][self.side]].mean(0)  # conditional: (77,)
+            change = (values[-1] - self.base.to_v(encoder_hidden_states[-1])).norm(dim=-1) if self.base else None
+            tot = st["totals"].setdefault(self.side, np.zeros((2, len(READ_GROUPS) + 1)))
+            tot[0, -1] += 1  # (layer, step, picture) probed
+            for g, rows in enumerate(st["groups"]):
+                tot[0, g] += float(share[rows].sum())
+                if change is not None:
+                    tot[1, g] += float((share * change)[rows].sum())
+        out = attn.batch_to_head_dim(torch.bmm(probs, attn.head_to_batch_dim(values)))
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def reads(model, parts, ids, args) -> None:
+    """`--reads`: the object pixels' attention per group of rows at steps 4, 10 and 16 of 20 (as many
+    of `args.steps`), over `args.seeds` seeds x four of Table 1's backgrounds, for the base model and
+    each Custom Diffusion concept, on `a photo of a <class word> on a {b} background`."""
+    vae, unet, te, scale = parts
+    base_layers = {name: m for name, _, m in cross_attention_sides(unet)}
+    print("| concept | model | side | what | " + " | ".join(READ_GROUPS) + " | n |")
+    print("|---|---|---|---|" + "---|" * (len(READ_GROUPS) + 1))
+    for concept in find_concepts(args.assets / "concepts", model):
+        if concept.kind != "custom_diffusion" or (args.only and concept.name not in args.only):
+            continue
+        custom = copy.deepcopy(unet)
+        weights = custom.state_dict()
+        for name, edit in concept.unet.items():
+            weights[f"{name}.weight"] = edit.weight.float()
+            if edit.bias is not None:
+                weights[f"{name}.bias"] = edit.bias.float()
+        custom.load_state_dict(weights)
+        backgrounds = [b for _, b in table1_prompts(concept, INSTANCES[concept.token.strip("<>")]["scene"])][:4]
+        for label, net in (("base model", unet), ("Custom Diffusion", custom)):
+            state = {"on": False, "totals": {}, "masks": {}, "groups": ()}
+            for name, side, module in cross_attention_sides(net):
+                module.set_processor(ReadProbe(side, base_layers[name] if net is custom else None, state))
+            n = 0
+            for b in backgrounds:
+                text = f"a photo of a {concept.class_word} on a {b} background"
+                prompt = ids(text)
+                if len(model.tokenizer(text).input_ids) != 11:  # one token a word: the groups are positions
+                    raise ValueError(f"{text!r} is not one token a word")
+                state["groups"] = ([0], [1, 2, 3, 4, 6, 7], [5], [8, 9], list(range(10, MAX_LEN)))
+                rows = encode(te, prompt).hidden
+                n += sum(read_once(net, (vae, te, scale), rows, seed, args, state)
+                         for seed in range(args.noise_seed, args.noise_seed + args.seeds))
+            for side, tot in sorted(state["totals"].items(), reverse=True):
+                print(f"| {concept.token} | {label} | {side}x{side} | attention of the object's pixels | "
+                      + " | ".join(f"{x / tot[0, -1]:.2f}" for x in tot[0, :-1]) + f" | {n} |")
+                if net is custom:
+                    print(f"| {concept.token} | {label} | {side}x{side} | its value change reaching them | "
+                          + " | ".join(f"{x / max(tot[1, :-1].sum(), 1e-12):.2f}" for x in tot[1, :-1]) + f" | {n} |")
+        for _, _, module in cross_attention_sides(unet):
+            module.set_processor(AttnProcessor())
+
+
+@torch.no_grad()
+def read_once(net, parts, rows, seed: int, args, state: dict) -> int:
+    """Draw one picture twice from `seed`: first to find the object's pixels, then with the probes on at
+    steps 4, 10 and 16 of 20 (scaled to `args.steps`). 1 if an object was drawn (and counted), else 0."""
+    vae, te, scale = parts
+    c = te.config
+    empty = [c.bos_token_id, c.eos_token_id] + [c.pad_token_id] * (MAX_LEN - 2)
+    uncond = encode(te, torch.tensor([empty])).hidden
+    probed = {round(k * args.steps / 20) for k in (4, 10, 16)}
+
+    def run(record: bool):
+        sched = DDIMScheduler(**noise_schedule())
+        sched.set_timesteps(args.steps)
+        z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
+        for i, t in enumerate(sched.timesteps):
+            state["on"] = record and i in probed
+            eu, ec = net(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, rows])).sample.chunk(2)
+            z = sched.step(eu + args.guidance * (ec - eu), t, z).prev_sample
+        state["on"] = False
+        return to_uint8(vae.decode(z / scale).sample.float())[0]
+
+    mask = torch.from_numpy(object_mask(run(False))).float()[None, None]
+    if mask.mean() < 0.02:
+        return 0
+    state["masks"] = {side: F.adaptive_avg_pool2d(mask, side).flatten() > 0.5 for side in (16, 8, 4)}
+    run(True)
+    return 1
 
 
 if __name__ == "__main__":

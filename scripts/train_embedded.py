@@ -53,6 +53,10 @@ about it, each a share of the captions:
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
   of the prompt, it broke colours and backgrounds for hundreds of steps.
+* --filler-weight: a loss on the share of every cross-attention layer's attention that goes to words
+  drawing nothing (`a photo of`, `on a`), which this model's object pixels read most at the 16x16 and
+  8x8 layers, and through which a Custom Diffusion's key/value change reaches the object
+  (`scripts/concept_rows.py --reads`; scripts/EXPERIMENTS.md, v24o).
 * --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
   the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
   after some words and after as many `*` (AlignIT's p') must agree, so that a concept's row
@@ -636,6 +640,20 @@ def end_share(maps: list[torch.Tensor], eos: torch.Tensor) -> torch.Tensor:
     return torch.stack(shares).mean()
 
 
+def filler_share(maps: list[torch.Tensor], word_class: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """The share of cross-attention that goes to the rows of words that draw nothing (`a photo of`,
+    `on a`: word class 0 between the start token and the end of text), averaged over pixels, samples
+    and the probed layers. Stable Diffusion's pixels read little from such words (their maps are
+    faint); a model whose object pixels read them gets a Custom Diffusion's key/value change through
+    them, rows AlignIT takes from the base model (scripts/EXPERIMENTS.md, v24o)."""
+    shares = []
+    for probs in maps:  # (batch, pixels, tokens)
+        pos = torch.arange(probs.shape[2], device=probs.device).view(1, -1)
+        filler = (pos >= 1) & (pos < eos.view(-1, 1)) & (word_class[:, : probs.shape[2]] == 0)
+        shares.append((probs * filler.unsqueeze(1)).sum(-1).mean())
+    return torch.stack(shares).mean()
+
+
 def sink_shortfall(maps: list[torch.Tensor], target: float) -> torch.Tensor:
     """How far the start token's share of cross-attention falls short of `target`, per probed layer
     (mean over pixels and samples), averaged: the loss that makes the start token the sink, as it is
@@ -821,7 +839,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
     total = ck.get("total", args.unet_steps) if ck else args.unet_steps
-    every_layer = args.eot_attention_weight or args.sink_weight
+    every_layer = args.eot_attention_weight or args.sink_weight or args.filler_weight
     probe = (probe_cross_attention(unet, sides=(4, 8, 16) if every_layer else (16,))
              if args.attention_weight or every_layer else AttentionProbe())
     bank = torch.load(args.fold_bank, map_location="cpu", weights_only=False) if args.fold_bank else None
@@ -869,6 +887,9 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         if args.eot_attention_weight:
             parts["end_share"] = end_share(probe.maps, batch.eos.to(device))
             loss = loss + args.eot_attention_weight * parts["end_share"]
+        if args.filler_weight:
+            parts["filler_share"] = filler_share(probe.maps, batch.word_class.to(device), batch.eos.to(device))
+            loss = loss + args.filler_weight * parts["filler_share"]
         if args.sink_weight:
             parts["sink_shortfall"] = sink_shortfall(probe.maps, args.sink_target)
             loss = loss + args.sink_weight * parts["sink_shortfall"]
@@ -1232,6 +1253,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eot-attention-weight", type=float, default=0.0,
                     help="weight of the loss on the share of cross-attention given to the end-of-text and "
                          "padding rows (every cross-attention layer): the start token becomes the sink, as in SD")
+    ap.add_argument("--filler-weight", type=float, default=0.0,
+                    help="weight of the loss on the share of cross-attention given to the rows of words that "
+                         "draw nothing (`a photo of`, `on a`), every cross-attention layer (filler_share)")
     ap.add_argument("--sink-weight", type=float, default=0.0,
                     help="weight of the loss that gives the start token at least --sink-target of every "
                          "cross-attention layer's attention (the sink of SD's UNet)")

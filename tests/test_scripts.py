@@ -2,6 +2,7 @@
 their numbers are README's)."""
 from __future__ import annotations
 
+import pytest
 from PIL import Image
 
 
@@ -48,6 +49,22 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
     assert len(rows) == 7 and all(r[1] == "Custom Diffusion" and r[-1] == "12 |" for r in rows)
     assert rows[0][2] == "customized prompt" and rows[1][2].startswith("AlignIT:") and rows[-1][2] == "base model on `p`"
+
+
+def test_concept_rows_reads_splits_the_object_pixels_attention_over_every_row(capsys):
+    """`--reads`: per latent side, the base model's and the Custom Diffusion's attention of the object's
+    pixels over the five groups of rows (which cover all 77, so each line sums to 1), and the share of the
+    value change reaching them through each group."""
+    from scripts.concept_rows import READ_GROUPS, main
+
+    main(["--reads", "--seeds", "1", "--steps", "2", "--only", "holed-star-cd"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| <")]
+    assert [(r[1], r[2]) for r in rows] == [("base model", s) for s in ("16x16", "8x8", "4x4")] + [
+        ("Custom Diffusion", s) for s in ("16x16", "16x16", "8x8", "8x8", "4x4", "4x4")]
+    for r in rows:
+        shares = [float(x) for x in r[4:4 + len(READ_GROUPS)]]
+        assert all(0 <= x <= 1 for x in shares) and sum(shares) == pytest.approx(1, abs=0.03)
+        assert r[-1] == "4 |"  # one seed on each of four backgrounds
 
 
 def test_concept_rows_encodes_the_empty_prompt_as_the_engine_does(monkeypatch, capsys):

@@ -384,6 +384,19 @@ def test_end_share_is_the_attention_given_to_the_end_and_padding_rows():
     assert end_share([probs, probs], torch.tensor([3, 2])).item() == 0.0
 
 
+def test_filler_share_is_the_attention_given_to_the_words_that_draw_nothing():
+    from scripts.train_embedded import filler_share
+
+    # `<start> a red circle <end> <pad>`: `a` draws nothing (class 0), `red circle` the object (class 1)
+    word_class = torch.tensor([[0, 0, 1, 1, 0, 0]])
+    probs = torch.zeros(1, 4, 6)
+    probs[0, :2, 1], probs[0, :2, 2] = 0.5, 0.5  # two pixels give half to `a`
+    probs[0, 2:, 0], probs[0, 2:, 4] = 0.5, 0.5  # two read the start and end rows only: not filler
+    assert filler_share([probs], word_class, torch.tensor([4])).item() == pytest.approx(0.25)
+    probs[0, :2, 1], probs[0, :2, 3] = 0.0, 0.5  # `a`'s share moved to `circle`
+    assert filler_share([probs, probs], word_class, torch.tensor([4])).item() == 0.0
+
+
 def test_the_attention_probe_sits_on_the_cross_attention_layers_of_the_sides_asked():
     """The training losses read the 16x16 layers (outer down and up blocks), or every side asked;
     the side of a layer is the engine's (MapLayers), so losses and heat maps mean the same layers."""
