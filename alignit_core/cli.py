@@ -100,7 +100,7 @@ def _tokens(model, prompt: str, concepts: list, long: str = "segments") -> str:
 
 def quiet_loading() -> None:
     """No loading progress bars on stderr (diffusers' pipeline components, transformers' weights): a
-    command's stderr is its `model: ...` line and, on bad input, its one error line."""
+    command's stderr is its `model: ...` line, any `warning: ...` lines and, on bad input, its one error line."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

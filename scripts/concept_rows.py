@@ -52,8 +52,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
-from diffusers.models.attention_processor import AttnProcessor
 
 from alignit_core import find_concepts, load_model
 from alignit_core.concepts import KIND_LABELS
@@ -64,8 +62,8 @@ from alignit_core.generate import run_rows
 from alignit_core.settings import Settings, resolve
 from alignit_core.toy.evaluate import fidelity, fidelity_parts, table1_prompts
 from alignit_core.toy.instances import INSTANCES
-from alignit_core.toy.sampling import MAX_LEN, load_exported, noise_schedule, sample
-from alignit_core.toy.shapes import classify, object_mask, to_uint8
+from alignit_core.toy.sampling import MAX_LEN, load_exported, sample
+from alignit_core.toy.shapes import classify, object_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -411,36 +409,30 @@ def reads(model, parts, ids, args) -> None:
                 if net is custom:
                     print(f"| {concept.token} | {label} | {side}x{side} | its value change reaching them | "
                           + " | ".join(f"{x / max(tot[1, :-1].sum(), 1e-12):.2f}" for x in tot[1, :-1]) + f" | {n} |")
-        for _, _, module in cross_attention_sides(unet):
-            module.set_processor(AttnProcessor())
 
 
 @torch.no_grad()
 def read_once(net, parts, rows, seed: int, args, state: dict) -> int:
-    """Draw one picture twice from `seed`: first to find the object's pixels, then with the probes on at
-    steps 4, 10 and 16 of 20 (scaled to `args.steps`). 1 if an object was drawn (and counted), else 0."""
+    """Draw one picture twice from `seed` (`sample`'s loop): first to find the object's pixels, then with
+    the probes on at steps 4, 10 and 16 of 20 (scaled to `args.steps`). 1 if an object was drawn (and
+    counted), else 0."""
     vae, te, scale = parts
-    c = te.config
-    empty = [c.bos_token_id, c.eos_token_id] + [c.pad_token_id] * (MAX_LEN - 2)
-    uncond = encode(te, torch.tensor([empty])).hidden
-    probed = {round(k * args.steps / 20) for k in (4, 10, 16)}
-
-    def run(record: bool):
-        sched = DDIMScheduler(**noise_schedule())
-        sched.set_timesteps(args.steps)
-        z = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(seed))
-        for i, t in enumerate(sched.timesteps):
-            state["on"] = record and i in probed
-            eu, ec = net(torch.cat([z, z]), t, encoder_hidden_states=torch.cat([uncond, rows])).sample.chunk(2)
-            z = sched.step(eu + args.guidance * (ec - eu), t, z).prev_sample
-        state["on"] = False
-        return to_uint8(vae.decode(z / scale).sample.float())[0]
-
-    mask = torch.from_numpy(object_mask(run(False))).float()[None, None]
-    if mask.mean() < 0.02:
+    mask = torch.from_numpy(object_mask(sample(vae, net, te, scale, rows, args.guidance, seed, args.steps)[0]))
+    if mask.float().mean() < 0.02:
         return 0
-    state["masks"] = {side: F.adaptive_avg_pool2d(mask, side).flatten() > 0.5 for side in (16, 8, 4)}
-    run(True)
+    state["masks"] = {side: F.adaptive_avg_pool2d(mask.float()[None, None], side).flatten() > 0.5
+                      for side in (16, 8, 4)}
+    probed, step = {round(k * args.steps / 20) for k in (4, 10, 16)}, iter(range(args.steps))
+
+    def count(*_):  # one UNet call a step (guidance batches both halves)
+        state["on"] = next(step) in probed
+
+    hook = net.register_forward_pre_hook(count)
+    try:
+        sample(vae, net, te, scale, rows, args.guidance, seed, args.steps)
+    finally:
+        hook.remove()
+        state["on"] = False
     return 1
 
 

@@ -633,11 +633,7 @@ def end_share(maps: list[torch.Tensor], eos: torch.Tensor) -> torch.Tensor:
     token, whose row is the same for every prompt (a sink that carries nothing), and little to the
     padding; a jointly trained model makes the end rows its sink, and whatever later writes into
     them (a text-encoder fine-tune) is read everywhere."""
-    shares = []
-    for probs in maps:  # (batch, pixels, tokens)
-        end = torch.arange(probs.shape[2], device=probs.device).view(1, -1) >= eos.view(-1, 1)  # (batch, tokens)
-        shares.append((probs * end.unsqueeze(1)).sum(-1).mean())
-    return torch.stack(shares).mean()
+    return rows_share(maps, lambda pos: pos >= eos.view(-1, 1))
 
 
 def filler_share(maps: list[torch.Tensor], word_class: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
@@ -646,11 +642,16 @@ def filler_share(maps: list[torch.Tensor], word_class: torch.Tensor, eos: torch.
     and the probed layers. Stable Diffusion's pixels read little from such words (their maps are
     faint); a model whose object pixels read them gets a Custom Diffusion's key/value change through
     them, rows AlignIT takes from the base model (scripts/EXPERIMENTS.md, v24o)."""
+    return rows_share(maps, lambda pos: (pos >= 1) & (pos < eos.view(-1, 1)) & (word_class[:, : pos.shape[1]] == 0))
+
+
+def rows_share(maps: list[torch.Tensor], chosen) -> torch.Tensor:
+    """The share of cross-attention that goes to the rows `chosen(positions)` picks ((1, tokens) ->
+    (batch, tokens) bool), averaged over pixels, samples and the probed layers."""
     shares = []
     for probs in maps:  # (batch, pixels, tokens)
         pos = torch.arange(probs.shape[2], device=probs.device).view(1, -1)
-        filler = (pos >= 1) & (pos < eos.view(-1, 1)) & (word_class[:, : probs.shape[2]] == 0)
-        shares.append((probs * filler.unsqueeze(1)).sum(-1).mean())
+        shares.append((probs * chosen(pos).unsqueeze(1)).sum(-1).mean())
     return torch.stack(shares).mean()
 
 
