@@ -57,6 +57,11 @@ about it, each a share of the captions:
   drawing nothing (`a photo of`, `on a`), which this model's object pixels read most at the 16x16 and
   8x8 layers, and through which a Custom Diffusion's key/value change reaches the object
   (`scripts/concept_rows.py --reads`; scripts/EXPERIMENTS.md, v24o).
+* --reading-weight: a loss on the share of each pixel's attention, at every cross-attention layer, that
+  does not go to the words that drew it (the object's pixels to the object's words, the background's to
+  the background's); where the object's pixels read elsewhere (the start of text, `a photo of a`), a Custom
+  Diffusion's key/value change reaches the object through rows AlignIT takes from the base model
+  (scripts/EXPERIMENTS.md, v24p and v24q). --reading-regions object asks the object's pixels only (v24p).
 * --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
   the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
   after some words and after as many `*` (AlignIT's p') must agree, so that a concept's row
@@ -645,6 +650,29 @@ def filler_share(maps: list[torch.Tensor], word_class: torch.Tensor, eos: torch.
     return rows_share(maps, lambda pos: (pos >= 1) & (pos < eos.view(-1, 1)) & (word_class[:, : pos.shape[1]] == 0))
 
 
+def reading_shortfall(maps: list[torch.Tensor], word_class: torch.Tensor, masks16: torch.Tensor,
+                      regions: str = "both") -> torch.Tensor:
+    """How little of each pixel's cross-attention goes to the words that drew it: the object's pixels
+    to the object's words (word class 1: colour, shape, pattern, a folded vector), the background's to
+    the background's (class 2). 1 - that share, averaged over the pixels (the silhouette at each
+    layer's side, pooled from the 16x16 one; a sample's background pixels count where its caption
+    names a background), samples and the probed layers. Where the object's pixels read the words
+    drawing nothing or the start of text, a Custom Diffusion's key/value change reaches the object
+    through rows AlignIT takes from the base model (scripts/EXPERIMENTS.md, v24o); asked of the
+    object's pixels alone (`regions` "object"), the background's pixels follow them to the object's
+    words (v24p)."""
+    shares = []
+    named_bg = (word_class == 2).any(1, keepdim=True).float() * (regions == "both")  # (batch, 1)
+    for probs in maps:  # (batch, pixels, tokens)
+        side = math.isqrt(probs.shape[1])
+        obj = F.avg_pool2d(masks16.view(-1, 1, 16, 16), 16 // side).flatten(1)  # (batch, pixels)
+        cls = word_class[:, : probs.shape[2]].unsqueeze(1)
+        read = obj * (probs * (cls == 1)).sum(-1) + (1 - obj) * named_bg * (probs * (cls == 2)).sum(-1)
+        weight = obj + (1 - obj) * named_bg
+        shares.append(read.sum() / weight.sum().clamp_min(1e-8))
+    return 1 - torch.stack(shares).mean()
+
+
 def rows_share(maps: list[torch.Tensor], chosen) -> torch.Tensor:
     """The share of cross-attention that goes to the rows `chosen(positions)` picks ((1, tokens) ->
     (batch, tokens) bool), averaged over pixels, samples and the probed layers."""
@@ -840,7 +868,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         unet.load_state_dict(ck["unet"]); te.load_state_dict(ck["te"]); opt.load_state_dict(ck["opt"])
         ema = [e.to(device) for e in ck["ema"]]; start = ck["step"]
     total = ck.get("total", args.unet_steps) if ck else args.unet_steps
-    every_layer = args.eot_attention_weight or args.sink_weight or args.filler_weight
+    every_layer = args.eot_attention_weight or args.sink_weight or args.filler_weight or args.reading_weight
     probe = (probe_cross_attention(unet, sides=(4, 8, 16) if every_layer else (16,))
              if args.attention_weight or every_layer else AttentionProbe())
     bank = torch.load(args.fold_bank, map_location="cpu", weights_only=False) if args.fold_bank else None
@@ -891,6 +919,10 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         if args.filler_weight:
             parts["filler_share"] = filler_share(probe.maps, batch.word_class.to(device), batch.eos.to(device))
             loss = loss + args.filler_weight * parts["filler_share"]
+        if args.reading_weight and batch.word_class.any():
+            parts["reading_shortfall"] = reading_shortfall(probe.maps, batch.word_class.to(device), masks[16],
+                                                           args.reading_regions)
+            loss = loss + args.reading_weight * parts["reading_shortfall"]
         if args.sink_weight:
             parts["sink_shortfall"] = sink_shortfall(probe.maps, args.sink_target)
             loss = loss + args.sink_weight * parts["sink_shortfall"]
@@ -1257,6 +1289,11 @@ def main(argv=None) -> None:
     ap.add_argument("--filler-weight", type=float, default=0.0,
                     help="weight of the loss on the share of cross-attention given to the rows of words that "
                          "draw nothing (`a photo of`, `on a`), every cross-attention layer (filler_share)")
+    ap.add_argument("--reading-weight", type=float, default=0.0,
+                    help="weight of the loss on the share of each pixel's cross-attention that does not go to the "
+                         "words that drew it, every cross-attention layer (reading_shortfall)")
+    ap.add_argument("--reading-regions", choices=("both", "object"), default="both",
+                    help="whose pixels --reading-weight asks: the object's and the background's, or the object's alone")
     ap.add_argument("--sink-weight", type=float, default=0.0,
                     help="weight of the loss that gives the start token at least --sink-target of every "
                          "cross-attention layer's attention (the sink of SD's UNet)")

@@ -252,7 +252,7 @@ def test_training_script_smoke_run_exports_a_loadable_model_and_concepts(tmp_pat
     assert not torch.equal(before.text_encoders[0].get_input_embeddings().weight, after.text_encoders[0].get_input_embeddings().weight)
     # --freeze-text trains the UNet only, as Stable Diffusion's UNet learns to read a frozen CLIP
     main(["--smoke", "--unet-init", str(exported), "--freeze-text", "--compound-mix", "0.5", "--row-noise", "0.3", "--concepts",
-          "--out", str(tmp_path / "frozen"), "--work", str(tmp_path / "work-frozen")])
+          "--filler-weight", "0.1", "--reading-weight", "0.1", "--out", str(tmp_path / "frozen"), "--work", str(tmp_path / "work-frozen")])
     frozen = load_model(str(tmp_path / "frozen" / "embedded-shapes"), device="cpu")
     assert not torch.equal(before.unet.conv_in.weight, frozen.unet.conv_in.weight)
     assert all(torch.equal(a, b) for a, b in zip(before.text_encoders[0].parameters(), frozen.text_encoders[0].parameters()))
@@ -395,6 +395,34 @@ def test_filler_share_is_the_attention_given_to_the_words_that_draw_nothing():
     assert filler_share([probs], word_class, torch.tensor([4])).item() == pytest.approx(0.25)
     probs[0, :2, 1], probs[0, :2, 3] = 0.0, 0.5  # `a`'s share moved to `circle`
     assert filler_share([probs, probs], word_class, torch.tensor([4])).item() == 0.0
+
+
+def test_reading_shortfall_is_what_each_pixel_gives_to_words_that_did_not_draw_it():
+    from scripts.train_embedded import reading_shortfall
+
+    # `<start> a red circle on blue <end>`: `red circle` the object's words, `blue` the background's;
+    # the object covers the left half of the 16x16 latent
+    word_class = torch.tensor([[0, 0, 1, 1, 0, 2, 0]])
+    mask = torch.zeros(1, 16, 16)
+    mask[0, :, :8] = 1.0
+    mask = mask.flatten(1)
+    obj = mask[0] > 0
+    probs = torch.zeros(1, 16 * 16, 7)
+    probs[0, :, 0] = 1.0  # every pixel reads the start of text only
+    assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1.0)
+    probs[0, obj, 0], probs[0, obj, 2] = 0.25, 0.75  # the object's pixels give 3/4 to `red`
+    assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 0.75 / 2)
+    assert reading_shortfall([probs], word_class, mask, "object").item() == pytest.approx(0.25)
+    probs[0, ~obj, 0], probs[0, ~obj, 3] = 0.0, 1.0  # the background's pixels read `circle`: not theirs
+    assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 0.75 / 2)
+    probs[0, ~obj, 3], probs[0, ~obj, 5] = 0.0, 1.0  # now `blue`
+    assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 1.75 / 2)
+    # at 8x8 the silhouette is pooled from 16x16: every pixel reading `circle` reads its own words on the left half
+    probs8 = torch.zeros(1, 64, 7)
+    probs8[0, :, 3] = 1.0
+    assert reading_shortfall([probs8], word_class, mask).item() == pytest.approx(0.5)
+    # a caption naming no background asks the object's pixels only
+    assert reading_shortfall([probs8], torch.tensor([[0, 0, 1, 1, 0, 0, 0]]), mask).item() == pytest.approx(0.0)
 
 
 def test_the_attention_probe_sits_on_the_cross_attention_layers_of_the_sides_asked():
