@@ -61,7 +61,7 @@ about it, each a share of the captions:
   does not go to the words that drew it (the object's pixels to the object's words, the background's to
   the background's); where the object's pixels read elsewhere (the start of text, `a photo of a`), a Custom
   Diffusion's key/value change reaches the object through rows AlignIT takes from the base model
-  (scripts/EXPERIMENTS.md, v24p and v24q). --reading-regions object asks the object's pixels only (v24p).
+  (scripts/EXPERIMENTS.md, v24p-v24r). --reading-regions object asks the object's pixels only (v24p).
 * --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
   the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
   after some words and after as many `*` (AlignIT's p') must agree, so that a concept's row
