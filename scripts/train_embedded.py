@@ -61,7 +61,8 @@ about it, each a share of the captions:
   does not go to the words that drew it (the object's pixels to the object's words, the background's to
   the background's); where the object's pixels read elsewhere (the start of text, `a photo of a`), a Custom
   Diffusion's key/value change reaches the object through rows AlignIT takes from the base model
-  (scripts/EXPERIMENTS.md, v24p-v24r). --reading-regions object asks the object's pixels only (v24p).
+  (scripts/EXPERIMENTS.md, v24p-v24r). --reading-regions object asks the object's pixels only (v24p);
+  balanced counts a region's words as read only as far as the least-read of them (v24s).
 * --row-consistency-weight: a loss on how far a row moves with the words before it, for vectors off
   the words' embeddings (scaled and noised words, where textual inversion's vectors lie): the row
   after some words and after as many `*` (AlignIT's p') must agree, so that a concept's row
@@ -660,14 +661,25 @@ def reading_shortfall(maps: list[torch.Tensor], word_class: torch.Tensor, masks1
     drawing nothing or the start of text, a Custom Diffusion's key/value change reaches the object
     through rows AlignIT takes from the base model (scripts/EXPERIMENTS.md, v24o); asked of the
     object's pixels alone (`regions` "object"), the background's pixels follow them to the object's
-    words (v24p)."""
+    words (v24p). `regions` "balanced" asks both regions, and counts a region's words as read only as
+    far as the least-read of them is: n x its share, for n words (so that the object's pixels read the
+    colour word as well as the class word; v24q's, reading the class word, lost the colour swaps)."""
     shares = []
-    named_bg = (word_class == 2).any(1, keepdim=True).float() * (regions == "both")  # (batch, 1)
+    named_bg = (word_class == 2).any(1, keepdim=True).float() * (regions != "object")  # (batch, 1)
+
+    def group(probs, cls, kind):
+        if regions != "balanced":
+            return (probs * (cls == kind)).sum(-1)
+        mine = cls == kind  # (batch, 1, tokens)
+        least = probs.masked_fill(~mine, float("inf")).amin(-1)  # (batch, pixels)
+        n = mine.sum(-1).to(probs.dtype)
+        return torch.where(n > 0, n * least, torch.zeros_like(least))
+
     for probs in maps:  # (batch, pixels, tokens)
         side = math.isqrt(probs.shape[1])
         obj = F.avg_pool2d(masks16.view(-1, 1, 16, 16), 16 // side).flatten(1)  # (batch, pixels)
         cls = word_class[:, : probs.shape[2]].unsqueeze(1)
-        read = obj * (probs * (cls == 1)).sum(-1) + (1 - obj) * named_bg * (probs * (cls == 2)).sum(-1)
+        read = obj * group(probs, cls, 1) + (1 - obj) * named_bg * group(probs, cls, 2)
         weight = obj + (1 - obj) * named_bg
         shares.append(read.sum() / weight.sum().clamp_min(1e-8))
     return 1 - torch.stack(shares).mean()
@@ -1292,8 +1304,9 @@ def main(argv=None) -> None:
     ap.add_argument("--reading-weight", type=float, default=0.0,
                     help="weight of the loss on the share of each pixel's cross-attention that does not go to the "
                          "words that drew it, every cross-attention layer (reading_shortfall)")
-    ap.add_argument("--reading-regions", choices=("both", "object"), default="both",
-                    help="whose pixels --reading-weight asks: the object's and the background's, or the object's alone")
+    ap.add_argument("--reading-regions", choices=("both", "object", "balanced"), default="both",
+                    help="whose pixels --reading-weight asks: the object's and the background's, or the object's alone; "
+                         "balanced: both, each region's words read only as far as the least-read of them")
     ap.add_argument("--sink-weight", type=float, default=0.0,
                     help="weight of the loss that gives the start token at least --sink-target of every "
                          "cross-attention layer's attention (the sink of SD's UNet)")

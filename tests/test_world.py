@@ -417,6 +417,11 @@ def test_reading_shortfall_is_what_each_pixel_gives_to_words_that_did_not_draw_i
     assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 0.75 / 2)
     probs[0, ~obj, 3], probs[0, ~obj, 5] = 0.0, 1.0  # now `blue`
     assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 1.75 / 2)
+    # "balanced" counts the object's words as read only as far as the least-read one: `circle` gets nothing
+    assert reading_shortfall([probs], word_class, mask, "balanced").item() == pytest.approx(1 - 1.0 / 2)
+    probs[0, obj, 2], probs[0, obj, 3] = 0.25, 0.5  # `red` 1/4, `circle` 1/2: read as 2 x 1/4
+    assert reading_shortfall([probs], word_class, mask, "balanced").item() == pytest.approx(1 - 1.5 / 2)
+    assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 1.75 / 2)
     # at 8x8 the silhouette is pooled from 16x16: every pixel reading `circle` reads its own words on the left half
     probs8 = torch.zeros(1, 64, 7)
     probs8[0, :, 3] = 1.0
