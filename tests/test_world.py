@@ -422,6 +422,15 @@ def test_reading_shortfall_is_what_each_pixel_gives_to_words_that_did_not_draw_i
     probs[0, obj, 2], probs[0, obj, 3] = 0.25, 0.5  # `red` 1/4, `circle` 1/2: read as 2 x 1/4
     assert reading_shortfall([probs], word_class, mask, "balanced").item() == pytest.approx(1 - 1.5 / 2)
     assert reading_shortfall([probs], word_class, mask).item() == pytest.approx(1 - 1.75 / 2)
+    # a dropped caption (no words of either region) leaves no infinite least share behind, nor a NaN gradient
+    logits = torch.zeros(2, 16 * 16, 7, requires_grad=True)
+    both = torch.cat([word_class, torch.zeros_like(word_class)])
+    lost = reading_shortfall([logits.softmax(-1)], both, mask.repeat(2, 1), "balanced")
+    lost.backward()
+    # uniform reading, 1/7 a row: the first sample's object pixels 2 x 1/7, its background's 1/7; the
+    # dropped caption's object pixels count with nothing read (128 + 128 + 128 pixels)
+    assert lost.item() == pytest.approx(1 - (128 * 2 / 7 + 128 / 7) / 384)
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # at 8x8 the silhouette is pooled from 16x16: every pixel reading `circle` reads its own words on the left half
     probs8 = torch.zeros(1, 64, 7)
     probs8[0, :, 3] = 1.0
