@@ -37,6 +37,10 @@ word; the background's words; the end rows), per latent side, and for Custom Dif
 (customized minus base projection of each row, weighted by that attention) that reaches the object through each group.
 AlignIT takes only the class word's row from the customized model: what reaches the object through the others is lost.
 
+`--colour-row` asks whether the class word's row after a word carries that word (the row AlignIT takes for a
+Custom Diffusion concept): the base model on `a photo of a <shape> on a <background> background` with the shape
+word's row from `* * * <colour> <shape>`, how often the colour is drawn (eight cases).
+
 `--levels` asks at which resolution the UNet reads a text-side concept: `a photo of a <token>` drawn with the
 base prompt's rows at every cross-attention layer but some, where the layer reads rows of the customized prompt
 instead (the token's row, the end rows, or both), at every level, at the 16x16 layers only, or at the 8x8 and
@@ -53,7 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from alignit_core import find_concepts, load_model
+from alignit_core import find_concepts, generate_swap, load_model, positions_plan, read_prompt
 from alignit_core.concepts import KIND_LABELS
 from alignit_core.encoding import encode
 from alignit_core.families.sd_unet import cross_attention_sides
@@ -98,8 +102,14 @@ def main(argv=None) -> None:
     ap.add_argument("--reads", action="store_true",
                     help="where the object's pixels read the prompt (attention per group of rows), base model and "
                          "each Custom Diffusion, and through which rows Custom Diffusion's value change reaches it")
+    ap.add_argument("--colour-row", action="store_true",
+                    help="the base model alone: how often the class word's row from `* * * <colour> <shape>` makes "
+                         "`a photo of a <shape> on a <background> background` draw that colour")
     args = ap.parse_args(argv)
     folder = args.assets / "embedded-shapes"
+    if args.colour_row:
+        colour_row(load_model(str(folder), device="cpu"), args)
+        return
     # on the CPU where a GPU is present too: its noise (and so every seed) is README's, and the concepts'
     # text encoders sit beside the rows they are spliced into
     vae, unet, te, scale = load_exported(folder, torch.device("cpu"))
@@ -409,6 +419,31 @@ def reads(model, parts, ids, args) -> None:
                 if net is custom:
                     print(f"| {concept.token} | {label} | {side}x{side} | its value change reaching them | "
                           + " | ".join(f"{x / max(tot[1, :-1].sum(), 1e-12):.2f}" for x in tot[1, :-1]) + f" | {n} |")
+
+
+COLOUR_ROW_CASES = [("star", "orange", "green"), ("circle", "red", "yellow"), ("square", "purple", "white"),
+                    ("triangle", "blue", "red"), ("star", "white", "blue"), ("circle", "green", "black"),
+                    ("square", "yellow", "blue"), ("triangle", "black", "white")]
+
+
+def colour_row(model, args) -> None:
+    """Does the row AlignIT takes for a Custom Diffusion concept (the class word's, computed after the word before
+    it) carry what that word says? The engine's swap of the class word's row alone, from `* * * <colour> <shape>`
+    into `a photo of a <shape> on a <background> background`: the colour drawn, against the base model on `p`."""
+    hits = {"swapped": 0, "baseline": 0}
+    n = 0
+    for shape, colour, background in COLOUR_ROW_CASES:
+        text = f"a photo of a {shape} on a {background} background"
+        plan = positions_plan(read_prompt(model.tokenizer, text),
+                              read_prompt(model.tokenizer, f"* * * {colour} {shape} * * * *"), [5])
+        for seed in range(args.noise_seed, args.noise_seed + args.seeds):
+            gen = generate_swap(model, text, plan=plan, settings=Settings(seed=seed, steps=args.steps,
+                                                                         guidance=args.guidance, record_maps=False))
+            n += 1
+            for row in hits:
+                hits[row] += classify(np.asarray(gen.images[row])).colour == colour
+    print(f"the class word's row from `* * * <colour> <shape>` draws that colour: {hits['swapped']} / {n}; "
+          f"the base model on `p` draws it: {hits['baseline']} / {n}")
 
 
 @torch.no_grad()

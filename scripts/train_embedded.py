@@ -48,7 +48,11 @@ about it, each a share of the captions:
   world's own objects for the row (`scripts/concept_bank.py`), the picture that object on the caption's
   background, as a user's concept meets AlignIT (scripts/EXPERIMENTS.md, v24i), --bank-context a share of
   those the customized model's case, the vector in the caption (v24j), and --bank-modifier a share of AlignIT's
-  cases in Custom Diffusion's form, the class word's row after the vector;
+  cases in Custom Diffusion's form, the class word's row after the vector; --compound-modifier a share of
+  the folded AlignIT cases in that form, the folded vector before the bare shape word (v24v);
+* --absorb-mix: Custom Diffusion's AlignIT case with a word for its modifier: the object's colour word
+  leaves the caption (`a photo of a star on ...`) and only the shape word's row, computed after it among
+  `*`s (`* * * orange star`), tells the colour (v24u);
 * --attention-weight: a loss spreads each object word's cross-attention (colour, shape, pattern)
   evenly over the object's silhouette and each background word's over the rest, at the 16x16
   layers (those the heat maps show). Asked of the 8x8 layers too, where this model reads most
@@ -296,7 +300,7 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                  novel_mix: float = 0.0, template_mix: float = 0.0, compound_class: float = 0.0,
                  fold_noise: float = 0.3, fold_background: float = 0.0, bank: dict | None = None,
                  bank_mix: float = 0.0, bank_seed: int = 0, bank_context: float = 0.0,
-                 bank_modifier: float = 0.0) -> TextBatch:
+                 bank_modifier: float = 0.0, absorb_mix: float = 0.0, compound_modifier: float = 0.0) -> TextBatch:
     """Captions, the rows to mix into their conditioning, and the scenes the targets show. With
     `novel_mix` the NOVEL instances are part of the world, and that share of scenes shows one of them;
     `template_mix` of the captions are phrased as a concept prompt (`template_phrasing`);
@@ -307,7 +311,11 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     entry's textual inversion (`bank_scene`; drawn from `bank_seed`); `bank_context` of those are the customized
     model's case instead: the vector stands in the caption and every later row is computed after it;
     `bank_modifier` of AlignIT's cases are Custom Diffusion's: the row is the class word's, computed after the
-    vector among `*`s (`* * <vector> circle`)."""
+    vector among `*`s (`* * <vector> circle`). `absorb_mix` of the plain captions are Custom Diffusion's AlignIT
+    case with a word for its modifier: the object's colour word leaves the caption and only the shape word's row,
+    computed after it among `*`s, tells it (`absorb_colour`). `compound_modifier` of the folded objects in AlignIT's
+    case are in Custom Diffusion's form: the vector before the bare shape word, the shape word's row computed after it
+    among `*`s (`* * <vector> circle`, `fold_object`'s `modifier`)."""
     brng = random.Random(bank_seed)
     excluded = world_excluded(novel_mix)
     ids, dummy, swap_pos, eos, eot, targets = [], [], [], [], [], []  # eot: takes another's end rows
@@ -343,6 +351,11 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
                 dummy_words = [STAR] * len(words)
                 dummy_words[pos - 1] = new
         caption = " ".join(words).format(c=shown.colour, s=shown.shape, b=shown.background).split()
+        absorbed = (absorb_colour(caption, shown) if not banked and words and not dummy_words and absorb_mix
+                    and rng.random() < absorb_mix else None)
+        if absorbed:
+            caption, dummy_words, pos = absorbed
+            target = shown
         if banked:
             context = bool(bank_context) and brng.random() < bank_context
             modifier = not context and bool(bank_modifier) and brng.random() < bank_modifier
@@ -352,9 +365,11 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
             compounds.append(compound)
         elif words and not dummy_words and compound_mix and rng.random() < compound_mix:
             as_class = bool(compound_class) and rng.random() < compound_class
-            caption, compound = fold_object(rng, vocab, words, caption, b, as_class, fold_noise, fold_background)
+            modifier = as_class and bool(compound_modifier) and rng.random() < compound_modifier
+            caption, compound = fold_object(rng, vocab, words, caption, b, as_class, fold_noise, fold_background,
+                                            modifier=modifier)
             compounds.append(compound)
-        elif words and pure_mix and rng.random() < pure_mix:
+        elif words and not absorbed and pure_mix and rng.random() < pure_mix:
             shown_words = [dummy_words[i] if i == pos - 1 else w for i, w in enumerate(caption)]
             for i, w in enumerate(shown_words):
                 pure_ids.append(vocab.ids_of([w if j == i else STAR for j in range(len(caption))]))
@@ -379,6 +394,19 @@ def sample_batch(rng: random.Random, vocab: Vocab, batch: int, swap_mix: float, 
     return TextBatch(torch.tensor(ids), torch.tensor(dummy), torch.tensor(swap_pos), torch.tensor(eos),
                      torch.tensor(source), pure, torch.tensor(pure_sample, dtype=torch.long),
                      torch.tensor(pure_pos, dtype=torch.long), word_class, targets, compounds)
+
+
+def absorb_colour(caption: list[str], shown: Scene):
+    """(p, p', the shape word's position) for a caption whose object colour stands just before its shape word
+    (`a photo of a red star on a blue background`): p without the colour (`a photo of a star on ...`), p' the
+    colour and shape words with `*`s before them, the shape word where it stands in p (`* * * red star`), as
+    AlignIT writes a Custom Diffusion concept (`<token> star`, the class word's row only). None where the colour
+    is not just before the shape or there is no word before it."""
+    i = next((i for i in range(1, len(caption) - 1)
+              if caption[i] == shown.colour and caption[i + 1] == shown.shape), None)
+    if i is None:
+        return None
+    return caption[:i] + caption[i + 1:], [STAR] * (i - 1) + [shown.colour, shown.shape], i + 1
 
 
 def template_phrasing(rng: random.Random, template: str) -> str:
@@ -897,7 +925,7 @@ def train_unet(args, device, vae, scale, te_cfg, unet_cfg, vocab, init=None, poo
         batch = sample_batch(rng, vocab, args.unet_batch, args.swap_mix, args.pattern_mix, args.pure_mix, args.eot_mix,
                              args.compound_mix, args.novel_mix, args.template_mix, args.compound_class,
                              args.fold_noise, args.fold_background, bank, args.bank_mix, args.seed * 6007 + step,
-                             args.bank_context, args.bank_modifier)
+                             args.bank_context, args.bank_modifier, args.absorb_mix, args.compound_modifier)
         g = torch.Generator(device).manual_seed(args.seed * 104729 + step)
         z0, masks = scene_latents(vae, pool, batch.targets, rng, g, device)
         z0 = z0 * scale
@@ -1272,6 +1300,12 @@ def main(argv=None) -> None:
     ap.add_argument("--bank-modifier", type=float, default=0.0, metavar="Q",
                     help="share of --bank-mix's AlignIT cases in Custom Diffusion's form: the row is the class word's, "
                          "computed after the entry's vector among `*`s (`* * <vector> circle`)")
+    ap.add_argument("--compound-modifier", type=float, default=0.0, metavar="Q",
+                    help="share of --compound-class's folded objects in Custom Diffusion's form: the vector before the "
+                         "bare shape word, the shape word's row computed after it among `*`s")
+    ap.add_argument("--absorb-mix", type=float, default=0.0, metavar="P",
+                    help="share of captions in Custom Diffusion's AlignIT case with a word for its modifier: the "
+                         "colour word left out, the shape word's row computed after it among `*`s (`absorb_colour`)")
     ap.add_argument("--fold-background", type=float, default=0.0, metavar="P",
                     help="share of AlignIT's folded objects (--compound-class) that also hold another background's "
                          "words, as a textual inversion holds its references' background (`fold_object`)")

@@ -51,6 +51,21 @@ def test_concept_rows_script_reports_every_concept_kind(capsys):
     assert rows[0][2] == "customized prompt" and rows[1][2].startswith("AlignIT:") and rows[-1][2] == "base model on `p`"
 
 
+def test_concept_rows_colour_row_finds_the_colour_in_the_class_word_s_row_after_it(capsys):
+    """`--colour-row`: the shipped base model on `a photo of a <shape> on a <background> background` with the shape
+    word's row from `* * * <colour> <shape>` draws that colour far more often than the base model on `p` does by
+    chance (README's figures, 4 seeds: 27 / 32 against 7 / 32)."""
+    import re
+
+    from scripts.concept_rows import main
+
+    main(["--colour-row", "--seeds", "2"])
+    found = re.search(r"draws that colour: (\d+) / 16; the base model on `p` draws it: (\d+) / 16", capsys.readouterr().out)
+    assert found, "no colour-row line"
+    swapped, chance = map(int, found.groups())
+    assert swapped >= 10 and swapped >= chance + 5
+
+
 def test_concept_rows_reads_splits_the_object_pixels_attention_over_every_row(capsys):
     """`--reads`: per latent side, the base model's and the Custom Diffusion's attention of the object's
     pixels over the five groups of rows (which cover all 77, so each line sums to 1), and the share of the

@@ -524,6 +524,42 @@ def test_compound_captions_fold_the_object_into_one_row_read_from_its_own_prompt
         assert torch.allclose(compound_rows(te, [c]), compound_rows(te, [other]), atol=1e-5)
 
 
+def test_absorbed_captions_leave_the_colour_to_the_shape_word_s_row_after_it():
+    """--absorb-mix: Custom Diffusion's AlignIT case with a word for its modifier. The caption is p without the
+    object's colour word (`a photo of a star on ...`), the shape word's row comes from `* * * red star` (the
+    shape word where it stands in p), the picture shows the colour; a colour not just before the shape word
+    (`a red striped circle`) is never absorbed, and share 0 draws exactly as before."""
+    import random
+
+    from transformers import CLIPTokenizer
+
+    from alignit_core.toy.shapes import Scene
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, absorb_colour, sample_batch
+
+    star = Scene("orange", "star", "blue", 0.0, 0.0, 0.5)
+    p, dummy, pos = absorb_colour("a photo of a orange star on a blue background".split(), star)
+    assert p == "a photo of a star on a blue background".split() and dummy == [STAR] * 3 + ["orange", "star"]
+    assert pos == 5 and dummy[pos - 1] == p[pos - 1] == "star"
+    assert absorb_colour("a orange striped star".split(), star) is None
+    assert absorb_colour("orange star".split(), star) is None  # no word before it for the colour to stand on
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+    batch = sample_batch(random.Random(3), vocab, 48, swap_mix=0.0, pattern_mix=0.3, absorb_mix=1.0)
+    absorbed = (batch.swap_pos >= 0).nonzero().squeeze(1).tolist()
+    assert len(absorbed) > 12
+    for b in absorbed:
+        caption = [words[i] for i in batch.ids[b, 1:batch.eos[b]].tolist()]
+        scene, pos = batch.targets[b], int(batch.swap_pos[b])
+        source = [words[i] for i in batch.dummy[b, 1:].tolist() if i != vocab.eos]
+        assert caption[pos - 1] == scene.shape and scene.colour not in caption[:pos]
+        assert source == [STAR] * (pos - 2) + [scene.colour, scene.shape]
+    kept = [b for b in range(48) if b not in absorbed and int(batch.eos[b]) > 1]
+    assert any(batch.targets[b].pattern == "striped" for b in kept)
+    before = sample_batch(random.Random(3), vocab, 48, swap_mix=0.5, pattern_mix=0.3)
+    same = sample_batch(random.Random(3), vocab, 48, swap_mix=0.5, pattern_mix=0.3, absorb_mix=0.0)
+    assert torch.equal(before.ids, same.ids) and torch.equal(before.dummy, same.dummy)
+
+
 def test_compound_class_captions_are_alignit_s_p_with_the_vector_s_row_from_stars():
     """--compound-class: a folded object's caption holds its bare shape word where the vector's row
     goes (AlignIT's p: `a circle on a blue background`, every later row computed after it), that row
@@ -550,6 +586,33 @@ def test_compound_class_captions_are_alignit_s_p_with_the_vector_s_row_from_star
     before = sample_batch(random.Random(3), vocab, 24, swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0)
     same = sample_batch(random.Random(3), vocab, 24, swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0,
                         compound_class=0.0)
+    assert torch.equal(before.ids, same.ids) and before.compound == same.compound
+
+
+def test_compound_modifier_folds_stand_before_the_bare_shape_word_as_custom_diffusion_s_token():
+    """--compound-modifier: AlignIT's folded objects in Custom Diffusion's form. The vector stands just before the
+    shape word in `* * <vector> circle`, the row read is the shape word's, computed after it; the caption is p
+    with the bare shape word; share 0 draws exactly as before."""
+    import random
+
+    from transformers import CLIPTokenizer
+
+    from scripts.train_embedded import STAR, TOKENIZER_DIR, Vocab, sample_batch
+
+    vocab = Vocab(CLIPTokenizer.from_pretrained(TOKENIZER_DIR))
+    words = {v: k for k, v in vocab.ids.items()}
+    args = dict(swap_mix=0.0, pattern_mix=0.5, compound_mix=1.0, compound_class=1.0)
+    batch = sample_batch(random.Random(3), vocab, 24, **args, compound_modifier=1.0)
+    assert len(batch.compound) > 12
+    for c in batch.compound:
+        caption = [words[i] for i in batch.ids[c.sample, 1:batch.eos[c.sample]].tolist()]
+        shape = batch.targets[c.sample].shape
+        assert caption[c.pos - 1] == shape and c.at == c.pos - 1
+        assert c.ids == vocab.ids_of([STAR] * (c.pos - 1) + [shape] + [STAR] * (len(caption) - c.pos))
+    half = sample_batch(random.Random(3), vocab, 24, **args, compound_modifier=0.5).compound
+    assert {c.at for c in half} >= {None} and any(c.at is not None for c in half)
+    before = sample_batch(random.Random(3), vocab, 24, **args)
+    same = sample_batch(random.Random(3), vocab, 24, **args, compound_modifier=0.0)
     assert torch.equal(before.ids, same.ids) and before.compound == same.compound
 
 
