@@ -11,6 +11,8 @@ resumed run draws the same data as an uninterrupted one. Uses CUDA when present.
 continues an exported UNet + text encoder, `--decoder-init` fine-tunes only an exported VAE's
 decoder (its latent space stays), `--init-from` retrains only the concepts. `--ti-vectors N` gives a
 textual-inversion token N vectors (diffusers' --num_vectors), each starting as the class word.
+`--cd-detach-start` trains Custom Diffusion with its authors' stop-gradient on the start of text's
+keys and values (off for the shipped concepts: scripts/EXPERIMENTS.md says what it does here).
 
 The world's captions name patterns (`a blue striped square`, `a green star with a hole`,
 --pattern-mix of the scenes) on every shape and colour except the concepts' instances
@@ -1074,6 +1076,8 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         for p in kv:
             p.requires_grad_(True)
         groups.append(dict(params=kv, lr=args.cd_kv_lr))
+        if args.cd_detach_start:
+            detach_start_rows(model)
     if kind == "te":
         encoder = copy.deepcopy(te)
         tuned = list(_te_params(encoder, args.te_layers).values())
@@ -1127,6 +1131,18 @@ def train_concept(args, device, name, kind, unet, te, vae, scale, vocab, pool=No
         log(f"{kind}:{name}: kept step {best[1]} (validation reproduction {best[0]:.2f})")
         return {"token": token, **best[2]}
     return {"token": token, **_concept_state(kind, vec, model, encoder)}
+
+
+def detach_start_rows(model) -> list:
+    """Custom Diffusion's stop-gradient on the start of text (Kumari et al.; diffusers'
+    `CustomDiffusionAttnProcessor`): the keys and values every cross-attention computes for the
+    start token's row pass forward unchanged but carry no gradient, so the projections' change is
+    learned through the rows that differ between prompts. Hooks on the model's `attn2.to_k` and
+    `attn2.to_v`; returns their handles."""
+    def hook(_module, _inputs, out):
+        return torch.cat([out[:, :1].detach(), out[:, 1:]], dim=1)
+    return [m.register_forward_hook(hook) for n, m in model.named_modules()
+            if n.endswith(("attn2.to_k", "attn2.to_v"))]
 
 
 def cd_prior(args, rng: random.Random, vocab: Vocab, b: int, class_word: str):
@@ -1357,6 +1373,9 @@ def main(argv=None) -> None:
     ap.add_argument("--te-concept-lr", type=float, default=5e-4, help="learning rate of text-encoder concepts")
     ap.add_argument("--cd-kv-lr", type=float, default=2e-4,
                     help="learning rate of Custom Diffusion's cross-attention K/V projections (its token vector: --ti-lr)")
+    ap.add_argument("--cd-detach-start", action="store_true",
+                    help="Custom Diffusion as its authors' code trains it: no gradient through the start of text's "
+                         "keys and values (detach_start_rows)")
     ap.add_argument("--cd-prior", choices=("world", "class", "templates"), default="world",
                     help="Custom Diffusion's regularization scenes: any of the world's, only its class's (as the method "
                          "does), or its class's captioned with the concept prompts' phrasings")

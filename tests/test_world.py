@@ -1006,3 +1006,37 @@ def test_neutral_star_tunes_only_the_star_so_rows_after_stars_read_as_after_phra
     changed = (emb.detach() != before).any(dim=1).nonzero().flatten().tolist()
     assert changed == [vocab.ids[STAR]]
     assert torch.equal(encode(te, ids).hidden, plain)
+
+
+def test_custom_diffusions_start_of_text_rows_pass_forward_but_carry_no_gradient():
+    """`--cd-detach-start` trains Custom Diffusion as its authors' code does: the start token's keys and
+    values reach the picture unchanged, and no gradient reaches the projections through them. With
+    every row but the start token's zero (the projections have no bias), the projections' whole
+    gradient comes through that row: none with the hooks, some without; the output is the same."""
+    from diffusers import UNet2DConditionModel
+
+    from scripts.train_embedded import ROOT, detach_start_rows
+
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "assets" / "embedded-shapes" / "unet")
+    kv = {n: p for n, p in unet.named_parameters() if "attn2.to_k" in n or "attn2.to_v" in n}
+    assert kv and all(n.endswith("weight") for n in kv)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, 16, 16, generator=g)
+    rows = torch.zeros(1, 77, unet.config.cross_attention_dim)
+    rows[:, 0] = torch.randn(unet.config.cross_attention_dim, generator=g)
+
+    def run():
+        unet.zero_grad(set_to_none=True)
+        out = unet(z, 500, rows).sample
+        (out ** 2).sum().backward()
+        return out.detach(), {n: p.grad for n, p in kv.items()}
+
+    plain, plain_grads = run()
+    handles = detach_start_rows(unet)
+    assert len(handles) == len(kv)
+    detached, grads = run()
+    assert torch.equal(plain, detached)
+    assert all(plain_grads[n] is not None and plain_grads[n].abs().sum() > 0 for n in kv)
+    assert all(grads[n] is None or not grads[n].any() for n in kv)
+    for h in handles:
+        h.remove()
